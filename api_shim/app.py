@@ -1,0 +1,109 @@
+"""The WSGI callable: the routing table, and the one place errors become responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+from api_shim.http import HTTPError, Request, Response, Route, Router
+from api_shim.routes import jobs, meta
+from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, Unavailable
+from poolq.settings import Settings
+from poolq.store import JobStore, Waker
+
+log = logging.getLogger("poolq.api")
+
+REASONS = {
+    200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
+    500: "Internal Server Error", 503: "Service Unavailable",
+}
+
+
+class App:
+    """``App(settings)`` is a WSGI application serving DESIGN.md's HTTP API."""
+
+    def __init__(self, settings: Settings, *, store: JobStore | None = None, waker: Waker | None = None):
+        self.settings = settings
+        self._store = store
+        self._waker = waker
+        self.router = Router(
+            [
+                Route("/api/jobs", {"POST": jobs.submit}),
+                Route("/api/jobs/{submission_id}", {"GET": jobs.get}),
+                Route("/api/version", {"GET": meta.version}),
+                Route("/healthz", {"GET": meta.healthz}),
+            ]
+        )
+
+    @property
+    def store(self) -> JobStore:
+        """Built on first use, so that each server worker process dials Redis itself."""
+        if self._store is None:
+            from poolq.redis_io import connect
+            from worker.celery_app import celery_waker
+
+            waker = self._waker or celery_waker(self.settings)
+            self._store = JobStore(connect(self.settings), self.settings, waker)
+        return self._store
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        request = Request(environ)
+        request.app = self  # type: ignore[attr-defined]
+        response = self.handle(request)
+        headers = response.headers
+        origin = environ.get("HTTP_ORIGIN")
+        if origin and origin in self.settings.cors_origins:
+            headers = [*headers, ("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        headers = [*headers, ("Content-Length", str(len(response.body)))]
+        start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
+        return [b""] if request.method == "HEAD" else [response.body]
+
+    def handle(self, request: Request) -> Response:
+        found = self.router.match(request.path)
+        if found is None:
+            return error_response(HTTPError(404, f"no route for {request.path}"))
+        route, params = found
+        if request.method == "OPTIONS":
+            return Response(204, headers=[("Allow", route.allow), *self._preflight(request, route)])
+        handler = route.handlers.get(request.method)
+        if handler is None:
+            return error_response(HTTPError(405, f"{request.method} is not allowed on {route.template}", [("Allow", route.allow)]))
+        request.params = params
+        try:
+            return handler(request)
+        except PoolqError as exc:
+            return error_response(exc)
+        except Exception:  # a bug: log it whole, answer without details
+            log.exception("unhandled error for %s %s", request.method, request.path)
+            return Response.json({"error": "internal error"}, 500)
+
+    def _preflight(self, request: Request, route: Route) -> list[tuple[str, str]]:
+        origin = request.header("Origin")
+        if not origin or origin not in self.settings.cors_origins:
+            return []
+        return [
+            ("Access-Control-Allow-Methods", route.allow),
+            ("Access-Control-Allow-Headers", "Authorization, Content-Type, If-None-Match, Prefer, X-Tenant-Id, X-Pool-Label, X-Schedule-Timeout-Ms"),
+            ("Access-Control-Max-Age", "600"),
+        ]
+
+
+def error_response(exc: PoolqError) -> Response:
+    """Every error answer is made here: ``{"error": ...}`` plus fields where stated."""
+    if isinstance(exc, HTTPError):
+        return Response.json({"error": exc.error, **exc.extra}, exc.status, exc.headers)
+    if isinstance(exc, InvalidRequest):
+        return Response.json({"error": str(exc), "fields": exc.fields}, 400)
+    if isinstance(exc, NotFound):
+        return Response.json({"error": str(exc)}, 404)
+    if isinstance(exc, Conflict):
+        return Response.json({"error": str(exc)}, 409)
+    if isinstance(exc, Unavailable):
+        return Response.json({"error": str(exc)}, 503)
+    return Response.json({"error": str(exc)}, 400)
+
+
+def create_app(settings: Settings | None = None) -> App:
+    return App(settings or Settings.from_env())

@@ -1,0 +1,130 @@
+"""The small amount of HTTP a plain WSGI app needs: a request, a response, a router.
+
+No framework: the app is ``api_shim.app.App``, a WSGI callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qs
+
+from poolq.errors import PoolqError
+
+JSON = "application/json"
+
+
+class HTTPError(PoolqError):
+    """An answer decided at the HTTP edge (bad header, body too large, wrong method)."""
+
+    def __init__(self, status: int, error: str, headers: Iterable[tuple[str, str]] = (), **extra: Any):
+        super().__init__(error)
+        self.status, self.error, self.headers, self.extra = status, error, list(headers), extra
+
+
+@dataclasses.dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def json(cls, payload: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(status, body, [("Content-Type", JSON), *headers])
+
+
+class Request:
+    """A thin view of the WSGI environ."""
+
+    __slots__ = ("environ", "method", "path", "params", "app", "_query")
+
+    def __init__(self, environ: dict[str, Any]):
+        self.environ = environ
+        self.method: str = environ["REQUEST_METHOD"].upper()
+        self.path: str = environ.get("PATH_INFO") or "/"
+        self.params: dict[str, str] = {}
+        self._query: dict[str, list[str]] | None = None
+
+    def header(self, name: str) -> str | None:
+        """A request header by its HTTP name (``X-Tenant-Id``)."""
+        key = name.upper().replace("-", "_")
+        if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            return self.environ.get(key)
+        return self.environ.get("HTTP_" + key)
+
+    def query(self, name: str) -> str | None:
+        if self._query is None:
+            self._query = parse_qs(self.environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        values = self._query.get(name)
+        return values[-1] if values else None
+
+    def read_body(self, limit: int) -> bytes:
+        """The body, refusing more than ``limit`` bytes before reading it (413)."""
+        length_header = self.environ.get("CONTENT_LENGTH") or ""
+        chunked = "chunked" in (self.header("Transfer-Encoding") or "").lower()
+        if length_header and not chunked:
+            if not length_header.isdigit():
+                raise HTTPError(400, "invalid Content-Length header")
+            length = int(length_header)
+            if length > limit:
+                raise HTTPError(413, f"request body is larger than the limit of {limit} bytes")
+            return _read_exactly(self.environ["wsgi.input"], length)
+        if not chunked:
+            return b""
+        # A chunked body has no length up front: read until it ends or passes the limit.
+        stream = self.environ["wsgi.input"]
+        parts, total = [], 0
+        while True:
+            part = stream.read(min(65536, limit + 1 - total))
+            if not part:
+                return b"".join(parts)
+            parts.append(part)
+            total += len(part)
+            if total > limit:
+                raise HTTPError(413, f"request body is larger than the limit of {limit} bytes")
+
+
+def _read_exactly(stream: Any, length: int) -> bytes:
+    parts, remaining = [], length
+    while remaining > 0:
+        part = stream.read(min(remaining, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        remaining -= len(part)
+    return b"".join(parts)
+
+
+Handler = Callable[[Request], Response]
+
+
+class Route:
+    """A path template such as ``/api/jobs/{submission_id}`` and its handlers by method.
+
+    A trailing slash is accepted on every route (Ray's SDK posts to ``/api/jobs/``).
+    A ``{name}`` segment matches one path segment.
+    """
+
+    def __init__(self, template: str, handlers: dict[str, Handler]):
+        self.template = template
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template.rstrip("/"))
+        self.regex = re.compile(f"^{pattern}/?$")
+        self.handlers = dict(handlers)
+        if "GET" in self.handlers:
+            self.handlers.setdefault("HEAD", self.handlers["GET"])
+        self.allow = ", ".join(sorted({*self.handlers, "OPTIONS"}))
+
+
+class Router:
+    def __init__(self, routes: Iterable[Route]):
+        self.routes = list(routes)
+
+    def match(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        for route in self.routes:
+            found = route.regex.match(path)
+            if found:
+                return route, found.groupdict()
+        return None

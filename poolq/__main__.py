@@ -1,0 +1,5 @@
+import sys
+
+from poolq.cli import main
+
+sys.exit(main())

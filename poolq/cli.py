@@ -1,0 +1,239 @@
+"""``poolq …``: thin commands that call into the packages.
+
+Service commands (up, api, worker, node, nodes) talk to Redis: POOLQ_REDIS_URL,
+else the URL file ``poolq up`` wrote in POOLQ_DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Any, Callable, Sequence
+
+from poolq.settings import ConfigError, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poolq", description="poolq: a message-queue driven job submission service")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole stack on this machine (embedded Redis unless POOLQ_REDIS_URL)")
+    _add_bind(up)
+    up.add_argument("--no-node", action="store_true", help="start no local node agent")
+    up.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without authentication")
+    _add_capacity(up)
+    up.set_defaults(func=cmd_up)
+
+    api = commands.add_parser("api", help="serve the HTTP API")
+    _add_bind(api)
+    api.add_argument("--workers", type=int, help="server processes (default POOLQ_API_WORKERS, 2)")
+    api.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without authentication")
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="run a placement worker (also runs the periodic duties)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    node = commands.add_parser("node", help="run a node agent: register this machine and run the jobs placed on it")
+    node.add_argument("--id", default=None, help="node id (default: this host's name)")
+    node.add_argument("--pool", default="default")
+    node.add_argument("--labels", default="", help="comma-separated key or key=value labels")
+    _add_capacity(node)
+    node.add_argument("--loglevel", default="INFO")
+    node.set_defaults(func=cmd_node)
+
+    nodes = commands.add_parser("nodes", help="manage the node inventory")
+    sub = nodes.add_subparsers(dest="nodes_command", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="add a static node (no agent; live until removed)")
+    add.add_argument("--id", required=True)
+    add.add_argument("--pool", default="default")
+    add.add_argument("--labels", default="")
+    _add_capacity(add, required=True)
+    add.set_defaults(func=cmd_nodes_add)
+    for name, func, text in (
+        ("remove", cmd_nodes_remove, "remove a node; its jobs fail as NODE_LOST"),
+        ("drain", cmd_nodes_drain, "stop placing jobs on a node; its running jobs finish"),
+    ):
+        action = sub.add_parser(name, help=text)
+        action.add_argument("node_id")
+        action.set_defaults(func=func)
+    listing = sub.add_parser("list", help="list nodes with capacity, reserved and free amounts")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=cmd_nodes_list)
+    check = sub.add_parser("check", help="verify the reservation invariant; exit 1 if it does not hold")
+    check.set_defaults(func=cmd_nodes_check)
+    return parser
+
+
+def _add_bind(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8000)")
+
+
+def _add_capacity(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--cpus", required=required, help="CPUs (default: this machine's count)")
+    parser.add_argument("--memory", required=required, help="bytes, or with Ki/Mi/Gi/Ti (default: this machine's memory)")
+    parser.add_argument("--gpus", default="0")
+    parser.add_argument("--resources", default="", help="custom resources, NAME=amount,...")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args) or 0
+    except ConfigError as exc:
+        print(f"poolq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(host=getattr(args, "host", None), port=getattr(args, "port", None))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from poolq.up import run_up
+
+    settings = settings_from(args)
+    _refuse_open_bind(settings, args)
+    node_args = ["--pool", "default", "--gpus", args.gpus]
+    for flag in ("cpus", "memory", "resources"):
+        if getattr(args, flag):
+            node_args += [f"--{flag}", getattr(args, flag)]
+    return run_up(settings, with_node=not args.no_node, node_args=node_args)
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from api_shim.server import serve
+
+    settings = settings_from(args)
+    _refuse_open_bind(settings, args)
+    settings.resolved_redis_url()  # fail now, clearly, rather than in every request
+    serve(settings, workers=args.workers)
+    return 0
+
+
+def _refuse_open_bind(settings: Settings, args: argparse.Namespace) -> None:
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not args.insecure_no_auth:
+        raise ConfigError(
+            f"refusing to serve jobs (which run shell commands) on {settings.host} without authentication; "
+            "bind 127.0.0.1, or pass --insecure-no-auth behind a trusted network"
+        )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_placement_worker
+
+    settings = Settings.from_env()
+    settings.resolved_redis_url()
+    run_placement_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from worker.agent import run_agent
+
+    settings = Settings.from_env()
+    settings.resolved_redis_url()
+    return run_agent(settings, node_id=args.id or default_node_id(), pool=args.pool, labels=args.labels,
+                     capacity=node_capacity(args), loglevel=args.loglevel)
+
+
+def default_node_id() -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())
+    return (name or "node")[:63]
+
+
+def node_capacity(args: argparse.Namespace) -> dict[str, int]:
+    from worker.inventory import capacity_of, parse_resources, parse_size
+
+    cpus = args.cpus if args.cpus is not None else str(os.cpu_count() or 1)
+    memory = parse_size(args.memory) if args.memory is not None else _machine_memory()
+    try:
+        return capacity_of(cpus, memory, args.gpus, parse_resources(args.resources))
+    except (ValueError, ArithmeticError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _admin() -> Any:
+    from poolq.redis_io import connect
+    from poolq.store import JobStore
+    from worker.celery_app import celery_waker
+    from worker.inventory import NodeAdmin
+
+    settings = Settings.from_env()
+    return NodeAdmin(JobStore(connect(settings), settings, celery_waker(settings)))
+
+
+def cmd_nodes_add(args: argparse.Namespace) -> int:
+    from poolq.errors import PoolqError
+    from worker.inventory import parse_labels
+
+    try:
+        labels = parse_labels(args.labels)
+        capacity = node_capacity(args)
+        _admin().upsert(args.id, pool=args.pool, labels=labels, capacity=capacity, kind="static")
+    except (ValueError, PoolqError) as exc:
+        print(f"poolq nodes add: {exc}", file=sys.stderr)
+        return 1
+    print(f"added node {args.id} to pool {args.pool}")
+    return 0
+
+
+def cmd_nodes_remove(args: argparse.Namespace) -> int:
+    return _node_action(lambda admin: admin.remove(args.node_id), f"removed node {args.node_id}")
+
+
+def cmd_nodes_drain(args: argparse.Namespace) -> int:
+    return _node_action(lambda admin: admin.drain(args.node_id), f"draining node {args.node_id}")
+
+
+def _node_action(action: Callable[[Any], Any], done: str) -> int:
+    from poolq.errors import PoolqError
+
+    try:
+        result = action(_admin())
+    except PoolqError as exc:
+        print(f"poolq nodes: {exc}", file=sys.stderr)
+        return 1
+    print(done + (f"; failed {len(result)} jobs as NODE_LOST" if result else ""))
+    return 0
+
+
+def cmd_nodes_list(args: argparse.Namespace) -> int:
+    nodes = _admin().describe()
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    print(f"{'NODE':<20} {'POOL':<12} {'STATE':<8} {'CPU free/cap':>14} {'MEMORY free/cap':>24} LABELS")
+    for node in nodes:
+        state = "draining" if node["draining"] else node["state"]
+        cpu = f"{node['free'].get('CPU', 0)}/{node['capacity'].get('CPU', 0)}"
+        mem = f"{node['free'].get('memory', 0)}/{node['capacity'].get('memory', 0)}"
+        labels = ",".join(k if v is None else f"{k}={v}" for k, v in node["labels"].items())
+        print(f"{node['node_id']:<20} {node['pool']:<12} {state:<8} {cpu:>14} {mem:>24} {labels}")
+    return 0
+
+
+def cmd_nodes_check(args: argparse.Namespace) -> int:
+    problems = _admin().check()
+    for problem in problems:
+        print(problem)
+    print("invariant holds" if not problems else f"{len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

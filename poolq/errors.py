@@ -1,0 +1,34 @@
+"""poolq's errors. The HTTP shim turns each into one response in exactly one place.
+
+    PoolqError
+    ├── InvalidRequest   a request or message breaks the contract (400, with fields)
+    ├── NotFound         no such job in the caller's tenant (404)
+    ├── Conflict         the request contradicts stored state (409)
+    └── Unavailable      Redis cannot be reached or refuses writes (503)
+"""
+
+from __future__ import annotations
+
+
+class PoolqError(Exception):
+    """Root of every error poolq raises on purpose."""
+
+
+class InvalidRequest(PoolqError):
+    """A job request or message that breaks the contract; ``fields`` names each problem."""
+
+    def __init__(self, fields: dict[str, list[str]], message: str = "invalid job request"):
+        super().__init__(message)
+        self.fields = fields
+
+
+class NotFound(PoolqError):
+    """The job does not exist in the caller's tenant."""
+
+
+class Conflict(PoolqError):
+    """The request contradicts what is stored (a different job under the same id, a live job deleted)."""
+
+
+class Unavailable(PoolqError):
+    """Redis cannot be reached, timed out, or refuses writes."""

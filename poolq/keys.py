@@ -1,0 +1,95 @@
+"""Every Redis key poolq uses, built in one place.
+
+A *job ref* is ``"<tenant>:<submission_id>"``; neither part can contain ``:``
+(tenant ``[A-Za-z0-9._-]``, id ``app-[a-z0-9-]``), so the ref is unambiguous and
+the job key is ``poolq:job:<ref>``. Sets and queues store refs.
+
+| key | type | meaning |
+|---|---|---|
+| poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
+| poolq:log:<tenant>:<id> | string | tail of the job's output, at most POOLQ_MAX_LOG_BYTES |
+| poolq:tenant:<tenant>:jobs | zset | id -> submit ms: the tenant's jobs, for listing |
+| poolq:seq | string | counter giving each submission its place in line |
+| poolq:deadlines | zset | ref -> deadline ms, for jobs not yet placed that have one |
+| poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |
+| poolq:shape:<sig> | hash | one placement *shape*: spec (what its jobs ask for), attempts, reasons |
+| poolq:shape:<sig>:q | zset | ref -> seq: unplaced jobs of that shape, oldest first |
+| poolq:shapes:ready | zset | sig -> seq of its oldest job: shapes to try now |
+| poolq:shapes:blocked | zset | sig -> ms: shapes whose head did not fit, and when to retry |
+| poolq:claimed | zset | ref -> lease expiry ms: jobs a placement worker is placing |
+| poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
+| poolq:nodes | set | node ids |
+| poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R> |
+| poolq:node:<id>:jobs | set | refs of jobs holding a reservation on the node |
+| poolq:node:<id>:inbox | zset | ref -> seq: jobs placed on the node that its agent has not started |
+| poolq:heartbeats | zset | node id -> last heartbeat ms (agent nodes only) |
+| poolq:inventory:log | stream | node ids whose state changed; placement caches follow it |
+| poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
+| poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
+| poolq:stats | hash | counters (e.g. invalid queue messages) |
+"""
+
+from __future__ import annotations
+
+PREFIX = "poolq:"
+
+SEQ = PREFIX + "seq"
+DEADLINES = PREFIX + "deadlines"
+TERMINAL = PREFIX + "terminal"
+SHAPES_READY = PREFIX + "shapes:ready"
+SHAPES_BLOCKED = PREFIX + "shapes:blocked"
+CLAIMED = PREFIX + "claimed"
+KICK = PREFIX + "kick"
+NODES = PREFIX + "nodes"
+HEARTBEATS = PREFIX + "heartbeats"
+INVENTORY_LOG = PREFIX + "inventory:log"
+STATS = PREFIX + "stats"
+
+
+def ref(tenant: str, submission_id: str) -> str:
+    return f"{tenant}:{submission_id}"
+
+
+def split_ref(job_ref: str) -> tuple[str, str]:
+    tenant, _, submission_id = job_ref.partition(":")
+    return tenant, submission_id
+
+
+def job(job_ref: str) -> str:
+    return PREFIX + "job:" + job_ref
+
+
+def log(job_ref: str) -> str:
+    return PREFIX + "log:" + job_ref
+
+
+def tenant_jobs(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:jobs"
+
+
+def shape(sig: str) -> str:
+    return PREFIX + "shape:" + sig
+
+
+def shape_queue(sig: str) -> str:
+    return PREFIX + "shape:" + sig + ":q"
+
+
+def node(node_id: str) -> str:
+    return PREFIX + "node:" + node_id
+
+
+def node_jobs(node_id: str) -> str:
+    return PREFIX + "node:" + node_id + ":jobs"
+
+
+def node_inbox(node_id: str) -> str:
+    return PREFIX + "node:" + node_id + ":inbox"
+
+
+def wake(queue: str) -> str:
+    return PREFIX + "wake:" + queue
+
+
+def lock(duty: str) -> str:
+    return PREFIX + "lock:" + duty

@@ -1,0 +1,54 @@
+-- Move a job to a terminal status, releasing whatever it holds, exactly once.
+-- Every way a job ends (its entrypoint exits, a stop, a lost node, a scheduling
+-- deadline, a runtime_env failure) goes through here, so the release happens in
+-- one place: the reservation string "res" is emptied as the node is credited,
+-- and a terminal job is never touched again.
+--
+-- KEYS: 1 job, 2 node hash, 3 node jobs, 4 node inbox, 5 shape queue, 6 deadlines,
+--       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag
+--       (node keys may be any placeholder key when the caller saw no node)
+-- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
+--       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
+--       8 wake ttl ms, 9 '1' to require the scheduling deadline to have passed,
+--       10.. extra field/value pairs to set (attempts, reasons)
+-- Returns {code, wake}: code 1 moved, 0 not allowed (already terminal, or from a
+-- status not listed, or deadline not reached), -1 the node changed: read again.
+local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline')
+local status = j[1]
+if not status then return {0, 0} end
+if not string.find(ARGV[7], ',' .. status .. ',', 1, true) then return {0, 0} end
+local node = j[2] or ''
+if node ~= ARGV[2] then return {-1, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[9] == '1' then
+  if not j[5] or j[5] == '' or tonumber(j[5]) > now then return {0, 0} end
+end
+local new_status, error_type, message = ARGV[3], ARGV[4], ARGV[5]
+-- Once a stop is requested the job ends STOPPED, even if it exits 0 meanwhile.
+if j[4] == '1' and (new_status == 'SUCCEEDED' or error_type == 'ENTRYPOINT_FAILED') then
+  new_status, error_type, message = 'STOPPED', 'STOPPED_BY_USER', 'stopped by user request'
+end
+redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local wake = 0
+local res = j[3] or ''
+if node ~= '' and res ~= '' then
+  for name, amount in string.gmatch(res, '([^=,]+)=(%d+)') do
+    redis.call('HINCRBY', KEYS[2], 'res:' .. name, '-' .. amount)
+  end
+  redis.call('HSET', KEYS[1], 'res', '')
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'n', node)
+  redis.call('SET', KEYS[10], '1')
+  if redis.call('SET', KEYS[11], '1', 'NX', 'PX', ARGV[8]) then wake = 1 end
+end
+if node ~= '' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+end
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('ZADD', KEYS[8], now, ARGV[1])
+return {1, wake}

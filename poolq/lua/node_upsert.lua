@@ -1,0 +1,30 @@
+-- Add a node (poolq nodes add) or register a node agent (poolq node).
+--
+-- KEYS: 1 node hash, 2 nodes set, 3 inventory log, 4 kick, 5 placement wake flag, 6 heartbeats
+-- ARGV: 1 id, 2 pool, 3 labels JSON, 4 kind (static|agent), 5 'create' to refuse an
+--       existing id, 6 wake ttl ms, 7 Celery queue of its agent ('' for static),
+--       then resource/capacity pairs
+-- Returns {code, wake, incarnation}: code 1 done, 0 the id exists (create only).
+if ARGV[5] == 'create' and redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = redis.call('HKEYS', KEYS[1])
+local keep = {}
+for i = 8, #ARGV, 2 do keep['cap:' .. ARGV[i]] = true end
+for _, field in ipairs(fields) do
+  if string.sub(field, 1, 4) == 'cap:' and not keep[field] then redis.call('HDEL', KEYS[1], field) end
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'pool', ARGV[2], 'labels', ARGV[3], 'kind', ARGV[4],
+  'state', 'live', 'drained', '0', 'queue', ARGV[7], 'since', now)
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], 'cap:' .. ARGV[i], ARGV[i + 1])
+  redis.call('HSETNX', KEYS[1], 'res:' .. ARGV[i], 0)
+end
+local incarnation = redis.call('HINCRBY', KEYS[1], 'incarnation', 1)
+redis.call('SADD', KEYS[2], ARGV[1])
+if ARGV[4] == 'agent' then redis.call('ZADD', KEYS[6], now, ARGV[1]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'n', ARGV[1])
+redis.call('SET', KEYS[4], '1')
+local wake = 0
+if redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[6]) then wake = 1 end
+return {1, wake, incarnation}

@@ -1,0 +1,61 @@
+-- Reserve capacity for a round of placement decisions. Each decision is checked
+-- again here, atomically: the job is still PENDING, unplaced and not being
+-- stopped; the node is live (a fresh heartbeat for an agent node), not drained,
+-- and has the free capacity. So concurrent placement workers never over-commit a
+-- node and a job is never reserved twice, whatever their caches believed.
+--
+-- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines,
+--       then per decision 6 keys: job, node, node jobs, node inbox, shape, node wake flag
+-- ARGV: 1 node ttl ms, 2 wake ttl ms, then per decision 4 values:
+--       ref, node id, seq, requests ("R=amount,R=amount")
+-- Returns per decision: 0 reserved, 1 job gone (placed, stopped, ended),
+-- 2 node not available, 3 not enough free capacity; then the node ids to wake.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local results, wake = {}, {}
+local n = (#KEYS - 4) / 6
+for i = 0, n - 1 do
+  local k, a = 4 + i * 6, 2 + i * 4
+  local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
+  local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
+  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base')
+  local code = 0
+  if j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') then
+    code = 1
+  else
+    local nd = redis.call('HMGET', node, 'state', 'drained', 'kind')
+    if nd[1] ~= 'live' or nd[2] == '1' then
+      code = 2
+    elseif nd[3] == 'agent' then
+      local hb = redis.call('ZSCORE', KEYS[3], node_id)
+      if not hb or tonumber(hb) < now - ttl then code = 2 end
+    end
+    if code == 0 then
+      for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
+        local cap = tonumber(redis.call('HGET', node, 'cap:' .. name) or '0')
+        local used = tonumber(redis.call('HGET', node, 'res:' .. name) or '0')
+        if cap - used < tonumber(amount) then code = 3 break end
+      end
+    end
+  end
+  if code == 0 then
+    for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
+      redis.call('HINCRBY', node, 'res:' .. name, amount)
+    end
+    local attempts = tonumber(redis.call('HGET', shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
+    if attempts < 1 then attempts = 1 end
+    redis.call('HSET', job, 'node', node_id, 'pool', redis.call('HGET', node, 'pool'),
+      'res', requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now)
+    redis.call('SADD', node_jobs, ref)
+    redis.call('ZREM', KEYS[4], ref)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', node_id)
+    if redis.call('HGET', node, 'kind') == 'agent' then
+      redis.call('ZADD', inbox, seq, ref)
+      if redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then wake[#wake + 1] = node_id end
+    end
+  end
+  if code ~= 3 and code ~= 2 then redis.call('ZREM', KEYS[1], ref) end
+  results[#results + 1] = code
+end
+return {results, wake}

@@ -1,0 +1,14 @@
+-- A node agent starts a job placed on it: only a PENDING job placed on this node,
+-- with no stop requested, becomes RUNNING. Anything else is skipped.
+--
+-- KEYS: 1 job, 2 node inbox
+-- ARGV: 1 ref, 2 node id, 3 message
+-- Returns 1 started, 0 skip, 2 a stop was requested (the agent ends it STOPPED).
+redis.call('ZREM', KEYS[2], ARGV[1])
+local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop')
+if j[1] ~= 'PENDING' or j[2] ~= ARGV[2] then return 0 end
+if j[3] == '1' then return 2 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'start_time', now, 'message', ARGV[3])
+return 1

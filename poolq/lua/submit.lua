@@ -1,0 +1,33 @@
+-- Store a new job and put it in line for placement, as one atomic step, so that an
+-- accepted job can never be stored without being queued (or queued twice).
+--
+-- KEYS: 1 job hash, 2 tenant index, 3 shape hash, 4 shape queue, 5 shapes:ready,
+--       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag
+-- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 timeout ms,
+--       6 submission id, 7 job ref, 8 wake flag ttl ms
+-- Returns {code, wake}: code 0 stored, 1 the same request is already stored,
+-- 2 another request holds this id; wake 1 when the caller must send a wake-up.
+local existing = redis.call('HGET', KEYS[1], 'fp')
+if existing then
+  if existing == ARGV[1] then return {1, 0} end
+  return {2, 0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = redis.call('INCR', KEYS[8])
+local timeout = tonumber(ARGV[5])
+local deadline = ''
+if timeout > 0 then deadline = now + timeout end
+redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
+local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
+redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
+  'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', seq,
+  'shape', ARGV[3], 'att_base', base)
+redis.call('ZADD', KEYS[2], now, ARGV[6])
+redis.call('ZADD', KEYS[4], seq, ARGV[7])
+if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then
+  redis.call('ZADD', KEYS[5], 'NX', seq, ARGV[3])
+end
+if deadline ~= '' then redis.call('ZADD', KEYS[7], deadline, ARGV[7]) end
+if redis.call('SET', KEYS[9], '1', 'NX', 'PX', ARGV[8]) then return {0, 1} end
+return {0, 0}

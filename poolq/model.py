@@ -1,0 +1,164 @@
+"""Values both sides share: job status, error types, resource units, the job record.
+
+Resources are integers inside poolq: CPU, GPU and custom resources in milli-units,
+memory in bytes. ``to_milli`` converts a submitted decimal exactly (4.03 -> 4030),
+so that reserve and release add and subtract the same integers forever.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from decimal import Decimal
+from typing import Any, Mapping
+
+CPU = "CPU"
+MEMORY = "memory"
+GPU = "GPU"
+BUILTIN_RESOURCES = (CPU, MEMORY, GPU)
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    STOPPED = "STOPPED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED})
+
+
+class ErrorType(str, enum.Enum):
+    SCHEDULE_TIMEOUT = "SCHEDULE_TIMEOUT"
+    RUNTIME_ENV_SETUP_FAILED = "RUNTIME_ENV_SETUP_FAILED"
+    ENTRYPOINT_FAILED = "ENTRYPOINT_FAILED"
+    NODE_LOST = "NODE_LOST"
+    NODE_SHUTDOWN = "NODE_SHUTDOWN"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    STOPPED_BY_USER = "STOPPED_BY_USER"
+
+
+def to_milli(amount: Decimal | int) -> int:
+    """Milli-units of a decimal amount, rounded up: 0.0001 CPU still asks for 1m."""
+    return math.ceil(Decimal(amount) * 1000)
+
+
+def canonical_number(amount: Decimal | int) -> int | float:
+    """A JSON number for a submitted amount: 3.0 -> 3, 0.5 -> 0.5."""
+    value = Decimal(amount)
+    if value == value.to_integral_value():
+        return int(value)
+    return float(value)
+
+
+def mebibytes(num_bytes: int) -> int:
+    return -(-num_bytes // (1024 * 1024))
+
+
+class JobFields:
+    """Field names of the job hash (``poolq:job:<ref>``); every value is a string.
+
+    ``spec`` holds the immutable part of the record as a JSON object; the other
+    fields change as the job moves through its life, each written by a Lua script.
+    """
+
+    SPEC = "spec"  # JSON: entrypoint, metadata, runtime_env, resources, labels, ids
+    FINGERPRINT = "fp"  # digest of the normalised request, for idempotent resubmission
+    STATUS = "status"
+    MESSAGE = "message"
+    ERROR_TYPE = "error_type"
+    SUBMIT_TIME = "submit_time"
+    START_TIME = "start_time"
+    END_TIME = "end_time"
+    DEADLINE = "deadline"  # ms, or "" for no scheduling deadline
+    TIMEOUT_MS = "timeout_ms"
+    SEQ = "seq"  # place in line
+    SHAPE = "shape"  # placement shape signature
+    ATTEMPTS_BASE = "att_base"  # the shape's attempt count when the job joined it
+    ATTEMPTS = "attempts"  # set when placed or failed
+    REASONS = "reasons"  # JSON list, set when placed or failed
+    NODE = "node"
+    POOL = "pool"
+    RESERVED = "res"  # what the job holds, "R=amount,..."; emptied when released
+    EXIT_CODE = "exit_code"
+    STOP = "stop"  # "1" once a stop was requested
+    LOG_BASE = "log_base"  # bytes of output dropped from the front of the log tail
+
+
+def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The job record of DESIGN.md 4 from a job hash (and its shape, while unplaced)."""
+    spec = json.loads(fields[JobFields.SPEC])
+    status = fields[JobFields.STATUS]
+    attempts, reasons = scheduling_progress(fields, shape)
+    deadline = fields.get(JobFields.DEADLINE) or None
+    return {
+        "type": "SUBMISSION",
+        "job_id": None,
+        "submission_id": spec["submission_id"],
+        "tenant_id": spec["tenant_id"],
+        "entrypoint": spec["entrypoint"],
+        "status": status,
+        "message": fields.get(JobFields.MESSAGE) or describe(fields, attempts, reasons),
+        "error_type": fields.get(JobFields.ERROR_TYPE) or None,
+        "metadata": spec["metadata"],
+        "runtime_env": spec["runtime_env"],
+        "entrypoint_num_cpus": spec["entrypoint_num_cpus"],
+        "entrypoint_num_gpus": spec["entrypoint_num_gpus"],
+        "entrypoint_memory": spec["entrypoint_memory"],
+        "entrypoint_resources": spec["entrypoint_resources"],
+        "entrypoint_label_selector": spec["entrypoint_label_selector"],
+        "pool_label": spec["pool_label"],
+        "submit_time": int(fields[JobFields.SUBMIT_TIME]),
+        "start_time": _int_or_none(fields.get(JobFields.START_TIME)),
+        "end_time": _int_or_none(fields.get(JobFields.END_TIME)),
+        "driver_node_id": fields.get(JobFields.NODE) or None,
+        "pool": fields.get(JobFields.POOL) or None,
+        "driver_exit_code": _int_or_none(fields.get(JobFields.EXIT_CODE)),
+        "driver_info": None,
+        "driver_agent_http_address": None,
+        "scheduling": {
+            "attempts": attempts,
+            "deadline": int(deadline) if deadline else None,
+            "reasons": reasons,
+        },
+    }
+
+
+def scheduling_progress(
+    fields: Mapping[str, str], shape: Mapping[str, str] | None
+) -> tuple[int, list[dict[str, Any]]]:
+    """Attempts and latest reasons: frozen on the job once placed or failed, else its shape's."""
+    if fields.get(JobFields.ATTEMPTS):
+        return int(fields[JobFields.ATTEMPTS]), json.loads(fields.get(JobFields.REASONS) or "[]")
+    if not shape:
+        return 0, []
+    attempts = int(shape.get("attempts") or 0) - int(fields.get(JobFields.ATTEMPTS_BASE) or 0)
+    return max(attempts, 0), json.loads(shape.get("reasons") or "[]") if attempts > 0 else []
+
+
+def describe(fields: Mapping[str, str], attempts: int, reasons: list[dict[str, Any]]) -> str:
+    """A sentence for a job whose scripts left no message: where it is in its life."""
+    status = fields[JobFields.STATUS]
+    node = fields.get(JobFields.NODE)
+    if status == JobStatus.PENDING:
+        if fields.get(JobFields.STOP):
+            return "stop requested"
+        if node:
+            return f"placed on node {node} in pool {fields.get(JobFields.POOL)}; waiting for its agent to start it"
+        if attempts == 0:
+            return "waiting for placement"
+        summary = "; ".join(f"{r['units']} unit with [{r['reason']}]" for r in reasons)
+        return f"waiting for placement: no node fits yet ({attempts} attempts; {summary})"
+    if status == JobStatus.RUNNING:
+        return f"running on node {node}"
+    return status.lower()
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value else None

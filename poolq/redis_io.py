@@ -1,0 +1,48 @@
+"""The Redis connection every process uses, and the Lua scripts, loaded once.
+
+Timeouts are short on purpose: when Redis is down or blackholed, an API request
+must answer 503 within 2 s (DESIGN.md 2.1) rather than wait on a socket.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
+
+from poolq.settings import Settings
+
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+def connect(settings: Settings, *, timeout_s: float | None = None) -> redis.Redis:
+    """A client with a connection pool; one retry re-dials a connection Redis dropped."""
+    timeout = settings.redis_timeout_s if timeout_s is None else timeout_s
+    return redis.Redis.from_url(
+        settings.resolved_redis_url(),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 1),
+        decode_responses=True,
+        health_check_interval=0,
+    )
+
+
+class Scripts:
+    """Every ``poolq/lua/*.lua`` file as a callable ``Script`` attribute of the same name."""
+
+    def __init__(self, client: redis.Redis):
+        for path in sorted(LUA_DIR.glob("*.lua")):
+            setattr(self, path.stem, client.register_script(_source(path)))
+
+    def __getattr__(self, name: str) -> Script:  # for type checkers; real ones are set above
+        raise AttributeError(f"no Lua script {name}.lua in {LUA_DIR}")
+
+
+@functools.cache
+def _source(path: Path) -> str:
+    return path.read_text()

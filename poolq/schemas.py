@@ -1,0 +1,366 @@
+"""Marshmallow schemas for a job request (DESIGN.md 2.1), built once and reused.
+
+The HTTP shim and the ``poolq.submit`` queue task validate with the same schemas,
+so a job means the same thing whichever way it arrives. Bodies are parsed with
+``parse_float=Decimal`` (see ``parse_json``): numbers keep their exact decimal value,
+and an integer field refuses any literal with a fraction or exponent, as
+openYuanrong's Go decoder does.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from decimal import Decimal
+from typing import Any, Mapping
+
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
+
+LABEL_PART = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
+RESOURCE_NAME = LABEL_PART
+TENANT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SUBMISSION_ID = re.compile(r"^app-[a-z0-9-]{1,60}$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_RESOURCE_NAMES = {"cpu", "memory", "gpu"}
+UNUSE_ANTI_OTHER_LABELS = "unUseAntiOtherLabels"
+
+MAX_ENTRYPOINT_BYTES = 16 * 1024
+MAX_METADATA_ENTRIES = 64
+MAX_METADATA_VALUE_BYTES = 4 * 1024
+MAX_ENV_VARS = 256
+MAX_PIP_ENTRIES = 256
+MAX_LIST_STRING = 4096  # one pip requirement or excludes pattern
+MAX_RESOURCES = 64
+MAX_SELECTOR = 64
+MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
+
+
+def parse_json(raw: bytes) -> Any:
+    """UTF-8 JSON with exact decimals and no NaN or Infinity.
+
+    Raises UnicodeDecodeError, RecursionError (deep nesting) or ValueError.
+    """
+    return json.loads(raw.decode("utf-8"), parse_float=Decimal, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# -- fields ------------------------------------------------------------------
+
+
+class Text(fields.Field):
+    """A JSON string, optionally bounded in UTF-8 bytes and required non-blank."""
+
+    def __init__(self, *, max_bytes: int | None = None, non_blank: bool = False, pattern: re.Pattern[str] | None = None, pattern_hint: str = "", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_bytes, self.non_blank = max_bytes, non_blank
+        self.pattern, self.pattern_hint = pattern, pattern_hint
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        return check_text(value, self.max_bytes, self.non_blank, self.pattern, self.pattern_hint)
+
+
+def check_text(value: Any, max_bytes: int | None = None, non_blank: bool = False, pattern: re.Pattern[str] | None = None, pattern_hint: str = "") -> str:
+    if not isinstance(value, str):
+        raise ValidationError("must be a string")
+    if non_blank and not value.strip():
+        raise ValidationError("must not be empty")
+    if "\x00" in value:
+        raise ValidationError("must not contain NUL")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("must be valid Unicode (no lone surrogate escapes)") from None
+    if max_bytes is not None and len(encoded) > max_bytes:
+        raise ValidationError(f"must be at most {max_bytes} bytes of UTF-8")
+    if pattern is not None and not pattern.match(value):
+        raise ValidationError(f"must match {pattern_hint or pattern.pattern}")
+    return value
+
+
+class Amount(fields.Field):
+    """A JSON number (not bool, not string) within [low, high]; kept as an exact Decimal."""
+
+    def __init__(self, low: Decimal | int, high: Decimal | int, *, integer: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.low, self.high, self.integer = Decimal(low), Decimal(high), integer
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal | int:
+        return check_amount(value, self.low, self.high, self.integer)
+
+
+def check_amount(value: Any, low: Decimal, high: Decimal, integer: bool = False) -> Decimal | int:
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        raise ValidationError("must be an integer" if integer else "must be a number")
+    if integer and not isinstance(value, int):
+        raise ValidationError("must be an integer")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValidationError("must be a finite number")
+    if not low <= value <= high:
+        raise ValidationError(f"must be between {_plain(low)} and {_plain(high)}")
+    return value
+
+
+class StringMap(fields.Field):
+    """An object whose keys and values are strings, each checked by a callable."""
+
+    def __init__(self, *, max_entries: int, check_key: Any, check_value: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_entries, self.check_key, self.check_value = max_entries, check_key, check_value
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValidationError("must be an object")
+        if len(value) > self.max_entries:
+            raise ValidationError(f"must have at most {self.max_entries} entries")
+        errors: dict[str, list[str]] = {}
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            try:
+                self.check_key(key)
+            except ValidationError as exc:
+                errors[key] = [f"key {m}" for m in exc.messages]  # type: ignore[union-attr]
+                continue
+            try:
+                result[key] = self.check_value(item)
+            except ValidationError as exc:
+                errors[key] = list(exc.messages)  # type: ignore[arg-type]
+        if errors:
+            raise ValidationError(errors)  # type: ignore[arg-type]
+        return result
+
+
+class StringList(fields.Field):
+    def __init__(self, *, max_entries: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.max_entries = max_entries
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        return check_string_list(value, self.max_entries)
+
+
+def check_string_list(value: Any, max_entries: int) -> list[str]:
+    if not isinstance(value, list):
+        raise ValidationError("must be a list of strings")
+    if len(value) > max_entries:
+        raise ValidationError(f"must have at most {max_entries} entries")
+    errors = {}
+    for index, item in enumerate(value):
+        try:
+            check_text(item, MAX_LIST_STRING, non_blank=True)
+        except ValidationError as exc:
+            errors[str(index)] = exc.messages
+    if errors:
+        raise ValidationError(errors)  # type: ignore[arg-type]
+    return value
+
+
+class Pip(fields.Field):
+    """A list of requirement strings, or Ray's ``{"packages": [...], ...}`` object."""
+
+    OBJECT_KEYS = {"packages", "pip_check", "pip_version"}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, list):
+            return check_string_list(value, MAX_PIP_ENTRIES)
+        if not isinstance(value, dict):
+            raise ValidationError("must be a list of requirement strings or an object with packages")
+        errors: dict[str, Any] = {key: ["unknown field"] for key in value.keys() - self.OBJECT_KEYS}
+        if "packages" not in value or value["packages"] is None:
+            errors["packages"] = ["missing required field"]
+        else:
+            try:
+                check_string_list(value["packages"], MAX_PIP_ENTRIES)
+            except ValidationError as exc:
+                errors["packages"] = exc.messages
+        if value.get("pip_check") is not None and not isinstance(value["pip_check"], bool):
+            errors["pip_check"] = ["must be a boolean"]
+        if value.get("pip_version") is not None:
+            try:
+                check_text(value["pip_version"], MAX_LIST_STRING)
+            except ValidationError as exc:
+                errors["pip_version"] = exc.messages
+        if errors:
+            raise ValidationError(errors)
+        return {key: item for key, item in value.items() if item is not None}
+
+
+def check_working_dir(value: Any) -> str:
+    check_text(value, MAX_LIST_STRING, non_blank=True)
+    if value.startswith("file://"):
+        if not value[len("file://"):].startswith("/"):
+            raise ValidationError("a file:// URI must name an absolute path (file:///dir)")
+        return value
+    if value.startswith("gcs://"):
+        if not re.match(r"^gcs://_ray_pkg_[A-Za-z0-9_.-]+\.zip$", value):
+            raise ValidationError("a package URI must look like gcs://_ray_pkg_<hash>.zip")
+        return value
+    if "://" in value:
+        raise ValidationError("must be a path on the node, a file:// URI or a gcs://_ray_pkg_<hash>.zip package")
+    if not value.startswith("/"):
+        raise ValidationError("a path must be absolute")
+    return value
+
+
+def check_resource_name(name: str) -> None:
+    check_text(name, pattern=RESOURCE_NAME, pattern_hint="[A-Za-z0-9._/-]{1,63}")
+    if name.lower() in RESERVED_RESOURCE_NAMES:
+        raise ValidationError("CPU, memory and GPU are requested with entrypoint_num_cpus, entrypoint_memory and entrypoint_num_gpus")
+
+
+def _check_label_part(value: Any) -> str:
+    return check_text(value, pattern=LABEL_PART, pattern_hint="[A-Za-z0-9._/-]{1,63}")
+
+
+# -- schemas -----------------------------------------------------------------
+
+
+class _NullIsAbsent(Schema):
+    class Meta:
+        unknown = RAISE
+
+    @pre_load
+    def drop_nulls(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class RuntimeEnvSchema(_NullIsAbsent):
+    working_dir = fields.Raw(required=True, validate=check_working_dir)
+    env_vars = StringMap(
+        max_entries=MAX_ENV_VARS,
+        check_key=lambda k: check_text(k, pattern=ENV_NAME, pattern_hint="[A-Za-z_][A-Za-z0-9_]*"),
+        check_value=lambda v: check_text(v, MAX_LIST_STRING * 8),
+    )
+    pip = Pip()
+    excludes = StringList(max_entries=MAX_PIP_ENTRIES)
+
+    @pre_load
+    def drop_ray_internal(self, data: Any, **kwargs: Any) -> Any:
+        # Ray's SDK adds private keys such as "_ray_commit"; they mean nothing here.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("_ray"))}
+        return data
+
+
+class JobRequestSchema(_NullIsAbsent):
+    entrypoint = Text(required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True)
+    metadata = StringMap(
+        max_entries=MAX_METADATA_ENTRIES,
+        check_key=lambda k: _check_metadata_key(k),
+        check_value=lambda v: check_text(v, MAX_METADATA_VALUE_BYTES),
+    )
+    runtime_env = fields.Nested(RuntimeEnvSchema, required=True)
+    entrypoint_num_cpus = Amount(Decimal("0.3"), 16)
+    entrypoint_memory = Amount(134_217_728, 1_125_899_906_842_624, integer=True)
+    entrypoint_num_gpus = Amount(0, 1024)
+    entrypoint_resources = StringMap(
+        max_entries=MAX_RESOURCES,
+        check_key=check_resource_name,
+        check_value=lambda v: check_amount(v, Decimal(0), Decimal("1e9")),
+    )
+    entrypoint_label_selector = StringMap(max_entries=MAX_SELECTOR, check_key=_check_label_part, check_value=_check_label_part)
+    submission_id = Text(max_bytes=256)
+    job_id = Text(max_bytes=256)
+
+
+def _check_metadata_key(key: str) -> str:
+    check_text(key)
+    if not 1 <= len(key) <= 256:
+        raise ValidationError("must be 1 to 256 characters")
+    return key
+
+
+def _plain(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value == value.to_integral_value() else str(value)
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
+    """marshmallow's nested error dict as ``{"dotted.path": [messages]}``."""
+    flat: dict[str, list[str]] = {}
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if key == "_schema":
+                path = prefix or "body"
+            for sub_path, sub in flatten_errors(value, path).items():
+                flat.setdefault(sub_path, []).extend(sub)
+    elif isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        flat[prefix or "body"] = [_lower(m) for m in messages]
+    elif isinstance(messages, list):
+        for index, value in enumerate(messages):
+            flat.update(flatten_errors(value, f"{prefix}.{index}"))
+    else:
+        flat[prefix or "body"] = [_lower(str(messages))]
+    return flat
+
+
+_MARSHMALLOW_WORDS = {
+    "Unknown field.": "unknown field",
+    "Missing data for required field.": "missing required field",
+    "Invalid input type.": "must be an object",
+}
+
+
+def _lower(message: str) -> str:
+    return _MARSHMALLOW_WORDS.get(message, message)
+
+
+JOB_REQUEST = JobRequestSchema()
+
+
+def load_job_request(body: Any) -> dict[str, Any]:
+    """Validate a decoded body; raise ValidationError with flat dotted field paths."""
+    if not isinstance(body, dict):
+        raise ValidationError({"body": ["must be a JSON object"]})
+    try:
+        return JOB_REQUEST.load(body)
+    except ValidationError as exc:
+        raise ValidationError(flatten_errors(exc.messages)) from None
+
+
+def check_headers(tenant: str | None, pool_label: str | None, timeout: str | None) -> tuple[dict[str, list[str]], str, list[tuple[str, str | None]] | None, bool, int | None]:
+    """Validate X-Tenant-Id, X-Pool-Label and X-Schedule-Timeout-Ms.
+
+    Returns (errors, tenant, terms or None, anti-other-labels switch, timeout or None).
+    """
+    errors: dict[str, list[str]] = {}
+    tenant = (tenant or "").strip() or "default"
+    if not TENANT.match(tenant):
+        errors["X-Tenant-Id"] = ["must match [A-Za-z0-9._-]{1,64}"]
+    terms: list[tuple[str, str | None]] | None = None
+    anti = False
+    if pool_label is not None and pool_label.strip():
+        terms = []
+        for raw in pool_label.split(","):
+            term = raw.strip()
+            if term == UNUSE_ANTI_OTHER_LABELS:
+                anti = True
+                continue
+            key, eq, value = term.partition("=")
+            if not LABEL_PART.match(key) or (eq and not LABEL_PART.match(value)):
+                errors["X-Pool-Label"] = [
+                    f"term {term!r} must be key or key=value with [A-Za-z0-9._/-]{{1,63}} parts, comma-separated"
+                ]
+                break
+            terms.append((key, value if eq else None))
+    schedule_timeout: int | None = None
+    if timeout is not None and timeout.strip():
+        text = timeout.strip()
+        if not text.isdigit() or len(text) > 10 or int(text) > MAX_SCHEDULE_TIMEOUT_MS:
+            errors["X-Schedule-Timeout-Ms"] = [f"must be an integer between 0 and {MAX_SCHEDULE_TIMEOUT_MS}"]
+        else:
+            schedule_timeout = int(text)
+    return errors, tenant, terms, anti, schedule_timeout
+
+
+def normalise_submission_id(value: str) -> str:
+    """Prefix ``app-`` when missing and check the form; raise ValidationError."""
+    candidate = value if value.startswith("app-") else "app-" + value
+    if not SUBMISSION_ID.match(candidate):
+        raise ValidationError("must match ^app-[a-z0-9-]{1,60}$ after the app- prefix is added")
+    return candidate
+

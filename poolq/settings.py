@@ -1,0 +1,114 @@
+"""One frozen settings object, read once from ``POOLQ_*`` environment variables.
+
+Every default lives here. Code receives a ``Settings`` instance and never reads
+``os.environ`` itself; command-line flags override fields with ``replace()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class ConfigError(Exception):
+    """A POOLQ_* variable or flag has a value poolq cannot use."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    # Where things are.
+    data_dir: Path = dataclasses.field(default_factory=lambda: Path(".poolq").resolve())
+    redis_url: str | None = None  # None: read $data_dir/redis.url (written by `poolq up`)
+    redis_timeout_s: float = 0.75  # socket connect/read timeout: a dead Redis is a 503 within 2 s
+
+    # The HTTP API.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_workers: int = 2
+    max_body: int = 1 * MiB
+    max_batch_body: int = 16 * MiB
+    max_package_bytes: int = 100 * MiB
+    cors_origins: tuple[str, ...] = ()
+
+    # Jobs.
+    schedule_timeout_ms: int = 18_000
+    default_cpus: str = "1"  # a decimal string, converted exactly to milli-CPU
+    default_memory: int = 512 * MiB
+    retention_s: int = 86_400
+    max_terminal_jobs: int = 1_000_000
+    max_log_bytes: int = 1 * MiB
+
+    # Placement.
+    placement_strategy: str = "binpack"  # or "spread"
+    placement_batch: int = 256  # jobs claimed per placement round
+    claim_lease_s: float = 30.0  # a claimed job not placed within this returns to its queue
+    max_backoff_s: float = 2.0  # longest wait before a job that did not fit is tried again
+
+    # Nodes.
+    node_ttl_s: float = 15.0
+    heartbeat_s: float = 2.0
+    stop_grace_s: float = 10.0
+    drain_s: float = 30.0
+
+    # Periodic duties (run inside placement workers, one at a time under a lock).
+    duty_interval_s: float = 0.25
+
+    @property
+    def redis_url_file(self) -> Path:
+        return self.data_dir / "redis.url"
+
+    def resolved_redis_url(self) -> str:
+        """The Redis URL every command uses: POOLQ_REDIS_URL, else the file `poolq up` wrote."""
+        if self.redis_url:
+            return self.redis_url
+        try:
+            return self.redis_url_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no Redis configured: run `poolq up` (it writes {self.redis_url_file}) "
+                "or set POOLQ_REDIS_URL"
+            ) from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get("POOLQ_" + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.placement_strategy not in ("binpack", "spread"):
+            raise ConfigError("POOLQ_PLACEMENT_STRATEGY must be binpack or spread")
+        if not 0 <= self.schedule_timeout_ms <= 604_800_000:
+            raise ConfigError("POOLQ_SCHEDULE_TIMEOUT_MS must be between 0 and 604800000")
+        for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"POOLQ_{name.upper()} must be positive")
+
+
+def _convert(name: str, annotation: object, raw: str) -> object:
+    kind = str(annotation)
+    try:
+        if name == "data_dir":
+            return Path(raw).expanduser().resolve()
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"POOLQ_{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

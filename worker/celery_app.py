@@ -1,0 +1,63 @@
+"""The Celery app: Redis broker, poolq's queues, and the settings that protect accepted work.
+
+Celery carries only wake-ups ("look at Redis"); jobs live in Redis (DESIGN.md 1).
+The HTTP shim builds this app without tasks, to ``send_task`` by name.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from poolq import queues
+from poolq.settings import Settings
+
+# kombu's Redis transport re-delivers an unacknowledged message only after the
+# visibility timeout. poolq's tasks are short (a placement round is capped at a few
+# seconds and then re-wakes itself; a node agent's task starts processes and
+# returns), and every task is idempotent, so a short timeout costs at most a
+# harmless duplicate wake-up while it shortens how long a message held by a
+# killed worker waits; the periodic sweep re-wakes placement within seconds anyway.
+VISIBILITY_TIMEOUT_S = 60
+
+
+def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
+    url = settings.resolved_redis_url()
+    app = Celery("poolq", broker=url, set_as_current=False, include=["worker.tasks"] if with_tasks else [])
+    app.conf.update(
+        task_acks_late=True,  # a message is acknowledged only after its task ran
+        task_reject_on_worker_lost=True,  # a worker killed mid-task gives the message back
+        worker_prefetch_multiplier=1,  # never hold messages another worker could take
+        task_ignore_result=True,  # results live in the job records, not a result backend
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=queues.PLACEMENT,
+        task_queues=(Queue(queues.PLACEMENT), Queue(queues.SUBMIT)),
+        task_routes={queues.PLACE: {"queue": queues.PLACEMENT}, queues.SUBMIT: {"queue": queues.SUBMIT}},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
+        },
+        broker_connection_timeout=settings.redis_timeout_s,
+        broker_connection_retry_on_startup=True,
+        # A publish that fails is not retried for long: wake-ups are re-sent by the sweep.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1},
+        worker_send_task_events=False,
+        worker_hijack_root_logger=False,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+def celery_waker(settings: Settings):  # type: ignore[no-untyped-def]
+    """A function that sends a wake-up task to a queue, building the app on first use."""
+    app: list[Celery] = []
+
+    def wake(queue: str) -> None:
+        if not app:
+            app.append(create_celery(settings))
+        task = queues.PLACE if queue == queues.PLACEMENT else queues.NODE_WAKE
+        app[0].send_task(task, queue=queue)
+
+    return wake

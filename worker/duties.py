@@ -1,0 +1,145 @@
+"""Periodic duties, run by every placement worker and done once at a time under a Redis lock.
+
+There is no beat process to forget (DESIGN.md 1). Each tick, whichever worker holds
+the lock:
+
+- fails jobs whose scheduling deadline passed (also when no attempt was ever made);
+- makes blocked shapes whose backoff ended ready again;
+- puts back in line jobs claimed by a worker that died (expired leases);
+- declares nodes whose heartbeat expired lost, failing their jobs as NODE_LOST;
+- re-sends a placement wake-up when jobs wait and none is on its way (lost messages);
+- removes terminal jobs past their retention, oldest first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+
+import redis
+
+from poolq import keys, queues
+from poolq.model import ErrorType, JobFields, JobStatus
+from poolq.store import WAKE_TTL_MS, JobStore
+from worker.placement import timeout_message
+from worker.scheduler import Scheduler, _redis_ms
+
+log = logging.getLogger("poolq.duties")
+
+BATCH = 500
+
+
+class Duties:
+    def __init__(self, store: JobStore, scheduler: Scheduler):
+        self.store = store
+        self.redis: redis.Redis = store.redis
+        self.settings = store.settings
+        self.scheduler = scheduler
+
+    def tick(self) -> bool:
+        """Run every duty once if no other worker is; True if this one did."""
+        lock = self.redis.lock(keys.lock("duties"), timeout=max(5.0, self.settings.duty_interval_s * 8))
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            now = _redis_ms(self.redis)
+            self.expire_deadlines(now)
+            self.unblock_due(now)
+            self.recover_claims(now)
+            self.reap_nodes(now)
+            self.purge_terminal(now)
+            self.rewake()
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                pass  # it expired during a long tick; another worker may hold it now
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.duty_interval_s):
+            try:
+                self.tick()
+            except redis.RedisError as exc:
+                log.warning("periodic duties skipped a tick: %s", exc)
+            except Exception:
+                log.exception("periodic duties failed a tick")
+
+    def expire_deadlines(self, now: int) -> int:
+        refs = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=BATCH)
+        failed = 0
+        for job_ref in refs:
+            fields = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.TIMEOUT_MS, JobFields.ATTEMPTS_BASE])
+            sig, timeout_ms, base = fields
+            if sig is None:
+                self.redis.zrem(keys.DEADLINES, job_ref)  # the job is gone
+                continue
+            shape_attempts, reasons = self.redis.hmget(keys.shape(sig), ["attempts", "reasons"])
+            attempts = max(int(shape_attempts or 0) - int(base or 0), 0)
+            reason_list = json.loads(reasons or "[]") if attempts else []
+            _, submission_id = keys.split_ref(job_ref)
+            moved = self.store.finish(
+                job_ref,
+                JobStatus.FAILED,
+                error_type=ErrorType.SCHEDULE_TIMEOUT,
+                message=timeout_message(submission_id, int(timeout_ms or 0), attempts, reason_list),
+                from_statuses=[JobStatus.PENDING],
+                expected_node="",
+                deadline_passed=True,
+                extra={JobFields.ATTEMPTS: str(attempts), JobFields.REASONS: json.dumps(reason_list)},
+            )
+            failed += moved
+            if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
+                self.redis.zrem(keys.DEADLINES, job_ref)
+        return failed
+
+    def unblock_due(self, now: int) -> None:
+        sigs = self.redis.zrangebyscore(keys.SHAPES_BLOCKED, "-inf", now, start=0, num=BATCH)
+        if sigs and self.scheduler.unblock(sigs):
+            self._wake_placement()
+
+    def recover_claims(self, now: int) -> None:
+        refs = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH)
+        if not refs:
+            return
+        by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for job_ref in refs:
+            sig, seq = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.SEQ])
+            if sig is None:
+                self.redis.zrem(keys.CLAIMED, job_ref)
+                continue
+            by_shape[sig].append((job_ref, int(seq)))
+        for sig, members in by_shape.items():
+            self.store.scripts.requeue(
+                keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig),
+                      *(keys.job(ref) for ref, _ in members)],
+                args=[sig, 0, "", *(item for ref, seq in members for item in (ref, seq))],
+            )
+        log.info("returned %d jobs claimed by a worker that stopped to the line", len(refs))
+        self._wake_placement()
+
+    def reap_nodes(self, now: int) -> None:
+        cutoff = now - int(self.settings.node_ttl_s * 1000)
+        for node_id in self.redis.zrangebyscore(keys.HEARTBEATS, "-inf", cutoff, start=0, num=BATCH):
+            failed = self.scheduler.admin.declare_lost(node_id)
+            log.warning("node %s lost (no heartbeat for %gs); failed %d jobs", node_id, self.settings.node_ttl_s, len(failed))
+
+    def purge_terminal(self, now: int) -> None:
+        """Remove terminal jobs past retention, and the oldest beyond the count limit."""
+        expired = self.redis.zrangebyscore(keys.TERMINAL, "-inf", now - self.settings.retention_s * 1000, start=0, num=BATCH)
+        excess = self.redis.zcard(keys.TERMINAL) - self.settings.max_terminal_jobs
+        if excess > 0:
+            expired = list(dict.fromkeys(expired + self.redis.zrange(keys.TERMINAL, 0, min(excess, BATCH) - 1)))
+        if expired:
+            self.store.purge(expired)
+
+    def rewake(self) -> None:
+        """Jobs wait and no wake-up is on its way (a message was lost): send one."""
+        if self.redis.zcard(keys.SHAPES_READY):
+            self._wake_placement()
+
+    def _wake_placement(self) -> None:
+        if self.redis.set(keys.wake(queues.PLACEMENT), "1", nx=True, px=WAKE_TTL_MS):
+            self.store.wake(queues.PLACEMENT)

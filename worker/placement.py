@@ -1,0 +1,298 @@
+"""Pure placement: which node fits a job, and why none does. No I/O.
+
+``Inventory`` is a placement worker's in-memory view of the nodes, kept current by
+the scheduler from Redis. It indexes schedulable nodes (live, not drained) by
+label term, each index sorted by free CPU, so that choosing a node is a binary
+search plus a short walk rather than a scan of every node: bin-packing walks up
+from the tightest CPU fit, spreading walks down from the most free CPU.
+
+The Redis reservation (``poolq/lua/reserve.lua``) re-checks everything decided
+here, so a stale view can cost a retry but never an over-commit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from typing import Any, Iterable, Iterator
+
+from poolq.model import CPU, GPU, MEMORY
+
+ALL = "*"  # the index of every schedulable node
+
+# Reason names in the order a node is checked (DESIGN.md 3.3).
+DISPLAY_NAMES = {CPU: "CPU", MEMORY: "Memory", GPU: "GPU"}
+AFFINITY = "Affinity can't be Satisfied"
+NO_NODE = "No Available Node"
+
+
+@dataclasses.dataclass
+class Node:
+    id: str
+    pool: str
+    labels: dict[str, str | None]
+    capacity: dict[str, int]
+    reserved: dict[str, int]
+    schedulable: bool = True  # live and not drained
+
+    def free(self, resource: str) -> int:
+        return self.capacity.get(resource, 0) - self.reserved.get(resource, 0)
+
+    def fits(self, req: dict[str, int]) -> bool:
+        capacity, reserved = self.capacity, self.reserved
+        for resource, amount in req.items():
+            if capacity.get(resource, 0) - reserved.get(resource, 0) < amount:
+                return False
+        return True
+
+    def matches(self, term: tuple[str, str | None]) -> bool:
+        key, value = term
+        if key not in self.labels:
+            return False
+        return value is None or self.labels[key] == value
+
+    def term_keys(self) -> Iterator[str]:
+        yield ALL
+        for key, value in self.labels.items():
+            yield key
+            if value is not None:
+                yield f"{key}={value}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """What a group of identical jobs asks for (built by ``poolq.store.build_shape``)."""
+
+    sig: str
+    tenant: str
+    req: dict[str, int]
+    show: dict[str, str]
+    terms: tuple[tuple[str, str | None], ...]
+    anti: bool
+    selector: dict[str, str]
+
+    @classmethod
+    def from_spec(cls, sig: str, spec: dict[str, Any]) -> Shape:
+        return cls(
+            sig=sig,
+            tenant=spec["tenant"],
+            req={k: int(v) for k, v in spec["req"].items()},
+            show=spec["show"],
+            terms=tuple((k, v) for k, v in spec["terms"]),
+            anti=bool(spec["anti"]),
+            selector=spec["selector"],
+        )
+
+    def selector_ok(self, node: Node) -> bool:
+        return all(node.labels.get(k) == v for k, v in self.selector.items())
+
+    def affinity_ok(self, node: Node) -> bool:
+        if not self.selector_ok(node):
+            return False
+        return not self.terms or self.anti or any(node.matches(t) for t in self.terms)
+
+
+def term_key(term: tuple[str, str | None]) -> str:
+    key, value = term
+    return key if value is None else f"{key}={value}"
+
+
+class _Index:
+    """Schedulable nodes carrying one label term, sorted by (free CPU, id)."""
+
+    __slots__ = ("entries",)
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[int, str]] = []
+
+    def add(self, free_cpu: int, node_id: str) -> None:
+        bisect.insort(self.entries, (free_cpu, node_id))
+
+    def remove(self, free_cpu: int, node_id: str) -> None:
+        at = bisect.bisect_left(self.entries, (free_cpu, node_id))
+        if at < len(self.entries) and self.entries[at] == (free_cpu, node_id):
+            del self.entries[at]
+
+
+class Inventory:
+    def __init__(self, strategy: str = "binpack"):
+        self.strategy = strategy
+        self.nodes: dict[str, Node] = {}
+        self._indexes: dict[str, _Index] = {ALL: _Index()}
+        self._indexed_cpu: dict[str, int] = {}  # node id -> free CPU it is indexed under
+
+    # -- keeping the view current ----------------------------------------------
+
+    def upsert(self, node: Node) -> None:
+        self.remove(node.id)
+        self.nodes[node.id] = node
+        self._index(node)
+
+    def remove(self, node_id: str) -> None:
+        node = self.nodes.pop(node_id, None)
+        if node is not None:
+            self._unindex(node)
+
+    def reserve(self, node: Node, req: dict[str, int]) -> None:
+        """Apply a reservation locally, as the Redis step will."""
+        self._unindex(node)
+        for resource, amount in req.items():
+            node.reserved[resource] = node.reserved.get(resource, 0) + amount
+        self._index(node)
+
+    def _index(self, node: Node) -> None:
+        if not node.schedulable:
+            return
+        free_cpu = node.free(CPU)
+        self._indexed_cpu[node.id] = free_cpu
+        for key in node.term_keys():
+            index = self._indexes.get(key)
+            if index is not None:
+                index.add(free_cpu, node.id)
+
+    def _unindex(self, node: Node) -> None:
+        free_cpu = self._indexed_cpu.pop(node.id, None)
+        if free_cpu is None:
+            return
+        for key in node.term_keys():
+            index = self._indexes.get(key)
+            if index is not None:
+                index.remove(free_cpu, node.id)
+
+    def _index_for(self, key: str) -> _Index:
+        index = self._indexes.get(key)
+        if index is None:  # first job asking for this term: index it from now on
+            index = self._indexes[key] = _Index()
+            for node in self.nodes.values():
+                if node.id in self._indexed_cpu and key in set(node.term_keys()):
+                    index.add(self._indexed_cpu[node.id], node.id)
+        return index
+
+    # -- choosing --------------------------------------------------------------
+
+    def choose(self, shape: Shape) -> Node | None:
+        """The node to place a job of this shape on, or None if none fits now.
+
+        Pool-label terms are tried in order; a later term only when no node of an
+        earlier one fits; nodes matching no term only with ``unUseAntiOtherLabels``.
+        """
+        keys = [term_key(t) for t in shape.terms] if shape.terms else [ALL]
+        if shape.terms and shape.anti:
+            keys.append(ALL)
+        for key in keys:
+            node = self._pick(self._index_for(key), shape)
+            if node is not None:
+                return node
+        return None
+
+    def _pick(self, index: _Index, shape: Shape) -> Node | None:
+        entries, req, nodes = index.entries, shape.req, self.nodes
+        need_cpu = req.get(CPU, 0)
+        start = bisect.bisect_left(entries, (need_cpu, ""))
+        order: Iterable[int] = range(start, len(entries))
+        if self.strategy == "spread":
+            order = range(len(entries) - 1, start - 1, -1)
+        for at in order:
+            node = nodes[entries[at][1]]
+            if node.fits(req) and (not shape.selector or shape.selector_ok(node)):
+                return node
+        return None
+
+    # -- explaining ------------------------------------------------------------
+
+    def reasons(self, shape: Shape) -> list[dict[str, Any]]:
+        """Why no schedulable node fits: one entry per distinct reason, with node counts.
+
+        Each node counts once, for the first check it fails: affinity, then CPU,
+        Memory, GPU, then custom resources by name (DESIGN.md 3.3).
+        """
+        schedulable = [n for n in self.nodes.values() if n.schedulable]
+        if not schedulable:
+            return [{"reason": NO_NODE, "units": 0, "requirement": None}]
+        order = [r for r in (CPU, MEMORY, GPU) if r in shape.req] + sorted(r for r in shape.req if r not in DISPLAY_NAMES)
+        counts: dict[tuple[int, int], int] = {}
+        for node in schedulable:
+            failed = _first_failure(node, shape, order)
+            if failed is not None:
+                counts[failed] = counts.get(failed, 0) + 1
+        result = []
+        for (position, kind), units in sorted(counts.items()):
+            if position == -1:
+                result.append({"reason": AFFINITY, "units": units, "requirement": affinity_requirement(shape)})
+                continue
+            resource = order[position]
+            name = DISPLAY_NAMES.get(resource, resource)
+            result.append(
+                {"reason": f"{name}: {_KINDS[kind]}", "units": units, "requirement": f"{name}: {shape.show[resource]}"}
+            )
+        return result
+
+
+_KINDS = ("Not Found", "Out Of Capacity", "Not Enough")
+
+
+def _first_failure(node: Node, shape: Shape, order: list[str]) -> tuple[int, int] | None:
+    if not shape.affinity_ok(node):
+        return (-1, 0)
+    for position, resource in enumerate(order):
+        amount = shape.req[resource]
+        capacity = node.capacity.get(resource, 0)
+        if capacity <= 0:
+            return (position, 0)
+        if amount > capacity:
+            return (position, 1)
+        if amount > capacity - node.reserved.get(resource, 0):
+            return (position, 2)
+    return None
+
+
+# -- the scheduling-failure message ----------------------------------------------
+
+
+def _msg(name: str, *inner: str) -> str:
+    return f"{name} {{ " + "".join(inner) + "} "
+
+
+def _field(name: str, value: str) -> str:
+    return f"{name}: {value} "
+
+
+def _expression(key: str, value: str | None) -> str:
+    op = _msg("exits") if value is None else _msg("in", _field("values", f'"{value}"'))
+    return _msg("expressions", _field("key", f'"{key}"'), _msg("op", op))
+
+
+def affinity_requirement(shape: Shape) -> str:
+    """openYuanrong's rendering of the affinity a job asked for (protobuf text format).
+
+    One ``subConditions`` per pool-label term, weights 100, 90, 80 ... (at least 10);
+    label-selector pairs join every alternative as further expressions.
+    """
+    selector = [_expression(k, v) for k, v in shape.selector.items()]
+    alternatives = [[_expression(k, v), *selector] for k, v in shape.terms] or [selector]
+    subs = [_msg("subConditions", *exprs, _field("weight", str(max(100 - 10 * i, 10)))) for i, exprs in enumerate(alternatives)]
+    condition = _msg("condition", *subs, _field("orderPriority", "true"))
+    return _msg("resource", _msg("aff", condition), _msg("antiAff"))
+
+
+def reason_lines(reasons: list[dict[str, Any]]) -> str:
+    lines = []
+    for reason in reasons:
+        line = f"\t{reason['units']} unit with [{reason['reason']}]"
+        if reason.get("requirement"):
+            line += f" requirements: [{reason['requirement']}]"
+        lines.append(line + ".\n")
+    return "".join(lines)
+
+
+def timeout_message(submission_id: str, timeout_ms: int, attempts: int, reasons: list[dict[str, Any]]) -> str:
+    """The SCHEDULE_TIMEOUT message, in the form openYuanrong produces it (DESIGN.md 3.3)."""
+    head = f"create app failed, submissionId:[{submission_id}], err: \nthe instance cannot be scheduled within {timeout_ms} ms. "
+    if attempts == 0:
+        return head + "the possible cause is that the scheduling queue is busy or the scheduling timeout configuration is not proper."
+    return (
+        head
+        + f"which has been scheduled for {attempts} times. The latest failure: no available resource that meets "
+        + "the request requirements, The reasons are as follows:\n"
+        + reason_lines(reasons)
+    )

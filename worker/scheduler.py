@@ -1,0 +1,231 @@
+"""The placement loop of a placement worker: claim waiting jobs, choose nodes, reserve.
+
+Jobs wait in line by *shape* (what they ask for, and where): jobs of one shape
+place alike, so when the oldest job of a shape does not fit, its other jobs are
+not tried again until capacity is freed or added, or a backoff passes. A round:
+
+1. claim up to ``placement_batch`` of the oldest waiting jobs across ready shapes
+   (``claim.lua``), under a lease;
+2. bring the in-memory ``Inventory`` up to date from ``poolq:inventory:log``;
+3. choose a node for each job (``placement.Inventory.choose``), applying each choice
+   to the local view so the batch does not over-fill a node;
+4. reserve them all in one atomic step (``reserve.lua``), which re-checks each;
+   a decision refused because another worker got there first is chosen again;
+5. put back what did not fit (``requeue.lua``), with the reasons, and block its shape.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import redis
+
+from poolq import keys, queues
+from poolq.redis_io import Scripts
+from poolq.settings import Settings
+from poolq.store import WAKE_TTL_MS, JobStore
+from worker.inventory import NodeAdmin, node_from_hash
+from worker.placement import Inventory, Node, Shape
+
+log = logging.getLogger("poolq.placement")
+
+SHAPES_PER_ROUND = 32
+RESERVE_RETRIES = 3
+
+
+class Scheduler:
+    def __init__(self, store: JobStore):
+        self.store = store
+        self.redis: redis.Redis = store.redis
+        self.scripts: Scripts = store.scripts
+        self.settings: Settings = store.settings
+        self.admin = NodeAdmin(store)
+        self.inventory = Inventory(self.settings.placement_strategy)
+        self._log_id: str | None = None  # position in poolq:inventory:log
+        self._shapes: dict[str, Shape] = {}
+
+    # -- the inventory view ----------------------------------------------------
+
+    def refresh(self) -> None:
+        """Apply node changes logged since the last refresh; reload all when unsure."""
+        if self._log_id is None:
+            self._reload()
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.xrange(keys.INVENTORY_LOG, count=1)
+        pipe.xread({keys.INVENTORY_LOG: self._log_id}, count=100_000)
+        first, read = pipe.execute()
+        if first and _stream_id(first[0][0]) > _stream_id(self._log_id):
+            self._reload()  # entries past our position may have been trimmed away
+            return
+        entries = read[0][1] if read else []
+        if entries:
+            self._log_id = entries[-1][0]
+            self._reload_nodes({fields["n"] for _, fields in entries})
+
+    def _reload_nodes(self, node_ids: set[str]) -> None:
+        ids = sorted(node_ids)
+        for node_id, fields in zip(ids, self._load(ids)):
+            if fields:
+                self.inventory.upsert(node_from_hash(fields))
+            else:
+                self.inventory.remove(node_id)
+
+    def _load(self, node_ids: list[str]) -> list[dict[str, str]]:
+        pipe = self.redis.pipeline(transaction=False)
+        for node_id in node_ids:
+            pipe.hgetall(keys.node(node_id))
+        return pipe.execute()
+
+    def _reload(self) -> None:
+        last = self.redis.xrevrange(keys.INVENTORY_LOG, count=1)
+        self._log_id = last[0][0] if last else "0-0"
+        self.inventory = Inventory(self.settings.placement_strategy)
+        for fields in self.admin.load():
+            self.inventory.upsert(node_from_hash(fields))
+
+    # -- rounds ----------------------------------------------------------------
+
+    def drain(self, budget_s: float = 5.0) -> int:
+        """Place until no ready job is left or the budget is spent; returns jobs handled."""
+        self.redis.delete(keys.wake(queues.PLACEMENT))  # wake-ups sent from now on are new work
+        deadline = time.monotonic() + budget_s
+        handled = 0
+        while time.monotonic() < deadline:
+            self.unblock_on_kick()
+            done = self.round()
+            handled += done
+            if done == 0:
+                return handled
+        self.store.wake(queues.PLACEMENT)  # more work: let the queue interleave other messages
+        return handled
+
+    def unblock_on_kick(self) -> int:
+        """Capacity was freed or added since the last round: blocked shapes may fit now."""
+        if not self.redis.getdel(keys.KICK):
+            return 0
+        return self.unblock(self.redis.zrange(keys.SHAPES_BLOCKED, 0, 999))
+
+    def unblock(self, sigs: list[str]) -> int:
+        if not sigs:
+            return 0
+        return int(
+            self.scripts.unblock(
+                keys=[keys.SHAPES_BLOCKED, keys.SHAPES_READY, *(keys.shape_queue(s) for s in sigs)], args=sigs
+            )
+        )
+
+    def round(self) -> int:
+        """One claim-choose-reserve round; returns how many jobs it claimed."""
+        sigs = self.redis.zrange(keys.SHAPES_READY, 0, SHAPES_PER_ROUND - 1)
+        if not sigs:
+            return 0
+        flat = self.scripts.claim(
+            keys=[keys.SHAPES_READY, keys.CLAIMED, *(keys.shape_queue(s) for s in sigs)],
+            args=[self.settings.placement_batch, int(self.settings.claim_lease_s * 1000), *sigs],
+        )
+        claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
+        if not claimed:
+            return 0
+        self._load_shapes({sig for _, sig, _ in claimed})
+        self.refresh()
+        pending, unplaced = claimed, []
+        failed_shapes: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(RESERVE_RETRIES):
+            decisions, not_chosen = self._choose(pending, failed_shapes)
+            unplaced += not_chosen
+            pending = self._reserve(decisions) if decisions else []
+            if not pending:
+                break
+            self.refresh()
+        self._requeue(unplaced + pending, failed_shapes)
+        return len(claimed)
+
+    def _load_shapes(self, sigs: set[str]) -> None:
+        missing = [s for s in sigs if s not in self._shapes]
+        if not missing:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for sig in missing:
+            pipe.hget(keys.shape(sig), "spec")
+        for sig, spec in zip(missing, pipe.execute()):
+            if spec:
+                self._shapes[sig] = Shape.from_spec(sig, json.loads(spec))
+
+    def _choose(
+        self, jobs: list[tuple[str, str, int]], failed_shapes: dict[str, list[dict[str, Any]]]
+    ) -> tuple[list[tuple[str, str, int, Node, Shape]], list[tuple[str, str, int]]]:
+        decisions, unplaced = [], []
+        for job_ref, sig, seq in jobs:
+            shape = self._shapes.get(sig)
+            if shape is None or sig in failed_shapes:
+                unplaced.append((job_ref, sig, seq))
+                continue
+            node = self.inventory.choose(shape)
+            if node is None:
+                failed_shapes[sig] = self.inventory.reasons(shape)
+                unplaced.append((job_ref, sig, seq))
+                continue
+            self.inventory.reserve(node, shape.req)
+            decisions.append((job_ref, sig, seq, node, shape))
+        return decisions, unplaced
+
+    def _reserve(self, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
+        """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
+        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES]
+        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
+        for job_ref, sig, seq, node, shape in decisions:
+            key_list += [keys.job(job_ref), keys.node(node.id), keys.node_jobs(node.id), keys.node_inbox(node.id),
+                         keys.shape(sig), keys.wake(queues.node_queue(node.id))]
+            args += [job_ref, node.id, seq, ",".join(f"{r}={a}" for r, a in shape.req.items())]
+        results, wake = self.scripts.reserve(keys=key_list, args=args)
+        for node_id in wake:
+            self.store.wake(queues.node_queue(node_id))
+        refused = [(d, code) for d, code in zip(decisions, results) if code != 0]
+        if refused:
+            # The local view reserved these too: read the true state of their nodes.
+            self._reload_nodes({d[3].id for d, _ in refused})
+            log.debug("%d reservations refused; choosing again where the job still waits", len(refused))
+        return [(d[0], d[1], d[2]) for d, code in refused if code in (2, 3)]
+
+    def _requeue(self, jobs: list[tuple[str, str, int]], failed_shapes: dict[str, list[dict[str, Any]]]) -> None:
+        by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for job_ref, sig, seq in jobs:
+            by_shape[sig].append((job_ref, seq))
+        for sig in failed_shapes:
+            by_shape.setdefault(sig, [])
+        if not by_shape:
+            return
+        now_ms = _redis_ms(self.redis)
+        pipe = self.redis.pipeline(transaction=False)
+        for sig, members in by_shape.items():
+            reasons = failed_shapes.get(sig)
+            retry_at = now_ms + self._backoff_ms(sig) if reasons is not None else 0
+            self.scripts.requeue(
+                keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig),
+                      *(keys.job(ref) for ref, _ in members)],
+                args=[sig, retry_at, json.dumps(reasons) if reasons is not None else "",
+                      *(item for ref, seq in members for item in (ref, seq))],
+                client=pipe,
+            )
+        pipe.execute()
+
+    def _backoff_ms(self, sig: str) -> int:
+        """100 ms, doubling with each failed attempt of the shape, up to max_backoff_s."""
+        attempts = int(self.redis.hget(keys.shape(sig), "attempts") or 0)
+        return int(min(100 * 2 ** min(attempts, 16), self.settings.max_backoff_s * 1000))
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _redis_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+

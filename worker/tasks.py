@@ -1,0 +1,37 @@
+"""Celery tasks. Thin: each reads what to do from Redis and calls the modules that do it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+
+from poolq import queues
+from worker import runtime
+
+log = logging.getLogger("poolq.tasks")
+
+
+@shared_task(name=queues.PLACE, ignore_result=True)
+def place() -> int:
+    """Place the jobs waiting in line (a wake-up; the line itself is in Redis)."""
+    return runtime.scheduler().drain()
+
+
+@shared_task(name=queues.SUBMIT, bind=True, ignore_result=True)
+def submit(self: Any, body: Any = None, tenant_id: str | None = None, pool_label: str | None = None, schedule_timeout_ms: Any = None) -> str | None:
+    """A job published straight onto the queue (DESIGN.md 5)."""
+    from worker.intake import submit_message
+
+    return submit_message(runtime.store(), self.request.id, body, tenant_id, pool_label, schedule_timeout_ms)
+
+
+@shared_task(name=queues.NODE_WAKE, ignore_result=True)
+def node_wake() -> None:
+    """Start the jobs placed on this node agent's node."""
+    agent = runtime.agent()
+    if agent is None:
+        log.warning("a node wake-up reached a process that runs no node agent")
+        return
+    agent.wake.set()

@@ -32,6 +32,8 @@ class App:
             [
                 Route("/api/jobs", {"POST": jobs.submit}),
                 Route("/api/jobs/{submission_id}", {"GET": jobs.get}),
+                Route("/api/jobs/{submission_id}/stop", {"POST": jobs.stop}),
+                Route("/api/jobs/{submission_id}/logs", {"GET": jobs.logs}),
                 Route("/api/version", {"GET": meta.version}),
                 Route("/healthz", {"GET": meta.healthz}),
             ]

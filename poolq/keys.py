@@ -27,6 +27,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
 | poolq:stats | hash | counters (e.g. invalid queue messages) |
+| poolq:pkg:<name> | string | an uploaded working_dir package (zip bytes); expires unless used |
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def node_inbox(node_id: str) -> str:
 
 def wake(queue: str) -> str:
     return PREFIX + "wake:" + queue
+
+
+def package(name: str) -> str:
+    return PREFIX + "pkg:" + name
 
 
 def lock(duty: str) -> str:

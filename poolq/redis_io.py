@@ -19,15 +19,18 @@ from poolq.settings import Settings
 LUA_DIR = Path(__file__).with_name("lua")
 
 
-def connect(settings: Settings, *, timeout_s: float | None = None) -> redis.Redis:
-    """A client with a connection pool; one retry re-dials a connection Redis dropped."""
+def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
+    """A client with a connection pool; one retry re-dials a connection Redis dropped.
+
+    ``decode=False`` gives bytes, for binary values (logs, packages).
+    """
     timeout = settings.redis_timeout_s if timeout_s is None else timeout_s
     return redis.Redis.from_url(
         settings.resolved_redis_url(),
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
-        decode_responses=True,
+        decode_responses=decode,
         health_check_interval=0,
     )
 

@@ -74,6 +74,16 @@ class JobStore:
         self.scripts = Scripts(client)
         self.waker = waker
         self.default_cpus = Decimal(settings.default_cpus)
+        self._raw: redis.Redis | None = None
+
+    @property
+    def raw(self) -> redis.Redis:
+        """A client that returns bytes, for logs and packages."""
+        if self._raw is None:
+            from poolq.redis_io import connect
+
+            self._raw = connect(self.settings, decode=False)
+        return self._raw
 
     # -- submitting ------------------------------------------------------------
 
@@ -261,6 +271,26 @@ class JobStore:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         return render_record(fields, self._shape_of(fields))
 
+    @_redis_errors("the log read")
+    def logs(self, tenant: str, submission_id: str, offset: int | None = None) -> tuple[str, int]:
+        """The output kept so far (from ``offset`` in the whole output, if given) and the
+        offset just past it. Only whole UTF-8 characters are returned."""
+        job_ref = keys.ref(tenant, submission_id)
+        pipe = self.raw.pipeline(transaction=False)
+        pipe.hget(keys.job(job_ref), JobFields.LOG_BASE)
+        pipe.exists(keys.job(job_ref))
+        pipe.get(keys.log(job_ref))
+        base_raw, exists, data = pipe.execute()
+        if not exists:
+            raise NotFound(f"not found app, submissionId: {submission_id}")
+        base, data = int(base_raw or 0), data or b""
+        start = 0 if offset is None else min(max(offset - base, 0), len(data))
+        while start < len(data) and start > 0 and data[start] & 0xC0 == 0x80:
+            start += 1  # the offset fell inside a character: begin at the next one
+        end = len(data) - _incomplete_tail(data)
+        chunk = data[start:max(start, end)]
+        return chunk.decode("utf-8", "replace"), base + start + len(chunk)
+
     def _shape_of(self, fields: dict[str, str]) -> dict[str, str] | None:
         """While a job waits for placement its attempts and reasons live on its shape."""
         if fields.get(JobFields.STATUS) != JobStatus.PENDING or fields.get(JobFields.NODE) or fields.get(JobFields.ATTEMPTS):
@@ -327,6 +357,16 @@ def _submission_id(request: dict[str, Any], default_id: Callable[[], str] | None
     if given:
         return next(iter(given.values())), {}
     return (default_id() if default_id else f"app-{uuid.uuid4()}"), {}
+
+
+def _incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of ``data`` start a UTF-8 character not yet complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit?
+            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return back if need > back else 0
+    return 0
 
 
 def _submit_keys(job: NewJob) -> list[str]:

@@ -30,6 +30,22 @@ def get(request: Request) -> Response:
     return Response.json(record)
 
 
+def stop(request: Request) -> Response:
+    stopped = request.app.store.stop(tenant_of(request), request.params["submission_id"])
+    return Response.json({"stopped": stopped})
+
+
+def logs(request: Request) -> Response:
+    offset_text = request.query("offset")
+    offset = None
+    if offset_text is not None:
+        if not offset_text.isdigit() or len(offset_text) > 18:
+            raise InvalidRequest({"offset": ["must be a non-negative integer"]}, "invalid query")
+        offset = int(offset_text)
+    text, next_offset = request.app.store.logs(tenant_of(request), request.params["submission_id"], offset)
+    return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
+
+
 def tenant_of(request: Request) -> str:
     """The caller's tenant: X-Tenant-Id, absent or empty meaning ``default``."""
     tenant = (request.header("X-Tenant-Id") or "").strip() or "default"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Iterable
 
 from api_shim.http import HTTPError, Request, Response, Route, Router
-from api_shim.routes import jobs, meta
+from api_shim.routes import jobs, meta, nodes, packages
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, Unavailable
 from poolq.settings import Settings
 from poolq.store import JobStore, Waker
@@ -28,13 +29,21 @@ class App:
         self.settings = settings
         self._store = store
         self._waker = waker
+        # Submissions holding their answer for `Prefer: wait` may take at most this many
+        # of a process's server threads; beyond it they answer at once (DESIGN.md 2.3).
+        self.waiters = threading.BoundedSemaphore(settings.max_waiters)
         self.router = Router(
             [
-                Route("/api/jobs", {"POST": jobs.submit}),
-                Route("/api/jobs/{submission_id}", {"GET": jobs.get}),
+                Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),
+                Route("/api/jobs/batch", {"POST": jobs.submit_batch}),
+                Route("/api/jobs/{submission_id}", {"GET": jobs.get, "DELETE": jobs.delete}),
                 Route("/api/jobs/{submission_id}/stop", {"POST": jobs.stop}),
                 Route("/api/jobs/{submission_id}/logs", {"GET": jobs.logs}),
+                Route("/api/packages/{protocol}/{name}", {"GET": packages.head, "PUT": packages.put}),
+                Route("/api/nodes", {"GET": nodes.list_nodes}),
+                Route("/api/pools", {"GET": nodes.list_pools}),
                 Route("/api/version", {"GET": meta.version}),
+                Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),
             ]
         )

@@ -15,13 +15,13 @@ from poolq.settings import Settings
 
 
 class Server(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, *, workers: int | None = None, threads: int = 8):
+    def __init__(self, settings: Settings, *, workers: int | None = None, threads: int | None = None):
         self.settings = settings
         self.options = {
             "bind": f"{_bracket(settings.host)}:{settings.port}",
             "workers": workers or settings.api_workers,
             "worker_class": "gthread",
-            "threads": threads,
+            "threads": threads or settings.api_threads,
             "keepalive": 30,
             "timeout": 60,
             "graceful_timeout": 10,

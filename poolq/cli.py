@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_nodes_list)
     check = sub.add_parser("check", help="verify the reservation invariant; exit 1 if it does not hold")
     check.set_defaults(func=cmd_nodes_check)
+
+    from poolq.client_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -153,7 +157,7 @@ def default_node_id() -> str:
 
 
 def node_capacity(args: argparse.Namespace) -> dict[str, int]:
-    from worker.inventory import capacity_of, parse_resources, parse_size
+    from poolq.nodes import capacity_of, parse_resources, parse_size
 
     cpus = args.cpus if args.cpus is not None else str(os.cpu_count() or 1)
     memory = parse_size(args.memory) if args.memory is not None else _machine_memory()
@@ -179,7 +183,7 @@ def _admin() -> Any:
 
 def cmd_nodes_add(args: argparse.Namespace) -> int:
     from poolq.errors import PoolqError
-    from worker.inventory import parse_labels
+    from poolq.nodes import parse_labels
 
     try:
         labels = parse_labels(args.labels)

@@ -8,7 +8,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 |---|---|---|
 | poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
 | poolq:log:<tenant>:<id> | string | tail of the job's output, at most POOLQ_MAX_LOG_BYTES |
-| poolq:tenant:<tenant>:jobs | zset | id -> submit ms: the tenant's jobs, for listing |
+| poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
+| poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
 | poolq:seq | string | counter giving each submission its place in line |
 | poolq:deadlines | zset | ref -> deadline ms, for jobs not yet placed that have one |
 | poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |
@@ -66,6 +67,10 @@ def log(job_ref: str) -> str:
 
 def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}tenant:{tenant}:jobs"
+
+
+def tenant_active(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:active"
 
 
 def shape(sig: str) -> str:

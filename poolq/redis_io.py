@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from poolq.errors import Unavailable
 from poolq.settings import Settings
 
 LUA_DIR = Path(__file__).with_name("lua")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
@@ -33,6 +36,24 @@ def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool 
         decode_responses=decode,
         health_check_interval=0,
     )
+
+
+def redis_errors(what: str) -> Callable[[F], F]:
+    """Decorator: a Redis failure becomes Unavailable (a 503), never a 500."""
+
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                raise Unavailable(f"redis unavailable: {exc}") from exc
+            except redis.ResponseError as exc:  # OOM, READONLY, MISCONF: Redis refuses writes
+                raise Unavailable(f"redis refused {what}: {exc}") from exc
+
+        return inner  # type: ignore[return-value]
+
+    return wrap
 
 
 class Scripts:

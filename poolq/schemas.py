@@ -84,7 +84,8 @@ class Amount(fields.Field):
     """A JSON number (not bool, not string) within [low, high]; kept as an exact Decimal."""
 
     def __init__(self, low: Decimal | int, high: Decimal | int, *, integer: bool = False, **kwargs: Any):
-        super().__init__(**kwargs)
+        openapi = {"type": "integer" if integer else "number", "minimum": float(low), "maximum": float(high)}
+        super().__init__(metadata={**openapi, **kwargs.pop("metadata", {})}, **kwargs)
         self.low, self.high, self.integer = Decimal(low), Decimal(high), integer
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal | int:
@@ -106,8 +107,9 @@ def check_amount(value: Any, low: Decimal, high: Decimal, integer: bool = False)
 class StringMap(fields.Field):
     """An object whose keys and values are strings, each checked by a callable."""
 
-    def __init__(self, *, max_entries: int, check_key: Any, check_value: Any, **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, *, max_entries: int, check_key: Any, check_value: Any, values: str = "string", **kwargs: Any):
+        openapi = {"type": "object", "maxProperties": max_entries, "additionalProperties": {"type": values}}
+        super().__init__(metadata={**openapi, **kwargs.pop("metadata", {})}, **kwargs)
         self.max_entries, self.check_key, self.check_value = max_entries, check_key, check_value
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
@@ -134,7 +136,8 @@ class StringMap(fields.Field):
 
 class StringList(fields.Field):
     def __init__(self, *, max_entries: int, **kwargs: Any):
-        super().__init__(**kwargs)
+        openapi = {"type": "array", "maxItems": max_entries, "items": {"type": "string"}}
+        super().__init__(metadata={**openapi, **kwargs.pop("metadata", {})}, **kwargs)
         self.max_entries = max_entries
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
@@ -161,6 +164,12 @@ class Pip(fields.Field):
     """A list of requirement strings, or Ray's ``{"packages": [...], ...}`` object."""
 
     OBJECT_KEYS = {"packages", "pip_check", "pip_version"}
+
+    def __init__(self, **kwargs: Any):
+        requirements = {"type": "array", "items": {"type": "string"}, "maxItems": MAX_PIP_ENTRIES}
+        openapi = {"oneOf": [requirements, {"type": "object", "properties": {
+            "packages": requirements, "pip_check": {"type": "boolean"}, "pip_version": {"type": "string"}}, "required": ["packages"]}]}
+        super().__init__(metadata=openapi, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, list):
@@ -261,6 +270,7 @@ class JobRequestSchema(_NullIsAbsent):
         max_entries=MAX_RESOURCES,
         check_key=check_resource_name,
         check_value=lambda v: check_amount(v, Decimal(0), Decimal("1e9")),
+        values="number",
     )
     entrypoint_label_selector = StringMap(max_entries=MAX_SELECTOR, check_key=_check_label_part, check_value=_check_label_part)
     submission_id = Text(max_bytes=256)

@@ -30,6 +30,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2
+    api_threads: int = 16  # per API process (gunicorn gthread)
+    max_waiters: int = 8  # per API process: submissions waiting with `Prefer: wait`
     max_body: int = 1 * MiB
     max_batch_body: int = 16 * MiB
     max_package_bytes: int = 100 * MiB

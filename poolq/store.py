@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import uuid
 from decimal import Decimal
 from typing import Any, Callable, Iterable
@@ -21,13 +22,14 @@ from marshmallow import ValidationError
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, canonical_number, mebibytes, render_record, to_milli
-from poolq.redis_io import Scripts
+from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import check_headers, load_job_request, normalise_submission_id
 from poolq.settings import Settings
 
 log = logging.getLogger("poolq.store")
 
-WAKE_TTL_MS = 2000  # a wake-up lost with its message is re-sent by the sweep after this
+WAKE_TTL_MS = 2000
+LIST_SCAN = 5000  # records a filtered listing reads at most per page  # a wake-up lost with its message is re-sent by the sweep after this
 
 Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
 
@@ -47,24 +49,6 @@ class NewJob:
     @property
     def ref(self) -> str:
         return keys.ref(self.tenant, self.submission_id)
-
-
-def _redis_errors(what: str) -> Any:
-    """Decorator: a Redis failure becomes Unavailable (a 503), never a 500."""
-
-    def wrap(func: Any) -> Any:
-        def inner(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return func(*args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                raise Unavailable(f"redis unavailable: {exc}") from exc
-            except redis.ResponseError as exc:  # OOM, READONLY, MISCONF: Redis refuses writes
-                raise Unavailable(f"redis refused {what}: {exc}") from exc
-
-        inner.__name__, inner.__doc__ = func.__name__, func.__doc__
-        return inner
-
-    return wrap
 
 
 class JobStore:
@@ -110,7 +94,18 @@ class JobStore:
             errors.update(id_errors)
         if errors or request is None or submission_id is None:
             raise InvalidRequest(errors)
+        self._touch_package(request["runtime_env"]["working_dir"])
         return self._normalise(request, tenant_id, submission_id, terms, anti, pool_label, timeout)
+
+    @redis_errors("the package check")
+    def _touch_package(self, working_dir: str) -> None:
+        """A job may only name an uploaded package; naming it keeps it from expiring."""
+        if not working_dir.startswith("gcs://"):
+            return
+        if not self.raw.expire(keys.package(working_dir[len("gcs://"):]), self.settings.retention_s):
+            raise InvalidRequest({"runtime_env.working_dir": [
+                f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{working_dir[len('gcs://'):]} first"
+            ]})
 
     def _normalise(
         self,
@@ -148,14 +143,14 @@ class JobStore:
         shape = build_shape(tenant, cpus, memory, gpus, resources, terms or [], anti, selector)
         return NewJob(tenant, submission_id, spec, fingerprint, _digest(shape)[:24], shape, timeout_ms)
 
-    @_redis_errors("the submission")
+    @redis_errors("the submission")
     def submit(self, job: NewJob) -> bool:
         """Store and queue the job. True if stored now, False if this exact request was
         already stored (an idempotent retry); Conflict if another request holds the id."""
         code, wake = self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job))
         return self._outcome(job, code, wake)
 
-    @_redis_errors("the submissions")
+    @redis_errors("the submissions")
     def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | Conflict]:
         """Store many jobs in one round trip; per job, like ``submit``."""
         jobs = list(jobs)
@@ -188,7 +183,7 @@ class JobStore:
 
     # -- ending ----------------------------------------------------------------
 
-    @_redis_errors("the status change")
+    @redis_errors("the status change")
     def finish(
         self,
         job_ref: str,
@@ -219,6 +214,7 @@ class JobStore:
                     keys.job(job_ref), keys.node(node), keys.node_jobs(node), keys.node_inbox(node),
                     keys.shape_queue(sig or ""), keys.DEADLINES, keys.CLAIMED, keys.TERMINAL,
                     keys.INVENTORY_LOG, keys.KICK, keys.wake(queues.PLACEMENT),
+                    keys.tenant_active(keys.split_ref(job_ref)[0]),
                 ],
                 args=[
                     job_ref, node, status.value, error_type.value if error_type else "", message,
@@ -232,7 +228,7 @@ class JobStore:
                 return code == 1
         raise Unavailable(f"job {job_ref} kept changing while it was being ended")
 
-    @_redis_errors("the stop")
+    @redis_errors("the stop")
     def stop(self, tenant: str, submission_id: str) -> bool:
         """Request a stop: True if the job was PENDING or RUNNING and is now stopping."""
         job_ref = keys.ref(tenant, submission_id)
@@ -250,7 +246,7 @@ class JobStore:
                 self.wake(queues.node_queue(node))
         return before in (JobStatus.PENDING, JobStatus.RUNNING)
 
-    @_redis_errors("the removal")
+    @redis_errors("the removal")
     def purge(self, job_refs: list[str]) -> list[int]:
         """Remove terminal jobs (record, log, index entries); per ref 1 done, 0 not terminal, -1 absent."""
         key_list, args = [keys.TERMINAL], []
@@ -262,16 +258,91 @@ class JobStore:
 
     # -- reading ---------------------------------------------------------------
 
-    @_redis_errors("the read")
+    @redis_errors("the read")
     def get(self, tenant: str, submission_id: str) -> dict[str, Any]:
         """The job record, or NotFound (also for another tenant's job)."""
-        job_ref = keys.ref(tenant, submission_id)
-        fields = self.redis.hgetall(keys.job(job_ref))
+        return render_record(*self.read(tenant, submission_id))
+
+    @redis_errors("the read")
+    def read(self, tenant: str, submission_id: str) -> tuple[dict[str, str], dict[str, str] | None]:
+        """The job hash and, while it waits for placement, its shape's hash (attempts, reasons)."""
+        fields = self.redis.hgetall(keys.job(keys.ref(tenant, submission_id)))
         if not fields or JobFields.SPEC not in fields:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        return render_record(fields, self._shape_of(fields))
+        shapes = self._shapes_of([fields])
+        return fields, shapes.get(fields.get(JobFields.SHAPE, ""))
 
-    @_redis_errors("the log read")
+    @redis_errors("the read")
+    def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Records of the ids that exist in the tenant, in the order asked; one round trip
+        (two while some wait for placement)."""
+        ids = list(dict.fromkeys(submission_ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for submission_id in ids:
+            pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
+        return self._render([f for f in pipe.execute() if f and JobFields.SPEC in f])
+
+    @redis_errors("the listing")
+    def list(self, tenant: str, *, status: JobStatus | None = None, pool_label: str | None = None,
+             limit: int = 100, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+        """The tenant's jobs, newest first, below cursor ``before`` (a seq); returns the page
+        and the cursor of the next one (None at the end).
+
+        PENDING and RUNNING jobs are listed from the tenant's active index; a filter
+        that skips records reads on, up to LIST_SCAN records a page, so a page may
+        hold fewer than ``limit`` records and still have a next one.
+        """
+        active = status in (JobStatus.PENDING, JobStatus.RUNNING)
+        index = keys.tenant_active(tenant) if active else keys.tenant_jobs(tenant)
+        filtered = status is not None or pool_label is not None
+        upper = f"({before}" if before is not None else "+inf"
+        page: list[dict[str, str]] = []
+        scanned, last_seq = 0, None
+        while True:
+            want = limit - len(page) + 1 if not filtered else min(LIST_SCAN, max(limit * 2, 100))
+            found = self.redis.zrevrangebyscore(index, upper, "-inf", start=0, num=want, withscores=True)
+            if not found:
+                return self._render(page), None
+            pipe = self.redis.pipeline(transaction=False)
+            for submission_id, _ in found:
+                pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
+            for (submission_id, seq), fields in zip(found, pipe.execute()):
+                if len(page) == limit:
+                    return self._render(page), last_seq  # more exist: `found` went past the page
+                scanned += 1
+                last_seq = int(seq)
+                if fields and JobFields.SPEC in fields and _matches(fields, status, pool_label):
+                    page.append(fields)
+            upper = f"({last_seq}"
+            if len(found) < want:
+                return self._render(page), None
+            if scanned >= LIST_SCAN:
+                return self._render(page), last_seq
+
+    def _render(self, hashes: list[dict[str, str]]) -> list[dict[str, Any]]:
+        shapes = self._shapes_of(hashes)
+        return [render_record(f, shapes.get(f.get(JobFields.SHAPE, ""))) for f in hashes]
+
+    def _shapes_of(self, hashes: list[dict[str, str]]) -> dict[str, dict[str, str]]:
+        """While a job waits for placement its attempts and reasons live on its shape."""
+        sigs = sorted({f[JobFields.SHAPE] for f in hashes if _waiting(f)})
+        if not sigs:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for sig in sigs:
+            pipe.hgetall(keys.shape(sig))
+        return dict(zip(sigs, pipe.execute()))
+
+    @redis_errors("the removal")
+    def delete(self, tenant: str, submission_id: str) -> None:
+        """Remove a terminal job; NotFound, or Conflict if it is not terminal."""
+        (outcome,) = self.purge([keys.ref(tenant, submission_id)])
+        if outcome == -1:
+            raise NotFound(f"not found app, submissionId: {submission_id}")
+        if outcome == 0:
+            raise Conflict(f"job {submission_id} is not finished: stop it first, then delete it")
+
+    @redis_errors("the log read")
     def logs(self, tenant: str, submission_id: str, offset: int | None = None) -> tuple[str, int]:
         """The output kept so far (from ``offset`` in the whole output, if given) and the
         offset just past it. Only whole UTF-8 characters are returned."""
@@ -291,13 +362,25 @@ class JobStore:
         chunk = data[start:max(start, end)]
         return chunk.decode("utf-8", "replace"), base + start + len(chunk)
 
-    def _shape_of(self, fields: dict[str, str]) -> dict[str, str] | None:
-        """While a job waits for placement its attempts and reasons live on its shape."""
-        if fields.get(JobFields.STATUS) != JobStatus.PENDING or fields.get(JobFields.NODE) or fields.get(JobFields.ATTEMPTS):
-            return None
-        return self.redis.hgetall(keys.shape(fields[JobFields.SHAPE]))
+    @redis_errors("the wait")
+    def wait_placed(self, job_ref: str, timeout_s: float) -> str | None:
+        """Wait until the job is placed (or ends, or the time is up); returns the failure
+        message if it ended without being placed, else None."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.005
+        while True:
+            status, node, message = self.redis.hmget(keys.job(job_ref), [JobFields.STATUS, JobFields.NODE, JobFields.MESSAGE])
+            if node or status == JobStatus.RUNNING or status == JobStatus.SUCCEEDED:
+                return None
+            if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                return message or status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or status is None:
+                return None
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.1)
 
-    @_redis_errors("the health check")
+    @redis_errors("the health check")
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
@@ -359,6 +442,23 @@ def _submission_id(request: dict[str, Any], default_id: Callable[[], str] | None
     return (default_id() if default_id else f"app-{uuid.uuid4()}"), {}
 
 
+def _waiting(fields: dict[str, str]) -> bool:
+    return (
+        fields.get(JobFields.STATUS) == JobStatus.PENDING
+        and not fields.get(JobFields.NODE)
+        and not fields.get(JobFields.ATTEMPTS)
+        and bool(fields.get(JobFields.SHAPE))
+    )
+
+
+def _matches(fields: dict[str, str], status: JobStatus | None, pool_label: str | None) -> bool:
+    if status is not None and fields.get(JobFields.STATUS) != status:
+        return False
+    if pool_label is not None and json.loads(fields[JobFields.SPEC]).get("pool_label") != pool_label:
+        return False
+    return True
+
+
 def _incomplete_tail(data: bytes) -> int:
     """How many bytes at the end of ``data`` start a UTF-8 character not yet complete."""
     for back in range(1, min(4, len(data)) + 1):
@@ -380,6 +480,7 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.DEADLINES,
         keys.SEQ,
         keys.wake(queues.PLACEMENT),
+        keys.tenant_active(job.tenant),
     ]
 
 

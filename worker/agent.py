@@ -30,7 +30,8 @@ from poolq import keys, queues
 from poolq.model import ErrorType, JobFields, JobStatus, canonical_number
 from poolq.settings import Settings
 from poolq.store import JobStore
-from worker.inventory import NodeAdmin, parse_labels
+from poolq.nodes import parse_labels
+from worker.inventory import NodeAdmin
 from worker.runtime_env import RuntimeEnvs, SetupFailed
 
 log = logging.getLogger("poolq.agent")

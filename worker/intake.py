@@ -85,7 +85,7 @@ def _record_invalid(store: JobStore, body: Any, tenant_id: Any, fields: dict[str
     }
     job_ref = keys.ref(tenant, submission_id)
     store.scripts.record_invalid(
-        keys=[keys.job(job_ref), keys.tenant_jobs(tenant), keys.TERMINAL],
+        keys=[keys.job(job_ref), keys.tenant_jobs(tenant), keys.TERMINAL, keys.SEQ],
         args=[json.dumps(spec), f"invalid job request: {problems}", submission_id, job_ref],
     )
 

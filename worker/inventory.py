@@ -9,72 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable
 
 import redis
 
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound
-from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, to_milli
+from poolq.model import ErrorType, JobFields, JobStatus
+from poolq.nodes import capacity_of, describe_nodes, load_nodes, parse_labels, parse_resources, parse_size
 from poolq.redis_io import Scripts
-from poolq.schemas import LABEL_PART, RESERVED_RESOURCE_NAMES, RESOURCE_NAME
+from poolq.schemas import LABEL_PART
 from poolq.store import WAKE_TTL_MS, JobStore
 from worker.placement import Node
-
-SIZE = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?i?B?\s*$")
-UNITS = {None: 1, "K": 1024, "Ki": 1024, "M": 1024**2, "Mi": 1024**2, "G": 1024**3, "Gi": 1024**3, "T": 1024**4, "Ti": 1024**4}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``536870912``, ``512Mi``, ``4Gi`` (binary units)."""
-    found = SIZE.match(str(text))
-    if not found:
-        raise ValueError(f"{text!r} is not a size: use bytes or a Ki/Mi/Gi/Ti suffix")
-    return int(found.group(1)) * UNITS[found.group(2)]
-
-
-def parse_labels(text: str | None) -> dict[str, str | None]:
-    """``"a,b=c"`` -> ``{"a": None, "b": "c"}``."""
-    labels: dict[str, str | None] = {}
-    for raw in (text or "").split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        key, eq, value = item.partition("=")
-        if not LABEL_PART.match(key) or (eq and not LABEL_PART.match(value)):
-            raise ValueError(f"label {item!r} must be key or key=value with [A-Za-z0-9._/-]{{1,63}} parts")
-        labels[key] = value if eq else None
-    return labels
-
-
-def parse_resources(text: str | None) -> dict[str, Decimal]:
-    """``"NPU=8,FPGA=2"`` -> amounts by name."""
-    resources: dict[str, Decimal] = {}
-    for raw in (text or "").split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        name, _, amount = item.partition("=")
-        if not RESOURCE_NAME.match(name) or name.lower() in RESERVED_RESOURCE_NAMES:
-            raise ValueError(f"resource name {name!r} must match [A-Za-z0-9._/-]{{1,63}} and not be CPU, memory or GPU")
-        try:
-            value = Decimal(amount)
-        except InvalidOperation:
-            raise ValueError(f"resource {item!r} must be NAME=amount") from None
-        if not value.is_finite() or value < 0:
-            raise ValueError(f"resource {item!r} must have a non-negative amount")
-        resources[name] = value
-    return resources
-
-
-def capacity_of(cpus: Decimal | int | str, memory: int, gpus: Decimal | int | str = 0, resources: dict[str, Decimal] | None = None) -> dict[str, int]:
-    """Integer capacity (milli-units, bytes) from human amounts."""
-    capacity = {CPU: to_milli(Decimal(str(cpus))), MEMORY: int(memory), GPU: to_milli(Decimal(str(gpus)))}
-    for name, amount in (resources or {}).items():
-        capacity[name] = to_milli(amount)
-    return capacity
-
 
 def node_from_hash(fields: dict[str, str]) -> Node:
     capacity = {f[4:]: int(v) for f, v in fields.items() if f.startswith("cap:")}
@@ -172,36 +118,10 @@ class NodeAdmin:
     # -- reading ---------------------------------------------------------------
 
     def load(self, node_ids: Iterable[str] | None = None) -> list[dict[str, str]]:
-        """Node hashes (all nodes when ``node_ids`` is None), in one pipelined round trip."""
-        ids = sorted(self.redis.smembers(keys.NODES)) if node_ids is None else list(node_ids)
-        pipe = self.redis.pipeline(transaction=False)
-        for node_id in ids:
-            pipe.hgetall(keys.node(node_id))
-        return [fields for fields in pipe.execute() if fields]
+        return load_nodes(self.redis, node_ids)
 
     def describe(self) -> list[dict[str, Any]]:
-        """Nodes as the API and CLI show them: capacity, reserved, free, labels, liveness."""
-        heartbeats = dict(self.redis.zrange(keys.HEARTBEATS, 0, -1, withscores=True))
-        out = []
-        for fields in self.load():
-            node = node_from_hash(fields)
-            hb = heartbeats.get(node.id)
-            out.append(
-                {
-                    "node_id": node.id,
-                    "pool": node.pool,
-                    "labels": node.labels,
-                    "kind": fields.get("kind"),
-                    "state": fields.get("state"),
-                    "alive": fields.get("state") == "live",
-                    "draining": fields.get("drained") == "1",
-                    "last_heartbeat": int(hb) if hb is not None else None,
-                    "capacity": show_amounts(node.capacity),
-                    "reserved": show_amounts(node.reserved),
-                    "free": show_amounts({r: node.free(r) for r in node.capacity}),
-                }
-            )
-        return out
+        return describe_nodes(self.redis)
 
     def check(self) -> list[str]:
         """The reservation invariant; returns the problems found (empty when it holds).
@@ -230,14 +150,3 @@ class NodeAdmin:
                     problems.append(f"node {node.id}: {name} reserved {reserved_amount} outside 0..{node.capacity.get(name, 0)}")
         return problems
 
-
-def show_amounts(amounts: dict[str, int]) -> dict[str, int | float]:
-    """Integer amounts in the units people use: CPUs, bytes, GPUs, resource units."""
-    shown: dict[str, int | float] = {}
-    for name, amount in sorted(amounts.items()):
-        if name == MEMORY:
-            shown[name] = amount
-        else:
-            value = Decimal(amount) / 1000
-            shown[name] = int(value) if value == value.to_integral_value() else float(value)
-    return shown

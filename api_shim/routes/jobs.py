@@ -1,12 +1,21 @@
-"""/api/jobs: submit, poll."""
+"""/api/jobs: submit (one or a batch), poll, list, stop, delete, logs."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
+from urllib.parse import urlencode
 
 from api_shim.http import JSON, HTTPError, Request, Response
-from poolq.errors import InvalidRequest, Unavailable
+from poolq.errors import Conflict, InvalidRequest, Unavailable
+from poolq.model import JobStatus, render_record
 from poolq.schemas import TENANT, parse_json
+
+MAX_BATCH = 1000
+MAX_IDS = 100
+MAX_LIMIT = 1000
+MAX_WAIT_S = 60.0
 
 
 def submit(request: Request) -> Response:
@@ -22,12 +31,138 @@ def submit(request: Request) -> Response:
         app.store.submit(job)
     except Unavailable as exc:
         raise Unavailable(f"create app failed, submissionId:[{job.submission_id}], err: {exc}") from exc
-    return Response.json({"submission_id": job.submission_id, "job_id": job.submission_id})
+    answer = {"submission_id": job.submission_id, "job_id": job.submission_id}
+    wait_s = prefer_wait(request.header("Prefer"))
+    if wait_s is None or not app.waiters.acquire(blocking=False):
+        return Response.json(answer)
+    try:
+        failure = app.store.wait_placed(job.ref, wait_s)
+    finally:
+        app.waiters.release()
+    applied = [("Preference-Applied", f"wait={wait_s:g}")]
+    if failure is not None:
+        return Response.json({"error": failure}, 503, applied)
+    return Response.json(answer, headers=applied)
+
+
+def prefer_wait(header: str | None) -> float | None:
+    """The ``wait=<seconds>`` preference of a Prefer header (RFC 7240), at most MAX_WAIT_S."""
+    for preference in (header or "").replace(";", ",").split(","):
+        name, _, value = preference.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return None
+            return min(seconds, MAX_WAIT_S) if seconds > 0 else None
+    return None
+
+
+def submit_batch(request: Request) -> Response:
+    """Many jobs in one request: each validated on its own, all valid ones stored in one pipeline."""
+    app = request.app
+    body = json_body(request, app.settings.max_batch_body)
+    if not isinstance(body, dict) or set(body) != {"jobs"} or not isinstance(body["jobs"], list):
+        raise InvalidRequest({"body": ['must be an object with one key, "jobs": a list of job bodies']})
+    if len(body["jobs"]) > MAX_BATCH:
+        raise InvalidRequest({"jobs": [f"must hold at most {MAX_BATCH} jobs"]})
+    results: list[dict[str, Any]] = []
+    valid = []
+    for item in body["jobs"]:
+        try:
+            job = app.store.prepare(
+                item,
+                tenant=request.header("X-Tenant-Id"),
+                pool_label=request.header("X-Pool-Label"),
+                schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
+            )
+        except InvalidRequest as exc:
+            results.append({"error": str(exc), "fields": exc.fields})
+            continue
+        valid.append((len(results), job))
+        results.append({})
+    try:
+        outcomes = app.store.submit_many(job for _, job in valid)
+    except Unavailable as exc:
+        raise Unavailable(f"create app failed for the batch, err: {exc}") from exc
+    for (position, job), outcome in zip(valid, outcomes):
+        if isinstance(outcome, Conflict):
+            results[position] = {"error": str(outcome)}
+        else:
+            results[position] = {"submission_id": job.submission_id}
+    return Response.json({"results": results})
 
 
 def get(request: Request) -> Response:
-    record = request.app.store.get(tenant_of(request), request.params["submission_id"])
-    return Response.json(record)
+    fields, shape = request.app.store.read(tenant_of(request), request.params["submission_id"])
+    etag = '"' + _digest(fields, shape) + '"'
+    if _etag_matches(request.header("If-None-Match"), etag):
+        return Response(304, headers=[("ETag", etag)])
+    return Response.json(render_record(fields, shape), headers=[("ETag", etag)])
+
+
+def _digest(fields: dict[str, str], shape: dict[str, str] | None) -> str:
+    # The record is a function of these values: hashing them avoids rendering for a 304.
+    state = [sorted(fields.items()), [shape.get("attempts"), shape.get("reasons")] if shape else None]
+    return hashlib.blake2b(json.dumps(state).encode(), digest_size=12).hexdigest()
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    candidates = {c.strip().removeprefix("W/") for c in header.split(",")}
+    return "*" in candidates or etag in candidates
+
+
+def list_jobs(request: Request) -> Response:
+    store, tenant = request.app.store, tenant_of(request)
+    errors: dict[str, list[str]] = {}
+    status = _status_param(request.query("status"), errors)
+    pool_label = request.query("pool_label")
+    limit = _int_param(request.query("limit"), "limit", 1, MAX_LIMIT, errors, default=100)
+    cursor = _int_param(request.query("cursor"), "cursor", 1, 2**62, errors)
+    ids_text = request.query("ids")
+    ids = [i for i in (ids_text or "").split(",") if i] if ids_text is not None else None
+    if ids is not None and len(ids) > MAX_IDS:
+        errors["ids"] = [f"must list at most {MAX_IDS} ids"]
+    if errors:
+        raise InvalidRequest(errors, "invalid query")
+    if ids is not None:
+        records = [r for r in store.get_many(tenant, ids) if status is None or r["status"] == status]
+        if pool_label is not None:
+            records = [r for r in records if r["pool_label"] == pool_label]
+        return Response.json(records)
+    records, next_cursor = store.list(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
+    headers = []
+    if next_cursor is not None:
+        query = {k: v for k, v in (("status", status), ("pool_label", pool_label)) if v is not None}
+        query.update(limit=str(limit), cursor=str(next_cursor))
+        headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
+    return Response.json(records, headers=headers)
+
+
+def _status_param(text: str | None, errors: dict[str, list[str]]) -> JobStatus | None:
+    if text is None:
+        return None
+    try:
+        return JobStatus(text)
+    except ValueError:
+        errors["status"] = ["must be one of " + ", ".join(s.value for s in JobStatus)]
+        return None
+
+
+def _int_param(text: str | None, name: str, low: int, high: int, errors: dict[str, list[str]], default: int | None = None) -> int | None:
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text[:20]) <= high:
+        errors[name] = [f"must be an integer between {low} and {high}"]
+        return default
+    return int(text)
+
+
+def delete(request: Request) -> Response:
+    request.app.store.delete(tenant_of(request), request.params["submission_id"])
+    return Response.json({"deleted": True})
 
 
 def stop(request: Request) -> Response:

@@ -16,6 +16,12 @@ def version(request: Request) -> Response:
     return Response.json({"version": JOBS_API_VERSION, "ray_version": RAY_API_LEVEL, "poolq_version": __version__})
 
 
+def openapi(request: Request) -> Response:
+    from api_shim.openapi import document
+
+    return Response.json(document())
+
+
 def healthz(request: Request) -> Response:
     try:
         request.app.store.ping()

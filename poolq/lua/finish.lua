@@ -5,7 +5,8 @@
 -- and a terminal job is never touched again.
 --
 -- KEYS: 1 job, 2 node hash, 3 node jobs, 4 node inbox, 5 shape queue, 6 deadlines,
---       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag
+--       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
+--       12 the tenant's active index
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -51,4 +52,5 @@ redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])
+redis.call('ZREM', KEYS[12], string.sub(ARGV[1], string.find(ARGV[1], ':', 1, true) + 1))
 return {1, wake}

@@ -2,7 +2,7 @@
 -- publisher polling that id sees FAILED / INVALID_REQUEST instead of "not found".
 -- An id that already holds a job is left alone.
 --
--- KEYS: 1 job hash, 2 tenant index, 3 terminal
+-- KEYS: 1 job hash, 2 tenant index, 3 terminal, 4 seq counter
 -- ARGV: 1 spec JSON, 2 message, 3 submission id, 4 ref
 -- Returns 1 recorded, 0 the id was taken.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -11,6 +11,6 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', 'invalid', 'status', 'FAILED',
   'error_type', 'INVALID_REQUEST', 'message', ARGV[2], 'submit_time', now, 'end_time', now,
   'deadline', '', 'attempts', '0', 'reasons', '[]', 'res', '')
-redis.call('ZADD', KEYS[2], now, ARGV[3])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[3])
 redis.call('ZADD', KEYS[3], now, ARGV[4])
 return 1

@@ -2,7 +2,8 @@
 -- accepted job can never be stored without being queued (or queued twice).
 --
 -- KEYS: 1 job hash, 2 tenant index, 3 shape hash, 4 shape queue, 5 shapes:ready,
---       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag
+--       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag,
+--       10 tenant's active index
 -- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 timeout ms,
 --       6 submission id, 7 job ref, 8 wake flag ttl ms
 -- Returns {code, wake}: code 0 stored, 1 the same request is already stored,
@@ -23,7 +24,8 @@ local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
   'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', seq,
   'shape', ARGV[3], 'att_base', base)
-redis.call('ZADD', KEYS[2], now, ARGV[6])
+redis.call('ZADD', KEYS[2], seq, ARGV[6])
+redis.call('ZADD', KEYS[10], seq, ARGV[6])
 redis.call('ZADD', KEYS[4], seq, ARGV[7])
 if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then
   redis.call('ZADD', KEYS[5], 'NX', seq, ARGV[3])

@@ -1,0 +1,106 @@
+"""A small HTTP client of poolq's API, for the CLI and for scripts (stdlib only).
+
+One persistent connection per client: a batch producer sending a file of jobs
+reuses it for every request.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+
+class ApiError(Exception):
+    """The API answered with an error status (``status``, ``body``)."""
+
+    def __init__(self, status: int, body: Any):
+        message = body.get("error") if isinstance(body, dict) else str(body)
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.body = status, body
+
+
+class Client:
+    def __init__(self, server: str = "http://127.0.0.1:8000", *, token: str | None = None, tenant: str | None = None, timeout: float = 70.0):
+        url = urlsplit(server if "://" in server else "http://" + server)
+        connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self._connect = lambda: connection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
+        self._conn = self._connect()
+        self.base = url.path.rstrip("/")
+        self.headers = {"Accept": "application/json"}
+        if token:
+            self.headers["Authorization"] = f"Bearer {token}"
+        if tenant:
+            self.headers["X-Tenant-Id"] = tenant
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+        payload = None if body is None else json.dumps(body).encode()
+        all_headers = {**self.headers, **(headers or {})}
+        if payload is not None:
+            all_headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):  # a kept-alive connection the server closed is re-dialled once
+            try:
+                self._conn.request(method, self.base + path, body=payload, headers=all_headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._conn.close()
+                self._conn = self._connect()
+                if attempt == 2:
+                    raise
+        answer = json.loads(raw) if raw else None
+        if response.status >= 400:
+            raise ApiError(response.status, answer)
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+
+    def submit(self, body: dict[str, Any], *, pool_label: str | None = None, timeout_ms: int | None = None, wait_s: float | None = None) -> str:
+        headers = {}
+        if pool_label:
+            headers["X-Pool-Label"] = pool_label
+        if timeout_ms is not None:
+            headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
+        if wait_s:
+            headers["Prefer"] = f"wait={wait_s:g}"
+        return str(self.request("POST", "/api/jobs", body, headers)[2]["submission_id"])
+
+    def submit_batch(self, bodies: list[Any], *, pool_label: str | None = None, timeout_ms: int | None = None) -> list[dict[str, Any]]:
+        headers = {}
+        if pool_label:
+            headers["X-Pool-Label"] = pool_label
+        if timeout_ms is not None:
+            headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
+        return list(self.request("POST", "/api/jobs/batch", {"jobs": bodies}, headers)[2]["results"])
+
+    def job(self, submission_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/api/jobs/{quote(submission_id, safe='')}")[2])
+
+    def jobs(self, *, status: str | None = None, limit: int = 100, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        query = {k: v for k, v in (("status", status), ("limit", str(limit)), ("cursor", cursor)) if v}
+        _, headers, records = self.request("GET", "/api/jobs?" + urlencode(query))
+        link = headers.get("link", "")
+        next_cursor = None
+        if 'rel="next"' in link and "cursor=" in link:
+            next_cursor = link.split("cursor=", 1)[1].split("&", 1)[0].split(">", 1)[0]
+        return list(records), next_cursor
+
+    def stop(self, submission_id: str) -> bool:
+        return bool(self.request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop")[2]["stopped"])
+
+    def delete(self, submission_id: str) -> bool:
+        return bool(self.request("DELETE", f"/api/jobs/{quote(submission_id, safe='')}")[2]["deleted"])
+
+    def logs(self, submission_id: str, offset: int | None = None) -> tuple[str, int]:
+        path = f"/api/jobs/{quote(submission_id, safe='')}/logs" + (f"?offset={offset}" if offset is not None else "")
+        _, headers, body = self.request("GET", path)
+        return str(body["logs"]), int(headers.get("x-log-offset", 0))
+
+    def wait(self, submission_id: str, *, poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is terminal; returns its record."""
+        while True:
+            record = self.job(submission_id)
+            if record["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return record
+            time.sleep(poll_s)

@@ -73,6 +73,7 @@ class EmbeddedRedis:
             "hash-max-ziplist-value 4096",
             "hash-max-ziplist-entries 64",
             "loglevel warning",
+            f'logfile "{self.directory / "redis.log"}"',
             "protected-mode yes",
         ]
         if self.maxmemory:

@@ -28,7 +28,7 @@ class Supervisor:
         self.settings = settings
         self.commands = commands
         self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self.stopping = threading.Event()
+        self.stop_requested = False  # set by the signal handler: a plain flag, no lock to deadlock on
         self._print_lock = threading.Lock()
         self.redis: EmbeddedRedis | None = None
 
@@ -42,7 +42,7 @@ class Supervisor:
 
     def run(self) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, self._request_stop)
         env = dict(os.environ)
         if not self.settings.redis_url:
             self.redis = EmbeddedRedis(self.settings.data_dir / "redis")
@@ -59,15 +59,19 @@ class Supervisor:
             for name, command in self.commands.items():
                 self._spawn(name, command, env)
             self.say("up", f"poolq is up: API on http://{self.settings.host}:{self.settings.port}  (Ctrl-C stops it)")
-            while not self.stopping.wait(0.2):
+            while not self.stop_requested:
+                time.sleep(0.2)
                 for name, child in self.children.items():
                     if child.poll() is not None:
                         self.say("up", f"{name} exited with status {child.returncode}; stopping everything")
-                        self.stopping.set()
+                        self.stop_requested = True
                         break
         finally:
             self.shutdown()
         return 0
+
+    def _request_stop(self, signum: int, frame: object) -> None:
+        self.stop_requested = True
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         child = subprocess.Popen(

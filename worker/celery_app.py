@@ -7,7 +7,7 @@ The HTTP shim builds this app without tasks, to ``send_task`` by name.
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from poolq import queues
 from poolq.settings import Settings
@@ -32,7 +32,9 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=queues.PLACEMENT,
-        task_queues=(Queue(queues.PLACEMENT), Queue(queues.SUBMIT)),
+        # Each queue on its own direct exchange, keyed by its name: what `send_task(...,
+        # queue=NAME)` from any plain Celery app (a queue publisher) routes to.
+        task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (queues.PLACEMENT, queues.SUBMIT)),
         task_routes={queues.PLACE: {"queue": queues.PLACEMENT}, queues.SUBMIT: {"queue": queues.SUBMIT}},
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT_S,

@@ -32,7 +32,10 @@ class Response:
 
     @classmethod
     def json(cls, payload: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:
-        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate echoed from the request (in a field name)
+            body = json.dumps(payload, separators=(",", ":")).encode()
         return cls(status, body, [("Content-Type", JSON), *headers])
 
 
@@ -66,7 +69,7 @@ class Request:
         length_header = self.environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in (self.header("Transfer-Encoding") or "").lower()
         if length_header and not chunked:
-            if not length_header.isdigit():
+            if not is_digits(length_header):
                 raise HTTPError(400, "invalid Content-Length header")
             length = int(length_header)
             if length > limit:
@@ -85,6 +88,11 @@ class Request:
             total += len(part)
             if total > limit:
                 raise HTTPError(413, f"request body is larger than the limit of {limit} bytes")
+
+
+def is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 def _read_exactly(stream: Any, length: int) -> bytes:

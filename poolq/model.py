@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any, Mapping
 
 CPU = "CPU"
@@ -45,8 +45,13 @@ class ErrorType(str, enum.Enum):
 
 
 def to_milli(amount: Decimal | int) -> int:
-    """Milli-units of a decimal amount, rounded up: 0.0001 CPU still asks for 1m."""
-    return math.ceil(Decimal(amount) * 1000)
+    """Milli-units of a decimal amount, rounded up: 0.0001 CPU still asks for 1m.
+
+    Exact for any number of digits (the default context would round at 28).
+    """
+    value = Decimal(amount)
+    exact = Context(prec=len(value.as_tuple().digits) + 8)
+    return math.ceil(exact.multiply(value, 1000))
 
 
 def canonical_number(amount: Decimal | int) -> int | float:

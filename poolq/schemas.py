@@ -237,6 +237,15 @@ class _NullIsAbsent(Schema):
         return data
 
 
+class Object(fields.Nested):
+    """A nested schema whose value must be a JSON object (an error on the field itself)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValidationError("must be an object")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 class RuntimeEnvSchema(_NullIsAbsent):
     working_dir = fields.Raw(required=True, validate=check_working_dir)
     env_vars = StringMap(
@@ -262,7 +271,7 @@ class JobRequestSchema(_NullIsAbsent):
         check_key=lambda k: _check_metadata_key(k),
         check_value=lambda v: check_text(v, MAX_METADATA_VALUE_BYTES),
     )
-    runtime_env = fields.Nested(RuntimeEnvSchema, required=True)
+    runtime_env = Object(RuntimeEnvSchema, required=True)
     entrypoint_num_cpus = Amount(Decimal("0.3"), 16)
     entrypoint_memory = Amount(134_217_728, 1_125_899_906_842_624, integer=True)
     entrypoint_num_gpus = Amount(0, 1024)
@@ -294,8 +303,6 @@ def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
     if isinstance(messages, dict):
         for key, value in messages.items():
             path = f"{prefix}.{key}" if prefix else str(key)
-            if key == "_schema":
-                path = prefix or "body"
             for sub_path, sub in flatten_errors(value, path).items():
                 flat.setdefault(sub_path, []).extend(sub)
     elif isinstance(messages, list) and all(isinstance(m, str) for m in messages):
@@ -311,7 +318,6 @@ def flatten_errors(messages: Any, prefix: str = "") -> dict[str, list[str]]:
 _MARSHMALLOW_WORDS = {
     "Unknown field.": "unknown field",
     "Missing data for required field.": "missing required field",
-    "Invalid input type.": "must be an object",
 }
 
 
@@ -360,7 +366,7 @@ def check_headers(tenant: str | None, pool_label: str | None, timeout: str | Non
     schedule_timeout: int | None = None
     if timeout is not None and timeout.strip():
         text = timeout.strip()
-        if not text.isdigit() or len(text) > 10 or int(text) > MAX_SCHEDULE_TIMEOUT_MS:
+        if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > MAX_SCHEDULE_TIMEOUT_MS:
             errors["X-Schedule-Timeout-Ms"] = [f"must be an integer between 0 and {MAX_SCHEDULE_TIMEOUT_MS}"]
         else:
             schedule_timeout = int(text)

@@ -309,7 +309,9 @@ def test_package_working_dir_is_accepted_once_uploaded(app: App, redis_client: r
 
 
 @pytest.mark.parametrize(("path", "value", "field"), REFUSED, ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(REFUSED)])
-def test_value_outside_its_range_or_of_the_wrong_type_is_refused(app: App, redis_client: redis.Redis, path: str, value: Any, field: str) -> None:
+def test_value_outside_its_range_or_of_the_wrong_type_is_refused(
+    app: App, redis_client: redis.Redis, path: str, value: Any, field: str
+) -> None:
     assert_refused(submit(app, with_value(MINIMAL, path, value)), redis_client, field)
 
 
@@ -338,7 +340,9 @@ LITERALS = [
 
 
 @pytest.mark.parametrize(("path", "literal", "status"), LITERALS, ids=[f"{p}={lit[:20]}" for p, lit, _ in LITERALS])
-def test_number_literals_are_judged_by_their_exact_value(app: App, redis_client: redis.Redis, path: str, literal: str, status: int) -> None:
+def test_number_literals_are_judged_by_their_exact_value(
+    app: App, redis_client: redis.Redis, path: str, literal: str, status: int
+) -> None:
     result = submit(app, raw=raw_with_literal(path, literal))
     if status == 200:
         assert result.status == 200, result.body
@@ -348,7 +352,9 @@ def test_number_literals_are_judged_by_their_exact_value(app: App, redis_client:
 
 @pytest.mark.parametrize("path", ["entrypoint", "runtime_env", "runtime_env.working_dir"])
 @pytest.mark.parametrize("how", ["missing", "null"])
-def test_required_field_missing_or_null_is_refused_naming_it(app: App, redis_client: redis.Redis, path: str, how: str) -> None:
+def test_required_field_missing_or_null_is_refused_naming_it(
+    app: App, redis_client: redis.Redis, path: str, how: str
+) -> None:
     body = with_value(MINIMAL, path, DROP if how == "missing" else None)
     assert_refused(submit(app, body), redis_client, path, exact=True)
 
@@ -410,11 +416,11 @@ def test_runtime_env_keys_starting_with_ray_are_accepted_and_ignored(app: App) -
     assert record["runtime_env"]["working_dir"] == MINIMAL["runtime_env"]["working_dir"]
 
 
-@pytest.mark.parametrize(
-    "name", ["\ud800", "bad\udfffname"], ids=["lone-high", "lone-low"]
-)
+@pytest.mark.parametrize("name", ["\ud800", "bad\udfffname"], ids=["lone-high", "lone-low"])
 @pytest.mark.parametrize("path", ["{}", "runtime_env.{}", "metadata.{}", "runtime_env.env_vars.{}"])
-def test_lone_surrogate_in_a_field_name_is_a_400_not_a_crash(app: App, redis_client: redis.Redis, path: str, name: str) -> None:
+def test_lone_surrogate_in_a_field_name_is_a_400_not_a_crash(
+    app: App, redis_client: redis.Redis, path: str, name: str
+) -> None:
     # JSON may escape a lone surrogate (\ud800); Python decodes it into a str that cannot
     # be encoded back to UTF-8, so echoing the name in the error must not crash.
     raw = json.dumps(with_value(MINIMAL, path.format(name), "v")).encode()  # ensure_ascii escapes it
@@ -434,11 +440,19 @@ BAD_BODIES = [
     (b"true", "bool"),
     (b"null", "null"),
     (b'{"entrypoint": "\xff\xfe", "runtime_env": {"working_dir": "/x"}}', "invalid-utf8"),
-    (b"\xef\xbb\xbf" + json.dumps(MINIMAL).encode(), "utf8-bom"),
     (json.dumps(MINIMAL).encode() + b" {}", "trailing-data"),
     (b"[" * 100_000 + b"]" * 100_000, "deep-array"),
-    (b'{"entrypoint": "x", "runtime_env": {"working_dir": "/x"}, "metadata": ' + b'{"a":' * 50_000 + b'"v"' + b"}" * 50_001, "deep-object"),
-    (b'{"entrypoint": "x", "runtime_env": {"working_dir": "/x"}, "entrypoint_num_cpus": ' + b"9" * 5000 + b"}", "5000-digits"),
+    (
+        b'{"entrypoint": "x", "runtime_env": {"working_dir": "/x"}, "metadata": '
+        + b'{"a":' * 50_000
+        + b'"v"'
+        + b"}" * 50_001,
+        "deep-object",
+    ),
+    (
+        b'{"entrypoint": "x", "runtime_env": {"working_dir": "/x"}, "entrypoint_num_cpus": ' + b"9" * 5000 + b"}",
+        "5000-digits",
+    ),
 ]
 
 
@@ -447,12 +461,25 @@ def test_a_body_that_is_not_one_json_object_is_400(app: App, redis_client: redis
     assert_refused(submit(app, raw=raw), redis_client, None)
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"])
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON;charset=UTF-8"]
+)
 def test_json_content_type_with_parameters_is_accepted(app: App, content_type: str) -> None:
     accepted(app, MINIMAL, content_type=content_type)
 
 
-@pytest.mark.parametrize("content_type", [None, "", "text/plain", "application/x-www-form-urlencoded", "application/jsonx", "text/json", "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/jsonx",
+        "text/json",
+        "multipart/form-data; boundary=x",
+    ],
+)
 def test_other_or_missing_content_type_is_415(app: App, redis_client: redis.Redis, content_type: str | None) -> None:
     assert_error(submit(app, MINIMAL, content_type=content_type), 415)
     assert job_keys(redis_client) == []
@@ -485,9 +512,16 @@ class EndlessInput:
 
 def send(app: App, stream: Any, headers: dict[str, str]) -> Result:
     environ = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": "/api/jobs", "QUERY_STRING": "", "SERVER_NAME": "test",
-        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http", "wsgi.input": stream,
-        "CONTENT_TYPE": "application/json", **headers,
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/api/jobs",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "test",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": stream,
+        "CONTENT_TYPE": "application/json",
+        **headers,
     }
     captured: dict[str, Any] = {}
 
@@ -499,14 +533,18 @@ def send(app: App, stream: Any, headers: dict[str, str]) -> Result:
 
 
 @pytest.mark.parametrize("length", [MAX_BODY + 1, 10 * MAX_BODY, 10**15])
-def test_body_over_the_limit_is_413_decided_from_content_length_without_reading_it(app: App, redis_client: redis.Redis, length: int) -> None:
+def test_body_over_the_limit_is_413_decided_from_content_length_without_reading_it(
+    app: App, redis_client: redis.Redis, length: int
+) -> None:
     stream = ExplodingInput()
     assert_error(send(app, stream, {"CONTENT_LENGTH": str(length)}), 413)
     assert stream.reads == []
     assert job_keys(redis_client) == []
 
 
-def test_chunked_body_over_the_limit_is_413_after_reading_little_more_than_the_limit(app: App, redis_client: redis.Redis) -> None:
+def test_chunked_body_over_the_limit_is_413_after_reading_little_more_than_the_limit(
+    app: App, redis_client: redis.Redis
+) -> None:
     stream = EndlessInput()
     assert_error(send(app, stream, {"HTTP_TRANSFER_ENCODING": "chunked"}), 413)
     assert MAX_BODY < stream.given <= 2 * MAX_BODY
@@ -528,7 +566,9 @@ def test_body_of_exactly_the_limit_is_accepted_and_one_byte_more_is_413(app: App
 
 
 def test_error_body_names_the_field_with_a_message(app: App) -> None:
-    result = submit(app, with_value(with_value(MINIMAL, "entrypoint_num_cpus", 100), "runtime_env.env_vars", {"1X": "v"}))
+    result = submit(
+        app, with_value(with_value(MINIMAL, "entrypoint_num_cpus", 100), "runtime_env.env_vars", {"1X": "v"})
+    )
     assert result.status == 400
     answer = result.json
     assert answer["error"] == "invalid job request"
@@ -541,7 +581,12 @@ def test_error_body_names_the_field_with_a_message(app: App) -> None:
 
 @pytest.mark.parametrize(
     ("headers", "tenant"),
-    [({}, "default"), ({"X-Tenant-Id": ""}, "default"), ({"X-Tenant-Id": "team-a.1_B"}, "team-a.1_B"), ({"X-Tenant-Id": "t" * 64}, "t" * 64)],
+    [
+        ({}, "default"),
+        ({"X-Tenant-Id": ""}, "default"),
+        ({"X-Tenant-Id": "team-a.1_B"}, "team-a.1_B"),
+        ({"X-Tenant-Id": "t" * 64}, "t" * 64),
+    ],
 )
 def test_tenant_header_names_the_owner(app: App, headers: dict[str, str], tenant: str) -> None:
     record = accepted(app, MINIMAL, headers)
@@ -571,19 +616,25 @@ def test_pool_label_is_recorded_trimmed(app: App, header: str | None, stored: st
     assert record["pool_label"] == stored
 
 
-@pytest.mark.parametrize("header", ["a,,b", "a,", ",a", " , ", "a=", "=b", "a=b=c", "a b", "k" * 64, "a=" + "v" * 64, "a;b", "a=b c", "\xe9"])
+@pytest.mark.parametrize(
+    "header", ["a,,b", "a,", ",a", " , ", "a=", "=b", "a=b=c", "a b", "k" * 64, "a=" + "v" * 64, "a;b", "a=b c", "\xe9"]
+)
 def test_malformed_pool_label_is_400(app: App, redis_client: redis.Redis, header: str) -> None:
     assert_refused(submit(app, MINIMAL, {"X-Pool-Label": header}), redis_client, "X-Pool-Label")
 
 
-@pytest.mark.parametrize(("header", "timeout"), [(None, DEFAULT_TIMEOUT_MS), ("0", 0), ("1", 1), ("18000", 18000), ("604800000", 604800000)])
+@pytest.mark.parametrize(
+    ("header", "timeout"), [(None, DEFAULT_TIMEOUT_MS), ("0", 0), ("1", 1), ("18000", 18000), ("604800000", 604800000)]
+)
 def test_schedule_timeout_sets_the_deadline(app: App, header: str | None, timeout: int) -> None:
     record = accepted(app, MINIMAL, {"X-Schedule-Timeout-Ms": header} if header is not None else None)
     expected = None if timeout == 0 else record["submit_time"] + timeout
     assert record["scheduling"]["deadline"] == expected
 
 
-@pytest.mark.parametrize("header", ["604800001", "-1", "1.5", "abc", "1e3", "0x10", "99999999999", "18000ms", "\xb2", "1\xb2"])
+@pytest.mark.parametrize(
+    "header", ["604800001", "-1", "1.5", "abc", "1e3", "0x10", "99999999999", "18000ms", "\xb2", "1\xb2"]
+)
 def test_malformed_schedule_timeout_is_400(app: App, redis_client: redis.Redis, header: str) -> None:
     assert_refused(submit(app, MINIMAL, {"X-Schedule-Timeout-Ms": header}), redis_client, "X-Schedule-Timeout-Ms")
 
@@ -681,9 +732,18 @@ SAME_REQUEST = [
 ]
 
 
-@pytest.mark.parametrize(("first", "first_headers", "second", "second_headers"), [row[1:] for row in SAME_REQUEST], ids=[row[0] for row in SAME_REQUEST])
+@pytest.mark.parametrize(
+    ("first", "first_headers", "second", "second_headers"),
+    [row[1:] for row in SAME_REQUEST],
+    ids=[row[0] for row in SAME_REQUEST],
+)
 def test_the_same_request_again_is_an_idempotent_retry(
-    app: App, redis_client: redis.Redis, first: dict[str, Any], first_headers: dict[str, str], second: dict[str, Any], second_headers: dict[str, str]
+    app: App,
+    redis_client: redis.Redis,
+    first: dict[str, Any],
+    first_headers: dict[str, str],
+    second: dict[str, Any],
+    second_headers: dict[str, str],
 ) -> None:
     base = {**MINIMAL, "submission_id": "app-dup"}
     bodies = [{k: v for k, v in {**base, **changes}.items() if v is not DROP} for changes in (first, second)]
@@ -711,8 +771,12 @@ DIFFERENT_REQUEST = [
 ]
 
 
-@pytest.mark.parametrize(("changes", "headers"), [row[1:] for row in DIFFERENT_REQUEST], ids=[row[0] for row in DIFFERENT_REQUEST])
-def test_a_different_request_with_the_same_id_is_409(app: App, redis_client: redis.Redis, changes: dict[str, Any], headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("changes", "headers"), [row[1:] for row in DIFFERENT_REQUEST], ids=[row[0] for row in DIFFERENT_REQUEST]
+)
+def test_a_different_request_with_the_same_id_is_409(
+    app: App, redis_client: redis.Redis, changes: dict[str, Any], headers: dict[str, str]
+) -> None:
     base = {**MINIMAL, "submission_id": "dup"}
     first = record_of(app, submit(app, base).json["submission_id"])
     result = submit(app, {**base, **changes}, headers)
@@ -765,7 +829,11 @@ def test_record_has_every_field_typed_with_defaults_applied(app: App) -> None:
     assert record["error_type"] is None and record["pool_label"] is None
     assert record["tenant_id"] == "default" and record["entrypoint"] == MINIMAL["entrypoint"]
     assert record["runtime_env"] == MINIMAL["runtime_env"]
-    assert (record["entrypoint_num_cpus"], record["entrypoint_memory"], record["entrypoint_num_gpus"]) == (DEFAULT_CPUS, DEFAULT_MEMORY, 0)
+    assert (record["entrypoint_num_cpus"], record["entrypoint_memory"], record["entrypoint_num_gpus"]) == (
+        DEFAULT_CPUS,
+        DEFAULT_MEMORY,
+        0,
+    )
     assert record["metadata"] == record["entrypoint_resources"] == record["entrypoint_label_selector"] == {}
     assert before - 5000 <= record["submit_time"] <= after + 5000  # Redis's clock, same machine
     for name in ("start_time", "end_time", "driver_node_id", "pool", "driver_exit_code"):
@@ -781,7 +849,14 @@ def test_seed_example_is_accepted_as_is(app: App) -> None:
     assert result.status == 200
     assert result.json == {"submission_id": "app-1234", "job_id": "app-1234"}
     record = record_of(app, "app-1234")
-    for name in ("entrypoint", "metadata", "runtime_env", "entrypoint_num_cpus", "entrypoint_memory", "entrypoint_resources"):
+    for name in (
+        "entrypoint",
+        "metadata",
+        "runtime_env",
+        "entrypoint_num_cpus",
+        "entrypoint_memory",
+        "entrypoint_resources",
+    ):
         assert record[name] == SEED_BODY[name], name
     assert record["entrypoint_num_gpus"] == 0
 
@@ -822,7 +897,16 @@ def test_known_route_with_another_method_is_405_with_allow(app: App, method: str
     assert allowed <= allow and method not in allow
 
 
-@pytest.mark.parametrize(("path", "method"), [("/api/jobs", "POST"), ("/api/jobs/", "POST"), ("/api/jobs/app-1", "GET"), ("/api/version", "GET"), ("/healthz", "GET")])
+@pytest.mark.parametrize(
+    ("path", "method"),
+    [
+        ("/api/jobs", "POST"),
+        ("/api/jobs/", "POST"),
+        ("/api/jobs/app-1", "GET"),
+        ("/api/version", "GET"),
+        ("/healthz", "GET"),
+    ],
+)
 def test_options_is_204_with_allow(app: App, path: str, method: str) -> None:
     result = call(app, "OPTIONS", path, content_type=None)
     assert result.status == 204
@@ -869,7 +953,9 @@ HEADER_TEXT = (  # WSGI carries header values as latin-1 text
     | st.sampled_from(["", "default", "a,b=c", " a , ,b", "unUseAntiOtherLabels", "0", "604800000", "18000"])
     | st.integers(-(10**12), 10**12).map(str)
 )
-HEADERS = st.fixed_dictionaries({}, optional={"X-Tenant-Id": HEADER_TEXT, "X-Pool-Label": HEADER_TEXT, "X-Schedule-Timeout-Ms": HEADER_TEXT})
+HEADERS = st.fixed_dictionaries(
+    {}, optional={"X-Tenant-Id": HEADER_TEXT, "X-Pool-Label": HEADER_TEXT, "X-Schedule-Timeout-Ms": HEADER_TEXT}
+)
 
 
 @st.composite
@@ -884,7 +970,10 @@ def seed_mutations(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @hsettings(
-    max_examples=300, deadline=None, database=None, derandomize=True,
+    max_examples=300,
+    deadline=None,
+    database=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(body=JSON_VALUES | seed_mutations(), headers=HEADERS)

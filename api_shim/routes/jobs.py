@@ -7,7 +7,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from api_shim.http import JSON, HTTPError, Request, Response
+from api_shim.http import JSON, HTTPError, Request, Response, is_digits
 from poolq.errors import Conflict, InvalidRequest, Unavailable
 from poolq.model import JobStatus, render_record
 from poolq.schemas import TENANT, parse_json
@@ -154,7 +154,7 @@ def _status_param(text: str | None, errors: dict[str, list[str]]) -> JobStatus |
 def _int_param(text: str | None, name: str, low: int, high: int, errors: dict[str, list[str]], default: int | None = None) -> int | None:
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text[:20]) <= high:
+    if not is_digits(text) or len(text) > 20 or not low <= int(text) <= high:
         errors[name] = [f"must be an integer between {low} and {high}"]
         return default
     return int(text)
@@ -174,7 +174,7 @@ def logs(request: Request) -> Response:
     offset_text = request.query("offset")
     offset = None
     if offset_text is not None:
-        if not offset_text.isdigit() or len(offset_text) > 18:
+        if not is_digits(offset_text) or len(offset_text) > 18:
             raise InvalidRequest({"offset": ["must be a non-negative integer"]}, "invalid query")
         offset = int(offset_text)
     text, next_offset = request.app.store.logs(tenant_of(request), request.params["submission_id"], offset)

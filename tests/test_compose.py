@@ -1,0 +1,63 @@
+"""docker-compose.yml cannot run here (no Docker engine): check what can be checked.
+
+Every poolq service runs a real `poolq` command that the CLI's parser accepts, the
+API is reachable only as DESIGN.md 8 allows, and Redis keeps what it accepts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from poolq.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+POOLQ_SERVICES = {name: s for name, s in SERVICES.items() if isinstance(s.get("command"), list) and s["command"][0] == "poolq"}
+
+
+def test_every_component_is_a_service():
+    assert {"redis", "api", "worker", "node", "flower"} <= set(SERVICES)
+    assert {"api", "worker", "node"} <= set(POOLQ_SERVICES)
+
+
+@pytest.mark.parametrize("name", sorted(POOLQ_SERVICES))
+def test_poolq_commands_parse(name):
+    command = POOLQ_SERVICES[name]["command"]
+    args = build_parser().parse_args(command[1:])  # SystemExit (a test error) if refused
+    assert callable(args.func)
+
+
+@pytest.mark.parametrize("name", sorted(POOLQ_SERVICES))
+def test_poolq_services_share_the_redis_url(name):
+    env = POOLQ_SERVICES[name]["environment"]
+    assert env["POOLQ_REDIS_URL"].startswith("redis://:") and "@redis:6379" in env["POOLQ_REDIS_URL"]
+    assert "redis" in POOLQ_SERVICES[name]["depends_on"]
+
+
+def test_api_is_safe_as_published():
+    api = SERVICES["api"]
+    command = api["command"]
+    host = command[command.index("--host") + 1]
+    if host not in ("127.0.0.1", "localhost", "::1") and "--insecure-no-auth" in command:
+        # Without authentication, the port may only be published on the host's loopback.
+        assert api["ports"] and all(str(p).startswith("127.0.0.1:") for p in api["ports"])
+    else:
+        assert api["environment"].get("POOLQ_AUTH") == "tokens"
+
+
+def test_redis_persists_and_never_evicts():
+    command = SERVICES["redis"]["command"]
+    assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command
+    assert "--requirepass" in command
+    assert any(v.endswith(":/data") for v in SERVICES["redis"]["volumes"])
+
+
+def test_image_builds_from_this_tree():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for part in ("poolq", "api_shim", "worker", "pyproject.toml"):
+        assert f"COPY {part}" in dockerfile
+    assert "USER poolq" in dockerfile

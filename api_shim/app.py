@@ -8,11 +8,15 @@ from typing import Any, Callable, Iterable
 
 from api_shim.http import HTTPError, Request, Response, Route, Router
 from api_shim.routes import jobs, meta, nodes, packages
+from poolq import tokens
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, Unavailable
 from poolq.settings import Settings
 from poolq.store import JobStore, Waker
 
 log = logging.getLogger("poolq.api")
+
+OPEN_ROUTES = {"/healthz"}  # answered without a token
+UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
 REASONS = {
     200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
@@ -83,12 +87,25 @@ class App:
             return error_response(HTTPError(405, f"{request.method} is not allowed on {route.template}", [("Allow", route.allow)]))
         request.params = params
         try:
+            if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
+                self.authenticate(request)
             return handler(request)
         except PoolqError as exc:
             return error_response(exc)
         except Exception:  # a bug: log it whole, answer without details
             log.exception("unhandled error for %s %s", request.method, request.path)
             return Response.json({"error": "internal error"}, 500)
+
+    def authenticate(self, request: Request) -> None:
+        """Tokens on: the tenant comes from the bearer token (DESIGN.md 8)."""
+        scheme, _, token = (request.header("Authorization") or "").partition(" ")
+        tenant = tokens.tenant_of(self.store.redis, token.strip()) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            raise HTTPError(401, UNAUTHENTICATED, [("WWW-Authenticate", 'Bearer realm="poolq"')])
+        named = (request.header("X-Tenant-Id") or "").strip()
+        if named and named != tenant:
+            raise HTTPError(403, f"the token's tenant is {tenant}, not {named}")
+        request.tenant = tenant
 
     def _preflight(self, request: Request, route: Route) -> list[tuple[str, str]]:
         origin = request.header("Origin")

@@ -42,13 +42,14 @@ class Response:
 class Request:
     """A thin view of the WSGI environ."""
 
-    __slots__ = ("environ", "method", "path", "params", "app", "_query")
+    __slots__ = ("environ", "method", "path", "params", "app", "tenant", "_query")
 
     def __init__(self, environ: dict[str, Any]):
         self.environ = environ
         self.method: str = environ["REQUEST_METHOD"].upper()
         self.path: str = environ.get("PATH_INFO") or "/"
         self.params: dict[str, str] = {}
+        self.tenant: str | None = None  # the token's tenant, when tokens are on
         self._query: dict[str, list[str]] | None = None
 
     def header(self, name: str) -> str | None:

@@ -1,50 +1,35 @@
-"""Serve the WSGI app with gunicorn, configured from poolq's settings.
+"""Serve the WSGI app with granian, the faster server measured (BENCHMARKS.md).
 
-gunicorn's threaded worker keeps client connections alive (batch producers reuse
-them); each worker process builds its own App, and with it its own Redis pool.
+Each worker process imports ``api_shim.wsgi:application``, which builds the App from
+the POOLQ_* environment, so the settings this process resolved are passed down as
+environment variables. Connections are kept alive; WSGI calls run on a pool of
+``POOLQ_API_THREADS`` threads per process.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
 
-from gunicorn.app.base import BaseApplication
+from granian import Granian
+from granian.constants import Interfaces
 
-from api_shim.app import App
 from poolq.settings import Settings
 
 
-class Server(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, *, workers: int | None = None, threads: int | None = None):
-        self.settings = settings
-        self.options = {
-            "bind": f"{_bracket(settings.host)}:{settings.port}",
-            "workers": workers or settings.api_workers,
-            "worker_class": "gthread",
-            "threads": threads or settings.api_threads,
-            "keepalive": 30,
-            "timeout": 60,
-            "graceful_timeout": 10,
-            # Request lines of 8 KiB and more: `GET /api/jobs?ids=` with 100 ids.
-            "limit_request_line": 16384,
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": "warning",
-            "proc_name": "poolq-api",
-        }
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self.options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return App(self.settings)
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def serve(settings: Settings, **kwargs: Any) -> None:
-    Server(settings, **kwargs).run()
+def serve(settings: Settings, *, workers: int | None = None, threads: int | None = None) -> None:
+    os.environ["POOLQ_AUTH"] = settings.auth_mode
+    os.environ["POOLQ_HOST"] = settings.host
+    if settings.redis_url:
+        os.environ["POOLQ_REDIS_URL"] = settings.redis_url
+    os.environ["POOLQ_DATA_DIR"] = str(settings.data_dir)
+    Granian(
+        "api_shim.wsgi:application",
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.WSGI,
+        workers=workers or settings.api_workers,
+        blocking_threads=threads or settings.api_threads,
+        websockets=False,
+        log_access=False,
+        respawn_failed_workers=True,
+    ).serve()

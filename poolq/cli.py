@@ -7,6 +7,7 @@ else the URL file ``poolq up`` wrote in POOLQ_DATA_DIR.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="verify the reservation invariant; exit 1 if it does not hold")
     check.set_defaults(func=cmd_nodes_check)
 
+    token = commands.add_parser("token", help="API tokens (POOLQ_AUTH=tokens)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="create a token for a tenant; prints it, alone, once")
+    create.add_argument("tenant")
+    create.set_defaults(func=cmd_token_create)
+    revoke = token_sub.add_parser("revoke", help="revoke a token (give the token or its id)")
+    revoke.add_argument("token")
+    revoke.set_defaults(func=cmd_token_revoke)
+    token_sub.add_parser("list", help="tenants and token ids (never the tokens)").set_defaults(func=cmd_token_list)
+
     from poolq.client_cli import add_commands
 
     add_commands(commands)
@@ -112,7 +123,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     for flag in ("cpus", "memory", "resources"):
         if getattr(args, flag):
             node_args += [f"--{flag}", getattr(args, flag)]
-    return run_up(settings, with_node=not args.no_node, node_args=node_args)
+    return run_up(settings, with_node=not args.no_node, node_args=node_args, insecure=args.insecure_no_auth)
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -120,16 +131,20 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     _refuse_open_bind(settings, args)
+    if args.insecure_no_auth and settings.auth_mode == "tokens" and not settings.auth:
+        settings = dataclasses.replace(settings, auth="none")  # the flag means: serve without tokens
     settings.resolved_redis_url()  # fail now, clearly, rather than in every request
     serve(settings, workers=args.workers)
     return 0
 
 
 def _refuse_open_bind(settings: Settings, args: argparse.Namespace) -> None:
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not args.insecure_no_auth:
+    """Jobs run shell commands: no open bind without tokens unless explicitly insecure (DESIGN.md 8)."""
+    if not settings.loopback and settings.auth_mode == "none" and not args.insecure_no_auth:
         raise ConfigError(
             f"refusing to serve jobs (which run shell commands) on {settings.host} without authentication; "
-            "bind 127.0.0.1, or pass --insecure-no-auth behind a trusted network"
+            "use POOLQ_AUTH=tokens (and poolq token create TENANT), bind 127.0.0.1, "
+            "or pass --insecure-no-auth behind a trusted network"
         )
 
 
@@ -237,6 +252,41 @@ def cmd_nodes_check(args: argparse.Namespace) -> int:
         print(problem)
     print("invariant holds" if not problems else f"{len(problems)} problems")
     return 1 if problems else 0
+
+
+def _redis() -> Any:
+    from poolq.redis_io import connect
+
+    return connect(Settings.from_env())
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from poolq import tokens
+
+    try:
+        print(tokens.create(_redis(), args.tenant))
+    except ValueError as exc:
+        print(f"poolq token create: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from poolq import tokens
+
+    if not tokens.revoke(_redis(), args.token):
+        print("poolq token revoke: no such token", file=sys.stderr)
+        return 1
+    print("revoked")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from poolq import tokens
+
+    for item in tokens.listing(_redis()):
+        print(f"{item['token_id']}  {item['tenant']}")
+    return 0
 
 
 if __name__ == "__main__":

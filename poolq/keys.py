@@ -29,6 +29,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
 | poolq:stats | hash | counters (e.g. invalid queue messages) |
 | poolq:pkg:<name> | string | an uploaded working_dir package (zip bytes); expires unless used |
+| poolq:tokens | set | ids of API tokens |
+| poolq:token:<id> | hash | an API token: tenant, digest (SHA-256 of the token), created |
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"
 STATS = PREFIX + "stats"
+TOKENS = PREFIX + "tokens"
 
 
 def ref(tenant: str, submission_id: str) -> str:
@@ -99,6 +102,10 @@ def wake(queue: str) -> str:
 
 def package(name: str) -> str:
     return PREFIX + "pkg:" + name
+
+
+def token(token_id: str) -> str:
+    return PREFIX + "token:" + token_id
 
 
 def lock(duty: str) -> str:

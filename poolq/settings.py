@@ -36,6 +36,7 @@ class Settings:
     max_batch_body: int = 16 * MiB
     max_package_bytes: int = 100 * MiB
     cors_origins: tuple[str, ...] = ()
+    auth: str = ""  # "tokens" or "none"; empty: tokens unless the API binds loopback
 
     # Jobs.
     schedule_timeout_ms: int = 18_000
@@ -59,6 +60,15 @@ class Settings:
 
     # Periodic duties (run inside placement workers, one at a time under a lock).
     duty_interval_s: float = 0.25
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    @property
+    def auth_mode(self) -> str:
+        """``tokens`` or ``none``: POOLQ_AUTH, else tokens on any but a loopback address."""
+        return self.auth or ("none" if self.loopback else "tokens")
 
     @property
     def redis_url_file(self) -> Path:
@@ -91,6 +101,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.auth not in ("", "tokens", "none"):
+            raise ConfigError("POOLQ_AUTH must be tokens or none")
         if self.placement_strategy not in ("binpack", "spread"):
             raise ConfigError("POOLQ_PLACEMENT_STRATEGY must be binpack or spread")
         if not 0 <= self.schedule_timeout_ms <= 604_800_000:

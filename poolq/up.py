@@ -111,10 +111,10 @@ class Supervisor:
         time.sleep(0.05)  # let the pumps print the last lines
 
 
-def run_up(settings: Settings, *, with_node: bool, node_args: list[str]) -> int:
+def run_up(settings: Settings, *, with_node: bool, node_args: list[str], insecure: bool = False) -> int:
     python = [sys.executable, "-m", "poolq"]
     commands = {
-        "api": [*python, "api", "--host", settings.host, "--port", str(settings.port)],
+        "api": [*python, "api", "--host", settings.host, "--port", str(settings.port), *(["--insecure-no-auth"] if insecure else [])],
         "worker": [*python, "worker"],
     }
     if with_node:

@@ -23,7 +23,7 @@ def submit(request: Request) -> Response:
     body = json_body(request, app.settings.max_body)
     job = app.store.prepare(
         body,
-        tenant=request.header("X-Tenant-Id"),
+        tenant=request.tenant or request.header("X-Tenant-Id"),
         pool_label=request.header("X-Pool-Label"),
         schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
     )
@@ -72,7 +72,7 @@ def submit_batch(request: Request) -> Response:
         try:
             job = app.store.prepare(
                 item,
-                tenant=request.header("X-Tenant-Id"),
+                tenant=request.tenant or request.header("X-Tenant-Id"),
                 pool_label=request.header("X-Pool-Label"),
                 schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
             )
@@ -182,7 +182,9 @@ def logs(request: Request) -> Response:
 
 
 def tenant_of(request: Request) -> str:
-    """The caller's tenant: X-Tenant-Id, absent or empty meaning ``default``."""
+    """The caller's tenant: the token's, else X-Tenant-Id, absent or empty meaning ``default``."""
+    if request.tenant is not None:
+        return request.tenant
     tenant = (request.header("X-Tenant-Id") or "").strip() or "default"
     if not TENANT.match(tenant):
         raise InvalidRequest({"X-Tenant-Id": ["must match [A-Za-z0-9._-]{1,64}"]}, "invalid X-Tenant-Id header")

@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=cmd_token_revoke)
     token_sub.add_parser("list", help="tenants and token ids (never the tokens)").set_defaults(func=cmd_token_list)
 
+    bench = commands.add_parser("bench", help="measure throughput and latency on this machine (see BENCHMARKS.md)")
+    bench.add_argument("scenario", help="submit, batch, place, poll, e2e, list, memory, or all")
+    bench.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported with min and max")
+    bench.add_argument("--quick", action="store_true", help="short runs, to check the harness (figures not meaningful)")
+    bench.add_argument("--write", metavar="PATH", help="also write the report (markdown) to PATH")
+    bench.set_defaults(func=cmd_bench)
+
     from poolq.client_cli import add_commands
 
     add_commands(commands)
@@ -252,6 +259,12 @@ def cmd_nodes_check(args: argparse.Namespace) -> int:
         print(problem)
     print("invariant holds" if not problems else f"{len(problems)} problems")
     return 1 if problems else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from poolq.bench.runner import main as bench_main
+
+    return bench_main(args)
 
 
 def _redis() -> Any:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from typing import Any, Callable, Iterable
 
 from api_shim.http import HTTPError, Request, Response, Route, Router
 from api_shim.routes import jobs, meta, nodes, packages
 from poolq import tokens
-from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, Unavailable
+from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
+from poolq.quotas import RateLimiter
 from poolq.settings import Settings
 from poolq.store import JobStore, Waker
 
@@ -33,6 +35,7 @@ class App:
         self.settings = settings
         self._store = store
         self._waker = waker
+        self._limiter: RateLimiter | None = None
         # Submissions holding their answer for `Prefer: wait` may take at most this many
         # of a process's server threads; beyond it they answer at once (DESIGN.md 2.3).
         self.waiters = threading.BoundedSemaphore(settings.max_waiters)
@@ -89,12 +92,25 @@ class App:
         try:
             if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
                 self.authenticate(request)
+            if route.template.startswith("/api/jobs"):
+                try:
+                    tenant = jobs.tenant_of(request)
+                except InvalidRequest:
+                    tenant = None  # the handler answers the malformed header, in its own words
+                if tenant is not None:
+                    self.limiter.check(tenant)
             return handler(request)
         except PoolqError as exc:
             return error_response(exc)
         except Exception:  # a bug: log it whole, answer without details
             log.exception("unhandled error for %s %s", request.method, request.path)
             return Response.json({"error": "internal error"}, 500)
+
+    @property
+    def limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            self._limiter = RateLimiter(self.store.redis, self.store.scripts)
+        return self._limiter
 
     def authenticate(self, request: Request) -> None:
         """Tokens on: the tenant comes from the bearer token (DESIGN.md 8)."""
@@ -128,6 +144,9 @@ def error_response(exc: PoolqError) -> Response:
         return Response.json({"error": str(exc)}, 404)
     if isinstance(exc, Conflict):
         return Response.json({"error": str(exc)}, 409)
+    if isinstance(exc, TooMany):
+        headers = [("Retry-After", str(max(1, math.ceil(exc.retry_after))))] if exc.retry_after else []
+        return Response.json({"error": str(exc)}, 429, headers)
     if isinstance(exc, Unavailable):
         return Response.json({"error": str(exc)}, 503)
     return Response.json({"error": str(exc)}, 400)

@@ -78,6 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=cmd_token_revoke)
     token_sub.add_parser("list", help="tenants and token ids (never the tokens)").set_defaults(func=cmd_token_list)
 
+    quota = commands.add_parser("quota", help="per-tenant limits (effective at once)")
+    quota_sub = quota.add_subparsers(dest="quota_command", required=True, metavar="ACTION")
+    quota_set = quota_sub.add_parser("set", help="set limits; those not given are left as they are")
+    quota_set.add_argument("tenant")
+    quota_set.add_argument("--cpus", help="CPUs the tenant's running jobs may hold")
+    quota_set.add_argument("--memory", help="memory they may hold (bytes, or Ki/Mi/Gi/Ti)")
+    quota_set.add_argument("--gpus")
+    quota_set.add_argument("--resources", help="custom resources, NAME=amount,...")
+    quota_set.add_argument("--max-pending", type=int, help="PENDING jobs; submissions beyond are refused with 429")
+    quota_set.add_argument("--rate", type=float, help="API requests per second (429 with Retry-After above)")
+    quota_set.add_argument("--burst", type=int, help="requests allowed at once above the rate (default: the rate)")
+    quota_set.set_defaults(func=cmd_quota_set)
+    for name, func, text in (("show", cmd_quota_show, "show a tenant's limits"), ("clear", cmd_quota_clear, "remove a tenant's limits")):
+        action = quota_sub.add_parser(name, help=text)
+        action.add_argument("tenant")
+        action.set_defaults(func=func)
+
     bench = commands.add_parser("bench", help="measure throughput and latency on this machine (see BENCHMARKS.md)")
     bench.add_argument("scenario", help="submit, batch, place, poll, e2e, list, memory, or all")
     bench.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported with min and max")
@@ -265,6 +282,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from poolq.bench.runner import main as bench_main
 
     return bench_main(args)
+
+
+def cmd_quota_set(args: argparse.Namespace) -> int:
+    from decimal import Decimal, InvalidOperation
+
+    from poolq.nodes import parse_resources, parse_size
+    from poolq.quotas import set_quota
+
+    try:
+        quota = set_quota(
+            _redis(), args.tenant,
+            cpus=Decimal(args.cpus) if args.cpus else None,
+            memory=parse_size(args.memory) if args.memory else None,
+            gpus=Decimal(args.gpus) if args.gpus else None,
+            resources=parse_resources(args.resources) if args.resources else None,
+            max_pending=args.max_pending, rate=args.rate, burst=args.burst,
+        )
+    except (ValueError, InvalidOperation) as exc:
+        print(f"poolq quota set: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(quota, sort_keys=True))
+    return 0
+
+
+def cmd_quota_show(args: argparse.Namespace) -> int:
+    from poolq.quotas import get_quota
+
+    print(json.dumps(get_quota(_redis(), args.tenant), sort_keys=True))
+    return 0
+
+
+def cmd_quota_clear(args: argparse.Namespace) -> int:
+    from poolq.quotas import clear_quota
+
+    clear_quota(_redis(), args.tenant)
+    print("cleared")
+    return 0
 
 
 def _redis() -> Any:

@@ -4,6 +4,7 @@
     ├── InvalidRequest   a request or message breaks the contract (400, with fields)
     ├── NotFound         no such job in the caller's tenant (404)
     ├── Conflict         the request contradicts stored state (409)
+    ├── TooMany          a tenant limit: max pending jobs, request rate (429)
     └── Unavailable      Redis cannot be reached or refuses writes (503)
 """
 
@@ -28,6 +29,14 @@ class NotFound(PoolqError):
 
 class Conflict(PoolqError):
     """The request contradicts what is stored (a different job under the same id, a live job deleted)."""
+
+
+class TooMany(PoolqError):
+    """A tenant limit was reached: its max pending jobs, or its request rate (``retry_after`` s)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Unavailable(PoolqError):

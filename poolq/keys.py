@@ -10,6 +10,11 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:log:<tenant>:<id> | string | tail of the job's output, at most POOLQ_MAX_LOG_BYTES |
 | poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
 | poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
+| poolq:tenant:<tenant>:counts | hash | status -> number of the tenant's jobs in it |
+| poolq:tenant:<tenant>:usage | hash | resource -> amount reserved by the tenant's placed jobs |
+| poolq:quota:<tenant> | hash | the tenant's limits: resource amounts, max_pending, rate, burst |
+| poolq:rate:<tenant> | hash | the tenant's request token bucket: tokens, at (ms) |
+| poolq:tenants | set | every tenant that submitted a job (for metrics) |
 | poolq:seq | string | counter giving each submission its place in line |
 | poolq:deadlines | zset | ref -> deadline ms, for jobs not yet placed that have one |
 | poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |
@@ -49,6 +54,7 @@ HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"
 STATS = PREFIX + "stats"
 TOKENS = PREFIX + "tokens"
+TENANTS = PREFIX + "tenants"
 
 
 def ref(tenant: str, submission_id: str) -> str:
@@ -74,6 +80,22 @@ def tenant_jobs(tenant: str) -> str:
 
 def tenant_active(tenant: str) -> str:
     return f"{PREFIX}tenant:{tenant}:active"
+
+
+def tenant_counts(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:counts"
+
+
+def tenant_usage(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:usage"
+
+
+def quota(tenant: str) -> str:
+    return PREFIX + "quota:" + tenant
+
+
+def rate_bucket(tenant: str) -> str:
+    return PREFIX + "rate:" + tenant
 
 
 def shape(sig: str) -> str:

@@ -66,6 +66,15 @@ def mebibytes(num_bytes: int) -> int:
     return -(-num_bytes // (1024 * 1024))
 
 
+def show_amount(resource: str, amount: int) -> str:
+    """An integer amount as the scheduling messages write it: 3000m, 128MB, 2."""
+    if resource == CPU:
+        return f"{amount}m"
+    if resource == MEMORY:
+        return f"{mebibytes(amount)}MB"
+    return str(canonical_number(Decimal(amount) / 1000))
+
+
 class JobFields:
     """Field names of the job hash (``poolq:job:<ref>``); every value is a string.
 

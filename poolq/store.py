@@ -20,8 +20,8 @@ import redis
 from marshmallow import ValidationError
 
 from poolq import keys, queues
-from poolq.errors import Conflict, InvalidRequest, NotFound, Unavailable
-from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, canonical_number, mebibytes, render_record, to_milli
+from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
+from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, canonical_number, render_record, show_amount, to_milli
 from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import check_headers, load_job_request, normalise_submission_id
 from poolq.settings import Settings
@@ -147,27 +147,33 @@ class JobStore:
     def submit(self, job: NewJob) -> bool:
         """Store and queue the job. True if stored now, False if this exact request was
         already stored (an idempotent retry); Conflict if another request holds the id."""
-        code, wake = self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job))
-        return self._outcome(job, code, wake)
+        return self._outcome(job, *self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job)))
 
     @redis_errors("the submissions")
-    def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | Conflict]:
+    def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | PoolqError]:
         """Store many jobs in one round trip; per job, like ``submit``."""
         jobs = list(jobs)
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
             self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job), client=pipe)
-        outcomes: list[bool | Conflict] = []
-        for job, (code, wake) in zip(jobs, pipe.execute()):
+        outcomes: list[bool | PoolqError] = []
+        for job, answer in zip(jobs, pipe.execute()):
             try:
-                outcomes.append(self._outcome(job, code, wake))
-            except Conflict as exc:
+                outcomes.append(self._outcome(job, *answer))
+            except (Conflict, InvalidRequest, TooMany) as exc:
                 outcomes.append(exc)
         return outcomes
 
-    def _outcome(self, job: NewJob, code: int, wake: int) -> bool:
+    def _outcome(self, job: NewJob, code: int, wake: int, *detail: Any) -> bool:
         if code == 2:
             raise Conflict(f"submit job has already exist, submissionId: {job.submission_id}")
+        if code == 3:
+            pending, limit = detail
+            raise TooMany(f"tenant {job.tenant} has {pending} pending jobs, its limit")
+        if code == 4:
+            resource, amount, limit = detail
+            field = REQUEST_FIELDS.get(resource, f"entrypoint_resources.{resource}")
+            raise InvalidRequest({field: [f"asks for more {resource} than the tenant's quota allows ({show_amount(resource, int(amount))} > {show_amount(resource, int(limit))})"]})
         if wake:
             self.wake(queues.PLACEMENT)
         return code == 0
@@ -203,6 +209,7 @@ class JobStore:
         with ``expected_node``, placed elsewhere). See ``poolq/lua/finish.lua``.
         """
         allowed = "," + ",".join(s.value for s in from_statuses) + ","
+        tenant = keys.split_ref(job_ref)[0]
         extra_args = [item for pair in (extra or {}).items() for item in pair]
         for _ in range(5):
             node, sig = self.redis.hmget(keys.job(job_ref), [JobFields.NODE, JobFields.SHAPE])
@@ -214,7 +221,7 @@ class JobStore:
                     keys.job(job_ref), keys.node(node), keys.node_jobs(node), keys.node_inbox(node),
                     keys.shape_queue(sig or ""), keys.DEADLINES, keys.CLAIMED, keys.TERMINAL,
                     keys.INVENTORY_LOG, keys.KICK, keys.wake(queues.PLACEMENT),
-                    keys.tenant_active(keys.split_ref(job_ref)[0]),
+                    keys.tenant_active(tenant), keys.tenant_counts(tenant), keys.tenant_usage(tenant),
                 ],
                 args=[
                     job_ref, node, status.value, error_type.value if error_type else "", message,
@@ -252,7 +259,7 @@ class JobStore:
         key_list, args = [keys.TERMINAL], []
         for job_ref in job_refs:
             tenant, submission_id = keys.split_ref(job_ref)
-            key_list += [keys.job(job_ref), keys.log(job_ref), keys.tenant_jobs(tenant)]
+            key_list += [keys.job(job_ref), keys.log(job_ref), keys.tenant_jobs(tenant), keys.tenant_counts(tenant)]
             args += [job_ref, submission_id]
         return [int(x) for x in self.scripts.purge(keys=key_list, args=args)]
 
@@ -403,13 +410,13 @@ def build_shape(
     req: dict[str, int] = {}
     show: dict[str, str] = {}
     for name, amount, rendered in (
-        (CPU, to_milli(cpus), None),
-        (MEMORY, int(memory), f"{mebibytes(int(memory))}MB"),
+        (CPU, to_milli(cpus), show_amount(CPU, to_milli(cpus))),
+        (MEMORY, int(memory), show_amount(MEMORY, int(memory))),
         (GPU, to_milli(gpus), _plain(gpus)),
     ):
         if amount > 0:
             req[name] = amount
-            show[name] = rendered if rendered is not None else f"{amount}m"
+            show[name] = rendered
     for name in sorted(resources):
         if to_milli(resources[name]) > 0:
             req[name] = to_milli(resources[name])
@@ -440,6 +447,14 @@ def _submission_id(request: dict[str, Any], default_id: Callable[[], str] | None
     if given:
         return next(iter(given.values())), {}
     return (default_id() if default_id else f"app-{uuid.uuid4()}"), {}
+
+
+REQUEST_FIELDS = {CPU: "entrypoint_num_cpus", MEMORY: "entrypoint_memory", GPU: "entrypoint_num_gpus"}
+
+
+def requests_text(req: dict[str, int]) -> str:
+    """Integer amounts as the Lua scripts read them: ``CPU=3000,memory=134217728``."""
+    return ",".join(f"{name}={amount}" for name, amount in req.items())
 
 
 def _waiting(fields: dict[str, str]) -> bool:
@@ -481,6 +496,9 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.SEQ,
         keys.wake(queues.PLACEMENT),
         keys.tenant_active(job.tenant),
+        keys.tenant_counts(job.tenant),
+        keys.quota(job.tenant),
+        keys.TENANTS,
     ]
 
 
@@ -494,6 +512,8 @@ def _submit_args(job: NewJob) -> list[Any]:
         job.submission_id,
         job.ref,
         WAKE_TTL_MS,
+        requests_text(job.shape["req"]),
+        job.tenant,
     ]
 
 

@@ -108,7 +108,7 @@ class JobRun(threading.Thread):
             store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref)
             return
         started = store.scripts.start(
-            keys=[keys.job(self.job_ref), keys.node_inbox(agent.node_id)],
+            keys=[keys.job(self.job_ref), keys.node_inbox(agent.node_id), keys.tenant_counts(keys.split_ref(self.job_ref)[0])],
             args=[self.job_ref, agent.node_id, f"running on node {agent.node_id}"],
         )
         if started == 2:  # a stop came first

@@ -54,6 +54,9 @@ def submit_message(store: JobStore, message_id: str | None, body: Any, tenant_id
         return None
     try:
         store.submit(job)
+    except InvalidRequest as exc:  # the job alone exceeds its tenant's quota
+        _record_invalid(store, body, tenant_id, exc.fields)
+        return None
     except Conflict as exc:
         store.redis.hincrby(keys.STATS, INVALID_COUNTER, 1)
         log.warning("queued job refused: %s", exc)
@@ -85,8 +88,8 @@ def _record_invalid(store: JobStore, body: Any, tenant_id: Any, fields: dict[str
     }
     job_ref = keys.ref(tenant, submission_id)
     store.scripts.record_invalid(
-        keys=[keys.job(job_ref), keys.tenant_jobs(tenant), keys.TERMINAL, keys.SEQ],
-        args=[json.dumps(spec), f"invalid job request: {problems}", submission_id, job_ref],
+        keys=[keys.job(job_ref), keys.tenant_jobs(tenant), keys.TERMINAL, keys.SEQ, keys.tenant_counts(tenant), keys.TENANTS],
+        args=[json.dumps(spec), f"invalid job request: {problems}", submission_id, job_ref, tenant],
     )
 
 

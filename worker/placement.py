@@ -16,13 +16,14 @@ import bisect
 import dataclasses
 from typing import Any, Iterable, Iterator
 
-from poolq.model import CPU, GPU, MEMORY
+from poolq.model import CPU, GPU, MEMORY, show_amount
 
 ALL = "*"  # the index of every schedulable node
 
 # Reason names in the order a node is checked (DESIGN.md 3.3).
 DISPLAY_NAMES = {CPU: "CPU", MEMORY: "Memory", GPU: "GPU"}
 AFFINITY = "Affinity can't be Satisfied"
+QUOTA = "Tenant Quota Exceeded"
 NO_NODE = "No Available Node"
 
 
@@ -243,6 +244,20 @@ def _first_failure(node: Node, shape: Shape, order: list[str]) -> tuple[int, int
             return (position, 1)
         if amount > capacity - node.reserved.get(resource, 0):
             return (position, 2)
+    return None
+
+
+def quota_reason(req: dict[str, int], limits: dict[str, int], usage: dict[str, int]) -> dict[str, Any] | None:
+    """The reason a job waits on its tenant's quota, or None if the quota allows it.
+
+    Rendered as openYuanrong renders a resource: ``CPU: 3000m/4000m`` (used/limit).
+    """
+    for resource, amount in req.items():
+        limit = limits.get(resource)
+        if limit is not None and usage.get(resource, 0) + amount > limit:
+            name = DISPLAY_NAMES.get(resource, resource)
+            used = usage.get(resource, 0)
+            return {"reason": QUOTA, "units": 0, "requirement": f"{name}: {show_amount(resource, used)}/{show_amount(resource, limit)}"}
     return None
 
 

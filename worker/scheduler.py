@@ -27,13 +27,15 @@ import redis
 from poolq import keys, queues
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
-from poolq.store import WAKE_TTL_MS, JobStore
+from poolq.store import WAKE_TTL_MS, JobStore, requests_text
 from worker.inventory import NodeAdmin, node_from_hash
-from worker.placement import Inventory, Node, Shape
+from worker.placement import Inventory, Node, Shape, quota_reason
 
 log = logging.getLogger("poolq.placement")
 
 SHAPES_PER_ROUND = 32
+SHAPES_PER_TENANT = 4
+READY_SCAN = 512
 RESERVE_RETRIES = 3
 
 
@@ -47,6 +49,7 @@ class Scheduler:
         self.inventory = Inventory(self.settings.placement_strategy)
         self._log_id: str | None = None  # position in poolq:inventory:log
         self._shapes: dict[str, Shape] = {}
+        self._quotas: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # tenant -> (limits, usage)
 
     # -- the inventory view ----------------------------------------------------
 
@@ -121,17 +124,18 @@ class Scheduler:
 
     def round(self) -> int:
         """One claim-choose-reserve round; returns how many jobs it claimed."""
-        sigs = self.redis.zrange(keys.SHAPES_READY, 0, SHAPES_PER_ROUND - 1)
+        sigs = self._ready_shapes()
         if not sigs:
             return 0
         flat = self.scripts.claim(
             keys=[keys.SHAPES_READY, keys.CLAIMED, *(keys.shape_queue(s) for s in sigs)],
-            args=[self.settings.placement_batch, int(self.settings.claim_lease_s * 1000), *sigs],
+            args=[self.settings.placement_batch, int(self.settings.claim_lease_s * 1000), *sigs,
+                  *(self._shapes[s].tenant for s in sigs)],
         )
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
             return 0
-        self._load_shapes({sig for _, sig, _ in claimed})
+        self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed})
         self.refresh()
         pending, unplaced = claimed, []
         failed_shapes: dict[str, list[dict[str, Any]]] = {}
@@ -144,6 +148,36 @@ class Scheduler:
             self.refresh()
         self._requeue(unplaced + pending, failed_shapes)
         return len(claimed)
+
+    def _ready_shapes(self) -> list[str]:
+        """The oldest ready shapes, at most SHAPES_PER_TENANT of one tenant, so that the
+        tenants behind a tenant with many shapes still get their turn this round."""
+        candidates = self.redis.zrange(keys.SHAPES_READY, 0, READY_SCAN - 1)
+        self._load_shapes(set(candidates))
+        chosen: list[str] = []
+        per_tenant: dict[str, int] = defaultdict(int)
+        for sig in candidates:
+            shape = self._shapes.get(sig)
+            if shape is None or per_tenant[shape.tenant] >= SHAPES_PER_TENANT:
+                continue
+            per_tenant[shape.tenant] += 1
+            chosen.append(sig)
+            if len(chosen) == SHAPES_PER_ROUND:
+                break
+        return chosen
+
+    def _load_quotas(self, tenants: set[str]) -> None:
+        """The round's view of each tenant's limits and usage (reserve.lua re-checks)."""
+        pipe = self.redis.pipeline(transaction=False)
+        names = sorted(tenants)
+        for tenant in names:
+            pipe.hgetall(keys.quota(tenant))
+            pipe.hgetall(keys.tenant_usage(tenant))
+        answers = pipe.execute()
+        self._quotas = {
+            tenant: ({k: int(v) for k, v in answers[2 * i].items()}, {k: int(v) for k, v in answers[2 * i + 1].items()})
+            for i, tenant in enumerate(names)
+        }
 
     def _load_shapes(self, sigs: set[str]) -> None:
         missing = [s for s in sigs if s not in self._shapes]
@@ -165,12 +199,16 @@ class Scheduler:
             if shape is None or sig in failed_shapes:
                 unplaced.append((job_ref, sig, seq))
                 continue
-            node = self.inventory.choose(shape)
+            limits, usage = self._quotas.get(shape.tenant, ({}, {}))
+            over_quota = quota_reason(shape.req, limits, usage)
+            node = None if over_quota else self.inventory.choose(shape)
             if node is None:
-                failed_shapes[sig] = self.inventory.reasons(shape)
+                failed_shapes[sig] = [over_quota] if over_quota else self.inventory.reasons(shape)
                 unplaced.append((job_ref, sig, seq))
                 continue
             self.inventory.reserve(node, shape.req)
+            for resource, amount in shape.req.items():
+                usage[resource] = usage.get(resource, 0) + amount
             decisions.append((job_ref, sig, seq, node, shape))
         return decisions, unplaced
 
@@ -180,17 +218,19 @@ class Scheduler:
         args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
         for job_ref, sig, seq, node, shape in decisions:
             key_list += [keys.job(job_ref), keys.node(node.id), keys.node_jobs(node.id), keys.node_inbox(node.id),
-                         keys.shape(sig), keys.wake(queues.node_queue(node.id))]
-            args += [job_ref, node.id, seq, ",".join(f"{r}={a}" for r, a in shape.req.items())]
+                         keys.shape(sig), keys.wake(queues.node_queue(node.id)),
+                         keys.tenant_usage(shape.tenant), keys.quota(shape.tenant)]
+            args += [job_ref, node.id, seq, requests_text(shape.req)]
         results, wake = self.scripts.reserve(keys=key_list, args=args)
         for node_id in wake:
             self.store.wake(queues.node_queue(node_id))
         refused = [(d, code) for d, code in zip(decisions, results) if code != 0]
         if refused:
-            # The local view reserved these too: read the true state of their nodes.
+            # The local view reserved these too: read the true state of their nodes and tenants.
             self._reload_nodes({d[3].id for d, _ in refused})
+            self._load_quotas(set(self._quotas))
             log.debug("%d reservations refused; choosing again where the job still waits", len(refused))
-        return [(d[0], d[1], d[2]) for d, code in refused if code in (2, 3)]
+        return [(d[0], d[1], d[2]) for d, code in refused if code in (2, 3, 4)]
 
     def _requeue(self, jobs: list[tuple[str, str, int]], failed_shapes: dict[str, list[dict[str, Any]]]) -> None:
         by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)

@@ -22,9 +22,15 @@ def place() -> int:
 @shared_task(name=queues.SUBMIT, bind=True, ignore_result=True)
 def submit(self: Any, body: Any = None, tenant_id: str | None = None, pool_label: str | None = None, schedule_timeout_ms: Any = None) -> str | None:
     """A job published straight onto the queue (DESIGN.md 5)."""
+    from poolq.errors import TooMany
     from worker.intake import submit_message
 
-    return submit_message(runtime.store(), self.request.id, body, tenant_id, pool_label, schedule_timeout_ms)
+    try:
+        return submit_message(runtime.store(), self.request.id, body, tenant_id, pool_label, schedule_timeout_ms)
+    except TooMany as exc:
+        # The tenant's max pending is reached: keep the message and try again later
+        # (same message id, so the same derived submission id).
+        raise self.retry(exc=exc, countdown=2, max_retries=None) from exc
 
 
 @shared_task(name=queues.NODE_WAKE, ignore_result=True)

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from api_shim.http import JSON, HTTPError, Request, Response, is_digits
-from poolq.errors import Conflict, InvalidRequest, Unavailable
+from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobStatus, render_record
 from poolq.schemas import TENANT, parse_json
 
@@ -86,7 +86,9 @@ def submit_batch(request: Request) -> Response:
     except Unavailable as exc:
         raise Unavailable(f"create app failed for the batch, err: {exc}") from exc
     for (position, job), outcome in zip(valid, outcomes):
-        if isinstance(outcome, Conflict):
+        if isinstance(outcome, InvalidRequest):
+            results[position] = {"error": str(outcome), "fields": outcome.fields}
+        elif isinstance(outcome, PoolqError):
             results[position] = {"error": str(outcome)}
         else:
             results[position] = {"submission_id": job.submission_id}

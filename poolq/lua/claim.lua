@@ -1,29 +1,55 @@
--- Claim the oldest waiting jobs across some ready shapes for one placement round.
--- Claimed jobs leave their shape's queue for poolq:claimed with a lease; a worker
--- that dies holding them loses the lease and the sweep puts them back in line.
+-- Claim waiting jobs for one placement round. Tenants take turns: the oldest job of
+-- each tenant, then each tenant's next, and so on, so one tenant's backlog cannot
+-- starve another's jobs. Claimed jobs leave their shape's queue for poolq:claimed
+-- with a lease; a worker that dies holding them loses the lease and the sweep puts
+-- them back in line.
 --
 -- KEYS: 1 shapes:ready, 2 claimed, 3.. the queues of the shapes named in ARGV
--- ARGV: 1 max jobs, 2 lease ms, 3.. shape sigs (same order as their queues)
--- Returns a flat list: ref, sig, seq, ref, sig, seq, ... oldest first.
+-- ARGV: 1 max jobs, 2 lease ms, then the m shapes' sigs (in the order of their
+--       queues), then the m shapes' tenants (same order)
+-- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 local limit = tonumber(ARGV[1])
+local m = #KEYS - 2
 local t = redis.call('TIME')
 local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
-local candidates = {}
+local per_tenant, tenants = {}, {}
 for i = 3, #KEYS do
+  local tenant = ARGV[m + i]
+  if not per_tenant[tenant] then
+    per_tenant[tenant] = {}
+    tenants[#tenants + 1] = tenant
+  end
+  local list = per_tenant[tenant]
   local head = redis.call('ZRANGE', KEYS[i], 0, limit - 1, 'WITHSCORES')
   for j = 1, #head, 2 do
-    candidates[#candidates + 1] = {head[j], ARGV[i], tonumber(head[j + 1]), KEYS[i]}
+    list[#list + 1] = {head[j], ARGV[i], tonumber(head[j + 1]), KEYS[i]}
   end
 end
-table.sort(candidates, function(a, b) return a[3] < b[3] end)
-local out = {}
-for n = 1, math.min(limit, #candidates) do
-  local c = candidates[n]
-  redis.call('ZREM', c[4], c[1])
-  redis.call('ZADD', KEYS[2], expires, c[1])
-  out[#out + 1] = c[1]
-  out[#out + 1] = c[2]
-  out[#out + 1] = c[3]
+for _, tenant in ipairs(tenants) do
+  table.sort(per_tenant[tenant], function(a, b) return a[3] < b[3] end)
+end
+local function oldest(tenant)
+  local list = per_tenant[tenant]
+  return #list > 0 and list[1][3] or math.huge
+end
+table.sort(tenants, function(a, b) return oldest(a) < oldest(b) end)
+local out, taken, turn = {}, 0, 1
+while taken < limit do
+  local any = false
+  for _, tenant in ipairs(tenants) do
+    local c = per_tenant[tenant][turn]
+    if c and taken < limit then
+      any = true
+      taken = taken + 1
+      redis.call('ZREM', c[4], c[1])
+      redis.call('ZADD', KEYS[2], expires, c[1])
+      out[#out + 1] = c[1]
+      out[#out + 1] = c[2]
+      out[#out + 1] = c[3]
+    end
+  end
+  if not any then break end
+  turn = turn + 1
 end
 for i = 3, #KEYS do
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')

@@ -6,7 +6,7 @@
 --
 -- KEYS: 1 job, 2 node hash, 3 node jobs, 4 node inbox, 5 shape queue, 6 deadlines,
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
---       12 the tenant's active index
+--       12 the tenant's active index, 13 the tenant's status counts, 14 its usage
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -31,6 +31,8 @@ if j[4] == '1' and (new_status == 'SUCCEEDED' or error_type == 'ENTRYPOINT_FAILE
   new_status, error_type, message = 'STOPPED', 'STOPPED_BY_USER', 'stopped by user request'
 end
 redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
+redis.call('HINCRBY', KEYS[13], status, -1)
+redis.call('HINCRBY', KEYS[13], new_status, 1)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local wake = 0
@@ -38,6 +40,7 @@ local res = j[3] or ''
 if node ~= '' and res ~= '' then
   for name, amount in string.gmatch(res, '([^=,]+)=(%d+)') do
     redis.call('HINCRBY', KEYS[2], 'res:' .. name, '-' .. amount)
+    redis.call('HINCRBY', KEYS[14], name, '-' .. amount)
   end
   redis.call('HSET', KEYS[1], 'res', '')
   redis.call('XADD', KEYS[9], 'MAXLEN', '~', 100000, '*', 'n', node)

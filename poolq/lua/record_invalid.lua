@@ -2,8 +2,9 @@
 -- publisher polling that id sees FAILED / INVALID_REQUEST instead of "not found".
 -- An id that already holds a job is left alone.
 --
--- KEYS: 1 job hash, 2 tenant index, 3 terminal, 4 seq counter
--- ARGV: 1 spec JSON, 2 message, 3 submission id, 4 ref
+-- KEYS: 1 job hash, 2 tenant index, 3 terminal, 4 seq counter, 5 tenant's status counts,
+--       6 tenants set
+-- ARGV: 1 spec JSON, 2 message, 3 submission id, 4 ref, 5 tenant
 -- Returns 1 recorded, 0 the id was taken.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
@@ -13,4 +14,6 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', 'invalid', 'status', 'FAILED'
   'deadline', '', 'attempts', '0', 'reasons', '[]', 'res', '')
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[3])
 redis.call('ZADD', KEYS[3], now, ARGV[4])
+redis.call('HINCRBY', KEYS[5], 'FAILED', 1)
+redis.call('SADD', KEYS[6], ARGV[5])
 return 1

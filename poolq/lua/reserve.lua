@@ -5,19 +5,22 @@
 -- node and a job is never reserved twice, whatever their caches believed.
 --
 -- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines,
---       then per decision 6 keys: job, node, node jobs, node inbox, shape, node wake flag
+--       then per decision 8 keys: job, node, node jobs, node inbox, shape, node wake flag,
+--       the tenant's usage, the tenant's quota
 -- ARGV: 1 node ttl ms, 2 wake ttl ms, then per decision 4 values:
 --       ref, node id, seq, requests ("R=amount,R=amount")
 -- Returns per decision: 0 reserved, 1 job gone (placed, stopped, ended),
--- 2 node not available, 3 not enough free capacity; then the node ids to wake.
+-- 2 node not available, 3 not enough free capacity, 4 over the tenant's quota;
+-- then the node ids to wake.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local results, wake = {}, {}
-local n = (#KEYS - 4) / 6
+local n = (#KEYS - 4) / 8
 for i = 0, n - 1 do
-  local k, a = 4 + i * 6, 2 + i * 4
+  local k, a = 4 + i * 8, 2 + i * 4
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
+  local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
   local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base')
   local code = 0
@@ -38,10 +41,20 @@ for i = 0, n - 1 do
         if cap - used < tonumber(amount) then code = 3 break end
       end
     end
+    if code == 0 then
+      for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
+        local limit = redis.call('HGET', quota, name)
+        if limit and tonumber(redis.call('HGET', usage, name) or '0') + tonumber(amount) > tonumber(limit) then
+          code = 4
+          break
+        end
+      end
+    end
   end
   if code == 0 then
     for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
       redis.call('HINCRBY', node, 'res:' .. name, amount)
+      redis.call('HINCRBY', usage, name, amount)
     end
     local attempts = tonumber(redis.call('HGET', shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
@@ -55,7 +68,7 @@ for i = 0, n - 1 do
       if redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then wake[#wake + 1] = node_id end
     end
   end
-  if code ~= 3 and code ~= 2 then redis.call('ZREM', KEYS[1], ref) end
+  if code == 0 or code == 1 then redis.call('ZREM', KEYS[1], ref) end
   results[#results + 1] = code
 end
 return {results, wake}

@@ -1,7 +1,7 @@
 -- A node agent starts a job placed on it: only a PENDING job placed on this node,
 -- with no stop requested, becomes RUNNING. Anything else is skipped.
 --
--- KEYS: 1 job, 2 node inbox
+-- KEYS: 1 job, 2 node inbox, 3 the tenant's status counts
 -- ARGV: 1 ref, 2 node id, 3 message
 -- Returns 1 started, 0 skip, 2 a stop was requested (the agent ends it STOPPED).
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -11,4 +11,6 @@ if j[3] == '1' then return 2 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'start_time', now, 'message', ARGV[3])
+redis.call('HINCRBY', KEYS[3], 'PENDING', -1)
+redis.call('HINCRBY', KEYS[3], 'RUNNING', 1)
 return 1

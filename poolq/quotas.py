@@ -1,0 +1,87 @@
+"""Per-tenant limits, in Redis so that a change is effective at once (DESIGN.md 8).
+
+``poolq:quota:<tenant>`` holds integer limits on what the tenant's placed and
+running jobs may hold (resource names as placement uses them: CPU and GPU in
+milli-units, memory in bytes), ``max_pending`` (PENDING jobs; more is a 429 at
+submit), and ``rate``/``burst`` (a request token bucket per tenant; over it, 429
+with Retry-After). A job over the running quota waits; a job that alone exceeds
+it is refused at submit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import redis
+
+from poolq import keys
+from poolq.errors import TooMany
+from poolq.model import CPU, GPU, MEMORY, to_milli
+from poolq.redis_io import Scripts, redis_errors
+
+CACHE_S = 1.0  # how long an API process trusts what it read of a tenant's rate limit
+
+
+@redis_errors("the quota change")
+def set_quota(client: redis.Redis, tenant: str, *, cpus: Decimal | None = None, memory: int | None = None,
+              gpus: Decimal | None = None, resources: dict[str, Decimal] | None = None, max_pending: int | None = None,
+              rate: float | None = None, burst: int | None = None) -> dict[str, str]:
+    """Set the given limits (others are left as they are); returns the tenant's quota."""
+    limits: dict[str, str] = {}
+    if cpus is not None:
+        limits[CPU] = str(to_milli(cpus))
+    if memory is not None:
+        limits[MEMORY] = str(memory)
+    if gpus is not None:
+        limits[GPU] = str(to_milli(gpus))
+    for name, amount in (resources or {}).items():
+        limits[name] = str(to_milli(amount))
+    if max_pending is not None:
+        limits["max_pending"] = str(max_pending)
+    if rate is not None:
+        limits["rate"] = repr(float(rate))
+        limits["burst"] = str(burst if burst is not None else max(1, int(rate)))
+    elif burst is not None:
+        limits["burst"] = str(burst)
+    if limits:
+        client.hset(keys.quota(tenant), mapping=limits)
+    return get_quota(client, tenant)
+
+
+@redis_errors("the quota read")
+def get_quota(client: redis.Redis, tenant: str) -> dict[str, str]:
+    return dict(client.hgetall(keys.quota(tenant)))
+
+
+@redis_errors("the quota change")
+def clear_quota(client: redis.Redis, tenant: str) -> None:
+    client.delete(keys.quota(tenant), keys.rate_bucket(tenant))
+
+
+class RateLimiter:
+    """Checks a tenant's request rate; reads its limit at most once a second per process."""
+
+    def __init__(self, client: redis.Redis, scripts: Scripts):
+        self.redis, self.scripts = client, scripts
+        self._cache: dict[str, tuple[float, float | None, int]] = {}
+        self._lock = threading.Lock()
+
+    @redis_errors("the rate check")
+    def check(self, tenant: str) -> None:
+        """Raise TooMany (with retry_after) when the tenant is over its rate."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(tenant)
+        if cached is None or cached[0] < now:
+            rate_text, burst_text = self.redis.hmget(keys.quota(tenant), ["rate", "burst"])
+            cached = (now + CACHE_S, float(rate_text) if rate_text else None, int(burst_text or 1))
+            with self._lock:
+                self._cache[tenant] = cached
+        _, rate, burst = cached
+        if not rate:
+            return
+        allowed, wait_ms = self.scripts.rate_limit(keys=[keys.rate_bucket(tenant)], args=[rate, burst])
+        if not allowed:
+            raise TooMany(f"rate limit of tenant {tenant} exceeded ({rate:g} requests/s)", retry_after=int(wait_ms) / 1000)

@@ -8,7 +8,7 @@ import threading
 from typing import Any, Callable, Iterable
 
 from api_shim.http import HTTPError, Request, Response, Route, Router
-from api_shim.routes import jobs, meta, nodes, packages
+from api_shim.routes import jobs, meta, metrics, nodes, packages
 from poolq import tokens
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.quotas import RateLimiter
@@ -52,6 +52,7 @@ class App:
                 Route("/api/version", {"GET": meta.version}),
                 Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),
+                Route("/metrics", {"GET": metrics.metrics}),
             ]
         )
 

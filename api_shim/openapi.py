@@ -206,6 +206,9 @@ def document() -> dict[str, Any]:
     spec.path("/api/version", operations={"get": {"summary": "Versions", "responses": {"200": _answer("versions", _obj({
         "version": {"type": "string"}, "ray_version": {"type": "string"}, "poolq_version": {"type": "string"}}))}}})
     spec.path("/api/openapi.json", operations={"get": {"summary": "This document", "responses": {"200": _answer("OpenAPI 3", {"type": "object"})}}})
+    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": {
+        "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **_errors(503)}}})
     spec.path("/healthz", operations={"get": {"summary": "Health", "responses": {
         "200": _answer("Redis answers", {"type": "object"}), "503": _answer("Redis unavailable", {"type": "object"})}}})
     return spec.to_dict()

@@ -32,7 +32,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:inventory:log | stream | node ids whose state changed; placement caches follow it |
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
-| poolq:stats | hash | counters (e.g. invalid queue messages) |
+| poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement latency buckets, schedule_failures:<reason> |
 | poolq:pkg:<name> | string | an uploaded working_dir package (zip bytes); expires unless used |
 | poolq:tokens | set | ids of API tokens |
 | poolq:token:<id> | hash | an API token: tenant, digest (SHA-256 of the token), created |

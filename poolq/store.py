@@ -23,7 +23,7 @@ from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, canonical_number, render_record, show_amount, to_milli
 from poolq.redis_io import Scripts, redis_errors
-from poolq.schemas import check_headers, load_job_request, normalise_submission_id
+from poolq.schemas import TENANT, check_headers, load_job_request, normalise_submission_id
 from poolq.settings import Settings
 
 log = logging.getLogger("poolq.store")
@@ -387,6 +387,14 @@ class JobStore:
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.1)
 
+    def count_invalid(self, tenant: str | None) -> None:
+        """Count a refused submission for /metrics; never fails the request."""
+        name = (tenant or "").strip() or "default"
+        try:
+            self.redis.hincrby(keys.STATS, f"submissions:{name if TENANT.match(name) else '-'}:invalid", 1)
+        except redis.RedisError:
+            pass
+
     @redis_errors("the health check")
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -499,6 +507,7 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.tenant_counts(job.tenant),
         keys.quota(job.tenant),
         keys.TENANTS,
+        keys.STATS,
     ]
 
 

@@ -91,6 +91,11 @@ class Duties:
                 extra={JobFields.ATTEMPTS: str(attempts), JobFields.REASONS: json.dumps(reason_list)},
             )
             failed += moved
+            if moved:
+                pipe = self.redis.pipeline(transaction=False)
+                for reason in reason_list or [{"reason": "no placement attempt"}]:
+                    pipe.hincrby(keys.STATS, f"schedule_failures:{reason['reason']}", 1)
+                pipe.execute()
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)
         return failed

@@ -214,7 +214,7 @@ class Scheduler:
 
     def _reserve(self, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
         """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
-        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES]
+        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES, keys.STATS]
         args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
         for job_ref, sig, seq, node, shape in decisions:
             key_list += [keys.job(job_ref), keys.node(node.id), keys.node_jobs(node.id), keys.node_inbox(node.id),

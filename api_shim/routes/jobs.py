@@ -20,13 +20,17 @@ MAX_WAIT_S = 60.0
 
 def submit(request: Request) -> Response:
     app = request.app
-    body = json_body(request, app.settings.max_body)
-    job = app.store.prepare(
-        body,
-        tenant=request.tenant or request.header("X-Tenant-Id"),
-        pool_label=request.header("X-Pool-Label"),
-        schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
-    )
+    try:
+        body = json_body(request, app.settings.max_body)
+        job = app.store.prepare(
+            body,
+            tenant=request.tenant or request.header("X-Tenant-Id"),
+            pool_label=request.header("X-Pool-Label"),
+            schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
+        )
+    except InvalidRequest:
+        app.store.count_invalid(request.tenant or request.header("X-Tenant-Id"))
+        raise
     try:
         app.store.submit(job)
     except Unavailable as exc:

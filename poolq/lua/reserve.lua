@@ -4,7 +4,7 @@
 -- and has the free capacity. So concurrent placement workers never over-commit a
 -- node and a job is never reserved twice, whatever their caches believed.
 --
--- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines,
+-- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats,
 --       then per decision 8 keys: job, node, node jobs, node inbox, shape, node wake flag,
 --       the tenant's usage, the tenant's quota
 -- ARGV: 1 node ttl ms, 2 wake ttl ms, then per decision 4 values:
@@ -16,13 +16,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local results, wake = {}, {}
-local n = (#KEYS - 4) / 8
+local buckets = {10, 50, 100, 500, 1000, 5000, 10000, 60000}  -- ms, for placement latency
+local n = (#KEYS - 5) / 8
 for i = 0, n - 1 do
-  local k, a = 4 + i * 8, 2 + i * 4
+  local k, a = 5 + i * 8, 2 + i * 4
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
-  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base')
+  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time')
   local code = 0
   if j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') then
     code = 1
@@ -60,6 +61,12 @@ for i = 0, n - 1 do
     if attempts < 1 then attempts = 1 end
     redis.call('HSET', job, 'node', node_id, 'pool', redis.call('HGET', node, 'pool'),
       'res', requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now)
+    local latency = now - tonumber(j[5] or now)
+    for _, le in ipairs(buckets) do
+      if latency <= le then redis.call('HINCRBY', KEYS[5], 'placement_le:' .. le, 1) end
+    end
+    redis.call('HINCRBY', KEYS[5], 'placement_count', 1)
+    redis.call('HINCRBY', KEYS[5], 'placement_sum_ms', latency)
     redis.call('SADD', node_jobs, ref)
     redis.call('ZREM', KEYS[4], ref)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', node_id)

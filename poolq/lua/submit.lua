@@ -4,7 +4,7 @@
 -- KEYS: 1 job hash, 2 tenant index, 3 shape hash, 4 shape queue, 5 shapes:ready,
 --       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag,
 --       10 tenant's active index, 11 tenant's status counts, 12 tenant's quota,
---       13 tenants set
+--       13 tenants set, 14 stats
 -- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 timeout ms,
 --       6 submission id, 7 job ref, 8 wake flag ttl ms, 9 requests "R=amount,...",
 --       10 tenant
@@ -12,20 +12,23 @@
 -- 2 another request holds this id, 3 the tenant's max pending is reached
 -- {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
 -- {4, 0, resource, amount, limit}; wake 1 when the caller must send a wake-up.
+local function outcome(name) redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. name, 1) end
 local existing = redis.call('HGET', KEYS[1], 'fp')
 if existing then
-  if existing == ARGV[1] then return {1, 0} end
+  if existing == ARGV[1] then outcome('duplicate') return {1, 0} end
+  outcome('conflict')
   return {2, 0}
 end
 for name, amount in string.gmatch(ARGV[9], '([^=,]+)=(%d+)') do
   local limit = redis.call('HGET', KEYS[12], name)
-  if limit and tonumber(amount) > tonumber(limit) then return {4, 0, name, amount, limit} end
+  if limit and tonumber(amount) > tonumber(limit) then outcome('over_quota') return {4, 0, name, amount, limit} end
 end
 local max_pending = redis.call('HGET', KEYS[12], 'max_pending')
 if max_pending then
   local pending = tonumber(redis.call('HGET', KEYS[11], 'PENDING') or '0')
-  if pending >= tonumber(max_pending) then return {3, 0, pending, max_pending} end
+  if pending >= tonumber(max_pending) then outcome('too_many_pending') return {3, 0, pending, max_pending} end
 end
+outcome('accepted')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = redis.call('INCR', KEYS[8])

@@ -1,0 +1,292 @@
+"""Starting and stopping what a benchmark scenario needs, and nothing left behind.
+
+A ``Stack`` owns a fresh temporary directory, an embedded Redis in it (append-only,
+as in production) and every child process a scenario starts: API servers, placement
+workers, node agents, the baseline servers. Children run in their own sessions (so
+Ctrl-C reaches only the harness, which stops them in order) and receive SIGKILL if
+the harness dies. ``close()`` (the context manager's exit) stops them all, then
+Redis, then removes the directory, also after an error or Ctrl-C. Each child's
+output goes to a log file whose tail is shown when the child fails to start.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+
+from poolq import keys
+from poolq.embedded import EmbeddedRedis, free_port
+from poolq.procs import die_with_parent
+
+PYTHON = sys.executable
+
+
+class BenchError(Exception):
+    """A scenario could not be set up or measured (a child did not start, a wait timed out)."""
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll until ``predicate()`` is truthy; BenchError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+class Child:
+    """One child process (and its session) with its output in ``log_path``."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise BenchError(f"{self.name} exited with status {self.process.returncode}:\n{self.tail()}")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL to its whole session (a server's worker processes too)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of its session is left
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.process.poll() is None:
+            self.process.wait()
+
+
+class Api:
+    """An HTTP server a scenario talks to (poolq's API or a baseline), with a tiny client."""
+
+    def __init__(self, child: Child, port: int):
+        self.child, self.port = child, port
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                timeout_s: float = 60.0) -> tuple[int, dict[str, str], Any]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            all_headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+            connection.request(method, path, body=data, headers=all_headers)
+            response = connection.getresponse()
+            raw = response.read()
+            answer = json.loads(raw) if raw and response.getheader("Content-Type", "").startswith("application/json") else raw
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
+        finally:
+            connection.close()
+
+    def ready(self) -> bool:
+        self.child.check_alive()
+        try:
+            return self.request("GET", "/healthz", timeout_s=2)[0] == 200
+        except OSError:
+            return False
+
+
+class Stack:
+    """A temporary directory, an embedded Redis, and the children started on it."""
+
+    def __init__(self, name: str):
+        self.root = Path(tempfile.mkdtemp(prefix=f"poolq-bench-{name}-"))
+        self.redis_server: EmbeddedRedis | None = None
+        self.children: list[Child] = []
+        self._client: redis.Redis | None = None
+        self._counter = 0
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- Redis -------------------------------------------------------------------
+
+    def start_redis(self) -> str:
+        self.redis_server = EmbeddedRedis(self.root / "redis", appendonly=True)
+        return self.redis_server.start()
+
+    @property
+    def url(self) -> str:
+        assert self.redis_server is not None, "start_redis() first"
+        return self.redis_server.url
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A decoding client with generous timeouts (big pipelines, INFO on a big dataset)."""
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=120)
+        return self._client
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of poolq children: this stack's Redis and data dir, quick shutdowns."""
+        return {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "POOLQ_REDIS_URL": self.url,
+            "POOLQ_DATA_DIR": str(self.root / "data"),
+            "POOLQ_AUTH": "none",
+            "POOLQ_DRAIN_S": "1",  # an agent stopped at the end of a scenario drains briefly
+            "POOLQ_STOP_GRACE_S": "1",
+            **extra,
+        }
+
+    # -- children ----------------------------------------------------------------
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        self._counter += 1
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        child = Child(name, argv, env or self.env(), logs / f"{self._counter:02d}-{name}.log", self.root)
+        self.children.append(child)
+        return child
+
+    def api(self, workers: int | None = None) -> Api:
+        """``python -m poolq api --port P`` (granian; POOLQ_API_WORKERS processes), ready."""
+        port = free_port()
+        extra = {"POOLQ_API_WORKERS": str(workers)} if workers else {}
+        child = self.spawn("api", [PYTHON, "-m", "poolq", "api", "--port", str(port)], self.env(**extra))
+        api = Api(child, port)
+        wait_for(api.ready, 60, "the API to answer /healthz")
+        return api
+
+    def worker(self, index: int = 0) -> Child:
+        """``python -m poolq worker`` (not waited for: see ``wait_ready``)."""
+        return self.spawn(f"worker{index}", [PYTHON, "-m", "poolq", "worker", "--loglevel", "INFO"])
+
+    def wait_ready(self, workers: list[Child], timeout_s: float = 60) -> None:
+        """Celery logs ``celery@host ready.`` once it consumes its queues."""
+
+        def all_ready() -> bool:
+            for child in workers:
+                child.check_alive()
+            return all(" ready." in child.output() for child in workers)
+
+        wait_for(all_ready, timeout_s, "placement workers to log 'ready'", interval_s=0.1)
+
+    def node(self, node_id: str, *args: str) -> Child:
+        """``python -m poolq node --id ID ...``, ready once its node is live in Redis."""
+        child = self.spawn(f"node-{node_id}", [PYTHON, "-m", "poolq", "node", "--id", node_id, *args])
+
+        def registered() -> bool:
+            child.check_alive()
+            return self.redis.hget(keys.node(node_id), "state") == "live" and " ready." in child.output()
+
+        wait_for(registered, 60, f"node agent {node_id} to register", interval_s=0.1)
+        return child
+
+    def gunicorn_baseline(self) -> Api:
+        port = free_port()
+        child = self.spawn("baseline-gunicorn", [
+            PYTHON, "-m", "gunicorn", "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}", "poolq.bench.baseline:application",
+        ], self.env(BASELINE_REDIS_URL=self.url))
+        return self._ready_baseline(Api(child, port))
+
+    def granian_baseline(self) -> Api:
+        port = free_port()
+        child = self.spawn("baseline-granian", [
+            PYTHON, "-m", "granian", "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
+            "poolq.bench.baseline:application",
+        ], self.env(BASELINE_REDIS_URL=self.url))
+        return self._ready_baseline(Api(child, port))
+
+    def _ready_baseline(self, api: Api) -> Api:
+        def answers() -> bool:
+            api.child.check_alive()
+            try:
+                return api.request("GET", "/", timeout_s=2)[0] == 404
+            except OSError:
+                return False
+
+        wait_for(answers, 60, f"{api.child.name} to answer")
+        return api
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        if child in self.children:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        """Stop every child (newest first), then Redis; remove the directory. Never raises."""
+        for child in reversed(self.children):
+            try:
+                child.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"poolq bench: could not stop {child.name}: {exc}", file=sys.stderr)
+        self.children.clear()
+        if self._client is not None:
+            self._client.close()
+        if self.redis_server is not None:
+            try:
+                self.redis_server.stop()
+            except Exception as exc:
+                print(f"poolq bench: could not stop redis-server: {exc}", file=sys.stderr)
+                if self.redis_server.process is not None and self.redis_server.process.poll() is None:
+                    self.redis_server.process.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from /proc (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        # The command name is in parentheses and may hold spaces: the ppid follows the last ')'.
+        if int(stat.rpartition(")")[2].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found

@@ -22,6 +22,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:shape:<sig>:q | zset | ref -> seq: unplaced jobs of that shape, oldest first |
 | poolq:shapes:ready | zset | sig -> seq of its oldest job: shapes to try now |
 | poolq:shapes:blocked | zset | sig -> ms: shapes whose head did not fit, and when to retry |
+| poolq:shapes:idle | zset | sig -> ms: shapes whose queue emptied; forgotten after an hour idle |
 | poolq:claimed | zset | ref -> lease expiry ms: jobs a placement worker is placing |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
 | poolq:nodes | set | node ids |
@@ -47,6 +48,7 @@ DEADLINES = PREFIX + "deadlines"
 TERMINAL = PREFIX + "terminal"
 SHAPES_READY = PREFIX + "shapes:ready"
 SHAPES_BLOCKED = PREFIX + "shapes:blocked"
+SHAPES_IDLE = PREFIX + "shapes:idle"
 CLAIMED = PREFIX + "claimed"
 KICK = PREFIX + "kick"
 NODES = PREFIX + "nodes"

@@ -24,11 +24,12 @@ from poolq import keys, queues
 from poolq.model import ErrorType, JobFields, JobStatus
 from poolq.store import WAKE_TTL_MS, JobStore
 from worker.placement import timeout_message
-from worker.scheduler import Scheduler, _redis_ms
+from worker.scheduler import Scheduler, _redis_ms, requeue
 
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
+SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
 
 
 class Duties:
@@ -50,6 +51,7 @@ class Duties:
             self.recover_claims(now)
             self.reap_nodes(now)
             self.purge_terminal(now)
+            self.forget_idle_shapes(now)
             self.rewake()
         finally:
             try:
@@ -117,11 +119,7 @@ class Duties:
                 continue
             by_shape[sig].append((job_ref, int(seq)))
         for sig, members in by_shape.items():
-            self.store.scripts.requeue(
-                keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig),
-                      *(keys.job(ref) for ref, _ in members)],
-                args=[sig, 0, "", *(item for ref, seq in members for item in (ref, seq))],
-            )
+            requeue(self.store.scripts, sig, members)
         log.info("returned %d jobs claimed by a worker that stopped to the line", len(refs))
         self._wake_placement()
 
@@ -139,6 +137,13 @@ class Duties:
             expired = list(dict.fromkeys(expired + self.redis.zrange(keys.TERMINAL, 0, min(excess, BATCH) - 1)))
         if expired:
             self.store.purge(expired)
+
+    def forget_idle_shapes(self, now: int) -> None:
+        """Shapes no job has used for SHAPE_IDLE_MS: nothing of them stays in Redis."""
+        for sig in self.redis.zrangebyscore(keys.SHAPES_IDLE, "-inf", now - SHAPE_IDLE_MS, start=0, num=BATCH):
+            self.store.scripts.forget_shape(
+                keys=[keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.SHAPES_IDLE], args=[sig]
+            )
 
     def rewake(self) -> None:
         """Jobs wait and no wake-up is on its way (a message was lost): send one."""

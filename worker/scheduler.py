@@ -118,7 +118,7 @@ class Scheduler:
             return 0
         return int(
             self.scripts.unblock(
-                keys=[keys.SHAPES_BLOCKED, keys.SHAPES_READY, *(keys.shape_queue(s) for s in sigs)], args=sigs
+                keys=[keys.SHAPES_BLOCKED, keys.SHAPES_READY, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)], args=sigs
             )
         )
 
@@ -128,7 +128,7 @@ class Scheduler:
         if not sigs:
             return 0
         flat = self.scripts.claim(
-            keys=[keys.SHAPES_READY, keys.CLAIMED, *(keys.shape_queue(s) for s in sigs)],
+            keys=[keys.SHAPES_READY, keys.CLAIMED, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)],
             args=[self.settings.placement_batch, int(self.settings.claim_lease_s * 1000), *sigs,
                   *(self._shapes[s].tenant for s in sigs)],
         )
@@ -245,19 +245,25 @@ class Scheduler:
         for sig, members in by_shape.items():
             reasons = failed_shapes.get(sig)
             retry_at = now_ms + self._backoff_ms(sig) if reasons is not None else 0
-            self.scripts.requeue(
-                keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig),
-                      *(keys.job(ref) for ref, _ in members)],
-                args=[sig, retry_at, json.dumps(reasons) if reasons is not None else "",
-                      *(item for ref, seq in members for item in (ref, seq))],
-                client=pipe,
-            )
+            requeue(self.scripts, sig, members, retry_at=retry_at, reasons=reasons, client=pipe)
         pipe.execute()
 
     def _backoff_ms(self, sig: str) -> int:
         """100 ms, doubling with each failed attempt of the shape, up to max_backoff_s."""
         attempts = int(self.redis.hget(keys.shape(sig), "attempts") or 0)
         return int(min(100 * 2 ** min(attempts, 16), self.settings.max_backoff_s * 1000))
+
+
+def requeue(scripts: Scripts, sig: str, members: list[tuple[str, int]], *, retry_at: int = 0,
+            reasons: list[dict[str, Any]] | None = None, client: Any = None) -> None:
+    """Put claimed jobs (ref, seq) of one shape back in line; with ``reasons``, count the
+    failed attempt and block the shape until ``retry_at`` (see requeue.lua)."""
+    scripts.requeue(
+        keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_IDLE,
+              *(keys.job(ref) for ref, _ in members)],
+        args=[sig, retry_at, json.dumps(reasons) if reasons is not None else "", *(item for ref, seq in members for item in (ref, seq))],
+        client=client,
+    )
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -246,7 +247,18 @@ class Stack:
             self.children.remove(child)
 
     def close(self) -> None:
-        """Stop every child (newest first), then Redis; remove the directory. Never raises."""
+        """Stop every child (newest first), then Redis; remove the directory. Never raises.
+
+        A second Ctrl-C while stopping is ignored, so that it cannot leave children behind.
+        """
+        masked = _mask_signals()
+        try:
+            self._close()
+        finally:
+            for sig, handler in masked.items():
+                signal.signal(sig, handler)
+
+    def _close(self) -> None:
         for child in reversed(self.children):
             try:
                 child.stop()
@@ -263,6 +275,12 @@ class Stack:
                 if self.redis_server.process is not None and self.redis_server.process.poll() is None:
                     self.redis_server.process.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _mask_signals() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def rss_bytes(pid: int) -> int:

@@ -4,17 +4,18 @@
 -- with a lease; a worker that dies holding them loses the lease and the sweep puts
 -- them back in line.
 --
--- KEYS: 1 shapes:ready, 2 claimed, 3.. the queues of the shapes named in ARGV
+-- KEYS: 1 shapes:ready, 2 claimed, 3 shapes:idle, 4.. the queues of the shapes named in ARGV
 -- ARGV: 1 max jobs, 2 lease ms, then the m shapes' sigs (in the order of their
 --       queues), then the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 local limit = tonumber(ARGV[1])
-local m = #KEYS - 2
+local m = #KEYS - 3
 local t = redis.call('TIME')
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
-for i = 3, #KEYS do
-  local tenant = ARGV[m + i]
+for i = 4, #KEYS do
+  local tenant = ARGV[m + i - 1]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
@@ -22,7 +23,7 @@ for i = 3, #KEYS do
   local list = per_tenant[tenant]
   local head = redis.call('ZRANGE', KEYS[i], 0, limit - 1, 'WITHSCORES')
   for j = 1, #head, 2 do
-    list[#list + 1] = {head[j], ARGV[i], tonumber(head[j + 1]), KEYS[i]}
+    list[#list + 1] = {head[j], ARGV[i - 1], tonumber(head[j + 1]), KEYS[i]}
   end
 end
 for _, tenant in ipairs(tenants) do
@@ -51,12 +52,13 @@ while taken < limit do
   if not any then break end
   turn = turn + 1
 end
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then
-    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i - 1])
+    redis.call('ZADD', KEYS[3], now, ARGV[i - 1])  -- forgotten after a while: shapes.lua
   else
-    redis.call('ZADD', KEYS[1], 'XX', head[2], ARGV[i])
+    redis.call('ZADD', KEYS[1], 'XX', head[2], ARGV[i - 1])
   end
 end
 return out

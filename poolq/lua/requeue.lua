@@ -3,11 +3,12 @@
 -- and block the shape until retry_at (or until capacity is freed, see unblock.lua):
 -- its other jobs need the same and would not fit either.
 --
--- KEYS: 1 claimed, 2 shapes:ready, 3 shapes:blocked, 4 shape hash, 5 shape queue, 6.. job hashes
+-- KEYS: 1 claimed, 2 shapes:ready, 3 shapes:blocked, 4 shape hash, 5 shape queue,
+--       6 shapes:idle, 7.. job hashes
 -- ARGV: 1 sig, 2 retry_at ms (0: ready again now), 3 reasons JSON ('' when no attempt
 --       was made), then per job: ref, seq
-for i = 6, #KEYS do
-  local a = 4 + (i - 6) * 2
+for i = 7, #KEYS do
+  local a = 4 + (i - 7) * 2
   local ref, seq = ARGV[a], ARGV[a + 1]
   redis.call('ZREM', KEYS[1], ref)
   local j = redis.call('HMGET', KEYS[i], 'status', 'node', 'stop')
@@ -24,6 +25,11 @@ if tonumber(ARGV[2]) > 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 elseif not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   local head = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-  if #head > 0 then redis.call('ZADD', KEYS[2], head[2], ARGV[1]) end
+  if #head > 0 then
+    redis.call('ZADD', KEYS[2], head[2], ARGV[1])
+  else
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[6], tonumber(t[1]) * 1000, ARGV[1])
+  end
 end
 return 1

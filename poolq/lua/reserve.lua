@@ -1,6 +1,6 @@
 -- Reserve capacity for a round of placement decisions. Each decision is checked
--- again here, atomically: the job is still PENDING, unplaced and not being
--- stopped; the node is live (a fresh heartbeat for an agent node), not drained,
+-- again here, atomically: the job is still PENDING, unplaced, not being stopped
+-- and within its scheduling deadline (past it, the deadline duty fails it); the node is live (a fresh heartbeat for an agent node), not drained,
 -- and has the free capacity. So concurrent placement workers never over-commit a
 -- node and a job is never reserved twice, whatever their caches believed.
 --
@@ -23,9 +23,9 @@ for i = 0, n - 1 do
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
-  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time')
+  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline')
   local code = 0
-  if j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') then
+  if j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
     code = 1
   else
     local nd = redis.call('HMGET', node, 'state', 'drained', 'kind')

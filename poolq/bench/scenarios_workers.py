@@ -1,0 +1,278 @@
+"""Scenarios that need placement workers or node agents: place, e2e, memory."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from poolq import keys
+from poolq.bench.figures import ScenarioResult, Target
+from poolq.bench.loadgen import percentile
+from poolq.bench.records import RawRedis, make_template, write_clones
+from poolq.bench.scenarios import SEED_BODY, Context, check_statuses, describe, run_load, settle, submit_batches
+from poolq.bench.stack import Api, BenchError, Child, Stack, children_of, rss_bytes, wait_for
+from poolq.model import JobStatus
+from poolq.nodes import capacity_of
+from poolq.settings import Settings
+
+MiB = 1024 * 1024
+TERMINAL = {s.value for s in JobStatus if s.terminal}
+
+# Pool-label mixes of the place scenario, one per batch in turn (None: no header). Node i
+# is in pool p<i%4>, has label zone=z<i%3>, and label ssd when i%5 == 0.
+LABEL_MIXES: tuple[str | None, ...] = ("pool=p0", "pool=p1,pool=p2", "zone=z1", "ssd,zone=z2", None)
+
+
+def statuses(stack: Stack, tenant: str, ids: list[str], *fields: str) -> list[list[str | None]]:
+    pipe = stack.redis.pipeline(transaction=False)
+    for submission_id in ids:
+        pipe.hmget(keys.job(keys.ref(tenant, submission_id)), list(fields))
+    return pipe.execute()
+
+
+def wait_terminal(stack: Stack, tenant: str, ids: list[str], timeout_s: float) -> list[list[str | None]]:
+    """Wait until every job ended; returns (status, submit_time, end_time, message) per job."""
+
+    def ended() -> list[list[str | None]] | None:
+        rows = statuses(stack, tenant, ids, "status", "submit_time", "end_time", "message")
+        return rows if all(row[0] in TERMINAL for row in rows) else None
+
+    result: list[list[str | None]] = wait_for(ended, timeout_s, f"{len(ids)} jobs of {tenant} to finish", interval_s=0.1)
+    return result
+
+
+def note_failures(result: ScenarioResult, what: str, rows: list[list[str | None]]) -> None:
+    failed = [row for row in rows if row[0] != JobStatus.SUCCEEDED]
+    if failed:
+        result.note(f"{what}: {len(failed)} of {len(rows)} jobs did not succeed, e.g. {failed[0][0]}: {failed[0][3]}")
+
+
+# -- place -----------------------------------------------------------------------
+
+
+def place(ctx: Context) -> None:
+    """Jobs already accepted, placed by 2 placement workers onto static nodes with pool labels."""
+    result = ctx.result("place")
+    jobs = 1000 if ctx.quick else 6000
+    for nodes in (100, 1000, 10_000):
+        with Stack(f"place{nodes}") as stack:
+            stack.start_redis()
+            api = stack.api()
+            cpus = max(64, math.ceil(2 * 3 * ctx.runs * jobs / nodes))  # room for every run's jobs, twice
+            add_static_nodes(stack, nodes, cpus)
+            for run in range(ctx.runs):
+                rate, first_wait = place_run(stack, api, f"place-{run}", jobs)
+                result.add(f"{nodes}.rate", rate, label=f"placements/s with {nodes:,} nodes", unit="placements/s",
+                           target={1000: Target(">=", 2000), 10_000: Target(">=", 1000)}.get(nodes))
+                result.add(f"{nodes}.first", first_wait, label=f"{nodes:,} nodes: first placement after the workers were ready",
+                           unit="ms")
+    result.note(f"{jobs:,} jobs of the seed's body (3 CPUs, 128 MiB) a run, submitted through the batch route with "
+                "X-Schedule-Timeout-Ms: 0 and no placement worker running, in batches that take turns with the pool "
+                f"labels {', '.join(repr(m) for m in LABEL_MIXES)} (None: no header); then 2 `poolq worker` "
+                "processes start. Rate: jobs placed ÷ time from the first placement to the last, both the "
+                "`placed_time` Redis wrote")
+    result.note("static nodes, added with NodeAdmin.upsert: node i in pool p<i%4>, labels zone=z<i%3> and, "
+                "for one node in 5, ssd; each with room for twice the jobs of all runs")
+
+
+def add_static_nodes(stack: Stack, count: int, cpus: int) -> None:
+    from poolq.store import JobStore
+    from worker.celery_app import celery_waker
+    from worker.inventory import NodeAdmin
+
+    settings = Settings(redis_url=stack.url)
+    admin = NodeAdmin(JobStore(stack.redis, settings, celery_waker(settings)))
+    capacity = capacity_of(str(cpus), 1 << 40, "0", {})
+    for i in range(count):
+        labels: dict[str, str | None] = {"zone": f"z{i % 3}"}
+        if i % 5 == 0:
+            labels["ssd"] = None
+        admin.upsert(f"node-{i:05d}", pool=f"p{i % 4}", labels=labels, capacity=capacity, kind="static")
+
+
+def place_run(stack: Stack, api: Api, tenant: str, jobs: int) -> tuple[float, float]:
+    """Submit ``jobs`` with no worker, start two, wait for all placed; returns (placements/s, ms to the first)."""
+    batches = 10 if jobs >= 5000 else 5
+    size = math.ceil(jobs / batches)
+    ids: list[str] = []
+    sigs: set[str] = set()
+    for n in range(batches):
+        headers = {"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": "0"}
+        mix = LABEL_MIXES[n % len(LABEL_MIXES)]
+        if mix:
+            headers["X-Pool-Label"] = mix
+        batch_ids = submit_batches(api, [SEED_BODY] * min(size, jobs - len(ids)), headers)
+        ids += batch_ids
+        sigs.add(stack.redis.hget(keys.job(keys.ref(tenant, batch_ids[0])), "shape") or "")
+    queues = [keys.shape_queue(sig) for sig in sigs]
+
+    def waiting() -> int:
+        pipe = stack.redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.zcard(queue)
+        pipe.zcard(keys.CLAIMED)
+        return sum(pipe.execute())
+
+    if waiting() != jobs:
+        raise BenchError(f"expected {jobs} jobs waiting before the workers start, found {waiting()}")
+    workers = [stack.worker(0), stack.worker(1)]
+    try:
+        stack.wait_ready(workers)
+        ready_ms = redis_ms(stack)
+        wait_for(lambda: waiting() == 0, max(120, jobs / 50), f"{jobs} jobs to be placed", interval_s=0.02)
+        for child in workers:
+            child.check_alive()
+    finally:
+        for child in workers:
+            stack.stop(child)
+    rows = statuses(stack, tenant, ids, "node", "placed_time")
+    unplaced = [row for row in rows if not row[0]]
+    if unplaced:
+        raise BenchError(f"{len(unplaced)} of {jobs} jobs are not placed")
+    times = sorted(int(row[1] or 0) for row in rows)
+    span_ms = max(times[-1] - times[0], 1)
+    return (jobs - 1) * 1000 / span_ms, float(times[0] - ready_ms)
+
+
+def redis_ms(stack: Stack) -> int:
+    seconds, micros = stack.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+# -- e2e -------------------------------------------------------------------------
+
+
+def e2e(ctx: Context) -> None:
+    """`true` jobs submitted, placed, run and finished on one local node agent."""
+    result = ctx.result("e2e")
+    jobs = 100 if ctx.quick else 1000
+    paced_seconds = 2.0 if ctx.quick else 5.0
+    with Stack("e2e") as stack:
+        stack.start_redis()
+        api = stack.api()
+        worker = stack.worker()
+        stack.wait_ready([worker])
+        stack.node("bench-node", "--pool", "default", "--cpus", "64", "--memory", "1Ti")
+        body = {"entrypoint": "true", "runtime_env": {"working_dir": str(stack.root)}, "entrypoint_num_cpus": 0.3}
+        for run in range(ctx.runs):
+            tenant = f"e2e-{run}"
+            ids = submit_batches(api, [body] * jobs, {"X-Tenant-Id": tenant})
+            rows = wait_terminal(stack, tenant, ids, max(60, jobs / 5))
+            note_failures(result, "throughput", rows)
+            first = min(int(row[1] or 0) for row in rows)
+            last = max(int(row[2] or 0) for row in rows)
+            finished = sum(1 for row in rows if row[0] == JobStatus.SUCCEEDED)
+            result.add("rate", finished * 1000 / max(last - first, 1), label="jobs finished/s (SUCCEEDED)",
+                       unit="jobs/s", target=Target(">=", 100))
+
+            tenant = f"e2e-paced-{run}"
+            spec = {"port": api.port, "method": "POST", "path": "/api/jobs", "body": _json(body), "rate": 20.0,
+                    "connections": 4, "headers": {"X-Tenant-Id": tenant}, "warmup": 0, "seconds": paced_seconds}
+            load = run_load(stack, spec)
+            check_statuses(result, "e2e, paced", load)
+            paced_ids = stack.redis.zrange(keys.tenant_jobs(tenant), 0, -1)
+            rows = wait_terminal(stack, tenant, paced_ids, 60)
+            note_failures(result, "paced", rows)
+            latencies = [float(int(row[2] or 0) - int(row[1] or 0)) for row in rows if row[0] == JobStatus.SUCCEEDED]
+            result.add("paced.p50", percentile(latencies, 50), label="submit → SUCCEEDED p50 at 20 jobs/s",
+                       unit="ms", target=Target("<=", 100))
+            result.add("paced.p99", percentile(latencies, 99), label="submit → SUCCEEDED p99 at 20 jobs/s", unit="ms")
+        result.note(f"throughput: {jobs:,} `true` jobs (0.3 CPU) a run in batches of 1,000; rate = jobs ÷ (last end_time "
+                    "− first submit_time); one API (2 processes), one placement worker and one node agent "
+                    "(--cpus 64 --memory 1Ti), as `poolq up` runs them")
+        result.note(f"latency: single POST /api/jobs {describe(spec)}; each record's end_time − submit_time")
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+# -- memory ----------------------------------------------------------------------
+
+
+def memory(ctx: Context) -> None:
+    """Redis bytes per finished record; RSS of an API process and of a node agent."""
+    result = ctx.result("memory")
+    records = 2000 if ctx.quick else 10_000
+    with Stack("memory") as stack:
+        stack.start_redis()
+        assert stack.redis_server is not None
+        template = make_template(stack.redis, stack.url, SEED_BODY)
+        raw = RawRedis("127.0.0.1", stack.redis_server.port, stack.redis_server.password)
+        try:
+            for run in range(ctx.runs):
+                settle(stack)
+                before = int(stack.redis.info("memory")["used_memory"])
+                ids = write_clones(stack.redis, raw, template, f"bench-mem-{run}", records, first_number=run * records)
+                time.sleep(0.2)
+                settle(stack)
+                after = int(stack.redis.info("memory")["used_memory"])
+                result.add("redis.bytes", (after - before) / records, label="Redis bytes per finished job record",
+                           unit="bytes", target=Target("<=", 1500))
+            sample = keys.job(keys.ref(f"bench-mem-{ctx.runs - 1}", ids[0]))
+            result.note(f"Redis: INFO used_memory before and after writing {records:,} finished records of the seed's "
+                        "body (hash, tenant-index and retention-index entries), cloned from one job made by poolq's own "
+                        f"scripts; one record's hash is {stack.redis.object('encoding', sample)}-encoded, "
+                        f"MEMORY USAGE {stack.redis.memory_usage(sample)} bytes")
+        finally:
+            raw.close()
+        for _ in range(ctx.runs):
+            api_rss(ctx, stack, result)
+        worker = stack.worker()
+        stack.wait_ready([worker])
+        api = stack.api()
+        for run in range(ctx.runs):
+            agent_rss(stack, api, result, run)
+
+
+def api_rss(ctx: Context, stack: Stack, result: ScenarioResult) -> None:
+    api = stack.api()
+    time.sleep(1.0)
+    processes = children_of(api.child.pid)
+    idle = max((rss_bytes(pid) for pid in processes), default=0)
+    result.add("api.idle", idle / MiB, label="RSS of one API process, idle (largest of its worker processes)",
+               unit="MiB", target=Target("<=", 80))
+    spec = {"port": api.port, "method": "POST", "path": "/api/jobs", "body": _json(SEED_BODY), "connections": 32,
+            **ctx.window()}
+    check_statuses(result, "memory, submit load", run_load(stack, spec))
+    loaded = max((rss_bytes(pid) for pid in processes), default=0)
+    result.add("api.loaded", loaded / MiB, label="RSS of one API process after a submit load (largest)",
+               unit="MiB", target=Target("<=", 80))
+    result.add("api.main", rss_bytes(api.child.pid) / MiB, label="RSS of the API's supervising process (granian main)",
+               unit="MiB")
+    result.note(f"API: `poolq api` with {len(processes)} worker processes; the load: {describe(spec)}")
+    stack.stop(api.child)
+
+
+def agent_rss(stack: Stack, api: Api, result: ScenarioResult, run: int) -> None:
+    node_id = f"mem-node-{run}"
+    agent: Child = stack.node(node_id, "--pool", "default", "--labels", f"run={run}", "--cpus", "128", "--memory", "1Ti")
+    time.sleep(1.0)
+    result.add("node.idle", rss_bytes(agent.pid) / MiB, label="RSS of a node agent, idle", unit="MiB")
+    tenant = f"mem-{run}"
+    body = {"entrypoint": "sleep 30", "runtime_env": {"working_dir": str(stack.root)}, "entrypoint_num_cpus": 1}
+    ids = submit_batches(api, [body] * 100, {"X-Tenant-Id": tenant, "X-Pool-Label": f"run={run}"})
+    try:
+        wait_for(lambda: all(row[0] == JobStatus.RUNNING for row in statuses(stack, tenant, ids, "status")), 60,
+                 "100 `sleep 30` jobs to run", interval_s=0.1)
+        time.sleep(0.5)
+        result.add("node.busy", rss_bytes(agent.pid) / MiB, label="RSS of a node agent running 100 jobs", unit="MiB")
+        helpers = children_of(agent.pid)
+        result.note(f"node agent: the `poolq node` process itself; its own helper processes (guardian) besides the "
+                    f"jobs: {sum(1 for pid in helpers if 'sleep' not in _cmdline(pid))}")
+    finally:
+        for submission_id in ids:
+            api.request("POST", f"/api/jobs/{submission_id}/stop", headers={"X-Tenant-Id": tenant})
+        wait_terminal(stack, tenant, ids, 60)
+        stack.stop(agent)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

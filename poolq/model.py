@@ -103,6 +103,8 @@ class JobFields:
     EXIT_CODE = "exit_code"
     STOP = "stop"  # "1" once a stop was requested
     LOG_BASE = "log_base"  # bytes of output dropped from the front of the log tail
+    LOST_CLAIMS = "lost_claims"  # placement workers that died while holding the job
+    PLACED_TIME = "placed_time"  # ms, when its reservation was made
 
 
 def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = None) -> dict[str, Any]:

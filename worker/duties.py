@@ -29,6 +29,7 @@ from worker.scheduler import Scheduler, _redis_ms, requeue
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
+MAX_LOST_CLAIMS = 3  # placement workers that died holding a job before it is given up
 SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
 
 
@@ -116,6 +117,15 @@ class Duties:
             sig, seq = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.SEQ])
             if sig is None:
                 self.redis.zrem(keys.CLAIMED, job_ref)
+                continue
+            # Celery does not count redeliveries: count here how often a worker died
+            # holding this job, so that a job that kills every worker cannot loop forever.
+            lost = self.redis.hincrby(keys.job(job_ref), JobFields.LOST_CLAIMS, 1)
+            if lost >= MAX_LOST_CLAIMS:
+                self.store.finish(
+                    job_ref, JobStatus.FAILED, error_type=ErrorType.INVALID_REQUEST, from_statuses=[JobStatus.PENDING],
+                    message=f"placement stopped {lost} times while handling this job; it is not tried again",
+                )
                 continue
             by_shape[sig].append((job_ref, int(seq)))
         for sig, members in by_shape.items():

@@ -21,10 +21,20 @@ OPEN_ROUTES = {"/healthz"}  # answered without a token
 UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
 REASONS = {
-    200: "OK", 204: "No Content", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-    413: "Content Too Large", 415: "Unsupported Media Type", 429: "Too Many Requests",
-    500: "Internal Server Error", 503: "Service Unavailable",
+    200: "OK",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -88,7 +98,9 @@ class App:
             return Response(204, headers=[("Allow", route.allow), *self._preflight(request, route)])
         handler = route.handlers.get(request.method)
         if handler is None:
-            return error_response(HTTPError(405, f"{request.method} is not allowed on {route.template}", [("Allow", route.allow)]))
+            return error_response(
+                HTTPError(405, f"{request.method} is not allowed on {route.template}", [("Allow", route.allow)])
+            )
         request.params = params
         try:
             if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
@@ -130,7 +142,10 @@ class App:
             return []
         return [
             ("Access-Control-Allow-Methods", route.allow),
-            ("Access-Control-Allow-Headers", "Authorization, Content-Type, If-None-Match, Prefer, X-Tenant-Id, X-Pool-Label, X-Schedule-Timeout-Ms"),
+            (
+                "Access-Control-Allow-Headers",
+                "Authorization, Content-Type, If-None-Match, Prefer, X-Tenant-Id, X-Pool-Label, X-Schedule-Timeout-Ms",
+            ),
             ("Access-Control-Max-Age", "600"),
         ]
 

@@ -18,15 +18,34 @@ from poolq.model import ErrorType, JobStatus
 from poolq.schemas import Amount, JobRequestSchema, Pip, RuntimeEnvSchema, StringList, StringMap, Text
 
 JSON = "application/json"
-TENANT = {"name": "X-Tenant-Id", "in": "header", "required": False, "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
-          "description": "the tenant that owns the job; absent or empty means `default`"}
-POOL_LABEL = {"name": "X-Pool-Label", "in": "header", "required": False, "schema": {"type": "string"},
-              "description": "ordered, comma-separated pool-label terms (`key` or `key=value`); `unUseAntiOtherLabels` allows other nodes last"}
-TIMEOUT = {"name": "X-Schedule-Timeout-Ms", "in": "header", "required": False,
-           "schema": {"type": "integer", "minimum": 0, "maximum": 604800000},
-           "description": "scheduling deadline in ms after submission; 0 waits until placed or stopped"}
-PREFER = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
-          "description": "`wait=<seconds>` (at most 60): answer once the job is placed, fails to place, or the wait ends"}
+TENANT = {
+    "name": "X-Tenant-Id",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+    "description": "the tenant that owns the job; absent or empty means `default`",
+}
+POOL_LABEL = {
+    "name": "X-Pool-Label",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "ordered, comma-separated pool-label terms (`key` or `key=value`); `unUseAntiOtherLabels` allows other nodes last",
+}
+TIMEOUT = {
+    "name": "X-Schedule-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 0, "maximum": 604800000},
+    "description": "scheduling deadline in ms after submission; 0 waits until placed or stopped",
+}
+PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "`wait=<seconds>` (at most 60): answer once the job is placed, fails to place, or the wait ends",
+}
 ID = {"name": "submission_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -127,88 +146,272 @@ def _answer(description: str, schema: Any = None, headers: dict[str, Any] | None
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "invalid request (fields name each problem)", 404: "not found in the caller's tenant", 409: "conflict",
-            413: "body too large", 415: "Content-Type must be application/json", 503: "Redis unavailable"}
+    text = {
+        400: "invalid request (fields name each problem)",
+        404: "not found in the caller's tenant",
+        409: "conflict",
+        413: "body too large",
+        415: "Content-Type must be application/json",
+        503: "Redis unavailable",
+    }
     return {str(code): _answer(text[code], "ErrorBody") for code in codes}
 
 
 def _obj(schema_fields: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "object", "properties": schema_fields, "required": list(schema_fields), "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": schema_fields,
+        "required": list(schema_fields),
+        "additionalProperties": False,
+    }
 
 
 @functools.cache
 def document() -> dict[str, Any]:
     plugin = MarshmallowPlugin()
-    spec = APISpec(title="poolq", version=__version__, openapi_version="3.0.3", plugins=[plugin],
-                   info={"description": "Job submission API (openYuanrong's POST /api/jobs, a dialect of Ray's Job Submission API)"})
+    spec = APISpec(
+        title="poolq",
+        version=__version__,
+        openapi_version="3.0.3",
+        plugins=[plugin],
+        info={
+            "description": "Job submission API (openYuanrong's POST /api/jobs, a dialect of Ray's Job Submission API)"
+        },
+    )
     plugin.map_to_openapi_type(Text, "string", None)
     plugin.map_to_openapi_type(Amount, "number", None)
     plugin.map_to_openapi_type(StringMap, "object", None)
     plugin.map_to_openapi_type(StringList, "array", None)
     plugin.map_to_openapi_type(Pip, "object", None)
     for name, schema in (
-        ("RuntimeEnv", RuntimeEnvSchema), ("JobRequest", JobRequestSchema), ("ErrorBody", ErrorBody),
-        ("SubmitAnswer", SubmitAnswer), ("JobRecord", JobRecord), ("BatchRequest", BatchRequest),
-        ("BatchAnswer", BatchAnswer), ("Node", Node), ("Pool", Pool),
+        ("RuntimeEnv", RuntimeEnvSchema),
+        ("JobRequest", JobRequestSchema),
+        ("ErrorBody", ErrorBody),
+        ("SubmitAnswer", SubmitAnswer),
+        ("JobRecord", JobRecord),
+        ("BatchRequest", BatchRequest),
+        ("BatchAnswer", BatchAnswer),
+        ("Node", Node),
+        ("Pool", Pool),
     ):
         spec.components.schema(name, schema=schema)
     etag = {"ETag": {"schema": {"type": "string"}}}
-    spec.path("/api/jobs", operations={
-        "post": {"summary": "Submit a job", "parameters": [TENANT, POOL_LABEL, TIMEOUT, PREFER],
-                 "requestBody": {"required": True, "content": {JSON: {"schema": "JobRequest"}}},
-                 "responses": {"200": _answer("stored and queued (or an identical earlier submission)", "SubmitAnswer"),
-                               **_errors(400, 409, 413, 415, 503)}},
-        "get": {"summary": "List the caller's jobs, newest first",
-                "parameters": [TENANT,
-                               {"name": "status", "in": "query", "schema": {"type": "string", "enum": [s.value for s in JobStatus]}},
-                               {"name": "pool_label", "in": "query", "schema": {"type": "string"}},
-                               {"name": "ids", "in": "query", "schema": {"type": "string"}, "description": "comma-separated, at most 100"},
-                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                               {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
-                "responses": {"200": _answer("job records", {"type": "array", "items": "JobRecord"},
-                                             {"Link": {"schema": {"type": "string"}, "description": 'the next page, rel="next"'}}),
-                              **_errors(400, 503)}},
-    })
-    spec.path("/api/jobs/batch", operations={"post": {
-        "summary": "Submit up to 1,000 jobs", "parameters": [TENANT, POOL_LABEL, TIMEOUT],
-        "requestBody": {"required": True, "content": {JSON: {"schema": "BatchRequest"}}},
-        "responses": {"200": _answer("per-job results, in request order", "BatchAnswer"), **_errors(400, 413, 415, 503)}}})
-    spec.path("/api/jobs/{submission_id}", operations={
-        "get": {"summary": "Poll one job", "parameters": [TENANT, ID,
-                                                          {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
-                "responses": {"200": _answer("the job record", "JobRecord", etag), "304": _answer("unchanged", headers=etag),
-                              **_errors(400, 404, 503)}},
-        "delete": {"summary": "Delete a finished job", "parameters": [TENANT, ID],
-                   "responses": {"200": _answer("deleted", _obj({"deleted": {"type": "boolean"}})), **_errors(400, 404, 409, 503)}},
-    })
-    spec.path("/api/jobs/{submission_id}/stop", operations={"post": {
-        "summary": "Stop a job", "parameters": [TENANT, ID],
-        "responses": {"200": _answer("whether it was PENDING or RUNNING and is now stopping", _obj({"stopped": {"type": "boolean"}})),
-                      **_errors(400, 404, 503)}}})
-    spec.path("/api/jobs/{submission_id}/logs", operations={"get": {
-        "summary": "The job's output", "parameters": [TENANT, ID, {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}}],
-        "responses": {"200": _answer("output kept so far", _obj({"logs": {"type": "string"}}),
-                                     {"X-Log-Offset": {"schema": {"type": "integer"}, "description": "offset after this output"}}),
-                      **_errors(400, 404, 503)}}})
-    package = [{"name": "protocol", "in": "path", "required": True, "schema": {"type": "string", "enum": ["gcs"]}},
-               {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
-    spec.path("/api/packages/{protocol}/{name}", operations={
-        "get": {"summary": "Whether a working_dir package was uploaded", "parameters": package,
-                "responses": {"200": _answer("present", {"type": "object"}), **_errors(400, 404, 503)}},
-        "put": {"summary": "Upload a working_dir package (zip bytes)", "parameters": package,
-                "requestBody": {"required": True, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                "responses": {"200": _answer("stored", {"type": "object"}), **_errors(400, 413, 503)}},
-    })
-    spec.path("/api/nodes", operations={"get": {"summary": "Nodes", "responses": {
-        "200": _answer("nodes with capacity, reserved and free amounts", {"type": "array", "items": "Node"}), **_errors(503)}}})
-    spec.path("/api/pools", operations={"get": {"summary": "Pools", "responses": {
-        "200": _answer("capacity, reserved and free per pool (alive nodes)", {"type": "array", "items": "Pool"}), **_errors(503)}}})
-    spec.path("/api/version", operations={"get": {"summary": "Versions", "responses": {"200": _answer("versions", _obj({
-        "version": {"type": "string"}, "ray_version": {"type": "string"}, "poolq_version": {"type": "string"}}))}}})
-    spec.path("/api/openapi.json", operations={"get": {"summary": "This document", "responses": {"200": _answer("OpenAPI 3", {"type": "object"})}}})
-    spec.path("/metrics", operations={"get": {"summary": "Prometheus metrics", "responses": {
-        "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
-        **_errors(503)}}})
-    spec.path("/healthz", operations={"get": {"summary": "Health", "responses": {
-        "200": _answer("Redis answers", {"type": "object"}), "503": _answer("Redis unavailable", {"type": "object"})}}})
+    spec.path(
+        "/api/jobs",
+        operations={
+            "post": {
+                "summary": "Submit a job",
+                "parameters": [TENANT, POOL_LABEL, TIMEOUT, PREFER],
+                "requestBody": {"required": True, "content": {JSON: {"schema": "JobRequest"}}},
+                "responses": {
+                    "200": _answer("stored and queued (or an identical earlier submission)", "SubmitAnswer"),
+                    **_errors(400, 409, 413, 415, 503),
+                },
+            },
+            "get": {
+                "summary": "List the caller's jobs, newest first",
+                "parameters": [
+                    TENANT,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": [s.value for s in JobStatus]},
+                    },
+                    {"name": "pool_label", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "ids",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "comma-separated, at most 100",
+                    },
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                ],
+                "responses": {
+                    "200": _answer(
+                        "job records",
+                        {"type": "array", "items": "JobRecord"},
+                        {"Link": {"schema": {"type": "string"}, "description": 'the next page, rel="next"'}},
+                    ),
+                    **_errors(400, 503),
+                },
+            },
+        },
+    )
+    spec.path(
+        "/api/jobs/batch",
+        operations={
+            "post": {
+                "summary": "Submit up to 1,000 jobs",
+                "parameters": [TENANT, POOL_LABEL, TIMEOUT],
+                "requestBody": {"required": True, "content": {JSON: {"schema": "BatchRequest"}}},
+                "responses": {
+                    "200": _answer("per-job results, in request order", "BatchAnswer"),
+                    **_errors(400, 413, 415, 503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/jobs/{submission_id}",
+        operations={
+            "get": {
+                "summary": "Poll one job",
+                "parameters": [TENANT, ID, {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _answer("the job record", "JobRecord", etag),
+                    "304": _answer("unchanged", headers=etag),
+                    **_errors(400, 404, 503),
+                },
+            },
+            "delete": {
+                "summary": "Delete a finished job",
+                "parameters": [TENANT, ID],
+                "responses": {
+                    "200": _answer("deleted", _obj({"deleted": {"type": "boolean"}})),
+                    **_errors(400, 404, 409, 503),
+                },
+            },
+        },
+    )
+    spec.path(
+        "/api/jobs/{submission_id}/stop",
+        operations={
+            "post": {
+                "summary": "Stop a job",
+                "parameters": [TENANT, ID],
+                "responses": {
+                    "200": _answer(
+                        "whether it was PENDING or RUNNING and is now stopping", _obj({"stopped": {"type": "boolean"}})
+                    ),
+                    **_errors(400, 404, 503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/jobs/{submission_id}/logs",
+        operations={
+            "get": {
+                "summary": "The job's output",
+                "parameters": [
+                    TENANT,
+                    ID,
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": {
+                    "200": _answer(
+                        "output kept so far",
+                        _obj({"logs": {"type": "string"}}),
+                        {"X-Log-Offset": {"schema": {"type": "integer"}, "description": "offset after this output"}},
+                    ),
+                    **_errors(400, 404, 503),
+                },
+            }
+        },
+    )
+    package = [
+        {"name": "protocol", "in": "path", "required": True, "schema": {"type": "string", "enum": ["gcs"]}},
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    ]
+    spec.path(
+        "/api/packages/{protocol}/{name}",
+        operations={
+            "get": {
+                "summary": "Whether a working_dir package was uploaded",
+                "parameters": package,
+                "responses": {"200": _answer("present", {"type": "object"}), **_errors(400, 404, 503)},
+            },
+            "put": {
+                "summary": "Upload a working_dir package (zip bytes)",
+                "parameters": package,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                },
+                "responses": {"200": _answer("stored", {"type": "object"}), **_errors(400, 413, 503)},
+            },
+        },
+    )
+    spec.path(
+        "/api/nodes",
+        operations={
+            "get": {
+                "summary": "Nodes",
+                "responses": {
+                    "200": _answer(
+                        "nodes with capacity, reserved and free amounts", {"type": "array", "items": "Node"}
+                    ),
+                    **_errors(503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/pools",
+        operations={
+            "get": {
+                "summary": "Pools",
+                "responses": {
+                    "200": _answer(
+                        "capacity, reserved and free per pool (alive nodes)", {"type": "array", "items": "Pool"}
+                    ),
+                    **_errors(503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/version",
+        operations={
+            "get": {
+                "summary": "Versions",
+                "responses": {
+                    "200": _answer(
+                        "versions",
+                        _obj(
+                            {
+                                "version": {"type": "string"},
+                                "ray_version": {"type": "string"},
+                                "poolq_version": {"type": "string"},
+                            }
+                        ),
+                    )
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/openapi.json",
+        operations={
+            "get": {"summary": "This document", "responses": {"200": _answer("OpenAPI 3", {"type": "object"})}}
+        },
+    )
+    spec.path(
+        "/metrics",
+        operations={
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/healthz",
+        operations={
+            "get": {
+                "summary": "Health",
+                "responses": {
+                    "200": _answer("Redis answers", {"type": "object"}),
+                    "503": _answer("Redis unavailable", {"type": "object"}),
+                },
+            }
+        },
+    )
     return spec.to_dict()

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     quota_set.add_argument("--rate", type=float, help="API requests per second (429 with Retry-After above)")
     quota_set.add_argument("--burst", type=int, help="requests allowed at once above the rate (default: the rate)")
     quota_set.set_defaults(func=cmd_quota_set)
-    for name, func, text in (("show", cmd_quota_show, "show a tenant's limits"), ("clear", cmd_quota_clear, "remove a tenant's limits")):
+    for name, func, text in (
+        ("show", cmd_quota_show, "show a tenant's limits"),
+        ("clear", cmd_quota_clear, "remove a tenant's limits"),
+    ):
         action = quota_sub.add_parser(name, help=text)
         action.add_argument("tenant")
         action.set_defaults(func=func)
@@ -116,7 +119,9 @@ def _add_bind(parser: argparse.ArgumentParser) -> None:
 
 def _add_capacity(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--cpus", required=required, help="CPUs (default: this machine's count)")
-    parser.add_argument("--memory", required=required, help="bytes, or with Ki/Mi/Gi/Ti (default: this machine's memory)")
+    parser.add_argument(
+        "--memory", required=required, help="bytes, or with Ki/Mi/Gi/Ti (default: this machine's memory)"
+    )
     parser.add_argument("--gpus", default="0")
     parser.add_argument("--resources", default="", help="custom resources, NAME=amount,...")
 
@@ -213,8 +218,14 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     settings.resolved_redis_url()
-    return run_agent(settings, node_id=args.id or default_node_id(), pool=args.pool, labels=args.labels,
-                     capacity=node_capacity(args), loglevel=args.loglevel)
+    return run_agent(
+        settings,
+        node_id=args.id or default_node_id(),
+        pool=args.pool,
+        labels=args.labels,
+        capacity=node_capacity(args),
+        loglevel=args.loglevel,
+    )
 
 
 def default_node_id() -> str:
@@ -319,12 +330,15 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
 
     try:
         quota = set_quota(
-            _redis(), args.tenant,
+            _redis(),
+            args.tenant,
             cpus=Decimal(args.cpus) if args.cpus else None,
             memory=parse_size(args.memory) if args.memory else None,
             gpus=Decimal(args.gpus) if args.gpus else None,
             resources=parse_resources(args.resources) if args.resources else None,
-            max_pending=args.max_pending, rate=args.rate, burst=args.burst,
+            max_pending=args.max_pending,
+            rate=args.rate,
+            burst=args.burst,
         )
     except (ValueError, InvalidOperation) as exc:
         print(f"poolq quota set: {exc}", file=sys.stderr)

@@ -23,7 +23,14 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, server: str = "http://127.0.0.1:8000", *, token: str | None = None, tenant: str | None = None, timeout: float = 70.0):
+    def __init__(
+        self,
+        server: str = "http://127.0.0.1:8000",
+        *,
+        token: str | None = None,
+        tenant: str | None = None,
+        timeout: float = 70.0,
+    ):
         url = urlsplit(server if "://" in server else "http://" + server)
         connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         self._connect = lambda: connection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
@@ -35,7 +42,9 @@ class Client:
         if tenant:
             self.headers["X-Tenant-Id"] = tenant
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], Any]:
         payload = None if body is None else json.dumps(body).encode()
         all_headers = {**self.headers, **(headers or {})}
         if payload is not None:
@@ -56,7 +65,14 @@ class Client:
             raise ApiError(response.status, answer)
         return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
 
-    def submit(self, body: dict[str, Any], *, pool_label: str | None = None, timeout_ms: int | None = None, wait_s: float | None = None) -> str:
+    def submit(
+        self,
+        body: dict[str, Any],
+        *,
+        pool_label: str | None = None,
+        timeout_ms: int | None = None,
+        wait_s: float | None = None,
+    ) -> str:
         headers = {}
         if pool_label:
             headers["X-Pool-Label"] = pool_label
@@ -66,7 +82,9 @@ class Client:
             headers["Prefer"] = f"wait={wait_s:g}"
         return str(self.request("POST", "/api/jobs", body, headers)[2]["submission_id"])
 
-    def submit_batch(self, bodies: list[Any], *, pool_label: str | None = None, timeout_ms: int | None = None) -> list[dict[str, Any]]:
+    def submit_batch(
+        self, bodies: list[Any], *, pool_label: str | None = None, timeout_ms: int | None = None
+    ) -> list[dict[str, Any]]:
         headers = {}
         if pool_label:
             headers["X-Pool-Label"] = pool_label
@@ -77,7 +95,9 @@ class Client:
     def job(self, submission_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/api/jobs/{quote(submission_id, safe='')}")[2])
 
-    def jobs(self, *, status: str | None = None, limit: int = 100, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    def jobs(
+        self, *, status: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         query = {k: v for k, v in (("status", status), ("limit", str(limit)), ("cursor", cursor)) if v}
         _, headers, records = self.request("GET", "/api/jobs?" + urlencode(query))
         link = headers.get("link", "")

@@ -28,7 +28,9 @@ def add_commands(commands: Any) -> None:
     common.add_argument("--tenant", default=None, help="X-Tenant-Id (default: the token's tenant, or `default`)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
-    submit = commands.add_parser("submit", parents=[common], help="submit a job: poolq submit [options] -- command args…")
+    submit = commands.add_parser(
+        "submit", parents=[common], help="submit a job: poolq submit [options] -- command args…"
+    )
     submit.add_argument("--label", help="X-Pool-Label: ordered pool-label terms")
     submit.add_argument("--working-dir", help="working directory on the node (default: the current directory)")
     submit.add_argument("--env", action="append", default=[], metavar="K=V")
@@ -86,7 +88,10 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         runtime_env["env_vars"] = dict(item.split("=", 1) for item in args.env)
     if args.pip:
         runtime_env["pip"] = args.pip
-    body: dict[str, Any] = {"entrypoint": shlex.join(command) if len(command) > 1 else command[0], "runtime_env": runtime_env}
+    body: dict[str, Any] = {
+        "entrypoint": shlex.join(command) if len(command) > 1 else command[0],
+        "runtime_env": runtime_env,
+    }
     if args.cpus is not None:
         body["entrypoint_num_cpus"] = args.cpus
     if args.memory is not None:
@@ -245,5 +250,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'NODE':<16} ENTRYPOINT")
     for record in records:
-        print(f"{record['submission_id']:<44} {record['status']:<10} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}")
+        print(
+            f"{record['submission_id']:<44} {record['status']:<10} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
+        )
     return 0

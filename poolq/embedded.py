@@ -45,7 +45,15 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A redis-server child process. ``start()`` returns its URL; ``stop()`` shuts it down."""
 
-    def __init__(self, directory: Path, *, port: int | None = None, password: str | None = None, appendonly: bool = True, maxmemory: str | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        password: str | None = None,
+        appendonly: bool = True,
+        maxmemory: str | None = None,
+    ):
         self.directory = directory
         self.port = port or free_port()
         self.password = password if password is not None else secrets.token_urlsafe(24)
@@ -94,7 +102,9 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise EmbeddedRedisError(f"redis-server exited with status {self.process.returncode} (see {self.directory})")
+                raise EmbeddedRedisError(
+                    f"redis-server exited with status {self.process.returncode} (see {self.directory})"
+                )
             try:
                 client.ping()
                 # A restart replays the append-only file before answering with data.

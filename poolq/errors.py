@@ -1,11 +1,11 @@
 """poolq's errors. The HTTP shim turns each into one response in exactly one place.
 
-    PoolqError
-    ├── InvalidRequest   a request or message breaks the contract (400, with fields)
-    ├── NotFound         no such job in the caller's tenant (404)
-    ├── Conflict         the request contradicts stored state (409)
-    ├── TooMany          a tenant limit: max pending jobs, request rate (429)
-    └── Unavailable      Redis cannot be reached or refuses writes (503)
+PoolqError
+├── InvalidRequest   a request or message breaks the contract (400, with fields)
+├── NotFound         no such job in the caller's tenant (404)
+├── Conflict         the request contradicts stored state (409)
+├── TooMany          a tenant limit: max pending jobs, request rate (429)
+└── Unavailable      Redis cannot be reached or refuses writes (503)
 """
 
 from __future__ import annotations

@@ -146,9 +146,7 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
     }
 
 
-def scheduling_progress(
-    fields: Mapping[str, str], shape: Mapping[str, str] | None
-) -> tuple[int, list[dict[str, Any]]]:
+def scheduling_progress(fields: Mapping[str, str], shape: Mapping[str, str] | None) -> tuple[int, list[dict[str, Any]]]:
     """Attempts and latest reasons: frozen on the job once placed or failed, else its shape's."""
     if fields.get(JobFields.ATTEMPTS):
         return int(fields[JobFields.ATTEMPTS]), json.loads(fields.get(JobFields.REASONS) or "[]")

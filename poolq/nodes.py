@@ -19,7 +19,17 @@ from poolq.redis_io import redis_errors
 from poolq.schemas import LABEL_PART, RESERVED_RESOURCE_NAMES, RESOURCE_NAME
 
 SIZE = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?i?B?\s*$")
-UNITS = {None: 1, "K": 1024, "Ki": 1024, "M": 1024**2, "Mi": 1024**2, "G": 1024**3, "Gi": 1024**3, "T": 1024**4, "Ti": 1024**4}
+UNITS = {
+    None: 1,
+    "K": 1024,
+    "Ki": 1024,
+    "M": 1024**2,
+    "Mi": 1024**2,
+    "G": 1024**3,
+    "Gi": 1024**3,
+    "T": 1024**4,
+    "Ti": 1024**4,
+}
 
 
 def parse_size(text: str) -> int:
@@ -64,7 +74,9 @@ def parse_resources(text: str | None) -> dict[str, Decimal]:
     return resources
 
 
-def capacity_of(cpus: Decimal | int | str, memory: int, gpus: Decimal | int | str = 0, resources: dict[str, Decimal] | None = None) -> dict[str, int]:
+def capacity_of(
+    cpus: Decimal | int | str, memory: int, gpus: Decimal | int | str = 0, resources: dict[str, Decimal] | None = None
+) -> dict[str, int]:
     """Integer capacity (milli-units, bytes) from human amounts."""
     capacity = {CPU: to_milli(Decimal(str(cpus))), MEMORY: int(memory), GPU: to_milli(Decimal(str(gpus)))}
     for name, amount in (resources or {}).items():

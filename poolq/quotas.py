@@ -25,9 +25,18 @@ CACHE_S = 1.0  # how long an API process trusts what it read of a tenant's rate 
 
 
 @redis_errors("the quota change")
-def set_quota(client: redis.Redis, tenant: str, *, cpus: Decimal | None = None, memory: int | None = None,
-              gpus: Decimal | None = None, resources: dict[str, Decimal] | None = None, max_pending: int | None = None,
-              rate: float | None = None, burst: int | None = None) -> dict[str, str]:
+def set_quota(
+    client: redis.Redis,
+    tenant: str,
+    *,
+    cpus: Decimal | None = None,
+    memory: int | None = None,
+    gpus: Decimal | None = None,
+    resources: dict[str, Decimal] | None = None,
+    max_pending: int | None = None,
+    rate: float | None = None,
+    burst: int | None = None,
+) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
     limits: dict[str, str] = {}
     if cpus is not None:
@@ -84,4 +93,6 @@ class RateLimiter:
             return
         allowed, wait_ms = self.scripts.rate_limit(keys=[keys.rate_bucket(tenant)], args=[rate, burst])
         if not allowed:
-            raise TooMany(f"rate limit of tenant {tenant} exceeded ({rate:g} requests/s)", retry_after=int(wait_ms) / 1000)
+            raise TooMany(
+                f"rate limit of tenant {tenant} exceeded ({rate:g} requests/s)", retry_after=int(wait_ms) / 1000
+            )

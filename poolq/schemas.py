@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
 
@@ -53,7 +53,15 @@ def _refuse_constant(name: str) -> Any:
 class Text(fields.Field):
     """A JSON string, optionally bounded in UTF-8 bytes and required non-blank."""
 
-    def __init__(self, *, max_bytes: int | None = None, non_blank: bool = False, pattern: re.Pattern[str] | None = None, pattern_hint: str = "", **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        max_bytes: int | None = None,
+        non_blank: bool = False,
+        pattern: re.Pattern[str] | None = None,
+        pattern_hint: str = "",
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.max_bytes, self.non_blank = max_bytes, non_blank
         self.pattern, self.pattern_hint = pattern, pattern_hint
@@ -62,7 +70,13 @@ class Text(fields.Field):
         return check_text(value, self.max_bytes, self.non_blank, self.pattern, self.pattern_hint)
 
 
-def check_text(value: Any, max_bytes: int | None = None, non_blank: bool = False, pattern: re.Pattern[str] | None = None, pattern_hint: str = "") -> str:
+def check_text(
+    value: Any,
+    max_bytes: int | None = None,
+    non_blank: bool = False,
+    pattern: re.Pattern[str] | None = None,
+    pattern_hint: str = "",
+) -> str:
     if not isinstance(value, str):
         raise ValidationError("must be a string")
     if non_blank and not value.strip():
@@ -167,8 +181,20 @@ class Pip(fields.Field):
 
     def __init__(self, **kwargs: Any):
         requirements = {"type": "array", "items": {"type": "string"}, "maxItems": MAX_PIP_ENTRIES}
-        openapi = {"oneOf": [requirements, {"type": "object", "properties": {
-            "packages": requirements, "pip_check": {"type": "boolean"}, "pip_version": {"type": "string"}}, "required": ["packages"]}]}
+        openapi = {
+            "oneOf": [
+                requirements,
+                {
+                    "type": "object",
+                    "properties": {
+                        "packages": requirements,
+                        "pip_check": {"type": "boolean"},
+                        "pip_version": {"type": "string"},
+                    },
+                    "required": ["packages"],
+                },
+            ]
+        }
         super().__init__(metadata=openapi, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
@@ -199,7 +225,7 @@ class Pip(fields.Field):
 def check_working_dir(value: Any) -> str:
     check_text(value, MAX_LIST_STRING, non_blank=True)
     if value.startswith("file://"):
-        if not value[len("file://"):].startswith("/"):
+        if not value[len("file://") :].startswith("/"):
             raise ValidationError("a file:// URI must name an absolute path (file:///dir)")
         return value
     if value.startswith("gcs://"):
@@ -216,7 +242,9 @@ def check_working_dir(value: Any) -> str:
 def check_resource_name(name: str) -> None:
     check_text(name, pattern=RESOURCE_NAME, pattern_hint="[A-Za-z0-9._/-]{1,63}")
     if name.lower() in RESERVED_RESOURCE_NAMES:
-        raise ValidationError("CPU, memory and GPU are requested with entrypoint_num_cpus, entrypoint_memory and entrypoint_num_gpus")
+        raise ValidationError(
+            "CPU, memory and GPU are requested with entrypoint_num_cpus, entrypoint_memory and entrypoint_num_gpus"
+        )
 
 
 def _check_label_part(value: Any) -> str:
@@ -281,7 +309,9 @@ class JobRequestSchema(_NullIsAbsent):
         check_value=lambda v: check_amount(v, Decimal(0), Decimal("1e9")),
         values="number",
     )
-    entrypoint_label_selector = StringMap(max_entries=MAX_SELECTOR, check_key=_check_label_part, check_value=_check_label_part)
+    entrypoint_label_selector = StringMap(
+        max_entries=MAX_SELECTOR, check_key=_check_label_part, check_value=_check_label_part
+    )
     submission_id = Text(max_bytes=256)
     job_id = Text(max_bytes=256)
 
@@ -338,7 +368,9 @@ def load_job_request(body: Any) -> dict[str, Any]:
         raise ValidationError(flatten_errors(exc.messages)) from None
 
 
-def check_headers(tenant: str | None, pool_label: str | None, timeout: str | None) -> tuple[dict[str, list[str]], str, list[tuple[str, str | None]] | None, bool, int | None]:
+def check_headers(
+    tenant: str | None, pool_label: str | None, timeout: str | None
+) -> tuple[dict[str, list[str]], str, list[tuple[str, str | None]] | None, bool, int | None]:
     """Validate X-Tenant-Id, X-Pool-Label and X-Schedule-Timeout-Ms.
 
     Returns (errors, tenant, terms or None, anti-other-labels switch, timeout or None).
@@ -379,4 +411,3 @@ def normalise_submission_id(value: str) -> str:
     if not SUBMISSION_ID.match(candidate):
         raise ValidationError("must match ^app-[a-z0-9-]{1,60}$ after the app- prefix is added")
     return candidate
-

@@ -82,8 +82,7 @@ class Settings:
             return self.redis_url_file.read_text().strip()
         except FileNotFoundError:
             raise ConfigError(
-                f"no Redis configured: run `poolq up` (it writes {self.redis_url_file}) "
-                "or set POOLQ_REDIS_URL"
+                f"no Redis configured: run `poolq up` (it writes {self.redis_url_file}) or set POOLQ_REDIS_URL"
             ) from None
 
     @classmethod

@@ -21,15 +21,26 @@ from marshmallow import ValidationError
 
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
-from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, canonical_number, render_record, show_amount, to_milli
+from poolq.model import (
+    CPU,
+    GPU,
+    MEMORY,
+    ErrorType,
+    JobFields,
+    JobStatus,
+    canonical_number,
+    render_record,
+    show_amount,
+    to_milli,
+)
 from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import TENANT, check_headers, load_job_request, normalise_submission_id
 from poolq.settings import Settings
 
 log = logging.getLogger("poolq.store")
 
-WAKE_TTL_MS = 2000
-LIST_SCAN = 5000  # records a filtered listing reads at most per page  # a wake-up lost with its message is re-sent by the sweep after this
+WAKE_TTL_MS = 2000  # a wake-up lost with its message is re-sent by the sweep after this
+LIST_SCAN = 5000  # records a filtered listing reads at most per page
 
 Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
 
@@ -102,10 +113,14 @@ class JobStore:
         """A job may only name an uploaded package; naming it keeps it from expiring."""
         if not working_dir.startswith("gcs://"):
             return
-        if not self.raw.expire(keys.package(working_dir[len("gcs://"):]), self.settings.retention_s):
-            raise InvalidRequest({"runtime_env.working_dir": [
-                f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{working_dir[len('gcs://'):]} first"
-            ]})
+        if not self.raw.expire(keys.package(working_dir[len("gcs://") :]), self.settings.retention_s):
+            raise InvalidRequest(
+                {
+                    "runtime_env.working_dir": [
+                        f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{working_dir[len('gcs://') :]} first"
+                    ]
+                }
+            )
 
     def _normalise(
         self,
@@ -173,7 +188,13 @@ class JobStore:
         if code == 4:
             resource, amount, limit = detail
             field = REQUEST_FIELDS.get(resource, f"entrypoint_resources.{resource}")
-            raise InvalidRequest({field: [f"asks for more {resource} than the tenant's quota allows ({show_amount(resource, int(amount))} > {show_amount(resource, int(limit))})"]})
+            raise InvalidRequest(
+                {
+                    field: [
+                        f"asks for more {resource} than the tenant's quota allows ({show_amount(resource, int(amount))} > {show_amount(resource, int(limit))})"
+                    ]
+                }
+            )
         if wake:
             self.wake(queues.PLACEMENT)
         return code == 0
@@ -218,14 +239,31 @@ class JobStore:
                 return False
             code, wake = self.scripts.finish(
                 keys=[
-                    keys.job(job_ref), keys.node(node), keys.node_jobs(node), keys.node_inbox(node),
-                    keys.shape_queue(sig or ""), keys.DEADLINES, keys.CLAIMED, keys.TERMINAL,
-                    keys.INVENTORY_LOG, keys.KICK, keys.wake(queues.PLACEMENT),
-                    keys.tenant_active(tenant), keys.tenant_counts(tenant), keys.tenant_usage(tenant),
+                    keys.job(job_ref),
+                    keys.node(node),
+                    keys.node_jobs(node),
+                    keys.node_inbox(node),
+                    keys.shape_queue(sig or ""),
+                    keys.DEADLINES,
+                    keys.CLAIMED,
+                    keys.TERMINAL,
+                    keys.INVENTORY_LOG,
+                    keys.KICK,
+                    keys.wake(queues.PLACEMENT),
+                    keys.tenant_active(tenant),
+                    keys.tenant_counts(tenant),
+                    keys.tenant_usage(tenant),
                 ],
                 args=[
-                    job_ref, node, status.value, error_type.value if error_type else "", message,
-                    "" if exit_code is None else exit_code, allowed, WAKE_TTL_MS, "1" if deadline_passed else "0",
+                    job_ref,
+                    node,
+                    status.value,
+                    error_type.value if error_type else "",
+                    message,
+                    "" if exit_code is None else exit_code,
+                    allowed,
+                    WAKE_TTL_MS,
+                    "1" if deadline_passed else "0",
                     *extra_args,
                 ],
             )
@@ -245,8 +283,13 @@ class JobStore:
         if before == JobStatus.PENDING:
             # Not started: end it here. If an agent starts it meanwhile, the agent sees
             # the stop flag and ends it instead.
-            self.finish(job_ref, JobStatus.STOPPED, error_type=ErrorType.STOPPED_BY_USER,
-                        message="stopped by user request", from_statuses=[JobStatus.PENDING])
+            self.finish(
+                job_ref,
+                JobStatus.STOPPED,
+                error_type=ErrorType.STOPPED_BY_USER,
+                message="stopped by user request",
+                from_statuses=[JobStatus.PENDING],
+            )
         elif before == JobStatus.RUNNING:
             node = self.redis.hget(keys.job(job_ref), JobFields.NODE)
             if node:
@@ -290,8 +333,15 @@ class JobStore:
         return self._render([f for f in pipe.execute() if f and JobFields.SPEC in f])
 
     @redis_errors("the listing")
-    def list(self, tenant: str, *, status: JobStatus | None = None, pool_label: str | None = None,
-             limit: int = 100, before: int | None = None) -> tuple[list[dict[str, Any]], int | None]:
+    def list(
+        self,
+        tenant: str,
+        *,
+        status: JobStatus | None = None,
+        pool_label: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> tuple[list[dict[str, Any]], int | None]:
         """The tenant's jobs, newest first, below cursor ``before`` (a seq); returns the page
         and the cursor of the next one (None at the end).
 
@@ -313,7 +363,7 @@ class JobStore:
             pipe = self.redis.pipeline(transaction=False)
             for submission_id, _ in found:
                 pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-            for (submission_id, seq), fields in zip(found, pipe.execute()):
+            for (_, seq), fields in zip(found, pipe.execute()):
                 if len(page) == limit:
                     return self._render(page), last_seq  # more exist: `found` went past the page
                 scanned += 1
@@ -366,7 +416,7 @@ class JobStore:
         while start < len(data) and start > 0 and data[start] & 0xC0 == 0x80:
             start += 1  # the offset fell inside a character: begin at the next one
         end = len(data) - _incomplete_tail(data)
-        chunk = data[start:max(start, end)]
+        chunk = data[start : max(start, end)]
         return chunk.decode("utf-8", "replace"), base + start + len(chunk)
 
     @redis_errors("the wait")
@@ -376,7 +426,9 @@ class JobStore:
         deadline = time.monotonic() + timeout_s
         delay = 0.005
         while True:
-            status, node, message = self.redis.hmget(keys.job(job_ref), [JobFields.STATUS, JobFields.NODE, JobFields.MESSAGE])
+            status, node, message = self.redis.hmget(
+                keys.job(job_ref), [JobFields.STATUS, JobFields.NODE, JobFields.MESSAGE]
+            )
             if node or status == JobStatus.RUNNING or status == JobStatus.SUCCEEDED:
                 return None
             if status in (JobStatus.FAILED, JobStatus.STOPPED):
@@ -439,7 +491,9 @@ def build_shape(
     }
 
 
-def _submission_id(request: dict[str, Any], default_id: Callable[[], str] | None) -> tuple[str | None, dict[str, list[str]]]:
+def _submission_id(
+    request: dict[str, Any], default_id: Callable[[], str] | None
+) -> tuple[str | None, dict[str, list[str]]]:
     given = {}
     errors: dict[str, list[str]] = {}
     for name in ("submission_id", "job_id"):
@@ -527,9 +581,10 @@ def _submit_args(job: NewJob) -> list[Any]:
 
 
 def _digest(value: Any) -> str:
-    return hashlib.blake2b(json.dumps(value, sort_keys=True, separators=(",", ":")).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(
+        json.dumps(value, sort_keys=True, separators=(",", ":")).encode(), digest_size=16
+    ).hexdigest()
 
 
 def _plain(amount: Decimal | int) -> str:
     return str(canonical_number(amount))
-

@@ -114,7 +114,15 @@ class Supervisor:
 def run_up(settings: Settings, *, with_node: bool, node_args: list[str], insecure: bool = False) -> int:
     python = [sys.executable, "-m", "poolq"]
     commands = {
-        "api": [*python, "api", "--host", settings.host, "--port", str(settings.port), *(["--insecure-no-auth"] if insecure else [])],
+        "api": [
+            *python,
+            "api",
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.port),
+            *(["--insecure-no-auth"] if insecure else []),
+        ],
         "worker": [*python, "worker"],
     }
     if with_node:

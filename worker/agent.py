@@ -28,9 +28,9 @@ from typing import Any
 
 from poolq import keys, queues
 from poolq.model import ErrorType, JobFields, JobStatus, canonical_number
+from poolq.nodes import parse_labels
 from poolq.settings import Settings
 from poolq.store import JobStore
-from poolq.nodes import parse_labels
 from worker.inventory import NodeAdmin
 from worker.runtime_env import RuntimeEnvs, SetupFailed
 
@@ -89,7 +89,11 @@ class JobRun(threading.Thread):
             self._run()
         except Exception:
             log.exception("job %s: unexpected error in the agent", self.job_ref)
-            self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, "the node agent failed while running the job; see its log")
+            self._finish(
+                JobStatus.FAILED,
+                ErrorType.ENTRYPOINT_FAILED,
+                "the node agent failed while running the job; see its log",
+            )
         finally:
             self.agent.job_done(self)
 
@@ -104,11 +108,20 @@ class JobRun(threading.Thread):
             workdir = agent.envs.working_dir(spec["runtime_env"]["working_dir"])
             venv = agent.envs.pip_env(spec["runtime_env"].get("pip"))
         except SetupFailed as exc:
-            self._finish(JobStatus.FAILED, ErrorType.RUNTIME_ENV_SETUP_FAILED, f"runtime_env setup failed: {exc}", from_statuses=[JobStatus.PENDING])
+            self._finish(
+                JobStatus.FAILED,
+                ErrorType.RUNTIME_ENV_SETUP_FAILED,
+                f"runtime_env setup failed: {exc}",
+                from_statuses=[JobStatus.PENDING],
+            )
             store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref)
             return
         started = store.scripts.start(
-            keys=[keys.job(self.job_ref), keys.node_inbox(agent.node_id), keys.tenant_counts(keys.split_ref(self.job_ref)[0])],
+            keys=[
+                keys.job(self.job_ref),
+                keys.node_inbox(agent.node_id),
+                keys.tenant_counts(keys.split_ref(self.job_ref)[0]),
+            ],
             args=[self.job_ref, agent.node_id, f"running on node {agent.node_id}"],
         )
         if started == 2:  # a stop came first
@@ -143,7 +156,12 @@ class JobRun(threading.Thread):
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
         if self.shutdown:
-            self._finish(JobStatus.FAILED, ErrorType.NODE_SHUTDOWN, f"node {agent.node_id} shut down while the job ran", exit_code=code)
+            self._finish(
+                JobStatus.FAILED,
+                ErrorType.NODE_SHUTDOWN,
+                f"node {agent.node_id} shut down while the job ran",
+                exit_code=code,
+            )
         elif code == 0:
             self._finish(JobStatus.SUCCEEDED, None, "finished: exit code 0", exit_code=0)
         else:
@@ -196,11 +214,23 @@ class JobRun(threading.Thread):
             fileobj.close()
         return stderr_tail
 
-    def _finish(self, status: JobStatus, error_type: ErrorType | None, message: str, *, exit_code: int | None = None,
-                from_statuses: list[JobStatus] | None = None) -> None:
+    def _finish(
+        self,
+        status: JobStatus,
+        error_type: ErrorType | None,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        from_statuses: list[JobStatus] | None = None,
+    ) -> None:
         self.agent.store.finish(
-            self.job_ref, status, error_type=error_type, message=message, exit_code=exit_code,
-            from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING], expected_node=self.agent.node_id,
+            self.job_ref,
+            status,
+            error_type=error_type,
+            message=message,
+            exit_code=exit_code,
+            from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING],
+            expected_node=self.agent.node_id,
         )
 
 
@@ -218,7 +248,9 @@ def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
             "POOLQ_NUM_CPUS": str(spec["entrypoint_num_cpus"]),
             "POOLQ_MEMORY": str(spec["entrypoint_memory"]),
             "POOLQ_NUM_GPUS": str(spec["entrypoint_num_gpus"]),
-            "POOLQ_RESOURCES": ",".join(f"{k}={canonical_number(v)}" for k, v in sorted(spec["entrypoint_resources"].items())),
+            "POOLQ_RESOURCES": ",".join(
+                f"{k}={canonical_number(v)}" for k, v in sorted(spec["entrypoint_resources"].items())
+            ),
         }
     )
     return env
@@ -232,7 +264,9 @@ def _kill_group(pgid: int, sig: int) -> None:
 
 
 class Agent:
-    def __init__(self, store: JobStore, *, node_id: str, pool: str, labels: dict[str, str | None], capacity: dict[str, int]):
+    def __init__(
+        self, store: JobStore, *, node_id: str, pool: str, labels: dict[str, str | None], capacity: dict[str, int]
+    ):
         self.store = store
         self.settings: Settings = store.settings
         self.admin = NodeAdmin(store)
@@ -259,12 +293,16 @@ class Agent:
         refs = [r for r in self.store.redis.smembers(keys.node_jobs(self.node_id)) if r not in mine]
         running_before = [r for r in refs if self.store.redis.hget(keys.job(r), JobFields.STATUS) == JobStatus.RUNNING]
         if running_before:
-            self.admin.fail_jobs(self.node_id, f"node {self.node_id}'s agent restarted while the job ran", only=running_before)
+            self.admin.fail_jobs(
+                self.node_id, f"node {self.node_id}'s agent restarted while the job ran", only=running_before
+            )
         log.info("node %s registered in pool %s (incarnation %d)", self.node_id, self.pool, self.incarnation)
         self.wake.set()
 
     def heartbeat(self) -> None:
-        accepted = self.store.scripts.heartbeat(keys=[keys.node(self.node_id), keys.HEARTBEATS], args=[self.node_id, self.incarnation])
+        accepted = self.store.scripts.heartbeat(
+            keys=[keys.node(self.node_id), keys.HEARTBEATS], args=[self.node_id, self.incarnation]
+        )
         if not accepted and self.accepting:
             # Declared lost (or replaced): our jobs were failed; end them and start over.
             log.warning("node %s was declared lost; stopping its jobs and registering again", self.node_id)
@@ -327,7 +365,9 @@ class Agent:
 
     def ship_log(self, job_ref: str, data: bytes) -> None:
         try:
-            self.store.scripts.log_append(keys=[keys.log(job_ref), keys.job(job_ref)], args=[data, self.settings.max_log_bytes])
+            self.store.scripts.log_append(
+                keys=[keys.log(job_ref), keys.job(job_ref)], args=[data, self.settings.max_log_bytes]
+            )
         except Exception:
             log.warning("job %s: could not ship %d bytes of output to Redis", job_ref, len(data), exc_info=True)
 
@@ -358,8 +398,12 @@ class Agent:
         inbox = self.store.redis.zrange(keys.node_inbox(self.node_id), 0, -1)
         with self._lock:
             unstarted = [r for r in inbox if r not in self.running]
-        self.admin.fail_jobs(self.node_id, f"node {self.node_id} shut down before the job started",
-                             error_type=ErrorType.NODE_SHUTDOWN, only=unstarted)
+        self.admin.fail_jobs(
+            self.node_id,
+            f"node {self.node_id} shut down before the job started",
+            error_type=ErrorType.NODE_SHUTDOWN,
+            only=unstarted,
+        )
         deadline = time.monotonic() + self.settings.drain_s
         while time.monotonic() < deadline and self.running:
             time.sleep(0.1)
@@ -374,7 +418,9 @@ class Agent:
         self.guardian.close()
 
 
-def run_agent(settings: Settings, *, node_id: str, pool: str, labels: str, capacity: dict[str, int], loglevel: str = "INFO") -> int:
+def run_agent(
+    settings: Settings, *, node_id: str, pool: str, labels: str, capacity: dict[str, int], loglevel: str = "INFO"
+) -> int:
     from worker import runtime
     from worker.celery_app import create_celery
 
@@ -390,8 +436,13 @@ def run_agent(settings: Settings, *, node_id: str, pool: str, labels: str, capac
     try:
         app.worker_main(
             [
-                "worker", "--pool=solo", f"--queues={queues.node_queue(node_id)}", "--without-mingle", "--without-gossip",
-                f"--loglevel={loglevel}", f"--hostname=node-{node_id}-{os.getpid()}@{socket.gethostname()}",
+                "worker",
+                "--pool=solo",
+                f"--queues={queues.node_queue(node_id)}",
+                "--without-mingle",
+                "--without-gossip",
+                f"--loglevel={loglevel}",
+                f"--hostname=node-{node_id}-{os.getpid()}@{socket.gethostname()}",
             ]
         )
     finally:
@@ -406,4 +457,3 @@ def _janitor(agent: Agent) -> None:
             agent.remove_orphan_logs()
         except Exception:
             log.warning("could not clean up old log files", exc_info=True)
-

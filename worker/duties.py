@@ -74,7 +74,9 @@ class Duties:
         refs = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=BATCH)
         failed = 0
         for job_ref in refs:
-            fields = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.TIMEOUT_MS, JobFields.ATTEMPTS_BASE])
+            fields = self.redis.hmget(
+                keys.job(job_ref), [JobFields.SHAPE, JobFields.TIMEOUT_MS, JobFields.ATTEMPTS_BASE]
+            )
             sig, timeout_ms, base = fields
             if sig is None:
                 self.redis.zrem(keys.DEADLINES, job_ref)  # the job is gone
@@ -123,7 +125,10 @@ class Duties:
             lost = self.redis.hincrby(keys.job(job_ref), JobFields.LOST_CLAIMS, 1)
             if lost >= MAX_LOST_CLAIMS:
                 self.store.finish(
-                    job_ref, JobStatus.FAILED, error_type=ErrorType.INVALID_REQUEST, from_statuses=[JobStatus.PENDING],
+                    job_ref,
+                    JobStatus.FAILED,
+                    error_type=ErrorType.INVALID_REQUEST,
+                    from_statuses=[JobStatus.PENDING],
                     message=f"placement stopped {lost} times while handling this job; it is not tried again",
                 )
                 continue
@@ -137,11 +142,15 @@ class Duties:
         cutoff = now - int(self.settings.node_ttl_s * 1000)
         for node_id in self.redis.zrangebyscore(keys.HEARTBEATS, "-inf", cutoff, start=0, num=BATCH):
             failed = self.scheduler.admin.declare_lost(node_id)
-            log.warning("node %s lost (no heartbeat for %gs); failed %d jobs", node_id, self.settings.node_ttl_s, len(failed))
+            log.warning(
+                "node %s lost (no heartbeat for %gs); failed %d jobs", node_id, self.settings.node_ttl_s, len(failed)
+            )
 
     def purge_terminal(self, now: int) -> None:
         """Remove terminal jobs past retention, and the oldest beyond the count limit."""
-        expired = self.redis.zrangebyscore(keys.TERMINAL, "-inf", now - self.settings.retention_s * 1000, start=0, num=BATCH)
+        expired = self.redis.zrangebyscore(
+            keys.TERMINAL, "-inf", now - self.settings.retention_s * 1000, start=0, num=BATCH
+        )
         excess = self.redis.zcard(keys.TERMINAL) - self.settings.max_terminal_jobs
         if excess > 0:
             expired = list(dict.fromkeys(expired + self.redis.zrange(keys.TERMINAL, 0, min(excess, BATCH) - 1)))
@@ -152,7 +161,8 @@ class Duties:
         """Shapes no job has used for SHAPE_IDLE_MS: nothing of them stays in Redis."""
         for sig in self.redis.zrangebyscore(keys.SHAPES_IDLE, "-inf", now - SHAPE_IDLE_MS, start=0, num=BATCH):
             self.store.scripts.forget_shape(
-                keys=[keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.SHAPES_IDLE], args=[sig]
+                keys=[keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.SHAPES_IDLE],
+                args=[sig],
             )
 
     def rewake(self) -> None:

@@ -34,7 +34,9 @@ def id_from_message(message_id: str | None) -> str:
     return "app-" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def submit_message(store: JobStore, message_id: str | None, body: Any, tenant_id: Any, pool_label: Any, schedule_timeout_ms: Any) -> str | None:
+def submit_message(
+    store: JobStore, message_id: str | None, body: Any, tenant_id: Any, pool_label: Any, schedule_timeout_ms: Any
+) -> str | None:
     """Validate and store one queued job; returns its submission id, or None if refused."""
     try:
         # Celery's JSON decoder gives floats; re-read them as exact decimals, as HTTP does.
@@ -82,13 +84,28 @@ def _record_invalid(store: JobStore, body: Any, tenant_id: Any, fields: dict[str
         return
     entrypoint = body.get("entrypoint") if isinstance(body.get("entrypoint"), str) else ""
     spec = {
-        "submission_id": submission_id, "tenant_id": tenant, "entrypoint": entrypoint, "metadata": {},
-        "runtime_env": {}, "entrypoint_num_cpus": 0, "entrypoint_num_gpus": 0, "entrypoint_memory": 0,
-        "entrypoint_resources": {}, "entrypoint_label_selector": {}, "pool_label": None,
+        "submission_id": submission_id,
+        "tenant_id": tenant,
+        "entrypoint": entrypoint,
+        "metadata": {},
+        "runtime_env": {},
+        "entrypoint_num_cpus": 0,
+        "entrypoint_num_gpus": 0,
+        "entrypoint_memory": 0,
+        "entrypoint_resources": {},
+        "entrypoint_label_selector": {},
+        "pool_label": None,
     }
     job_ref = keys.ref(tenant, submission_id)
     store.scripts.record_invalid(
-        keys=[keys.job(job_ref), keys.tenant_jobs(tenant), keys.TERMINAL, keys.SEQ, keys.tenant_counts(tenant), keys.TENANTS],
+        keys=[
+            keys.job(job_ref),
+            keys.tenant_jobs(tenant),
+            keys.TERMINAL,
+            keys.SEQ,
+            keys.tenant_counts(tenant),
+            keys.TENANTS,
+        ],
         args=[json.dumps(spec), f"invalid job request: {problems}", submission_id, job_ref, tenant],
     )
 

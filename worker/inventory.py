@@ -16,11 +16,12 @@ import redis
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound
 from poolq.model import ErrorType, JobFields, JobStatus
-from poolq.nodes import capacity_of, describe_nodes, load_nodes, parse_labels, parse_resources, parse_size
+from poolq.nodes import capacity_of, describe_nodes, load_nodes  # noqa: F401  (capacity_of: TEMP re-export)
 from poolq.redis_io import Scripts
 from poolq.schemas import LABEL_PART
 from poolq.store import WAKE_TTL_MS, JobStore
 from worker.placement import Node
+
 
 def node_from_hash(fields: dict[str, str]) -> Node:
     capacity = {f[4:]: int(v) for f, v in fields.items() if f.startswith("cap:")}
@@ -58,13 +59,31 @@ class NodeAdmin:
         Returns the registration's incarnation number.
         """
         if not LABEL_PART.match(node_id) or not LABEL_PART.match(pool):
-            raise InvalidRequest({"id" if not LABEL_PART.match(node_id) else "pool": ["must match [A-Za-z0-9._/-]{1,63}"]}, "invalid node")
+            raise InvalidRequest(
+                {"id" if not LABEL_PART.match(node_id) else "pool": ["must match [A-Za-z0-9._/-]{1,63}"]},
+                "invalid node",
+            )
         all_labels = {**labels, "pool": pool}
         pairs = [item for name, amount in sorted(capacity.items()) for item in (name, amount)]
         code, wake, incarnation = self.scripts.node_upsert(
-            keys=[keys.node(node_id), keys.NODES, keys.INVENTORY_LOG, keys.KICK, keys.wake(queues.PLACEMENT), keys.HEARTBEATS],
-            args=[node_id, pool, json.dumps(all_labels, sort_keys=True), kind, "create" if create else "register",
-                  WAKE_TTL_MS, queues.node_queue(node_id) if kind == "agent" else "", *pairs],
+            keys=[
+                keys.node(node_id),
+                keys.NODES,
+                keys.INVENTORY_LOG,
+                keys.KICK,
+                keys.wake(queues.PLACEMENT),
+                keys.HEARTBEATS,
+            ],
+            args=[
+                node_id,
+                pool,
+                json.dumps(all_labels, sort_keys=True),
+                kind,
+                "create" if create else "register",
+                WAKE_TTL_MS,
+                queues.node_queue(node_id) if kind == "agent" else "",
+                *pairs,
+            ],
         )
         if code == 0:
             raise Conflict(f"node {node_id} already exists")
@@ -83,7 +102,14 @@ class NodeAdmin:
         failed = self.fail_jobs(node_id, f"node {node_id} was removed")
         for _ in range(10):
             deleted = self.scripts.node_delete(
-                keys=[keys.node(node_id), keys.node_jobs(node_id), keys.node_inbox(node_id), keys.NODES, keys.HEARTBEATS, keys.INVENTORY_LOG],
+                keys=[
+                    keys.node(node_id),
+                    keys.node_jobs(node_id),
+                    keys.node_inbox(node_id),
+                    keys.NODES,
+                    keys.HEARTBEATS,
+                    keys.INVENTORY_LOG,
+                ],
                 args=[node_id],
             )
             if deleted:
@@ -99,7 +125,14 @@ class NodeAdmin:
         self.redis.zrem(keys.HEARTBEATS, node_id)
         return failed
 
-    def fail_jobs(self, node_id: str, message: str, *, error_type: ErrorType = ErrorType.NODE_LOST, only: Iterable[str] | None = None) -> list[str]:
+    def fail_jobs(
+        self,
+        node_id: str,
+        message: str,
+        *,
+        error_type: ErrorType = ErrorType.NODE_LOST,
+        only: Iterable[str] | None = None,
+    ) -> list[str]:
         refs = list(only) if only is not None else sorted(self.redis.smembers(keys.node_jobs(node_id)))
         return [
             ref
@@ -145,8 +178,11 @@ class NodeAdmin:
             for name in set(node.reserved) | set(held):
                 reserved_amount = node.reserved.get(name, 0)
                 if reserved_amount != held.get(name, 0):
-                    problems.append(f"node {node.id}: {name} reserved {reserved_amount} but its jobs hold {held.get(name, 0)}")
+                    problems.append(
+                        f"node {node.id}: {name} reserved {reserved_amount} but its jobs hold {held.get(name, 0)}"
+                    )
                 if not 0 <= reserved_amount <= node.capacity.get(name, 0):
-                    problems.append(f"node {node.id}: {name} reserved {reserved_amount} outside 0..{node.capacity.get(name, 0)}")
+                    problems.append(
+                        f"node {node.id}: {name} reserved {reserved_amount} outside 0..{node.capacity.get(name, 0)}"
+                    )
         return problems
-

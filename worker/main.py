@@ -30,8 +30,12 @@ def run_placement_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     try:
         app.worker_main(
             [
-                "worker", "--pool=solo", f"--queues={queues.PLACEMENT},{queues.SUBMIT}",
-                "--without-mingle", "--without-gossip", f"--loglevel={loglevel}",
+                "worker",
+                "--pool=solo",
+                f"--queues={queues.PLACEMENT},{queues.SUBMIT}",
+                "--without-mingle",
+                "--without-gossip",
+                f"--loglevel={loglevel}",
                 f"--hostname=placement-{os.getpid()}@{socket.gethostname()}",
             ]
         )

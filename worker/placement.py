@@ -210,7 +210,9 @@ class Inventory:
         schedulable = [n for n in self.nodes.values() if n.schedulable]
         if not schedulable:
             return [{"reason": NO_NODE, "units": 0, "requirement": None}]
-        order = [r for r in (CPU, MEMORY, GPU) if r in shape.req] + sorted(r for r in shape.req if r not in DISPLAY_NAMES)
+        order = [r for r in (CPU, MEMORY, GPU) if r in shape.req] + sorted(
+            r for r in shape.req if r not in DISPLAY_NAMES
+        )
         counts: dict[tuple[int, int], int] = {}
         for node in schedulable:
             failed = _first_failure(node, shape, order)
@@ -257,7 +259,11 @@ def quota_reason(req: dict[str, int], limits: dict[str, int], usage: dict[str, i
         if limit is not None and usage.get(resource, 0) + amount > limit:
             name = DISPLAY_NAMES.get(resource, resource)
             used = usage.get(resource, 0)
-            return {"reason": QUOTA, "units": 0, "requirement": f"{name}: {show_amount(resource, used)}/{show_amount(resource, limit)}"}
+            return {
+                "reason": QUOTA,
+                "units": 0,
+                "requirement": f"{name}: {show_amount(resource, used)}/{show_amount(resource, limit)}",
+            }
     return None
 
 
@@ -285,7 +291,10 @@ def affinity_requirement(shape: Shape) -> str:
     """
     selector = [_expression(k, v) for k, v in shape.selector.items()]
     alternatives = [[_expression(k, v), *selector] for k, v in shape.terms] or [selector]
-    subs = [_msg("subConditions", *exprs, _field("weight", str(max(100 - 10 * i, 10)))) for i, exprs in enumerate(alternatives)]
+    subs = [
+        _msg("subConditions", *exprs, _field("weight", str(max(100 - 10 * i, 10))))
+        for i, exprs in enumerate(alternatives)
+    ]
     condition = _msg("condition", *subs, _field("orderPriority", "true"))
     return _msg("resource", _msg("aff", condition), _msg("antiAff"))
 
@@ -304,7 +313,10 @@ def timeout_message(submission_id: str, timeout_ms: int, attempts: int, reasons:
     """The SCHEDULE_TIMEOUT message, in the form openYuanrong produces it (DESIGN.md 3.3)."""
     head = f"create app failed, submissionId:[{submission_id}], err: \nthe instance cannot be scheduled within {timeout_ms} ms. "
     if attempts == 0:
-        return head + "the possible cause is that the scheduling queue is busy or the scheduling timeout configuration is not proper."
+        return (
+            head
+            + "the possible cause is that the scheduling queue is busy or the scheduling timeout configuration is not proper."
+        )
     return (
         head
         + f"which has been scheduled for {attempts} times. The latest failure: no available resource that meets "

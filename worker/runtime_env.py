@@ -56,7 +56,7 @@ class RuntimeEnvs:
     def working_dir(self, value: str) -> Path:
         if value.startswith("gcs://"):
             return self._package(value)
-        path = Path(value[len("file://"):] if value.startswith("file://") else value)
+        path = Path(value[len("file://") :] if value.startswith("file://") else value)
         if path.is_dir():
             return path
         if not path.exists():
@@ -69,7 +69,7 @@ class RuntimeEnvs:
     def _package(self, uri: str) -> Path:
         if self.fetch_package is None:
             raise SetupFailed(f"package {uri} cannot be fetched on this node")
-        name = uri[len("gcs://"):]
+        name = uri[len("gcs://") :]
         target = self.cache_dir / "pkg" / name
         if (target / ".ready").exists():
             return target
@@ -116,7 +116,15 @@ class RuntimeEnvs:
             if target.exists():
                 shutil.rmtree(target)
             _run([sys.executable, "-m", "venv", "--without-pip", str(target)], "creating the virtual environment")
-            pip = [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "--disable-pip-version-check", "--no-input"]
+            pip = [
+                sys.executable,
+                "-m",
+                "pip",
+                "--python",
+                str(target / "bin" / "python"),
+                "--disable-pip-version-check",
+                "--no-input",
+            ]
             if pip_version:
                 _run([*pip, "install", f"pip{pip_version}"], "installing the requested pip version")
             _run([*pip, "install", *packages], "pip install")
@@ -132,7 +140,11 @@ def _pip_spec(spec: Any) -> tuple[list[str], str | None, bool]:
     if isinstance(spec, list):
         return list(spec), None, False
     version = spec.get("pip_version")
-    return list(spec.get("packages") or []), version.split(";")[0].strip() if version else None, bool(spec.get("pip_check"))
+    return (
+        list(spec.get("packages") or []),
+        version.split(";")[0].strip() if version else None,
+        bool(spec.get("pip_check")),
+    )
 
 
 def _run(command: list[str], what: str) -> None:
@@ -182,13 +194,17 @@ def _unzip(archive: Path, target: Path) -> None:
         for info in zipped.infolist():
             member = PurePosixPath(info.filename)
             if member.is_absolute() or ".." in member.parts or info.filename.startswith(("\\", "/")):
-                raise SetupFailed(f"archive {archive.name} has an unsafe entry: {info.filename!r} leaves the working directory")
+                raise SetupFailed(
+                    f"archive {archive.name} has an unsafe entry: {info.filename!r} leaves the working directory"
+                )
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 link = PurePosixPath(zipped.read(info).decode("utf-8", "replace"))
                 resolved = PurePosixPath(*member.parent.parts, *link.parts)
                 if link.is_absolute() or _escapes(resolved):
-                    raise SetupFailed(f"archive {archive.name} has a link {info.filename!r} -> {link} that leaves the working directory")
+                    raise SetupFailed(
+                        f"archive {archive.name} has a link {info.filename!r} -> {link} that leaves the working directory"
+                    )
         zipped.extractall(target)
 
 

@@ -118,7 +118,8 @@ class Scheduler:
             return 0
         return int(
             self.scripts.unblock(
-                keys=[keys.SHAPES_BLOCKED, keys.SHAPES_READY, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)], args=sigs
+                keys=[keys.SHAPES_BLOCKED, keys.SHAPES_READY, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)],
+                args=sigs,
             )
         )
 
@@ -129,8 +130,12 @@ class Scheduler:
             return 0
         flat = self.scripts.claim(
             keys=[keys.SHAPES_READY, keys.CLAIMED, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)],
-            args=[self.settings.placement_batch, int(self.settings.claim_lease_s * 1000), *sigs,
-                  *(self._shapes[s].tenant for s in sigs)],
+            args=[
+                self.settings.placement_batch,
+                int(self.settings.claim_lease_s * 1000),
+                *sigs,
+                *(self._shapes[s].tenant for s in sigs),
+            ],
         )
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
@@ -217,9 +222,16 @@ class Scheduler:
         key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES, keys.STATS]
         args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
         for job_ref, sig, seq, node, shape in decisions:
-            key_list += [keys.job(job_ref), keys.node(node.id), keys.node_jobs(node.id), keys.node_inbox(node.id),
-                         keys.shape(sig), keys.wake(queues.node_queue(node.id)),
-                         keys.tenant_usage(shape.tenant), keys.quota(shape.tenant)]
+            key_list += [
+                keys.job(job_ref),
+                keys.node(node.id),
+                keys.node_jobs(node.id),
+                keys.node_inbox(node.id),
+                keys.shape(sig),
+                keys.wake(queues.node_queue(node.id)),
+                keys.tenant_usage(shape.tenant),
+                keys.quota(shape.tenant),
+            ]
             args += [job_ref, node.id, seq, requests_text(shape.req)]
         results, wake = self.scripts.reserve(keys=key_list, args=args)
         for node_id in wake:
@@ -254,14 +266,33 @@ class Scheduler:
         return int(min(100 * 2 ** min(attempts, 16), self.settings.max_backoff_s * 1000))
 
 
-def requeue(scripts: Scripts, sig: str, members: list[tuple[str, int]], *, retry_at: int = 0,
-            reasons: list[dict[str, Any]] | None = None, client: Any = None) -> None:
+def requeue(
+    scripts: Scripts,
+    sig: str,
+    members: list[tuple[str, int]],
+    *,
+    retry_at: int = 0,
+    reasons: list[dict[str, Any]] | None = None,
+    client: Any = None,
+) -> None:
     """Put claimed jobs (ref, seq) of one shape back in line; with ``reasons``, count the
     failed attempt and block the shape until ``retry_at`` (see requeue.lua)."""
     scripts.requeue(
-        keys=[keys.CLAIMED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_IDLE,
-              *(keys.job(ref) for ref, _ in members)],
-        args=[sig, retry_at, json.dumps(reasons) if reasons is not None else "", *(item for ref, seq in members for item in (ref, seq))],
+        keys=[
+            keys.CLAIMED,
+            keys.SHAPES_READY,
+            keys.SHAPES_BLOCKED,
+            keys.shape(sig),
+            keys.shape_queue(sig),
+            keys.SHAPES_IDLE,
+            *(keys.job(ref) for ref, _ in members),
+        ],
+        args=[
+            sig,
+            retry_at,
+            json.dumps(reasons) if reasons is not None else "",
+            *(item for ref, seq in members for item in (ref, seq)),
+        ],
         client=client,
     )
 
@@ -274,4 +305,3 @@ def _stream_id(entry_id: str) -> tuple[int, int]:
 def _redis_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return int(seconds) * 1000 + int(micros) // 1000
-

@@ -20,7 +20,13 @@ def place() -> int:
 
 
 @shared_task(name=queues.SUBMIT, bind=True, ignore_result=True)
-def submit(self: Any, body: Any = None, tenant_id: str | None = None, pool_label: str | None = None, schedule_timeout_ms: Any = None) -> str | None:
+def submit(
+    self: Any,
+    body: Any = None,
+    tenant_id: str | None = None,
+    pool_label: str | None = None,
+    schedule_timeout_ms: Any = None,
+) -> str | None:
     """A job published straight onto the queue (DESIGN.md 5)."""
     from poolq.errors import TooMany
     from worker.intake import submit_message

@@ -157,7 +157,9 @@ def _status_param(text: str | None, errors: dict[str, list[str]]) -> JobStatus |
         return None
 
 
-def _int_param(text: str | None, name: str, low: int, high: int, errors: dict[str, list[str]], default: int | None = None) -> int | None:
+def _int_param(
+    text: str | None, name: str, low: int, high: int, errors: dict[str, list[str]], default: int | None = None
+) -> int | None:
     if text is None:
         return default
     if not is_digits(text) or len(text) > 20 or not low <= int(text) <= high:

@@ -36,8 +36,12 @@ class RedisCollector:
         yield from self._nodes()
 
     def _submissions(self, stats: dict[str, str]) -> Iterator[Any]:
-        submissions = CounterMetricFamily("poolq_submissions", "Job submissions by tenant and outcome", labels=["tenant", "outcome"])
-        failures = CounterMetricFamily("poolq_scheduling_failures", "Jobs failed at their scheduling deadline, by reason", labels=["reason"])
+        submissions = CounterMetricFamily(
+            "poolq_submissions", "Job submissions by tenant and outcome", labels=["tenant", "outcome"]
+        )
+        failures = CounterMetricFamily(
+            "poolq_scheduling_failures", "Jobs failed at their scheduling deadline, by reason", labels=["reason"]
+        )
         for field, value in stats.items():
             kind, _, rest = field.partition(":")
             if kind == "submissions":
@@ -84,8 +88,12 @@ class RedisCollector:
     def _nodes(self) -> Iterator[Any]:
         nodes = describe_nodes(self.redis)
         states = GaugeMetricFamily("poolq_nodes", "Nodes by state", labels=["pool", "state"])
-        capacity = GaugeMetricFamily("poolq_pool_capacity", "Capacity of a pool's live nodes", labels=["pool", "resource"])
-        reserved = GaugeMetricFamily("poolq_pool_reserved", "Reserved on a pool's live nodes", labels=["pool", "resource"])
+        capacity = GaugeMetricFamily(
+            "poolq_pool_capacity", "Capacity of a pool's live nodes", labels=["pool", "resource"]
+        )
+        reserved = GaugeMetricFamily(
+            "poolq_pool_reserved", "Reserved on a pool's live nodes", labels=["pool", "resource"]
+        )
         by_state: dict[tuple[str, str], int] = {}
         sums: dict[str, dict[tuple[str, str], float]] = {"capacity": {}, "reserved": {}}
         for node in nodes:

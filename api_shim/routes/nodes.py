@@ -16,7 +16,9 @@ def list_nodes(request: Request) -> Response:
 def list_pools(request: Request) -> Response:
     pools: dict[str, dict[str, Any]] = {}
     for node in describe_nodes(request.app.store.redis):
-        pool = pools.setdefault(node["pool"], {"pool": node["pool"], "nodes": 0, "alive": 0, "capacity": {}, "reserved": {}, "free": {}})
+        pool = pools.setdefault(
+            node["pool"], {"pool": node["pool"], "nodes": 0, "alive": 0, "capacity": {}, "reserved": {}, "free": {}}
+        )
         pool["nodes"] += 1
         if not node["alive"]:
             continue

@@ -15,14 +15,15 @@ from marshmallow import Schema, fields
 
 from poolq import __version__
 from poolq.model import ErrorType, JobStatus
-from poolq.schemas import Amount, JobRequestSchema, Pip, RuntimeEnvSchema, StringList, StringMap, Text
+from poolq.packages import NAME as PACKAGE_NAME
+from poolq.schemas import Amount, JobRequestSchema, RuntimeEnvSchema, StringList, StringMap, Text
 
 JSON = "application/json"
 TENANT = {
     "name": "X-Tenant-Id",
     "in": "header",
     "required": False,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{0,64}$"},
     "description": "the tenant that owns the job; absent or empty means `default`",
 }
 POOL_LABEL = {
@@ -182,7 +183,6 @@ def document() -> dict[str, Any]:
     plugin.map_to_openapi_type(Amount, "number", None)
     plugin.map_to_openapi_type(StringMap, "object", None)
     plugin.map_to_openapi_type(StringList, "array", None)
-    plugin.map_to_openapi_type(Pip, "object", None)
     for name, schema in (
         ("RuntimeEnv", RuntimeEnvSchema),
         ("JobRequest", JobRequestSchema),
@@ -225,7 +225,7 @@ def document() -> dict[str, Any]:
                         "description": "comma-separated, at most 100",
                     },
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**62}},
                 ],
                 "responses": {
                     "200": _answer(
@@ -297,7 +297,7 @@ def document() -> dict[str, Any]:
                 "parameters": [
                     TENANT,
                     ID,
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
                 ],
                 "responses": {
                     "200": _answer(
@@ -312,7 +312,7 @@ def document() -> dict[str, Any]:
     )
     package = [
         {"name": "protocol", "in": "path", "required": True, "schema": {"type": "string", "enum": ["gcs"]}},
-        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+        {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": PACKAGE_NAME.pattern}},
     ]
     spec.path(
         "/api/packages/{protocol}/{name}",
@@ -327,7 +327,7 @@ def document() -> dict[str, Any]:
                 "parameters": package,
                 "requestBody": {
                     "required": True,
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
                 },
                 "responses": {"200": _answer("stored", {"type": "object"}), **_errors(400, 413, 503)},
             },

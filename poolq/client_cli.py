@@ -122,11 +122,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
+    """(line number, job body or the error that line has) for each non-blank line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            if raw.strip():
                 try:
-                    yield number, json.loads(line)
+                    yield number, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield number, ValueError("not UTF-8")
                 except json.JSONDecodeError as exc:
                     yield number, exc
 
@@ -136,7 +139,11 @@ def submit_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     client = _client(args)
-    total = sum(1 for line in open(args.file, encoding="utf-8") if line.strip())
+    try:
+        with open(args.file, "rb") as handle:
+            total = sum(1 for line in handle if line.strip())
+    except OSError as exc:
+        return _fail(exc)
     accepted, refused = 0, []
     batch: list[tuple[int, Any]] = []
     with tqdm(total=total, unit="job", disable=args.json or None, file=sys.stderr) as progress:
@@ -158,7 +165,7 @@ def submit_file(args: argparse.Namespace) -> int:
 
         for number, body in _lines(args.file):
             if isinstance(body, Exception):
-                refused.append((number, {"error": f"not JSON: {body}"}))
+                refused.append((number, {"error": f"not a JSON job body: {body}"}))
                 progress.update(1)
                 continue
             batch.append((number, body))

@@ -20,6 +20,7 @@ LABEL_PART = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
 RESOURCE_NAME = LABEL_PART
 TENANT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SUBMISSION_ID = re.compile(r"^app-[a-z0-9-]{1,60}$")
+SUBMISSION_ID_INPUT = "^(?:app-[a-z0-9-]{1,60}|(?!app-)[a-z0-9-]{1,60})$"  # as given, before app- is prefixed
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_RESOURCE_NAMES = {"cpu", "memory", "gpu"}
 UNUSE_ANTI_OTHER_LABELS = "unUseAntiOtherLabels"
@@ -121,8 +122,10 @@ def check_amount(value: Any, low: Decimal, high: Decimal, integer: bool = False)
 class StringMap(fields.Field):
     """An object whose keys and values are strings, each checked by a callable."""
 
-    def __init__(self, *, max_entries: int, check_key: Any, check_value: Any, values: str = "string", **kwargs: Any):
-        openapi = {"type": "object", "maxProperties": max_entries, "additionalProperties": {"type": values}}
+    def __init__(
+        self, *, max_entries: int, check_key: Any, check_value: Any, values: dict[str, Any] | None = None, **kwargs: Any
+    ):
+        openapi = {"type": "object", "maxProperties": max_entries, "additionalProperties": values or {"type": "string"}}
         super().__init__(metadata={**openapi, **kwargs.pop("metadata", {})}, **kwargs)
         self.max_entries, self.check_key, self.check_value = max_entries, check_key, check_value
 
@@ -275,7 +278,7 @@ class Object(fields.Nested):
 
 
 class RuntimeEnvSchema(_NullIsAbsent):
-    working_dir = fields.Raw(required=True, validate=check_working_dir)
+    working_dir = fields.Raw(required=True, validate=check_working_dir, metadata={"type": "string", "minLength": 1})
     env_vars = StringMap(
         max_entries=MAX_ENV_VARS,
         check_key=lambda k: check_text(k, pattern=ENV_NAME, pattern_hint="[A-Za-z_][A-Za-z0-9_]*"),
@@ -293,7 +296,7 @@ class RuntimeEnvSchema(_NullIsAbsent):
 
 
 class JobRequestSchema(_NullIsAbsent):
-    entrypoint = Text(required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True)
+    entrypoint = Text(required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"})
     metadata = StringMap(
         max_entries=MAX_METADATA_ENTRIES,
         check_key=lambda k: _check_metadata_key(k),
@@ -307,13 +310,13 @@ class JobRequestSchema(_NullIsAbsent):
         max_entries=MAX_RESOURCES,
         check_key=check_resource_name,
         check_value=lambda v: check_amount(v, Decimal(0), Decimal("1e9")),
-        values="number",
+        values={"type": "number", "minimum": 0, "maximum": 1e9},
     )
     entrypoint_label_selector = StringMap(
         max_entries=MAX_SELECTOR, check_key=_check_label_part, check_value=_check_label_part
     )
-    submission_id = Text(max_bytes=256)
-    job_id = Text(max_bytes=256)
+    submission_id = Text(max_bytes=256, metadata={"pattern": SUBMISSION_ID_INPUT})
+    job_id = Text(max_bytes=256, metadata={"pattern": SUBMISSION_ID_INPUT, "deprecated": True})
 
 
 def _check_metadata_key(key: str) -> str:
@@ -381,6 +384,10 @@ def check_headers(
         errors["X-Tenant-Id"] = ["must match [A-Za-z0-9._-]{1,64}"]
     terms: list[tuple[str, str | None]] | None = None
     anti = False
+    # An empty X-Pool-Label or X-Schedule-Timeout-Ms is refused, not taken for absent:
+    # granian hands a header with non-ASCII bytes to the app as an empty value.
+    if pool_label is not None and not pool_label.strip():
+        errors["X-Pool-Label"] = ["must not be empty: leave the header out for no affinity"]
     if pool_label is not None and pool_label.strip():
         terms = []
         for raw in pool_label.split(","):
@@ -396,7 +403,7 @@ def check_headers(
                 break
             terms.append((key, value if eq else None))
     schedule_timeout: int | None = None
-    if timeout is not None and timeout.strip():
+    if timeout is not None:
         text = timeout.strip()
         if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > MAX_SCHEDULE_TIMEOUT_MS:
             errors["X-Schedule-Timeout-Ms"] = [f"must be an integer between 0 and {MAX_SCHEDULE_TIMEOUT_MS}"]

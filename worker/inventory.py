@@ -16,7 +16,7 @@ import redis
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound
 from poolq.model import ErrorType, JobFields, JobStatus
-from poolq.nodes import capacity_of, describe_nodes, load_nodes  # noqa: F401  (capacity_of: TEMP re-export)
+from poolq.nodes import describe_nodes, load_nodes
 from poolq.redis_io import Scripts
 from poolq.schemas import LABEL_PART
 from poolq.store import WAKE_TTL_MS, JobStore
@@ -163,14 +163,13 @@ class NodeAdmin:
         0 <= reserved <= capacity. Every job in a node's set is placed there and live.
         """
         problems = []
-        for fields in self.load():
-            node = node_from_hash(fields)
-            refs = sorted(self.redis.smembers(keys.node_jobs(node.id)))
-            pipe = self.redis.pipeline(transaction=False)
-            for ref in refs:
-                pipe.hmget(keys.job(ref), [JobFields.STATUS, JobFields.NODE, JobFields.RESERVED])
+        for node_id in sorted(self.redis.smembers(keys.NODES)):
+            snapshot = self._node_snapshot(node_id)
+            if snapshot is None:
+                continue
+            node, jobs = snapshot
             held: dict[str, int] = {}
-            for ref, (status, placed_on, reserved) in zip(refs, pipe.execute()):
+            for ref, (status, placed_on, reserved) in jobs:
                 if status is None or JobStatus(status).terminal or placed_on != node.id:
                     problems.append(f"node {node.id}: job {ref} is in its set but is {status} on {placed_on}")
                 for name, amount in re.findall(r"([^=,]+)=(\d+)", reserved or ""):
@@ -186,3 +185,26 @@ class NodeAdmin:
                         f"node {node.id}: {name} reserved {reserved_amount} outside 0..{node.capacity.get(name, 0)}"
                     )
         return problems
+
+    def _node_snapshot(self, node_id: str) -> tuple[Node, list[tuple[str, list[str | None]]]] | None:
+        """A node and its jobs' (status, node, reservation), read consistently on a live system:
+        every reservation change writes the node hash, so WATCH on it (and on its job set)
+        makes the read start over if one happened meanwhile."""
+        watched = [keys.node(node_id), keys.node_jobs(node_id)]
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(*watched)
+                    fields = pipe.hgetall(keys.node(node_id))
+                    if not fields:
+                        return None
+                    refs = sorted(pipe.smembers(keys.node_jobs(node_id)))
+                    reads = self.redis.pipeline(transaction=False)
+                    for ref in refs:
+                        reads.hmget(keys.job(ref), [JobFields.STATUS, JobFields.NODE, JobFields.RESERVED])
+                    jobs = list(zip(refs, reads.execute()))
+                    pipe.multi()
+                    pipe.execute()  # raises WatchError if the node changed while we read
+                    return node_from_hash(fields), jobs
+                except redis.WatchError:
+                    continue

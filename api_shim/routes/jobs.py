@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from api_shim.http import JSON, HTTPError, Request, Response, is_digits
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobStatus, render_record
-from poolq.schemas import TENANT, parse_json
+from poolq.schemas import TENANT, check_headers, parse_json
 
 MAX_BATCH = 1000
 MAX_IDS = 100
@@ -70,6 +70,13 @@ def submit_batch(request: Request) -> Response:
         raise InvalidRequest({"body": ['must be an object with one key, "jobs": a list of job bodies']})
     if len(body["jobs"]) > MAX_BATCH:
         raise InvalidRequest({"jobs": [f"must hold at most {MAX_BATCH} jobs"]})
+    header_errors = check_headers(
+        request.tenant or request.header("X-Tenant-Id"),
+        request.header("X-Pool-Label"),
+        request.header("X-Schedule-Timeout-Ms"),
+    )[0]
+    if header_errors:  # they apply to every job: refuse the batch, not each item
+        raise InvalidRequest(header_errors)
     results: list[dict[str, Any]] = []
     valid = []
     for item in body["jobs"]:
@@ -141,7 +148,7 @@ def list_jobs(request: Request) -> Response:
     records, next_cursor = store.list(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
     headers = []
     if next_cursor is not None:
-        query = {k: v for k, v in (("status", status), ("pool_label", pool_label)) if v is not None}
+        query = {k: v for k, v in (("status", status and status.value), ("pool_label", pool_label)) if v is not None}
         query.update(limit=str(limit), cursor=str(next_cursor))
         headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
     return Response.json(records, headers=headers)

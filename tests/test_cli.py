@@ -1,0 +1,516 @@
+"""The client commands (``poolq submit|status|wait|logs|list|stop|delete``) against a live stack.
+
+One stack serves the whole module: a real ``poolq api`` (HTTP on a free port), a
+placement worker and a node agent ``cli-n1`` (4 CPUs, 4 GiB). It uses its own Redis
+database on the session's redis-server, so the per-test key cleanup of other modules
+never pulls its node out from under it; each test works in a tenant of its own. The CLI
+runs as ``python -m poolq`` subprocesses, as a user would run it. Every deadline is
+functional, with a generous margin: other suites share the two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+
+from poolq.embedded import EmbeddedRedis, free_port
+from tests.conftest import _delete_poolq_keys
+from tests.procs import Proc, wait_for
+
+SETTLE_S = 60.0  # how long a job or a command may take to get where the test waits for it
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+GENERATED_ID = re.compile(r"^app-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
+NODE_ID = "cli-n1"
+NODE_CPUS = 4
+# Jobs that must never run: a pool label no node has, and no scheduling deadline.
+NEVER_PLACED = ["--label", "nowhere", "--timeout-ms", "0"]
+
+
+@dataclasses.dataclass
+class Stack:
+    port: int
+    env: dict[str, str]  # POOLQ_* for the CLI processes
+    procs: list[Proc]
+
+    @property
+    def server(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            assert proc.alive(), f"poolq {proc.args[0]} exited:\n{proc.output()[-3000:]}"
+
+
+def http_request(port: int, method: str, path: str, tenant: str | None = None) -> tuple[int, dict[str, str], Any]:
+    """One request to the live API (to check what the CLI did): status, headers, JSON."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, headers={"X-Tenant-Id": tenant} if tenant else {})
+        response = conn.getresponse()
+        raw = response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    base = tmp_path_factory.mktemp("cli-stack")
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    _delete_poolq_keys(client)
+    client.close()
+    env = {
+        "POOLQ_REDIS_URL": url,
+        "POOLQ_DATA_DIR": str(base / "data"),
+        "POOLQ_DUTY_INTERVAL_S": "0.1",
+        "POOLQ_STOP_GRACE_S": "2",
+        "POOLQ_DRAIN_S": "1",
+    }
+    port = free_port()
+    procs: list[Proc] = []
+    try:
+        for name, args in (
+            ("api", ["api", "--port", str(port), "--workers", "1"]),
+            ("worker", ["worker"]),
+            ("node", ["node", "--id", NODE_ID, "--cpus", str(NODE_CPUS), "--memory", "4Gi"]),
+        ):
+            procs.append(Proc(args, env, base / f"{name}.log").start())
+        stack = Stack(port, env, procs)
+
+        def node_live() -> bool:
+            stack.check_alive()
+            try:
+                status, _, nodes = http_request(port, "GET", "/api/nodes")
+            except OSError:
+                return False
+            return status == 200 and any(n["node_id"] == NODE_ID and n["alive"] for n in nodes)
+
+        wait_for(node_live, SETTLE_S, interval=0.2, what="the API to answer and the node agent to register")
+        yield stack
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        client = redis.Redis.from_url(url, decode_responses=True)
+        _delete_poolq_keys(client)  # the thousands of jobs the file tests left waiting
+        client.close()
+
+
+@pytest.fixture
+def tenant(stack: Stack) -> str:
+    """A tenant of the test's own, so that listings see only this test's jobs."""
+    stack.check_alive()
+    return f"cli-{uuid.uuid4().hex[:12]}"
+
+
+def cli_argv(stack: Stack, command: str, *args: str, tenant: str | None = None, server: str | None = None) -> list[str]:
+    """``python -m poolq <command> --server … [--tenant …] <args>``."""
+    argv = [sys.executable, "-m", "poolq", command, "--server", server or stack.server]
+    if tenant is not None:
+        argv += ["--tenant", tenant]
+    return [*argv, *args]
+
+
+def cli_env(stack: Stack) -> dict[str, str]:
+    """The caller's environment without its own POOLQ_* settings, plus the stack's."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}, **stack.env}
+
+
+def poolq(stack: Stack, command: str, *args: str, tenant: str | None = None, cwd: Path | None = None,
+          server: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a CLI command to its end."""
+    return subprocess.run(cli_argv(stack, command, *args, tenant=tenant, server=server), cwd=cwd, env=cli_env(stack),
+                          capture_output=True, text=True, timeout=SETTLE_S * 2, stdin=subprocess.DEVNULL)
+
+
+def start_cli(stack: Stack, command: str, *args: str, tenant: str) -> subprocess.Popen[str]:
+    """Start a CLI command that runs on (``wait``, ``logs --follow``) without waiting for it."""
+    return subprocess.Popen(cli_argv(stack, command, *args, tenant=tenant), env=cli_env(stack), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def submitted_id(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    submission_id = result.stdout.strip()
+    assert re.fullmatch(r"app-[a-z0-9-]{1,60}", submission_id), result.stdout
+    return submission_id
+
+
+def job(stack: Stack, submission_id: str, tenant: str) -> dict[str, Any]:
+    status, _, record = http_request(stack.port, "GET", f"/api/jobs/{submission_id}", tenant)
+    assert status == 200, record
+    return dict(record)
+
+
+def wait_status(stack: Stack, submission_id: str, tenant: str, *statuses: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        stack.check_alive()
+        seen.update(job(stack, submission_id, tenant))
+        if seen["status"] in TERMINAL and seen["status"] not in statuses:
+            raise AssertionError(f"job {submission_id} ended {seen['status']} ({seen['message']}), wanted {statuses}")
+        return seen["status"] in statuses
+
+    wait_for(reached, SETTLE_S, interval=0.1, what=f"job {submission_id} to be {'/'.join(statuses)}")
+    return seen
+
+
+def logs(stack: Stack, submission_id: str, tenant: str) -> str:
+    status, _, answer = http_request(stack.port, "GET", f"/api/jobs/{submission_id}/logs", tenant)
+    assert status == 200, answer
+    return str(answer["logs"])
+
+
+def all_jobs(stack: Stack, tenant: str) -> list[dict[str, Any]]:
+    """Every job of the tenant, newest first, following the Link header."""
+    records: list[dict[str, Any]] = []
+    path: str | None = "/api/jobs?limit=1000"
+    while path is not None:
+        status, headers, page = http_request(stack.port, "GET", path, tenant)
+        assert status == 200, page
+        records += page
+        link = NEXT_LINK.search(headers.get("link", ""))
+        path = link.group(1) if link else None
+    return records
+
+
+def gated(command: str) -> str:
+    """Shell: wait (at most a minute) for the file ``go`` in the working directory, then run ``command``."""
+    return f"i=0; while [ ! -e go ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done; {command}"
+
+
+def never_placed(stack: Stack, tenant: str, cwd: Path) -> str:
+    """A job that stays PENDING until stopped: it asks for more CPUs than the node has."""
+    return submitted_id(poolq(stack, "submit", "--cpus", str(NODE_CPUS * 4), "--timeout-ms", "0", "--", "true",
+                              tenant=tenant, cwd=cwd))
+
+
+# -- submit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_submit_prints_the_id_and_the_job_runs_in_the_current_directory(stack: Stack, tenant: str, tmp_path: Path,
+                                                                        as_json: bool) -> None:
+    result = poolq(stack, "submit", *(["--json"] if as_json else []), "--", "echo", "hi", tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    if as_json:
+        answer = json.loads(result.stdout)
+        assert set(answer) == {"submission_id"}
+        submission_id = answer["submission_id"]
+    else:
+        submission_id = result.stdout.strip()
+    assert GENERATED_ID.match(submission_id), result.stdout
+
+    record = wait_status(stack, submission_id, tenant, "SUCCEEDED")
+    assert record["entrypoint"] == "echo hi"
+    assert record["runtime_env"]["working_dir"] == str(tmp_path.resolve())
+    assert record["tenant_id"] == tenant
+    assert logs(stack, submission_id, tenant) == "hi\n"
+
+
+def test_submit_options_become_the_job_request(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    result = poolq(stack, "submit", "--id", "opts-1", "--working-dir", str(workdir), "--env", "GREETING=hello there",
+                   "--cpus", "0.5", "--memory", "256Mi", "--wait", "--json", "--", "sh", "-c", 'echo "$GREETING"; pwd',
+                   tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    record = json.loads(result.stdout)
+    assert record["submission_id"] == "app-opts-1" and record["status"] == "SUCCEEDED"
+    assert record["entrypoint_num_cpus"] == 0.5 and record["entrypoint_memory"] == 256 * 1024 * 1024
+    assert record["runtime_env"]["env_vars"] == {"GREETING": "hello there"}
+    assert logs(stack, "app-opts-1", tenant) == f"hello there\n{workdir.resolve()}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code", "status", "driver_exit_code"),
+    [(["echo", "fine"], 0, "SUCCEEDED", 0), (["false"], 1, "FAILED", 1), (["sh", "-c", "exit 3"], 1, "FAILED", 3)],
+    ids=["succeeds", "false", "exit-3"],
+)
+def test_submit_wait_exits_by_the_jobs_outcome(stack: Stack, tenant: str, tmp_path: Path, command: list[str],
+                                              exit_code: int, status: str, driver_exit_code: int) -> None:
+    text = poolq(stack, "submit", "--wait", "--", *command, tenant=tenant, cwd=tmp_path)
+    assert text.returncode == exit_code, (text.stdout, text.stderr)
+    first_line = text.stdout.splitlines()[0]
+    assert re.fullmatch(rf"app-[0-9a-f-]{{36}}: {status}", first_line), text.stdout
+
+    as_json = poolq(stack, "submit", "--wait", "--json", "--", *command, tenant=tenant, cwd=tmp_path)
+    assert as_json.returncode == exit_code, as_json.stderr
+    record = json.loads(as_json.stdout)
+    assert (record["status"], record["driver_exit_code"]) == (status, driver_exit_code)
+
+
+def test_submit_refused_by_the_api_exits_1_naming_the_field(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    result = poolq(stack, "submit", "--cpus", "99", "--", "true", tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "entrypoint_num_cpus" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert all_jobs(stack, tenant) == []
+
+
+def test_submit_without_a_command_exits_1(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    result = poolq(stack, "submit", tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1 and "--" in result.stderr and "Traceback" not in result.stderr
+    assert all_jobs(stack, tenant) == []
+
+
+# -- status and wait ---------------------------------------------------------------------
+
+
+def test_status_shows_the_status_and_message(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    submission_id = never_placed(stack, tenant, tmp_path)
+    text = poolq(stack, "status", submission_id, tenant=tenant)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == f"{submission_id}: PENDING"
+    assert len(lines) >= 2 and lines[1]  # the record's message, a sentence
+
+    as_json = poolq(stack, "status", "--json", submission_id, tenant=tenant)
+    assert as_json.returncode == 0, as_json.stderr
+    record = json.loads(as_json.stdout)
+    assert (record["submission_id"], record["status"], record["tenant_id"]) == (submission_id, "PENDING", tenant)
+
+    # Another tenant does not see it.
+    foreign = poolq(stack, "status", submission_id, tenant=f"{tenant}-other")
+    assert foreign.returncode == 1 and "not found" in foreign.stderr
+    poolq(stack, "stop", submission_id, tenant=tenant)
+
+
+@pytest.mark.parametrize("command", ["status", "wait", "logs", "stop", "delete"])
+def test_an_unknown_id_exits_1_with_the_apis_error(stack: Stack, tenant: str, command: str) -> None:
+    result = poolq(stack, command, "app-no-such-job", tenant=tenant)
+    assert result.returncode == 1
+    assert "not found app, submissionId: app-no-such-job" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("entrypoint", "exit_code", "status"), [("true", 0, "SUCCEEDED"), ("false", 1, "FAILED")])
+def test_wait_exits_0_only_when_the_job_succeeded(stack: Stack, tenant: str, tmp_path: Path, entrypoint: str,
+                                                  exit_code: int, status: str) -> None:
+    submission_id = submitted_id(poolq(stack, "submit", "--", "sh", "-c", gated(entrypoint), tenant=tenant, cwd=tmp_path))
+    # Started before the job can end (it waits for `go`), so that `poolq wait` really waits.
+    with start_cli(stack, "wait", submission_id, tenant=tenant) as proc:
+        wait_status(stack, submission_id, tenant, "RUNNING")
+        assert proc.poll() is None, "poolq wait returned while the job was still running"
+        (tmp_path / "go").touch()
+        stdout, stderr = proc.communicate(timeout=SETTLE_S)
+    assert proc.returncode == exit_code, (stdout, stderr)
+    assert stdout.splitlines()[0] == f"{submission_id}: {status}"
+
+    as_json = poolq(stack, "wait", "--json", submission_id, tenant=tenant)
+    assert as_json.returncode == exit_code
+    assert json.loads(as_json.stdout)["status"] == status
+
+
+# -- logs -------------------------------------------------------------------------------
+
+
+def test_logs_prints_the_jobs_output(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    submission_id = submitted_id(poolq(stack, "submit", "--", "sh", "-c", "echo out; echo err >&2; printf 'no newline'",
+                                       tenant=tenant, cwd=tmp_path))
+    wait_status(stack, submission_id, tenant, "SUCCEEDED")
+    result = poolq(stack, "logs", submission_id, tenant=tenant)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == logs(stack, submission_id, tenant)  # printed as is, no newline added
+    # stdout and stderr are two pipes: their relative order is not fixed, their content is.
+    assert all(part in result.stdout for part in ("out\n", "err\n", "no newline"))
+    assert len(result.stdout) == len("out\nerr\nno newline")
+
+
+def test_logs_follow_prints_output_as_it_comes_and_exits_when_the_job_ends(stack: Stack, tenant: str,
+                                                                          tmp_path: Path) -> None:
+    script = "echo start; " + gated("for i in 1 2 3 4 5; do echo line $i; sleep 0.3; done")
+    submission_id = submitted_id(poolq(stack, "submit", "--", "sh", "-c", script, tenant=tenant, cwd=tmp_path))
+    printed: list[str] = []
+    with start_cli(stack, "logs", "--follow", submission_id, tenant=tenant) as follower:
+        reader = threading.Thread(target=lambda: printed.extend(iter(follower.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        # The first line arrives while the job is still running (it waits for `go`).
+        wait_for(lambda: printed[:1] == ["start\n"] or follower.poll() is not None, SETTLE_S, what="the first line")
+        assert printed[:1] == ["start\n"], (printed, follower.poll())
+        assert job(stack, submission_id, tenant)["status"] == "RUNNING"
+        assert follower.poll() is None, "logs --follow ended while the job was running"
+        (tmp_path / "go").touch()
+        follower.wait(SETTLE_S)
+        reader.join(10)
+        stderr = follower.stderr.read()  # type: ignore[union-attr]
+    assert follower.returncode == 0, stderr
+    assert "".join(printed) == "start\n" + "".join(f"line {i}\n" for i in range(1, 6))
+    assert job(stack, submission_id, tenant)["status"] == "SUCCEEDED"
+
+
+# -- list, stop, delete ------------------------------------------------------------------
+
+
+def test_list_filters_by_status(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    succeeded = poolq(stack, "submit", "--wait", "--json", "--", "true", tenant=tenant, cwd=tmp_path)
+    failed = poolq(stack, "submit", "--wait", "--json", "--", "false", tenant=tenant, cwd=tmp_path)
+    ids = {"SUCCEEDED": json.loads(succeeded.stdout)["submission_id"], "FAILED": json.loads(failed.stdout)["submission_id"]}
+    ids["STOPPED"] = never_placed(stack, tenant, tmp_path)
+    assert poolq(stack, "stop", ids["STOPPED"], tenant=tenant).returncode == 0
+    ids["PENDING"] = never_placed(stack, tenant, tmp_path)
+
+    for status, submission_id in ids.items():
+        result = poolq(stack, "list", "--status", status, "--json", tenant=tenant)
+        assert result.returncode == 0, result.stderr
+        assert [r["submission_id"] for r in json.loads(result.stdout)] == [submission_id], status
+    running = poolq(stack, "list", "--status", "RUNNING", "--json", tenant=tenant)
+    assert json.loads(running.stdout) == []
+
+    table = poolq(stack, "list", tenant=tenant)
+    assert table.returncode == 0, table.stderr
+    rows = table.stdout.splitlines()[1:]  # under a header line
+    assert [row.split()[:2] for row in rows] == [[ids[s], s] for s in ("PENDING", "STOPPED", "FAILED", "SUCCEEDED")]
+    poolq(stack, "stop", ids["PENDING"], tenant=tenant)
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_stop_a_running_job(stack: Stack, tenant: str, tmp_path: Path, as_json: bool) -> None:
+    flags = ["--json"] if as_json else []
+    submission_id = submitted_id(poolq(stack, "submit", "--", "sleep", "60", tenant=tenant, cwd=tmp_path))
+    wait_status(stack, submission_id, tenant, "RUNNING")
+
+    first = poolq(stack, "stop", *flags, submission_id, tenant=tenant)
+    assert first.returncode == 0, first.stderr
+    assert (json.loads(first.stdout) == {"stopped": True}) if as_json else (first.stdout.strip() == "stopping")
+    record = wait_status(stack, submission_id, tenant, "STOPPED")
+    assert record["error_type"] == "STOPPED_BY_USER"
+
+    again = poolq(stack, "stop", *flags, submission_id, tenant=tenant)
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout) == {"stopped": False}) if as_json else (again.stdout.strip() == "already finished")
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_delete_refuses_an_unfinished_job_and_removes_a_finished_one(stack: Stack, tenant: str, tmp_path: Path,
+                                                                     as_json: bool) -> None:
+    flags = ["--json"] if as_json else []
+    submission_id = never_placed(stack, tenant, tmp_path)
+    refused = poolq(stack, "delete", *flags, submission_id, tenant=tenant)
+    assert refused.returncode == 1 and "409" in refused.stderr and "Traceback" not in refused.stderr
+    assert job(stack, submission_id, tenant)["status"] == "PENDING"
+
+    assert poolq(stack, "stop", submission_id, tenant=tenant).returncode == 0
+    wait_status(stack, submission_id, tenant, "STOPPED")
+    deleted = poolq(stack, "delete", *flags, submission_id, tenant=tenant)
+    assert deleted.returncode == 0, deleted.stderr
+    assert (json.loads(deleted.stdout) == {"deleted": True}) if as_json else (deleted.stdout.strip() == "deleted")
+    assert http_request(stack.port, "GET", f"/api/jobs/{submission_id}", tenant)[0] == 404
+    gone = poolq(stack, "status", submission_id, tenant=tenant)
+    assert gone.returncode == 1 and "not found" in gone.stderr
+
+
+# -- submit --file -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_submit_file_reports_refused_lines_and_accepts_the_rest(stack: Stack, tenant: str, tmp_path: Path,
+                                                                as_json: bool) -> None:
+    good = {"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)}}
+    lines = [
+        json.dumps(good),                                 # 1
+        '{"entrypoint": "true", "runtime_env": ',         # 2: not JSON
+        json.dumps({**good, "entrypoint": "echo 3"}),     # 3
+        json.dumps({"entrypoint": "true"}),               # 4: no runtime_env
+        "",                                               # 5: blank, skipped
+        json.dumps({**good, "submission_id": "file-6"}),  # 6
+    ]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    result = poolq(stack, "submit", "--file", str(path), *NEVER_PLACED, *(["--json"] if as_json else []),
+                   tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    if as_json:
+        summary = json.loads(result.stdout)
+        assert summary["accepted"] == 3
+        assert [r["line"] for r in summary["refused"]] == [2, 4]
+        assert "runtime_env" in summary["refused"][1]["fields"]
+    else:
+        out = result.stdout.splitlines()
+        assert out[0] == "accepted 3, refused 2"
+        refused = {int(m.group(1)): line for line in out[1:] if (m := re.match(r"\s*line (\d+):", line))}
+        assert sorted(refused) == [2, 4]
+        assert "runtime_env" in refused[4]
+
+    stored = all_jobs(stack, tenant)
+    assert sorted(r["entrypoint"] for r in stored) == ["echo 3", "true", "true"]
+    assert "app-file-6" in {r["submission_id"] for r in stored}
+
+
+def test_submit_file_numbers_refused_lines_across_batches(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    good = json.dumps({"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)}})
+    bad = json.dumps({"entrypoint": "", "runtime_env": {"working_dir": str(tmp_path)}})
+    lines = [good] * 1200
+    for number in (1, 1000, 1001, 1200):  # first and last line of each batch of 1,000
+        lines[number - 1] = bad
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    result = poolq(stack, "submit", "--file", str(path), "--json", *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["accepted"] == 1196
+    assert [r["line"] for r in summary["refused"]] == [1, 1000, 1001, 1200]
+    assert len(all_jobs(stack, tenant)) == 1196
+
+
+def test_submit_file_refuses_a_line_that_is_not_utf8_and_sends_the_others(stack: Stack, tenant: str,
+                                                                          tmp_path: Path) -> None:
+    good = json.dumps({"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)}}).encode()
+    path = tmp_path / "jobs.jsonl"
+    path.write_bytes(good + b"\n" + b'{"entrypoint": "caf\xe9"}\n' + good + b"\n")  # line 2: Latin-1, not UTF-8
+
+    result = poolq(stack, "submit", "--file", str(path), "--json", *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["accepted"] == 2
+    assert [r["line"] for r in summary["refused"]] == [2]
+    assert len(all_jobs(stack, tenant)) == 2
+
+
+def test_submit_file_of_2500_lines_is_accepted_whole(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps({"entrypoint": f"echo {i}", "runtime_env": {"working_dir": str(tmp_path)}}) + "\n"
+                            for i in range(2500)))
+
+    result = poolq(stack, "submit", "--file", str(path), *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.splitlines() == ["accepted 2500, refused 0"]
+
+    stored = all_jobs(stack, tenant)
+    assert len(stored) == len({r["submission_id"] for r in stored}) == 2500
+    assert sorted(r["entrypoint"] for r in stored) == sorted(f"echo {i}" for i in range(2500))
+    assert {r["pool_label"] for r in stored} == {"nowhere"}
+
+
+# -- the server ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["status", "app-x"], ["list"], ["submit", "--", "true"]])
+def test_an_unreachable_server_is_a_one_line_error(stack: Stack, tmp_path: Path, command: list[str]) -> None:
+    result = poolq(stack, *command, server=f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("poolq: ") and "Traceback" not in result.stderr
+
+
+def test_a_missing_jobs_file_is_a_one_line_error(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    result = poolq(stack, "submit", "--file", str(tmp_path / "missing.jsonl"), tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("poolq: ") and "Traceback" not in result.stderr
+    assert "missing.jsonl" in result.stderr

@@ -413,8 +413,8 @@ class JobStore:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         base, data = int(base_raw or 0), data or b""
         start = 0 if offset is None else min(max(offset - base, 0), len(data))
-        while start < len(data) and start > 0 and data[start] & 0xC0 == 0x80:
-            start += 1  # the offset fell inside a character: begin at the next one
+        while start < len(data) and data[start] & 0xC0 == 0x80:
+            start += 1  # the offset (or the trimmed tail) fell inside a character: begin at the next one
         end = len(data) - _incomplete_tail(data)
         chunk = data[start : max(start, end)]
         return chunk.decode("utf-8", "replace"), base + start + len(chunk)

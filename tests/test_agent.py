@@ -7,20 +7,18 @@ the suite shares two cores with other suites.
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import signal
 import sys
-import tarfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
 from tests.procs import Proc, wait_for
+from tests.test_runtime_env import Entry, build_wheel, file, symlink, write_archive
 from tests.wsgi import call
 
 NODE_TTL_S = 3.0
@@ -32,18 +30,28 @@ AGENT_ENV = {
     "POOLQ_DRAIN_S": "1",  # teardown of an agent with a job still running stays short
 }
 SETTLE_S = 30.0  # how long a job may take to reach the state a test waits for
+PLACEMENT_DEADLINE_MS = 120_000  # X-Schedule-Timeout-Ms of the tests' jobs: placed late on a busy machine, not failed
+CELERY_READY = " ready."  # what a Celery worker logs once it consumes its queues
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 # -- talking to the API ------------------------------------------------------------
 
 
-def submit(app: Any, entrypoint: str, working_dir: str | Path, *, tenant: str | None = None,
-           runtime_env: dict[str, Any] | None = None, timeout_ms: int | None = None, **fields: Any) -> str:
+def submit(
+    app: Any,
+    entrypoint: str,
+    working_dir: str | Path,
+    *,
+    tenant: str | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    timeout_ms: int = PLACEMENT_DEADLINE_MS,
+    **fields: Any,
+) -> str:
     body = {"entrypoint": entrypoint, "runtime_env": {"working_dir": str(working_dir), **(runtime_env or {})}, **fields}
-    headers = {"X-Tenant-Id": tenant} if tenant else {}
-    if timeout_ms is not None:
-        headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
+    headers = {"X-Schedule-Timeout-Ms": str(timeout_ms)}
+    if tenant:
+        headers["X-Tenant-Id"] = tenant
     result = call(app, "POST", "/api/jobs", body, headers=headers)
     assert result.status == 200, result.body
     return str(result.json["submission_id"])
@@ -55,7 +63,9 @@ def record(app: Any, submission_id: str, tenant: str | None = None) -> dict[str,
     return dict(result.json)
 
 
-def wait_status(app: Any, submission_id: str, *statuses: str, timeout: float = SETTLE_S, tenant: str | None = None) -> dict[str, Any]:
+def wait_status(
+    app: Any, submission_id: str, *statuses: str, timeout: float = SETTLE_S, tenant: str | None = None
+) -> dict[str, Any]:
     """Poll until the job's status is one of ``statuses``; fail early if it ends otherwise."""
     seen: dict[str, Any] = {}
 
@@ -85,8 +95,11 @@ def stop(app: Any, submission_id: str) -> dict[str, Any]:
 
 def first_log_line(app: Any, submission_id: str) -> str:
     """The first complete line the job printed (the tests' jobs print their pid first)."""
-    text = wait_for(lambda: "\n" in logs(app, submission_id)[0] and logs(app, submission_id)[0], SETTLE_S,
-                    what=f"job {submission_id} to print a line")
+    text = wait_for(
+        lambda: "\n" in logs(app, submission_id)[0] and logs(app, submission_id)[0],
+        SETTLE_S,
+        what=f"job {submission_id} to print a line",
+    )
     return str(text).split("\n", 1)[0]
 
 
@@ -137,18 +150,41 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.fixture
-def start_node(start_proc: Callable[..., Proc], admin: Any, placement_worker: Proc) -> Callable[..., Proc]:
-    """Start ``poolq node`` (with a placement worker running) and wait until it is registered."""
-    started = [0]
+def wait_ready(proc: Proc) -> None:
+    """Wait until the Celery worker inside a ``poolq worker`` or ``poolq node`` consumes its queue."""
+    wait_for(lambda: CELERY_READY in proc.output() or not proc.alive(), 60, what=f"poolq {proc.args[0]} to be ready")
+    assert proc.alive(), f"poolq {proc.args[0]} exited:\n{proc.output()}"
 
-    def start(node_id: str = "n1", *, cpus: str = "8", memory: str = "8Gi", extra: tuple[str, ...] = (),
-              env: dict[str, str] | None = None) -> Proc:
-        started[0] += 1
-        proc = start_proc(["node", "--id", node_id, "--cpus", cpus, "--memory", memory, *extra],
-                          env={**AGENT_ENV, **(env or {})}, name=f"node-{node_id}-{started[0]}")
+
+@pytest.fixture
+def start_node(start_proc: Callable[..., Proc], admin: Any) -> Callable[..., Proc]:
+    """Start ``poolq node`` and wait until it is registered.
+
+    The first call also starts a placement worker with the same settings: the node TTL
+    is a deployment-wide setting, and it is the worker's reaper duty that applies it.
+    """
+    started: list[Proc] = []
+
+    def start(
+        node_id: str = "n1",
+        *,
+        cpus: str = "8",
+        memory: str = "8Gi",
+        extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        settings = {**AGENT_ENV, **(env or {})}
+        if not started:
+            started.append(start_proc(["worker"], env=settings, name="worker"))
+        proc = start_proc(
+            ["node", "--id", node_id, "--cpus", cpus, "--memory", memory, *extra],
+            env=settings,
+            name=f"node-{node_id}-{len(started)}",
+        )
+        started.append(proc)
         wait_for(lambda: node_alive(admin, node_id) or not proc.alive(), SETTLE_S, what=f"node {node_id} to register")
-        assert proc.alive(), f"poolq node exited:\n{proc.output()}"
+        wait_ready(started[0])  # Celery consumers: a loaded machine can take seconds to start them
+        wait_ready(proc)
         return proc
 
     return start
@@ -175,14 +211,23 @@ def gated(command: str) -> str:
 # -- running a job -------------------------------------------------------------------
 
 
-def test_job_runs_in_its_working_dir_with_its_environment(app: Any, start_node: Callable[..., Proc], workdir: Path,
-                                                          service_env: dict[str, str], redis_server: Any) -> None:
+def test_job_runs_in_its_working_dir_with_its_environment(
+    app: Any, start_node: Callable[..., Proc], workdir: Path, redis_server: Any
+) -> None:
     start_node(extra=("--gpus", "1", "--resources", "NPU=4"))
-    entrypoint = gated('echo written > out.txt; echo "cwd=$(pwd)"; echo "pid=$$ pgid=$(cut -d" " -f5 /proc/$$/stat)"; env')
+    entrypoint = gated(
+        'echo written > out.txt; echo "cwd=$(pwd)"; echo "pid=$$ pgid=$(cut -d" " -f5 /proc/$$/stat)"; env'
+    )
     submission_id = submit(
-        app, entrypoint, workdir, tenant="team-a",
+        app,
+        entrypoint,
+        workdir,
+        tenant="team-a",
         runtime_env={"env_vars": {"GREETING": "hello world", "EMPTY": ""}},
-        entrypoint_num_cpus=0.5, entrypoint_memory=268435456, entrypoint_num_gpus=1, entrypoint_resources={"NPU": 2},
+        entrypoint_num_cpus=0.5,
+        entrypoint_memory=268435456,
+        entrypoint_num_gpus=1,
+        entrypoint_resources={"NPU": 2},
     )
 
     running = wait_status(app, submission_id, "RUNNING", tenant="team-a")
@@ -217,14 +262,28 @@ def test_job_runs_in_its_working_dir_with_its_environment(app: Any, start_node: 
     ("entrypoint", "exit_code", "in_message", "not_in_message"),
     [
         ("echo to-stdout; echo 'it broke: bad input' >&2; exit 3", 3, "it broke: bad input", "to-stdout"),
-        ("for i in $(seq 1 3000); do echo \"err-$i\" >&2; done; exit 1", 1, "err-3000", None),
+        ('for i in $(seq 1 3000); do echo "err-$i" >&2; done; exit 1', 1, "err-3000", None),
         ("kill -9 $$", -9, None, None),
         ("kill -TERM $$", -15, None, None),
+        # "€" (e2 82 ac) written in two pieces: the message must not split it.
+        (
+            "printf 'bad \\342' >&2; sleep 0.5; printf '\\202\\254 input\\n' >&2; exit 2",
+            2,
+            "bad \u20ac input",
+            "\ufffd",
+        ),
     ],
-    ids=["exit-3", "long-stderr-tail", "sigkill", "sigterm"],
+    ids=["exit-3", "long-stderr-tail", "sigkill", "sigterm", "utf8-stderr-in-two-writes"],
 )
-def test_failing_entrypoint(app: Any, node: Proc, workdir: Path, entrypoint: str, exit_code: int,
-                            in_message: str | None, not_in_message: str | None) -> None:
+def test_failing_entrypoint(
+    app: Any,
+    node: Proc,
+    workdir: Path,
+    entrypoint: str,
+    exit_code: int,
+    in_message: str | None,
+    not_in_message: str | None,
+) -> None:
     done = wait_status(app, submit(app, entrypoint, workdir), "FAILED")
 
     assert done["error_type"] == "ENTRYPOINT_FAILED"
@@ -239,28 +298,15 @@ def test_failing_entrypoint(app: Any, node: Proc, workdir: Path, entrypoint: str
 # -- working directories -----------------------------------------------------------
 
 
-def write_archive(path: Path, files: dict[str, str]) -> Path:
-    """A .zip or .tar.gz holding ``files`` (name -> text)."""
-    if path.name.endswith(".zip"):
-        with zipfile.ZipFile(path, "w") as archive:
-            for name, text in files.items():
-                archive.writestr(name, text)
-    else:
-        with tarfile.open(path, "w:gz") as archive:
-            for name, text in files.items():
-                data = text.encode()
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-    return path
-
-
 @pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
-def test_archive_working_dir_is_unpacked_once_and_reused(app: Any, node: Proc, tmp_path: Path,
-                                                         service_env: dict[str, str], suffix: str) -> None:
+def test_archive_working_dir_is_unpacked_once_and_reused(
+    app: Any, node: Proc, tmp_path: Path, service_env: dict[str, str], suffix: str
+) -> None:
     # One top directory, as Ray's SDK packs it: its contents are the working directory.
-    archive = write_archive(tmp_path / f"project{suffix}", {"project/data.txt": "from the archive\n",
-                                                             "project/sub/more.txt": "nested\n"})
+    archive = write_archive(
+        tmp_path / f"project{suffix}",
+        [file("project/data.txt", "from the archive\n"), file("project/sub/more.txt", "nested\n")],
+    )
     uri = f"file://{archive}"
 
     first = submit(app, "cat data.txt sub/more.txt; pwd; echo first-job > marker.txt", uri)
@@ -274,57 +320,40 @@ def test_archive_working_dir_is_unpacked_once_and_reused(app: Any, node: Proc, t
     unpacked = Path(first_lines[2])
     cache = Path(service_env["POOLQ_DATA_DIR"]) / "nodes" / "n1" / "cache"
     assert unpacked.is_relative_to(cache), f"{unpacked} is not in the node's cache {cache}"
-    assert second_lines == ["from the archive", str(unpacked), "first-job"], "the second job did not reuse the unpacked directory"
+    assert second_lines == ["from the archive", str(unpacked), "first-job"], (
+        "the second job did not reuse the unpacked directory"
+    )
     assert done["driver_exit_code"] == 0
 
 
-def zip_with(name: str, data: str = "x", *, symlink_to: str | None = None) -> Callable[[Path], Path]:
-    def build(tmp: Path) -> Path:
-        path = tmp / "bad.zip"
-        with zipfile.ZipFile(path, "w") as archive:
-            archive.writestr("ok.txt", "fine")
-            info = zipfile.ZipInfo(name)
-            if symlink_to is not None:
-                info.external_attr = (0o120777 << 16)
-                data_out = symlink_to
-            else:
-                data_out = data
-            archive.writestr(info, data_out)
-        return path
-
-    return build
+def archive_of(suffix: str, *entries: Entry) -> Callable[[Path], Path]:
+    return lambda directory: write_archive(directory / f"bad{suffix}", list(entries))
 
 
-def tar_with(name: str) -> Callable[[Path], Path]:
-    def build(tmp: Path) -> Path:
-        path = tmp / "bad.tar.gz"
-        with tarfile.open(path, "w:gz") as archive:
-            info = tarfile.TarInfo(name)
-            info.size = 1
-            archive.addfile(info, io.BytesIO(b"x"))
-        return path
-
-    return build
-
-
-def missing_dir(tmp: Path) -> Path:
-    return tmp / "no-such-directory"
+def missing_dir(directory: Path) -> Path:
+    return directory / "no-such-directory"
 
 
 @pytest.mark.parametrize(
     ("build", "in_message"),
     [
-        (zip_with("../escaped.txt"), "../escaped.txt"),
-        (zip_with("/tmp/poolq-test-absolute-escaped.txt"), "/tmp/poolq-test-absolute-escaped.txt"),
-        (zip_with("outward-link", symlink_to="../../../escaped-link"), "outward-link"),
-        (tar_with("../escaped.txt"), "../escaped.txt"),
+        (archive_of(".zip", file("ok.txt"), file("../escaped.txt")), "../escaped.txt"),
+        (archive_of(".zip", file("/tmp/poolq-test-absolute-escaped.txt")), "/tmp/poolq-test-absolute-escaped.txt"),
+        (archive_of(".zip", symlink("outward-link", "../../../escaped-link")), "outward-link"),
+        (archive_of(".tar.gz", file("ok.txt"), file("../escaped.txt")), "../escaped.txt"),
         (missing_dir, "no-such-directory"),
     ],
     ids=["zip-dotdot", "zip-absolute", "zip-symlink-out", "tar-dotdot", "missing-dir"],
 )
-def test_unusable_working_dir_fails_the_job_before_it_runs(app: Any, node: Proc, tmp_path: Path, admin: Any,
-                                                           service_env: dict[str, str], build: Callable[[Path], Path],
-                                                           in_message: str) -> None:
+def test_unusable_working_dir_fails_the_job_before_it_runs(
+    app: Any,
+    node: Proc,
+    tmp_path: Path,
+    admin: Any,
+    service_env: dict[str, str],
+    build: Callable[[Path], Path],
+    in_message: str,
+) -> None:
     source = tmp_path / "archives"
     source.mkdir()
     working_dir = build(source)
@@ -346,32 +375,9 @@ def test_unusable_working_dir_fails_the_job_before_it_runs(app: Any, node: Proc,
 # -- pip ----------------------------------------------------------------------------
 
 
-def build_wheel(directory: Path, name: str = "poolq_probe", version: str = "0.1", value: str = "probe-42") -> Path:
-    """A minimal pure-Python wheel, written by hand (no build backend or network needed)."""
-    import base64
-    import hashlib
-
-    files = {
-        f"{name}/__init__.py": f"VALUE = {value!r}\n",
-        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: poolq-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record_name = f"{name}-{version}.dist-info/RECORD"
-    lines = []
-    for file_name, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        lines.append(f"{file_name},sha256={digest},{len(text.encode())}")
-    lines.append(f"{record_name},,")
-    path = directory / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as wheel:
-        for file_name, text in files.items():
-            wheel.writestr(file_name, text)
-        wheel.writestr(record_name, "\n".join(lines) + "\n")
-    return path
-
-
-def test_pip_requirements_are_installed_once_per_list(app: Any, node: Proc, tmp_path: Path, workdir: Path,
-                                                      service_env: dict[str, str]) -> None:
+def test_pip_requirements_are_installed_once_per_list(
+    app: Any, node: Proc, tmp_path: Path, workdir: Path, service_env: dict[str, str]
+) -> None:
     wheel = build_wheel(tmp_path)
     probe = "python -c 'import poolq_probe, sys; print(poolq_probe.VALUE); print(sys.prefix)'"
     runtime_env = {"pip": [str(wheel)]}
@@ -392,7 +398,9 @@ def test_pip_install_failure_fails_the_job(app: Any, node: Proc, tmp_path: Path,
     missing = tmp_path / "nowhere" / "missing_pkg-0.1-py3-none-any.whl"
     ran = tmp_path / "ran"
 
-    done = wait_status(app, submit(app, f"touch {ran}", workdir, runtime_env={"pip": [str(missing)]}), "FAILED", timeout=120)
+    done = wait_status(
+        app, submit(app, f"touch {ran}", workdir, runtime_env={"pip": [str(missing)]}), "FAILED", timeout=120
+    )
 
     assert done["error_type"] == "RUNTIME_ENV_SETUP_FAILED"
     assert "missing_pkg-0.1-py3-none-any.whl" in done["message"], "pip's error is not in the message"
@@ -417,8 +425,9 @@ def test_logs_from_an_offset(app: Any, node: Proc, workdir: Path) -> None:
         assert logs(app, submission_id, offset) == (expected[offset:], end), f"offset {offset}"
 
 
-def test_log_tail_is_capped_and_the_file_keeps_everything(app: Any, start_node: Callable[..., Proc], workdir: Path,
-                                                          service_env: dict[str, str]) -> None:
+def test_log_tail_is_capped_and_the_file_keeps_everything(
+    app: Any, start_node: Callable[..., Proc], workdir: Path, service_env: dict[str, str]
+) -> None:
     start_node(env={"POOLQ_MAX_LOG_BYTES": "1000"})
     expected = "".join(f"line-{i:05d}\n" for i in range(1, 2001))  # 22,000 bytes
 
@@ -445,8 +454,9 @@ def test_log_tail_never_splits_a_utf8_character(app: Any, start_node: Callable[.
 
     for offset in (None, 0, 5500, 5999):
         text, end = logs(app, submission_id, offset)
-        assert "\ufffd" not in text, f"offset {offset}: a character was split: {text[:3]!r}…"
-        assert set(text) <= {"\u20ac"}, f"offset {offset}"
+        replaced = text.count("\ufffd")
+        assert replaced == 0, f"offset {offset}: a character was split, the text begins {text[:3]!r}"
+        assert set(text) <= {"\u20ac"}, f"offset {offset}: unexpected characters {set(text) - {chr(0x20AC)}}"
         assert end == 6000
     assert len(logs(app, submission_id)[0]) >= 300
 
@@ -476,8 +486,16 @@ def test_incomplete_utf8_character_is_held_back_until_complete(app: Any, node: P
     ],
     ids=["sleep", "ignores-sigterm", "exits-0-on-sigterm"],
 )
-def test_stop_a_running_job(app: Any, node: Proc, admin: Any, workdir: Path, entrypoint: str, exit_code: int,
-                            in_logs: str | None, killed_after_grace: bool) -> None:
+def test_stop_a_running_job(
+    app: Any,
+    node: Proc,
+    admin: Any,
+    workdir: Path,
+    entrypoint: str,
+    exit_code: int,
+    in_logs: str | None,
+    killed_after_grace: bool,
+) -> None:
     submission_id = submit(app, entrypoint, workdir)
     wait_status(app, submission_id, "RUNNING")
     pgid = int(first_log_line(app, submission_id))
@@ -512,15 +530,19 @@ def test_stop_a_job_waiting_for_placement(app: Any, node: Proc, admin: Any, work
     assert not ran.exists()
 
 
-def test_stop_a_job_placed_on_a_node_whose_agent_has_not_started_it(app: Any, start_node: Callable[..., Proc],
-                                                                    admin: Any, workdir: Path, tmp_path: Path) -> None:
+def test_stop_a_job_placed_on_a_node_whose_agent_has_not_started_it(
+    app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path, tmp_path: Path
+) -> None:
     agent = start_node(env={"POOLQ_NODE_TTL_S": "120"})  # frozen below: it must not be declared lost meanwhile
     ran = tmp_path / "ran"
     os.kill(agent.pid, signal.SIGSTOP)
     try:
         submission_id = submit(app, f"touch {ran}", workdir)
-        placed = wait_for(lambda: record(app, submission_id)["driver_node_id"] == "n1" and record(app, submission_id),
-                          SETTLE_S, what="the job to be placed on n1")
+        placed = wait_for(
+            lambda: record(app, submission_id)["driver_node_id"] == "n1" and record(app, submission_id),
+            SETTLE_S,
+            what="the job to be placed on n1",
+        )
         assert placed["status"] == "PENDING"  # type: ignore[index]
         assert reserved(admin, "n1")["CPU"] == 1
 
@@ -546,7 +568,11 @@ def test_stop_a_finished_job_changes_nothing(app: Any, node: Proc, workdir: Path
 
     assert stop(app, submission_id) == {"stopped": False}
     after = record(app, submission_id)
-    assert (after["status"], after["error_type"], after["end_time"]) == (before["status"], before["error_type"], before["end_time"])
+    assert (after["status"], after["error_type"], after["end_time"]) == (
+        before["status"],
+        before["error_type"],
+        before["end_time"],
+    )
 
 
 # -- losing and stopping agents -------------------------------------------------------
@@ -557,21 +583,28 @@ def test_stop_a_finished_job_changes_nothing(app: Any, node: Proc, workdir: Path
     ["echo $$; echo run >> runs.txt; sleep 300", "echo $$; echo run >> runs.txt; sh -c 'sleep 300 & echo $!; wait'"],
     ids=["child", "grandchild"],
 )
-def test_killed_agent_takes_its_jobs_with_it(app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path,
-                                             entrypoint: str) -> None:
+def test_killed_agent_takes_its_jobs_with_it(
+    app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path, entrypoint: str
+) -> None:
     agent = start_node()
     submission_id = submit(app, entrypoint, workdir)
     wait_status(app, submission_id, "RUNNING")
     expected_lines = 2 if "&" in entrypoint else 1
-    printed = wait_for(lambda: logs(app, submission_id)[0].count("\n") >= expected_lines and logs(app, submission_id)[0],
-                       SETTLE_S, what="the job's pids")
+    printed = wait_for(
+        lambda: logs(app, submission_id)[0].count("\n") >= expected_lines and logs(app, submission_id)[0],
+        SETTLE_S,
+        what="the job's pids",
+    )
     pids = [int(line) for line in str(printed).split()]
     pgid = pids[0]
     assert all(pid_alive(pid) for pid in pids)
 
     os.kill(agent.pid, signal.SIGKILL)  # the agent alone, not its process group
-    wait_for(lambda: not live_pids_in_group(pgid) and not any(pid_alive(pid) for pid in pids), 10,
-             what="the dead agent's job processes to be gone")
+    wait_for(
+        lambda: not live_pids_in_group(pgid) and not any(pid_alive(pid) for pid in pids),
+        10,
+        what="the dead agent's job processes to be gone",
+    )
     lost = wait_status(app, submission_id, "FAILED", timeout=NODE_TTL_S + 20)
 
     assert lost["error_type"] == "NODE_LOST"
@@ -585,6 +618,27 @@ def test_killed_agent_takes_its_jobs_with_it(app: Any, start_node: Callable[...,
     assert (workdir / "runs.txt").read_text() == "run\n", "the restarted agent ran the lost job again"
     assert record(app, submission_id)["status"] == "FAILED"
     assert admin.check() == []
+
+
+def test_an_agent_restarted_at_once_does_not_rerun_what_was_running(
+    app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path
+) -> None:
+    agent = start_node()
+    submission_id = submit(app, "echo $$; echo run >> runs.txt; sleep 300", workdir)
+    wait_status(app, submission_id, "RUNNING")
+    pgid = int(first_log_line(app, submission_id))
+
+    os.kill(agent.pid, signal.SIGKILL)
+    start_node()  # before the reaper can declare the node lost
+
+    lost = wait_status(app, submission_id, "FAILED")
+    assert lost["error_type"] == "NODE_LOST" and "n1" in lost["message"]
+    wait_for(lambda: not live_pids_in_group(pgid), 10, what=f"process group {pgid} to be gone")
+    later = submit(app, "true", workdir)
+    wait_status(app, later, "SUCCEEDED")
+    time.sleep(1)
+    assert (workdir / "runs.txt").read_text() == "run\n", "the restarted agent ran the job again"
+    assert nothing_reserved(admin, "n1") and admin.check() == []
 
 
 def test_sigterm_drains_the_agent(app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path) -> None:
@@ -609,9 +663,27 @@ def test_sigterm_drains_the_agent(app: Any, start_node: Callable[..., Proc], adm
     assert admin.check() == []
 
 
-def test_a_node_never_runs_more_than_its_capacity(app: Any, start_node: Callable[..., Proc], admin: Any,
-                                                  workdir: Path) -> None:
-    start_node(cpus="8", memory="64Gi")
+def test_a_draining_agent_starts_no_new_jobs(
+    app: Any, start_node: Callable[..., Proc], workdir: Path, tmp_path: Path
+) -> None:
+    agent = start_node(env={"POOLQ_DRAIN_S": "3"})
+    running = submit(app, "sleep 300", workdir)  # keeps the agent draining for its drain time
+    wait_status(app, running, "RUNNING")
+    ran = tmp_path / "late-job-ran"
+
+    agent.signal(signal.SIGTERM)
+    time.sleep(0.2)  # the signal has been delivered: from now on the node takes no new jobs
+    late = submit(app, f"touch {ran}", workdir)
+    wait_for(lambda: not agent.alive(), 3 + STOP_GRACE_S + 20, what="the agent to exit")
+
+    assert not ran.exists(), "a job submitted after SIGTERM ran on the draining node"
+    assert record(app, late)["status"] in ("PENDING", "FAILED")
+
+
+def test_a_node_never_runs_more_than_its_capacity(
+    app: Any, start_node: Callable[..., Proc], admin: Any, workdir: Path
+) -> None:
+    start_node(cpus="8", memory="8Gi")  # memory for 16 default jobs: the CPUs are what binds
     jobs = [submit(app, "sleep 0.05", workdir, entrypoint_num_cpus=1) for _ in range(200)]
 
     def all_done() -> list[dict[str, Any]] | None:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from celery.signals import worker_shutting_down
+
 from poolq import keys, queues
 from poolq.model import ErrorType, JobFields, JobStatus, canonical_number
 from poolq.nodes import parse_labels
@@ -177,7 +179,7 @@ class JobRun(threading.Thread):
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)
         selector.register(self.process.stderr, selectors.EVENT_READ)
-        pending, stderr_tail = bytearray(), ""
+        pending, stderr_tail = bytearray(), bytearray()
         last_flush = time.monotonic()
         term_sent_at: float | None = None
         exited_at: float | None = None
@@ -191,7 +193,8 @@ class JobRun(threading.Thread):
                     log_file.write(data)
                     pending += data
                     if key.fileobj is self.process.stderr:
-                        stderr_tail = (stderr_tail + data.decode("utf-8", "replace"))[-STDERR_TAIL:]
+                        stderr_tail += data
+                        del stderr_tail[: -STDERR_TAIL * 4]  # bytes enough for STDERR_TAIL characters
                 now = time.monotonic()
                 if pending and (now - last_flush > LOG_FLUSH_S or len(pending) > LOG_FLUSH_BYTES):
                     log_file.flush()
@@ -212,7 +215,7 @@ class JobRun(threading.Thread):
                 agent.ship_log(self.job_ref, bytes(pending))
         for fileobj in (self.process.stdout, self.process.stderr):
             fileobj.close()
-        return stderr_tail
+        return utf8_text(bytes(stderr_tail))[-STDERR_TAIL:]
 
     def _finish(
         self,
@@ -232,6 +235,14 @@ class JobRun(threading.Thread):
             from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING],
             expected_node=self.agent.node_id,
         )
+
+
+def utf8_text(data: bytes) -> str:
+    """Bytes cut from a stream as text, without a character broken at the cut."""
+    start = 0
+    while start < len(data) and data[start] & 0xC0 == 0x80:
+        start += 1  # the cut fell inside a character
+    return data[start:].decode("utf-8", "replace")
 
 
 def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
@@ -391,10 +402,15 @@ class Agent:
 
     # -- shutting down -----------------------------------------------------------------
 
+    def stop_accepting(self) -> None:
+        """The first step of a shutdown: no new placements here, no new starts."""
+        if self.accepting:
+            self.accepting = False
+            self.admin.drain(self.node_id)
+
     def drain(self) -> None:
         """SIGTERM: no new jobs; running ones get drain_s, then are stopped as NODE_SHUTDOWN."""
-        self.accepting = False
-        self.admin.drain(self.node_id)
+        self.stop_accepting()
         inbox = self.store.redis.zrange(keys.node_inbox(self.node_id), 0, -1)
         with self._lock:
             unstarted = [r for r in inbox if r not in self.running]
@@ -433,6 +449,9 @@ def run_agent(
     janitor = threading.Thread(target=_janitor, args=(agent,), name="poolq-agent-janitor", daemon=True)
     janitor.start()
     app = create_celery(settings, with_tasks=True)
+    # Celery handles SIGTERM with a warm shutdown that ends worker_main later; stop taking
+    # jobs the moment it begins, so that none starts during the shutdown.
+    worker_shutting_down.connect(lambda **_: agent.stop_accepting(), weak=False)
     try:
         app.worker_main(
             [

@@ -80,7 +80,7 @@ class RuntimeEnvs:
             handle.write(data)
             handle.flush()
             # Ray zips a directory's contents without a top directory: keep the layout.
-            return self._unpacked(target, lambda dest: unpack(Path(handle.name), dest, flatten=False))
+            return self._unpacked(target, lambda dest: unpack(Path(handle.name), dest, flatten=False, name=name))
 
     def _unpacked(self, target: Path, fill: Callable[[Path], None]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -165,20 +165,22 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def unpack(archive: Path, target: Path, *, flatten: bool) -> None:
+def unpack(archive: Path, target: Path, *, flatten: bool, name: str | None = None) -> None:
     """Extract an archive into ``target``, refusing entries that would land outside it.
 
     With ``flatten``, an archive holding a single top directory is used from inside
-    it, as Ray does for remote archives.
+    it, as Ray does for remote archives. ``name`` is what messages call the archive.
     """
-    name = archive.name
+    name = name or archive.name
     try:
         if name.endswith(".zip"):
-            _unzip(archive, target)
+            _unzip(archive, target, name)
         elif name.endswith((".tar.gz", ".tgz", ".tar.xz")):
             with tarfile.open(archive) as tar:
+                for member in tar.getmembers():
+                    _check_member(member.name, name)
                 try:
-                    tar.extractall(target, filter="data")  # refuses absolute paths, .., outside links, devices
+                    tar.extractall(target, filter="data")  # also refuses links leaving it and devices
                 except tarfile.FilterError as exc:
                     raise SetupFailed(f"archive {name} has an unsafe entry: {exc}") from None
         else:
@@ -189,21 +191,25 @@ def unpack(archive: Path, target: Path, *, flatten: bool) -> None:
         _flatten_single_top_directory(target)
 
 
-def _unzip(archive: Path, target: Path) -> None:
+def _check_member(entry: str, name: str) -> None:
+    """Refuse an entry with an absolute path or a `..` part (zip and tar alike)."""
+    member = PurePosixPath(entry)
+    if member.is_absolute() or ".." in member.parts or entry.startswith(("\\", "/")):
+        raise SetupFailed(f"archive {name} has an unsafe entry: {entry!r} leaves the working directory")
+
+
+def _unzip(archive: Path, target: Path, name: str) -> None:
     with zipfile.ZipFile(archive) as zipped:
         for info in zipped.infolist():
+            _check_member(info.filename, name)
             member = PurePosixPath(info.filename)
-            if member.is_absolute() or ".." in member.parts or info.filename.startswith(("\\", "/")):
-                raise SetupFailed(
-                    f"archive {archive.name} has an unsafe entry: {info.filename!r} leaves the working directory"
-                )
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 link = PurePosixPath(zipped.read(info).decode("utf-8", "replace"))
                 resolved = PurePosixPath(*member.parent.parts, *link.parts)
                 if link.is_absolute() or _escapes(resolved):
                     raise SetupFailed(
-                        f"archive {archive.name} has a link {info.filename!r} -> {link} that leaves the working directory"
+                        f"archive {name} has a link {info.filename!r} -> {link} that leaves the working directory"
                     )
         zipped.extractall(target)
 

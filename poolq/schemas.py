@@ -296,7 +296,9 @@ class RuntimeEnvSchema(_NullIsAbsent):
 
 
 class JobRequestSchema(_NullIsAbsent):
-    entrypoint = Text(required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"})
+    entrypoint = Text(
+        required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"}
+    )
     metadata = StringMap(
         max_entries=MAX_METADATA_ENTRIES,
         check_key=lambda k: _check_metadata_key(k),

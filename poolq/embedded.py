@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from poolq.procs import die_with_parent
 
 
 class EmbeddedRedisError(Exception):
@@ -97,6 +100,9 @@ class EmbeddedRedis:
             [redis_server_binary(), str(config_path)],
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches `poolq up`, which stops Redis last
+            # If its owner dies without stopping it, Redis gets SIGTERM: a clean shutdown
+            # that flushes the append-only file, never an orphan server.
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
         deadline = time.monotonic() + timeout_s

@@ -22,20 +22,28 @@ LUA_DIR = Path(__file__).with_name("lua")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+MAX_CONNECTIONS = 256  # per process and client; a thread beyond waits for one to free up
+
+
 def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
     """A client with a connection pool; one retry re-dials a connection Redis dropped.
 
-    ``decode=False`` gives bytes, for binary values (logs, packages).
+    The pool blocks (for at most the timeout) rather than failing when every
+    connection is in use: a node agent runs a thread per job. ``decode=False`` gives
+    bytes, for binary values (logs, packages).
     """
     timeout = settings.redis_timeout_s if timeout_s is None else timeout_s
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         settings.resolved_redis_url(),
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 1),
         decode_responses=decode,
         health_check_interval=0,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 def redis_errors(what: str) -> Callable[[F], F]:

@@ -343,7 +343,12 @@ class Agent:
                 time.sleep(0.5)
 
     def start_inbox(self) -> None:
-        for job_ref in self.store.redis.zrange(keys.node_inbox(self.node_id), 0, 199):
+        # Clear the wake-up flag before reading the inbox, as placement does: a job
+        # placed from now on sends a new wake-up instead of waiting for the next poll.
+        pipe = self.store.redis.pipeline(transaction=False)
+        pipe.delete(keys.wake(queues.node_queue(self.node_id)))
+        pipe.zrange(keys.node_inbox(self.node_id), 0, 199)
+        for job_ref in pipe.execute()[1]:
             with self._lock:
                 if job_ref in self.running:
                     continue

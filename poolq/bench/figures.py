@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+SYMBOLS = {">=": "≥", "<=": "≤"}
+
 
 @dataclass(frozen=True)
 class Target:
@@ -21,7 +23,8 @@ class Target:
         return median > self.value
 
     def __str__(self) -> str:
-        return f"{self.op} {number(self.value)}"
+        shown = f"{self.value:,.0f}" if self.value == int(self.value) else f"{self.value:g}"
+        return f"{SYMBOLS.get(self.op, self.op)} {shown}"
 
 
 @dataclass
@@ -51,11 +54,20 @@ class ScenarioResult:
     name: str
     figures: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    keyed_notes: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
 
-    def add(self, key: str, value: float | None, *, label: str, unit: str, target: Target | None = None,
-            baseline_key: str | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        value: float | None,
+        *,
+        label: str,
+        unit: str,
+        target: Target | None = None,
+        baseline_key: str | None = None,
+    ) -> None:
         """Record one run's value of a figure (a None value, e.g. no latency sample, is skipped)."""
         figure = self.figures.get(key)
         if figure is None:
@@ -63,7 +75,14 @@ class ScenarioResult:
         if value is not None:
             figure.values.append(float(value))
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, key: str | None = None) -> None:
+        """Add a note once; a note with a ``key`` replaces the earlier note with that key."""
+        if key is not None:
+            if key in self.keyed_notes:
+                self.notes[self.notes.index(self.keyed_notes[key])] = text
+                self.keyed_notes[key] = text
+                return
+            self.keyed_notes[key] = text
         if text not in self.notes:
             self.notes.append(text)
 
@@ -73,7 +92,7 @@ def number(value: float) -> str:
     if value != value:  # NaN
         return "n/a"
     magnitude = abs(value)
-    if magnitude >= 1000:
+    if magnitude >= 999.5:
         return f"{value:,.0f}"
     if magnitude >= 100:
         return f"{value:.0f}"

@@ -7,12 +7,14 @@ one JSON result on stdout. The spec:
 | key | meaning |
 |---|---|
 | port, host | the server (host defaults to 127.0.0.1) |
-| requests | list of ``{"method", "path", "headers", "body"}``, sent round robin (or one request: method, path, headers, body at the top level) |
+| requests | ``[{"method", "path", "headers", "body"}, ...]``, sent round robin |
+| method, path, headers, body | the one request to send, when there is no ``requests`` list |
 | connections | concurrent keep-alive connections |
 | seconds | length of the measured window |
 | warmup | seconds of load before the window, not counted (default 0) |
 | rate | requests/s over all connections: a paced (open) loop, see below; absent: closed loop |
 | once | send each request exactly once, then stop (no window, no warmup) |
+| offset | the index of the request to start the round robin at (default 0) |
 | count | a byte string counted in every answer body (e.g. ``"submission_id"``): the result's ``counted`` |
 | capture | a header name whose value is returned per request index, in ``once`` mode |
 
@@ -186,7 +188,7 @@ class Load:
                     if writer is not None:
                         writer.close()
                     reader = writer = None
-                    if self.counts(sent):
+                    if self.counts(time.perf_counter()):
                         self.result.errors += 1
                     await asyncio.sleep(0.01)  # a refused dial must not spin
                     continue
@@ -198,12 +200,13 @@ class Load:
             if writer is not None:
                 writer.close()
 
-    def counts(self, sent: float) -> bool:
-        return self.once or (self.window_start <= sent and time.perf_counter() <= self.window_end)
+    def counts(self, done: float) -> bool:
+        """Answers count when they arrive inside the measured window (throughput = answers / window)."""
+        return self.once or self.window_start <= done <= self.window_end
 
     def record(self, index: int, sent: float, due: float | None, answer: Answer) -> None:
         done = time.perf_counter()
-        if not self.counts(sent):
+        if not self.counts(done):
             return
         result = self.result
         result.statuses[answer.status] = result.statuses.get(answer.status, 0) + 1
@@ -224,7 +227,9 @@ async def run(spec: dict[str, Any], requests: list[bytes]) -> Result:
         load.window_end = load.window_start + float(spec["seconds"])
     await asyncio.gather(*(load.connection() for _ in range(int(spec["connections"]))))
     finished = time.perf_counter()
-    load.result.seconds = (min(finished, load.window_end) - load.window_start) if not load.once else finished - load.start
+    load.result.seconds = (
+        (min(finished, load.window_end) - load.window_start) if not load.once else finished - load.start
+    )
     return load.result
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import redis
 
 from poolq import keys
+from poolq.bench.stack import BenchError
 from poolq.model import JobFields, JobStatus
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
@@ -35,23 +36,27 @@ CHUNK = 2000  # records per round trip
 PLACEHOLDER = "@@submission_id@@"
 
 
-def make_template(client: redis.Redis, url: str, body: dict[str, Any], tenant: str = "bench-template") -> dict[str, str]:
+def make_template(
+    client: redis.Redis, url: str, body: dict[str, Any], tenant: str = "bench-template"
+) -> dict[str, str]:
     """One real job, submitted, placed and finished SUCCEEDED by poolq's code; its hash."""
     from worker.inventory import NodeAdmin
     from worker.scheduler import Scheduler
 
     settings = Settings(redis_url=url)
     store = JobStore(client, settings, waker=None)
-    NodeAdmin(store).upsert(TEMPLATE_NODE, pool="bench", labels={}, capacity=capacity_of("64", 1 << 40, "0", {}), kind="static")
+    NodeAdmin(store).upsert(
+        TEMPLATE_NODE, pool="bench", labels={}, capacity=capacity_of("64", 1 << 40, "0", {}), kind="static"
+    )
     job = store.prepare(dict(body), tenant=tenant, schedule_timeout_ms=0)
     store.submit(job)
     Scheduler(store).round()
-    fields = client.hgetall(keys.job(job.ref))
-    if fields.get(JobFields.NODE) != TEMPLATE_NODE:
-        raise RuntimeError(f"the template job was not placed: {fields}")
+    placed_on = client.hget(keys.job(job.ref), JobFields.NODE)
+    if placed_on != TEMPLATE_NODE:
+        raise BenchError(f"the template job was not placed on {TEMPLATE_NODE} (node: {placed_on!r})")
     if not store.finish(job.ref, JobStatus.SUCCEEDED, message="finished: exit code 0", exit_code=0):
-        raise RuntimeError("the template job could not be finished")
-    fields = client.hgetall(keys.job(job.ref))
+        raise BenchError("the template job could not be finished")
+    fields = {str(k): str(v) for k, v in client.hgetall(keys.job(job.ref)).items()}
     fields.setdefault(JobFields.START_TIME, fields.get("placed_time") or fields[JobFields.END_TIME])
     return fields
 
@@ -84,7 +89,7 @@ class RawRedis:
                     raise ConnectionError("redis closed the connection")
                 self.buffer += chunk
                 continue
-            line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
             if line.startswith(b"-"):
                 raise redis.ResponseError(line[1:].decode(errors="replace"))
             out.append(line)
@@ -108,8 +113,9 @@ def clone_ids(start: int, count: int) -> Iterator[str]:
         yield f"app-{n:08x}-0000-4000-8000-{n:012x}"
 
 
-def write_clones(client: redis.Redis, raw: RawRedis, template: dict[str, str], tenant: str, count: int,
-                 first_number: int = 0) -> list[str]:
+def write_clones(
+    client: redis.Redis, raw: RawRedis, template: dict[str, str], tenant: str, count: int, first_number: int = 0
+) -> list[str]:
     """Write ``count`` finished records of ``tenant`` cloned from ``template``; returns their ids."""
     spec = json.loads(template[JobFields.SPEC])
     spec["submission_id"], spec["tenant_id"] = PLACEHOLDER, tenant
@@ -122,23 +128,34 @@ def write_clones(client: redis.Redis, raw: RawRedis, template: dict[str, str], t
     hset_head = b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * (len(constant) + len(varying)))
     hset_tail = b"".join(_bulk(name) + _bulk(value) for name, value in constant)
     index_zadd = b"*4\r\n$4\r\nZADD\r\n" + _bulk(keys.tenant_jobs(tenant).encode())
-    terminal_zadd = b"*4\r\n$4\r\nZADD\r\n" + _bulk(keys.TERMINAL.encode()) + _bulk(template[JobFields.END_TIME].encode())
+    terminal_zadd = (
+        b"*4\r\n$4\r\nZADD\r\n" + _bulk(keys.TERMINAL.encode()) + _bulk(template[JobFields.END_TIME].encode())
+    )
     ids = list(clone_ids(first_number, count))
     for start in range(0, count, CHUNK):
         packed: list[bytes] = []
-        for submission_id in ids[start:start + CHUNK]:
+        for submission_id in ids[start : start + CHUNK]:
             id_bytes = submission_id.encode()
             job_ref = keys.ref(tenant, submission_id).encode()
             seq_bytes = str(seq).encode()
             packed += [
-                hset_head, _bulk(keys.job(job_ref.decode()).encode()),
-                b"$4\r\nspec\r\n", _bulk(spec_template.replace(PLACEHOLDER.encode(), id_bytes)),
-                b"$2\r\nfp\r\n", _bulk(b"%032x" % seq), b"$3\r\nseq\r\n", _bulk(seq_bytes), hset_tail,
-                index_zadd, _bulk(seq_bytes), _bulk(id_bytes),
-                terminal_zadd, _bulk(job_ref),
+                hset_head,
+                _bulk(keys.job(job_ref.decode()).encode()),
+                b"$4\r\nspec\r\n",
+                _bulk(spec_template.replace(PLACEHOLDER.encode(), id_bytes)),
+                b"$2\r\nfp\r\n",
+                _bulk(b"%032x" % seq),
+                b"$3\r\nseq\r\n",
+                _bulk(seq_bytes),
+                hset_tail,
+                index_zadd,
+                _bulk(seq_bytes),
+                _bulk(id_bytes),
+                terminal_zadd,
+                _bulk(job_ref),
             ]
             seq += 1
-        raw.send_packed(b"".join(packed), 3 * len(ids[start:start + CHUNK]))
+        raw.send_packed(b"".join(packed), 3 * len(ids[start : start + CHUNK]))
     if hasattr(keys, "tenant_counts"):  # the tenant's status counts, where poolq keeps them
         client.hincrby(keys.tenant_counts(tenant), JobStatus.SUCCEEDED.value, count)
     if hasattr(keys, "TENANTS"):

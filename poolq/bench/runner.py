@@ -58,34 +58,45 @@ def main(args: argparse.Namespace) -> int:
     command = command_line(args)
     started = datetime.datetime.now(datetime.timezone.utc)
     machine_info, versions = machine(), package_versions()
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM unwinds like Ctrl-C: children are stopped
+    # SIGINT and SIGTERM unwind like Ctrl-C, so every Stack stops its children (also when
+    # started in the background, where the shell would have SIGINT ignored).
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     failed = False
     try:
         for name in names:
-            print(f"== {name} ({ctx.runs} run{'s' if ctx.runs > 1 else ''}{', quick' if ctx.quick else ''})", flush=True)
+            print(
+                f"== {name} ({ctx.runs} run{'s' if ctx.runs > 1 else ''}{', quick' if ctx.quick else ''})", flush=True
+            )
             began = time.monotonic()
+            baseline_runs = baseline_values(ctx)
             try:
                 SCENARIOS[name](ctx)
-            except (BenchError, Exception) as exc:  # report it, go on with the next scenario
+            except Exception as exc:  # report it, go on with the next scenario
                 failed = True
                 ctx.result(name).error = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, BenchError):
                     traceback.print_exc()
             ctx.result(name).seconds = time.monotonic() - began
             print_result(ctx, ctx.result(name))
-            if name in ("submit", "batch") and "baseline" in ctx.results:
+            if baseline_values(ctx) != baseline_runs:  # this scenario measured the baseline
                 print_result(ctx, ctx.results["baseline"])
     except KeyboardInterrupt:
         print("\npoolq bench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     machine_info["load average at end"] = load_average()
     if args.write:
         report = markdown(ctx, names, command, started, machine_info, versions)
         Path(args.write).write_text(report)
         print(f"report written to {args.write}")
     return 1 if failed else 0
+
+
+def baseline_values(ctx: Context) -> int:
+    baseline = ctx.results.get("baseline")
+    return sum(len(f.values) for f in baseline.figures.values()) if baseline else 0
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -107,9 +118,13 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def machine() -> dict[str, str]:
-    info = {"cores": str(os.cpu_count()), "memory": f"{_meminfo_kib() / 1024 / 1024:.1f} GiB",
-            "CPU model": _cpu_model(), "kernel": f"{platform.system()} {platform.release()}",
-            "load average at start": load_average()}
+    info = {
+        "cores": str(os.cpu_count()),
+        "memory": f"{_meminfo_kib() / 1024 / 1024:.1f} GiB",
+        "CPU model": _cpu_model(),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "load average at start": load_average(),
+    }
     return info
 
 
@@ -187,8 +202,18 @@ def rows(ctx: Context, result: ScenarioResult) -> list[list[str]]:
         base = baseline_figure(ctx, figure)
         versus = f"{figure.median / base.median:.2f}× ({number(base.median)})" if base and base.median else ""
         met = {True: "yes", False: "NO", None: ""}[figure.met]
-        out.append([figure.label, number(figure.median), number(min(figure.values)), number(max(figure.values)),
-                    figure.unit, str(figure.target or ""), met, versus])
+        out.append(
+            [
+                figure.label,
+                number(figure.median),
+                number(min(figure.values)),
+                number(max(figure.values)),
+                figure.unit,
+                str(figure.target or ""),
+                met,
+                versus,
+            ]
+        )
     return out
 
 
@@ -200,7 +225,10 @@ def print_result(ctx: Context, result: ScenarioResult) -> None:
     if table:
         widths = [max(len(r[i]) for r in [HEADER, *table]) for i in range(len(HEADER))]
         for row in [HEADER, *table]:
-            print("  " + "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
+            print(
+                "  "
+                + "  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+            )
     if result.error:
         print(f"  FAILED: {result.error}")
     if result.seconds:
@@ -208,12 +236,18 @@ def print_result(ctx: Context, result: ScenarioResult) -> None:
     sys.stdout.flush()
 
 
-def markdown(ctx: Context, names: list[str], command: str, started: datetime.datetime,
-             machine_info: dict[str, str], versions: dict[str, str]) -> str:
+def markdown(
+    ctx: Context,
+    names: list[str],
+    command: str,
+    started: datetime.datetime,
+    machine_info: dict[str, str],
+    versions: dict[str, str],
+) -> str:
     lines = [
         "# poolq benchmarks",
         "",
-        f"Measured by `{command}` (`make bench`) on {started:%Y-%m-%d %H:%M} UTC. Every figure is the median of "
+        f"Measured by `{command}` on {started:%Y-%m-%d %H:%M} UTC. Every figure is the median of "
         f"{ctx.runs} run{'s' if ctx.runs > 1 else ''}, with the smallest and largest; a target is met when the median "
         "meets it. Everything, the load generator included, ran on this one machine, on loopback.",
         "",
@@ -222,8 +256,15 @@ def markdown(ctx: Context, names: list[str], command: str, started: datetime.dat
         lines += ["**`--quick`: short runs to check the harness; these figures are not meaningful.**", ""]
     lines += ["## Machine", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in machine_info.items()]
-    lines += ["", "## Versions", "", "| " + " | ".join(versions) + " |", "|" + "---|" * len(versions),
-              "| " + " | ".join(versions.values()) + " |", ""]
+    lines += [
+        "",
+        "## Versions",
+        "",
+        "| " + " | ".join(versions) + " |",
+        "|" + "---|" * len(versions),
+        "| " + " | ".join(versions.values()) + " |",
+        "",
+    ]
     lines += summary(ctx, names)
     order = [n for n in names if n in ctx.results]
     if "baseline" in ctx.results:
@@ -245,7 +286,9 @@ def summary(ctx: Context, names: list[str]) -> list[str]:
         for figure in result.figures.values():
             if figure.target is not None:
                 met = {True: "yes", False: "**no**", None: "not measured"}[figure.met]
-                lines.append(f"| {name} | {figure.label} | {figure.target} {figure.unit} | {number(figure.median)} | {met} |")
+                lines.append(
+                    f"| {name} | {figure.label} | {figure.target} {figure.unit} | {number(figure.median)} | {met} |"
+                )
     return [*lines, ""]
 
 
@@ -278,6 +321,6 @@ def method() -> list[str]:
         "i / rate; its latency counts from its due time, so queueing shows. Percentiles are nearest-rank.",
         "- `vs baseline` divides poolq's median by the median of the baseline service under the faster of "
         "gunicorn and granian in the same invocation (for latencies, below 1 is better).",
-        "- The machine was shared with other work while measuring (see the load average): figures are lower and "
-        "noisier than on an idle machine.",
+        "- Other work on the machine while measuring (see the load average) makes figures lower and noisier "
+        "than on an idle machine.",
     ]

@@ -10,7 +10,6 @@ submission scenario runs first.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class Context:
 
     def window(self) -> dict[str, float]:
         """Warm-up and measured seconds of one load."""
-        return {"warmup": 0.3, "seconds": 1.0} if self.quick else {"warmup": 1.0, "seconds": 3.0}
+        return {"warmup": 0.3, "seconds": 1.0} if self.quick else {"warmup": 0.5, "seconds": 2.5}
 
     def result(self, name: str) -> ScenarioResult:
         if name not in self.results:
@@ -64,8 +63,13 @@ def run_load(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
     path.write_text(json.dumps(spec))
     budget = float(spec.get("seconds", 0)) + float(spec.get("warmup", 0)) + (300 if spec.get("once") else 60)
     try:
-        done = subprocess.run([PYTHON, "-m", "poolq.bench.loadgen", f"@{path}"], capture_output=True, text=True,
-                              timeout=budget, preexec_fn=die_with_parent)
+        done = subprocess.run(
+            [PYTHON, "-m", "poolq.bench.loadgen", f"@{path}"],
+            capture_output=True,
+            text=True,
+            timeout=budget,
+            preexec_fn=die_with_parent,
+        )
     except subprocess.TimeoutExpired:
         raise BenchError(f"the load generator did not finish in {budget:g}s") from None
     finally:
@@ -79,8 +83,9 @@ def run_load(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe(spec: dict[str, Any]) -> str:
-    how = f"paced at {number(spec['rate'])} req/s offered" if spec.get("rate") else "closed loop"
-    return f"{how}, {spec['connections']} keep-alive connections, {spec['warmup']:g} s warm-up + {spec['seconds']:g} s measured"
+    how = f"paced at {number(spec['rate'])} requests/s offered" if spec.get("rate") else "closed loop"
+    window = f"{spec['warmup']:g} s warm-up + {spec['seconds']:g} s measured"
+    return f"{how}, {spec['connections']} keep-alive connections, {window}"
 
 
 def check_statuses(result: ScenarioResult, what: str, load: dict[str, Any], ok: tuple[int, ...] = (200,)) -> None:
@@ -101,7 +106,7 @@ def submit_batches(api: Api, bodies: list[dict[str, Any]], headers: dict[str, st
     """Submit through ``POST /api/jobs/batch`` (1,000 a request); returns the ids, all accepted."""
     ids: list[str] = []
     for start in range(0, len(bodies), BATCH_SIZE):
-        answer = post_json(api, "/api/jobs/batch", {"jobs": bodies[start:start + BATCH_SIZE]}, headers)
+        answer = post_json(api, "/api/jobs/batch", {"jobs": bodies[start : start + BATCH_SIZE]}, headers)
         refused = [r for r in answer["results"] if "submission_id" not in r]
         if refused:
             raise BenchError(f"the batch refused {len(refused)} jobs, e.g. {refused[0]}")
@@ -141,7 +146,13 @@ def measure_baseline_run(ctx: Context, stack: Stack, servers: dict[str, Api]) ->
         baseline.add(f"{name}.rate", load["counted_rate"], label=f"baseline, {what}: accepted jobs/s", unit="jobs/s")
         baseline.add(f"{name}.p50", load["p50_ms"], label=f"baseline, {what}: p50 latency", unit="ms")
         baseline.add(f"{name}.p99", load["p99_ms"], label=f"baseline, {what}: p99 latency", unit="ms")
-        baseline.note(f"baseline ({name}): {describe(spec)}")
+        baseline.note(f"{name}: {describe(spec)}")
+        if load["connects"] > spec["connections"]:
+            baseline.note(
+                f"{name} closed the connection after answers: the load generator dialled "
+                f"{load['connects']:,} times for {load['requests']:,} requests (last run)",
+                key=f"{name}.connects",
+            )
         rates[name] = load["counted_rate"]
     return max(rates, key=lambda n: rates[n])
 
@@ -151,7 +162,9 @@ def baseline_denominator(ctx: Context) -> tuple[str, float] | None:
     baseline = ctx.results.get("baseline")
     if baseline is None:
         return None
-    medians = {name: baseline.figures[f"{name}.rate"].median for name in BASELINE_SERVERS if f"{name}.rate" in baseline.figures}
+    medians = {
+        name: baseline.figures[f"{name}.rate"].median for name in BASELINE_SERVERS if f"{name}.rate" in baseline.figures
+    }
     if not medians:
         return None
     best = max(medians, key=lambda n: medians[n])
@@ -160,8 +173,14 @@ def baseline_denominator(ctx: Context) -> tuple[str, float] | None:
 
 def submit_spec(ctx: Context, port: int, **extra: Any) -> dict[str, Any]:
     return {
-        "port": port, "method": "POST", "path": "/api/jobs", "body": json.dumps(SEED_BODY),
-        "connections": SUBMIT_CONNECTIONS, "count": '"submission_id"', **ctx.window(), **extra,
+        "port": port,
+        "method": "POST",
+        "path": "/api/jobs",
+        "body": json.dumps(SEED_BODY),
+        "connections": SUBMIT_CONNECTIONS,
+        "count": '"submission_id"',
+        **ctx.window(),
+        **extra,
     }
 
 
@@ -176,36 +195,73 @@ def submit(ctx: Context) -> None:
         stack.start_redis()
         api = stack.api()
         servers = start_baselines(stack, baseline_result)
+        paced_on: list[str] = []
         for _ in range(ctx.runs):
             spec = submit_spec(ctx, api.port)
             load = run_load(stack, spec)
             check_statuses(result, "submit", load)
-            result.add("rate", load["counted_rate"], label="accepted jobs/s", unit="jobs/s",
-                       target=Target(">=", 2000), baseline_key="rate")
+            result.add(
+                "rate",
+                load["counted_rate"],
+                label="accepted jobs/s",
+                unit="jobs/s",
+                target=Target(">=", 2000),
+                baseline_key="rate",
+            )
             result.add("p50", load["p50_ms"], label="p50 latency (closed loop)", unit="ms", baseline_key="p50")
             result.add("p99", load["p99_ms"], label="p99 latency (closed loop)", unit="ms", baseline_key="p99")
-            result.note(f"closed loop: {describe(spec)}; the seed's body without submission_id")
+            result.note(f"{describe(spec)}; the seed's body without submission_id")
             faster = measure_baseline_run(ctx, stack, servers)
 
             paced = submit_spec(ctx, api.port, rate=PACED_RATE)
             load = run_load(stack, paced)
             check_statuses(result, "submit, paced", load)
-            result.add("paced.rate", load["counted_rate"], label="accepted jobs/s at 1,000 jobs/s offered", unit="jobs/s")
-            result.add("paced.p50", load["p50_ms"], label="p50 latency at 1,000 jobs/s offered", unit="ms",
-                       baseline_key="paced.p50")
-            result.add("paced.p99", load["p99_ms"], label="p99 latency at 1,000 jobs/s offered", unit="ms",
-                       target=Target("<=", 25), baseline_key="paced.p99")
-            result.note(f"paced: {describe(paced)}; latency counted from each request's due time")
+            result.add(
+                "paced.rate", load["counted_rate"], label="accepted jobs/s at 1,000 jobs/s offered", unit="jobs/s"
+            )
+            result.add(
+                "paced.p50",
+                load["p50_ms"],
+                label="p50 latency at 1,000 jobs/s offered",
+                unit="ms",
+                baseline_key="paced.p50",
+            )
+            result.add(
+                "paced.p99",
+                load["p99_ms"],
+                label="p99 latency at 1,000 jobs/s offered",
+                unit="ms",
+                target=Target("<=", 25),
+                baseline_key="paced.p99",
+            )
+            result.note(f"{describe(paced)}; latency counted from each request's due time")
             base_paced = run_load(stack, submit_spec(ctx, servers[faster].port, rate=PACED_RATE))
-            baseline_result.add("paced.p50", base_paced["p50_ms"], label="baseline, faster server of the run: p50 at 1,000 jobs/s offered", unit="ms")
-            baseline_result.add("paced.p99", base_paced["p99_ms"], label="baseline, faster server of the run: p99 at 1,000 jobs/s offered", unit="ms")
+            paced_on.append(faster)
+            baseline_result.note(f"paced runs on the faster server of each run: {', '.join(paced_on)}", key="paced")
+            baseline_result.add(
+                "paced.p50",
+                base_paced["p50_ms"],
+                label="baseline, faster server of the run: p50 at 1,000 jobs/s offered",
+                unit="ms",
+            )
+            baseline_result.add(
+                "paced.p99",
+                base_paced["p99_ms"],
+                label="baseline, faster server of the run: p99 at 1,000 jobs/s offered",
+                unit="ms",
+            )
         servers_used = ", ".join(servers)
         baseline_result.note(f"servers measured: {servers_used}; the faster one (median jobs/s) is the denominator")
     denominator = baseline_denominator(ctx)
     if denominator is not None:
         name, rate = denominator
-        result.add("ratio", result.figures["rate"].median / rate if rate else None,
-                   label=f"accepted jobs/s ÷ baseline ({name}, medians)", unit="×", target=Target(">=", 3))
+        result.add(
+            "ratio",
+            result.figures["rate"].median / rate if rate else None,
+            label=f"accepted jobs/s ÷ baseline ({name}, medians)",
+            unit="×",
+            target=Target(">=", 3),
+        )
 
 
 def ensure_baseline(ctx: Context, stack: Stack) -> None:
@@ -228,13 +284,26 @@ def batch(ctx: Context) -> None:
         api = stack.api()
         body = json.dumps({"jobs": [SEED_BODY] * BATCH_SIZE})
         window = {"warmup": 0.5, "seconds": 1.5} if ctx.quick else {"warmup": 1.0, "seconds": 5.0}
-        spec = {"port": api.port, "method": "POST", "path": "/api/jobs/batch", "body": body, "connections": 4,
-                "count": '"submission_id"', **window}
+        spec = {
+            "port": api.port,
+            "method": "POST",
+            "path": "/api/jobs/batch",
+            "body": body,
+            "connections": 4,
+            "count": '"submission_id"',
+            **window,
+        }
         for _ in range(ctx.runs):
             load = run_load(stack, spec)
             check_statuses(result, "batch", load)
-            result.add("rate", load["counted_rate"], label="accepted jobs/s (1,000 jobs a request)", unit="jobs/s",
-                       target=Target(">=", 8000), baseline_key="rate")
+            result.add(
+                "rate",
+                load["counted_rate"],
+                label="accepted jobs/s (1,000 jobs a request)",
+                unit="jobs/s",
+                target=Target(">=", 8000),
+                baseline_key="rate",
+            )
             result.add("p50", load["p50_ms"], label="p50 latency of a 1,000-job request", unit="ms")
             result.add("p99", load["p99_ms"], label="p99 latency of a 1,000-job request", unit="ms")
         result.note(f"{describe(spec)}; the seed's body 1,000 times a request")
@@ -249,43 +318,79 @@ def poll(ctx: Context) -> None:
         stack.start_redis()
         api = stack.api()
         ids = submit_batches(api, [SEED_BODY] * jobs, {"X-Schedule-Timeout-Ms": "0"})
-        result.note(f"{jobs:,} jobs submitted through the batch route with no placement worker: PENDING, "
-                    "waiting for placement (their record also reads their shape)")
+        result.note(
+            f"{jobs:,} jobs submitted through the batch route with no placement worker: PENDING, "
+            "waiting for placement (their record also reads their shape)"
+        )
         gets = [{"path": f"/api/jobs/{i}"} for i in ids]
-        captured = run_load(stack, {"port": api.port, "requests": gets, "connections": 16, "once": True,
-                                    "capture": "ETag"})["captured"]
+        captured = run_load(
+            stack, {"port": api.port, "requests": gets, "connections": 16, "once": True, "capture": "ETag"}
+        )["captured"]
         if len(captured) != len(ids):
             raise BenchError(f"only {len(captured)} of {len(ids)} jobs answered with an ETag")
         conditional = [{"path": g["path"], "headers": {"If-None-Match": captured[str(n)]}} for n, g in enumerate(gets)]
-        chunks = [ids[i:i + 100] for i in range(0, len(ids), 100)]
+        chunks = [ids[i : i + 100] for i in range(0, len(ids), 100)]
         batched = [{"path": "/api/jobs?ids=" + ",".join(chunk)} for chunk in chunks]
         window = ctx.window()
         for run in range(ctx.runs):
             offset = run * 997 % len(ids)
             full = run_load(stack, {"port": api.port, "requests": gets, "connections": 16, "offset": offset, **window})
             check_statuses(result, "GET 200", full)
-            result.add("get.rate", full["rate"], label="GET /api/jobs/{id}: requests/s (200)", unit="req/s",
-                       target=Target(">=", 4000))
+            result.add(
+                "get.rate",
+                full["rate"],
+                label="GET /api/jobs/{id}: requests/s (200)",
+                unit="req/s",
+                target=Target(">=", 4000),
+            )
             result.add("get.p50", full["p50_ms"], label="GET /api/jobs/{id}: p50 latency (200)", unit="ms")
             result.add("get.p99", full["p99_ms"], label="GET /api/jobs/{id}: p99 latency (200)", unit="ms")
-            cached = run_load(stack, {"port": api.port, "requests": conditional, "connections": 16, "offset": offset, **window})
+            cached = run_load(
+                stack, {"port": api.port, "requests": conditional, "connections": 16, "offset": offset, **window}
+            )
             check_statuses(result, "GET with If-None-Match", cached, ok=(304,))
-            result.add("etag.rate", cached["rate"], label="GET /api/jobs/{id} with If-None-Match: requests/s (304)",
-                       unit="req/s", target=Target(">=", 4000))
+            result.add(
+                "etag.rate",
+                cached["rate"],
+                label="GET /api/jobs/{id} with If-None-Match: requests/s (304)",
+                unit="req/s",
+                target=Target(">=", 4000),
+            )
             result.add("etag.p50", cached["p50_ms"], label="GET with If-None-Match: p50 latency (304)", unit="ms")
             result.add("etag.p99", cached["p99_ms"], label="GET with If-None-Match: p99 latency (304)", unit="ms")
-            result.add("etag.gain", cached["rate"] / full["rate"], label="304 requests/s ÷ 200 requests/s",
-                       unit="×", target=Target(">", 1))
-            many = run_load(stack, {"port": api.port, "requests": batched, "connections": 8, "offset": run,
-                                    "count": '"submission_id"', **window})
+            result.add(
+                "etag.gain",
+                cached["rate"] / full["rate"],
+                label="304 requests/s ÷ 200 requests/s",
+                unit="×",
+                target=Target(">", 1),
+            )
+            many = run_load(
+                stack,
+                {
+                    "port": api.port,
+                    "requests": batched,
+                    "connections": 8,
+                    "offset": run,
+                    "count": '"submission_id"',
+                    **window,
+                },
+            )
             check_statuses(result, "GET ?ids=", many)
-            result.add("ids.states", many["counted_rate"], label="GET /api/jobs?ids= (100 ids): job states/s",
-                       unit="states/s", target=Target(">=", 50_000))
+            result.add(
+                "ids.states",
+                many["counted_rate"],
+                label="GET /api/jobs?ids= (100 ids): job states/s",
+                unit="states/s",
+                target=Target(">=", 50_000),
+            )
             result.add("ids.rate", many["rate"], label="GET /api/jobs?ids= (100 ids): requests/s", unit="req/s")
             result.add("ids.p50", many["p50_ms"], label="GET /api/jobs?ids= (100 ids): p50 latency", unit="ms")
             result.add("ids.p99", many["p99_ms"], label="GET /api/jobs?ids= (100 ids): p99 latency", unit="ms")
-        result.note(f"GET by id: closed loop, 16 connections, round robin over the {jobs:,} ids; ?ids=: 8 connections; "
-                    f"{window['warmup']:g} s warm-up + {window['seconds']:g} s measured each")
+        result.note(
+            f"GET by id: closed loop, 16 connections, round robin over the {jobs:,} ids; ?ids=: 8 connections; "
+            f"{window['warmup']:g} s warm-up + {window['seconds']:g} s measured each"
+        )
 
 
 def list_jobs(ctx: Context) -> None:
@@ -305,29 +410,41 @@ def list_jobs(ctx: Context) -> None:
                 write_clones(stack.redis, raw, template, tenant, size - written, first_number=written)
                 written = size
                 settle(stack)
-                spec = {"port": api.port, "path": "/api/jobs", "headers": {"X-Tenant-Id": tenant}, "connections": 2,
-                        "count": '"submission_id"', **ctx.window()}
+                spec = {
+                    "port": api.port,
+                    "path": "/api/jobs",
+                    "headers": {"X-Tenant-Id": tenant},
+                    "connections": 2,
+                    "count": '"submission_id"',
+                    **ctx.window(),
+                }
                 for _ in range(ctx.runs):
                     load = run_load(stack, spec)
                     check_statuses(result, f"list at {size:,}", load)
                     if load["requests"] and load["counted"] != 100 * load["requests"]:
-                        result.note(f"list at {size:,}: pages held {load['counted'] / load['requests']:.1f} records, not 100")
+                        result.note(
+                            f"list at {size:,}: pages held {load['counted'] / load['requests']:.1f} records, not 100"
+                        )
                     label = f"first page (100 records) with {size:,} records"
-                    result.add(f"{size}.p50", load["p50_ms"], label=f"{label}: p50 latency", unit="ms", target=Target("<=", 10))
+                    result.add(
+                        f"{size}.p50", load["p50_ms"], label=f"{label}: p50 latency", unit="ms", target=Target("<=", 10)
+                    )
                     result.add(f"{size}.p99", load["p99_ms"], label=f"{label}: p99 latency", unit="ms")
                     result.add(f"{size}.rate", load["rate"], label=f"{label}: requests/s", unit="req/s")
                 result.note(f"{describe(spec)} per size")
         finally:
             raw.close()
-        result.note("records: finished SUCCEEDED jobs of the seed's body, cloned from one job made by poolq's own "
-                    "scripts (poolq/bench/records.py), with their tenant-index and retention-index entries")
+        result.note(
+            "records: finished SUCCEEDED jobs of the seed's body, cloned from one job made by poolq's own "
+            "scripts (poolq/bench/records.py), with their tenant-index and retention-index entries"
+        )
 
 
 def settle(stack: Stack, timeout_s: float = 300) -> None:
     """Wait until Redis is not rewriting its append-only file (a rewrite forks and competes for CPU)."""
-    wait_for(lambda: not int(stack.redis.info("persistence").get("aof_rewrite_in_progress", 0)), timeout_s,
-             "Redis to finish rewriting its append-only file", interval_s=0.2)
-
-
-def cpu_count() -> int:
-    return os.cpu_count() or 1
+    wait_for(
+        lambda: not int(stack.redis.info("persistence").get("aof_rewrite_in_progress", 0)),
+        timeout_s,
+        "Redis to finish rewriting its append-only file",
+        interval_s=0.2,
+    )

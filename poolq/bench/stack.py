@@ -56,8 +56,14 @@ class Child:
         self.name, self.argv, self.log_path = name, argv, log_path
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=die_with_parent,
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
             )
 
     @property
@@ -102,16 +108,23 @@ class Api:
     def __init__(self, child: Child, port: int):
         self.child, self.port = child, port
 
-    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-                timeout_s: float = 60.0) -> tuple[int, dict[str, str], Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, timeout_s: float = 60.0
+    ) -> tuple[int, dict[str, str], Any]:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout_s)
         try:
             data = None if body is None else json.dumps(body).encode()
-            all_headers = {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+            all_headers = (
+                {"Content-Type": "application/json", **(headers or {})} if data is not None else dict(headers or {})
+            )
             connection.request(method, path, body=data, headers=all_headers)
             response = connection.getresponse()
             raw = response.read()
-            answer = json.loads(raw) if raw and response.getheader("Content-Type", "").startswith("application/json") else raw
+            answer = (
+                json.loads(raw)
+                if raw and response.getheader("Content-Type", "").startswith("application/json")
+                else raw
+            )
             return response.status, {k.lower(): v for k, v in response.getheaders()}, answer
         finally:
             connection.close()
@@ -137,8 +150,16 @@ class Stack:
     def __enter__(self) -> Stack:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt):
+            self.show_logs()
         self.close()
+
+    def show_logs(self, lines: int = 12) -> None:
+        """The tail of every child's output, to understand a failure (the directory is about to go)."""
+        for child in self.children:
+            state = "running" if child.alive() else f"exited {child.process.returncode}"
+            print(f"--- {child.name} ({state}), last lines of its log:\n{child.tail(lines)}", file=sys.stderr)
 
     # -- Redis -------------------------------------------------------------------
 
@@ -217,17 +238,44 @@ class Stack:
 
     def gunicorn_baseline(self) -> Api:
         port = free_port()
-        child = self.spawn("baseline-gunicorn", [
-            PYTHON, "-m", "gunicorn", "-w", "2", "-k", "sync", "-b", f"127.0.0.1:{port}", "poolq.bench.baseline:application",
-        ], self.env(BASELINE_REDIS_URL=self.url))
+        child = self.spawn(
+            "baseline-gunicorn",
+            [
+                PYTHON,
+                "-m",
+                "gunicorn",
+                "-w",
+                "2",
+                "-k",
+                "sync",
+                "-b",
+                f"127.0.0.1:{port}",
+                "poolq.bench.baseline:application",
+            ],
+            self.env(BASELINE_REDIS_URL=self.url),
+        )
         return self._ready_baseline(Api(child, port))
 
     def granian_baseline(self) -> Api:
         port = free_port()
-        child = self.spawn("baseline-granian", [
-            PYTHON, "-m", "granian", "--interface", "wsgi", "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
-            "poolq.bench.baseline:application",
-        ], self.env(BASELINE_REDIS_URL=self.url))
+        child = self.spawn(
+            "baseline-granian",
+            [
+                PYTHON,
+                "-m",
+                "granian",
+                "--interface",
+                "wsgi",
+                "--workers",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "poolq.bench.baseline:application",
+            ],
+            self.env(BASELINE_REDIS_URL=self.url),
+        )
         return self._ready_baseline(Api(child, port))
 
     def _ready_baseline(self, api: Api) -> Api:

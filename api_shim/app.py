@@ -49,6 +49,9 @@ class App:
         # Submissions holding their answer for `Prefer: wait` may take at most this many
         # of a process's server threads; beyond it they answer at once (DESIGN.md 2.3).
         self.waiters = threading.BoundedSemaphore(settings.max_waiters)
+        # Requests reading their body at once, per process: the rest of the server's
+        # threads stay free for everything else (see Request.read_body).
+        self.body_readers = threading.BoundedSemaphore(max(1, settings.api_threads - settings.max_waiters - 2))
         self.router = Router(
             [
                 Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),

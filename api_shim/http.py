@@ -5,15 +5,18 @@ No framework: the app is ``api_shim.app.App``, a WSGI callable.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
 from poolq.errors import PoolqError
 
 JSON = "application/json"
+BUSY_READING = "too many request bodies are being received at once; retry"
+BODY_SLOT_WAIT_S = 2.0
 
 
 class HTTPError(PoolqError):
@@ -66,7 +69,14 @@ class Request:
         return values[-1] if values else None
 
     def read_body(self, limit: int) -> bytes:
-        """The body, refusing more than ``limit`` bytes before reading it (413)."""
+        """The body, refusing more than ``limit`` bytes before reading it (413).
+
+        Reading holds a server thread until the client has sent the body, and granian
+        has no timeout for that: at most ``app.body_readers`` requests of a process
+        read at once, so that slow or stalled uploads cannot take every thread. A body
+        waits up to BODY_SLOT_WAIT_S for its turn, then gets a 503 with Retry-After;
+        requests without a body are never held up.
+        """
         length_header = self.environ.get("CONTENT_LENGTH") or ""
         chunked = "chunked" in (self.header("Transfer-Encoding") or "").lower()
         if length_header and not chunked:
@@ -75,9 +85,26 @@ class Request:
             length = int(length_header)
             if length > limit:
                 raise HTTPError(413, f"request body is larger than the limit of {limit} bytes")
-            return _read_exactly(self.environ["wsgi.input"], length)
+            if length == 0:
+                return b""
+            with self._body_slot():
+                return _read_exactly(self.environ["wsgi.input"], length)
         if not chunked:
             return b""
+        with self._body_slot():
+            return self._read_chunked(limit)
+
+    @contextlib.contextmanager
+    def _body_slot(self) -> Iterator[None]:
+        readers = self.app.body_readers
+        if not readers.acquire(timeout=BODY_SLOT_WAIT_S):
+            raise HTTPError(503, BUSY_READING, [("Retry-After", "1")])
+        try:
+            yield
+        finally:
+            readers.release()
+
+    def _read_chunked(self, limit: int) -> bytes:
         # A chunked body has no length up front: read until it ends or passes the limit.
         stream = self.environ["wsgi.input"]
         parts, total = [], 0

@@ -297,7 +297,11 @@ def document() -> dict[str, Any]:
                 "parameters": [
                     TENANT,
                     ID,
-                    {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1}},
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
+                    },
                 ],
                 "responses": {
                     "200": _answer(
@@ -327,7 +331,9 @@ def document() -> dict[str, Any]:
                 "parameters": package,
                 "requestBody": {
                     "required": True,
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}},
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}
+                    },
                 },
                 "responses": {"200": _answer("stored", {"type": "object"}), **_errors(400, 413, 503)},
             },

@@ -13,6 +13,7 @@ import os
 from granian import Granian
 from granian.constants import Interfaces
 
+from poolq.logs import granian_log_config
 from poolq.settings import Settings
 
 
@@ -31,5 +32,6 @@ def serve(settings: Settings, *, workers: int | None = None, threads: int | None
         blocking_threads=threads or settings.api_threads,
         websockets=False,
         log_access=False,
+        log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,
     ).serve()

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import os
 import socket
 import sys
-import time
 from typing import Any, Callable, Sequence
 
+from poolq.logs import configure_logging
 from poolq.settings import ConfigError, Settings
 
 
@@ -129,7 +128,7 @@ def _add_capacity(parser: argparse.ArgumentParser, required: bool = False) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(os.environ.get("POOLQ_LOG_FORMAT", "text"))
+    configure_logging()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args) or 0
@@ -138,32 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line (POOLQ_LOG_FORMAT=json), for log collectors."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "pid": record.process,
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(log_format: str) -> None:
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        logging.Formatter.converter = time.gmtime
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -24,6 +24,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:shapes:blocked | zset | sig -> ms: shapes whose head did not fit, and when to retry |
 | poolq:shapes:idle | zset | sig -> ms: shapes whose queue emptied; forgotten after an hour idle |
 | poolq:claimed | zset | ref -> lease expiry ms: jobs a placement worker is placing |
+| poolq:suspects | zset | ref -> ms: jobs claimed by a worker that died; each is next claimed alone |
+| poolq:tenants:served | zset | tenant -> ms of its last placement: who goes first in a round |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
 | poolq:nodes | set | node ids |
 | poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R> |
@@ -50,6 +52,8 @@ SHAPES_READY = PREFIX + "shapes:ready"
 SHAPES_BLOCKED = PREFIX + "shapes:blocked"
 SHAPES_IDLE = PREFIX + "shapes:idle"
 CLAIMED = PREFIX + "claimed"
+SUSPECTS = PREFIX + "suspects"
+TENANTS_SERVED = PREFIX + "tenants:served"
 KICK = PREFIX + "kick"
 NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"

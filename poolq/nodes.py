@@ -34,7 +34,7 @@ UNITS = {
 
 def parse_size(text: str) -> int:
     """Bytes from ``536870912``, ``512Mi``, ``4Gi`` (binary units)."""
-    found = SIZE.match(str(text))
+    found = SIZE.fullmatch(str(text))
     if not found:
         raise ValueError(f"{text!r} is not a size: use bytes or a Ki/Mi/Gi/Ti suffix")
     return int(found.group(1)) * UNITS[found.group(2)]
@@ -48,7 +48,7 @@ def parse_labels(text: str | None) -> dict[str, str | None]:
         if not item:
             continue
         key, eq, value = item.partition("=")
-        if not LABEL_PART.match(key) or (eq and not LABEL_PART.match(value)):
+        if not LABEL_PART.fullmatch(key) or (eq and not LABEL_PART.fullmatch(value)):
             raise ValueError(f"label {item!r} must be key or key=value with [A-Za-z0-9._/-]{{1,63}} parts")
         labels[key] = value if eq else None
     return labels
@@ -62,7 +62,7 @@ def parse_resources(text: str | None) -> dict[str, Decimal]:
         if not item:
             continue
         name, _, amount = item.partition("=")
-        if not RESOURCE_NAME.match(name) or name.lower() in RESERVED_RESOURCE_NAMES:
+        if not RESOURCE_NAME.fullmatch(name) or name.lower() in RESERVED_RESOURCE_NAMES:
             raise ValueError(f"resource name {name!r} must match [A-Za-z0-9._/-]{{1,63}} and not be CPU, memory or GPU")
         try:
             value = Decimal(amount)

@@ -18,7 +18,7 @@ PROTOCOL = "gcs"
 
 
 def valid(protocol: str, name: str) -> bool:
-    return protocol == PROTOCOL and bool(NAME.match(name))
+    return protocol == PROTOCOL and bool(NAME.fullmatch(name))
 
 
 def exists(store: JobStore, name: str) -> bool:

@@ -77,9 +77,18 @@ class RateLimiter:
         self._cache: dict[str, tuple[float, float | None, int]] = {}
         self._lock = threading.Lock()
 
-    @redis_errors("the rate check")
     def check(self, tenant: str) -> None:
-        """Raise TooMany (with retry_after) when the tenant is over its rate."""
+        """Raise TooMany (with retry_after) when the tenant is over its rate.
+
+        With Redis unreachable the check lets the request through: the request then
+        fails on its own Redis call, with its own answer (a submit's names its id).
+        """
+        try:
+            self._check(tenant)
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+
+    def _check(self, tenant: str) -> None:
         now = time.monotonic()
         with self._lock:
             cached = self._cache.get(tenant)

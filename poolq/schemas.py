@@ -90,7 +90,7 @@ def check_text(
         raise ValidationError("must be valid Unicode (no lone surrogate escapes)") from None
     if max_bytes is not None and len(encoded) > max_bytes:
         raise ValidationError(f"must be at most {max_bytes} bytes of UTF-8")
-    if pattern is not None and not pattern.match(value):
+    if pattern is not None and not pattern.fullmatch(value):
         raise ValidationError(f"must match {pattern_hint or pattern.pattern}")
     return value
 
@@ -232,7 +232,7 @@ def check_working_dir(value: Any) -> str:
             raise ValidationError("a file:// URI must name an absolute path (file:///dir)")
         return value
     if value.startswith("gcs://"):
-        if not re.match(r"^gcs://_ray_pkg_[A-Za-z0-9_.-]+\.zip$", value):
+        if not re.fullmatch(r"^gcs://_ray_pkg_[A-Za-z0-9_.-]+\.zip$", value):
             raise ValidationError("a package URI must look like gcs://_ray_pkg_<hash>.zip")
         return value
     if "://" in value:
@@ -382,7 +382,7 @@ def check_headers(
     """
     errors: dict[str, list[str]] = {}
     tenant = (tenant or "").strip() or "default"
-    if not TENANT.match(tenant):
+    if not TENANT.fullmatch(tenant):
         errors["X-Tenant-Id"] = ["must match [A-Za-z0-9._-]{1,64}"]
     terms: list[tuple[str, str | None]] | None = None
     anti = False
@@ -398,7 +398,7 @@ def check_headers(
                 anti = True
                 continue
             key, eq, value = term.partition("=")
-            if not LABEL_PART.match(key) or (eq and not LABEL_PART.match(value)):
+            if not LABEL_PART.fullmatch(key) or (eq and not LABEL_PART.fullmatch(value)):
                 errors["X-Pool-Label"] = [
                     f"term {term!r} must be key or key=value with [A-Za-z0-9._/-]{{1,63}} parts, comma-separated"
                 ]
@@ -417,6 +417,6 @@ def check_headers(
 def normalise_submission_id(value: str) -> str:
     """Prefix ``app-`` when missing and check the form; raise ValidationError."""
     candidate = value if value.startswith("app-") else "app-" + value
-    if not SUBMISSION_ID.match(candidate):
+    if not SUBMISSION_ID.fullmatch(candidate):
         raise ValidationError("must match ^app-[a-z0-9-]{1,60}$ after the app- prefix is added")
     return candidate

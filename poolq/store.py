@@ -253,6 +253,7 @@ class JobStore:
                     keys.tenant_active(tenant),
                     keys.tenant_counts(tenant),
                     keys.tenant_usage(tenant),
+                    keys.SUSPECTS,
                 ],
                 args=[
                     job_ref,
@@ -443,7 +444,7 @@ class JobStore:
         """Count a refused submission for /metrics; never fails the request."""
         name = (tenant or "").strip() or "default"
         try:
-            self.redis.hincrby(keys.STATS, f"submissions:{name if TENANT.match(name) else '-'}:invalid", 1)
+            self.redis.hincrby(keys.STATS, f"submissions:{name if TENANT.fullmatch(name) else '-'}:invalid", 1)
         except redis.RedisError:
             pass
 

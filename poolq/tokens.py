@@ -28,7 +28,7 @@ def _digest(token: str) -> str:
 
 @redis_errors("the token creation")
 def create(client: redis.Redis, tenant: str) -> str:
-    if not TENANT.match(tenant):
+    if not TENANT.fullmatch(tenant):
         raise ValueError("a tenant must match [A-Za-z0-9._-]{1,64}")
     token_id = secrets.token_hex(6)
     token = f"pq_{token_id}_{secrets.token_urlsafe(32)}"
@@ -41,7 +41,7 @@ def create(client: redis.Redis, tenant: str) -> str:
 
 @redis_errors("the token revocation")
 def revoke(client: redis.Redis, token_or_id: str) -> bool:
-    found = FORM.match(token_or_id)
+    found = FORM.fullmatch(token_or_id)
     token_id = found.group(1) if found else token_or_id
     pipe = client.pipeline(transaction=True)
     pipe.delete(keys.token(token_id))
@@ -66,7 +66,7 @@ def listing(client: redis.Redis) -> list[dict[str, str]]:
 @redis_errors("the token check")
 def tenant_of(client: redis.Redis, token: str) -> str | None:
     """The tenant a token belongs to, or None for any token that is not valid."""
-    found = FORM.match(token)
+    found = FORM.fullmatch(token)
     if not found:
         hmac.compare_digest(_digest(token), _digest(token))  # same work as a real check
         return None

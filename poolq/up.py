@@ -21,6 +21,7 @@ from poolq.procs import die_with_parent
 from poolq.settings import Settings
 
 COLOURS = {"api": 36, "worker": 35, "node": 32, "redis": 33, "up": 1}
+STARTUP_S = 10.0  # a child that exits sooner failed to start: stop, rather than restart it forever
 
 
 class Supervisor:
@@ -28,6 +29,7 @@ class Supervisor:
         self.settings = settings
         self.commands = commands
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.started: dict[str, float] = {}
         self.stop_requested = False  # set by the signal handler: a plain flag, no lock to deadlock on
         self._print_lock = threading.Lock()
         self.redis: EmbeddedRedis | None = None
@@ -61,11 +63,15 @@ class Supervisor:
             self.say("up", f"poolq is up: API on http://{self.settings.host}:{self.settings.port}  (Ctrl-C stops it)")
             while not self.stop_requested:
                 time.sleep(0.2)
-                for name, child in self.children.items():
-                    if child.poll() is not None:
-                        self.say("up", f"{name} exited with status {child.returncode}; stopping everything")
+                for name, child in list(self.children.items()):
+                    if child.poll() is None:
+                        continue
+                    if time.monotonic() - self.started[name] < STARTUP_S:
+                        self.say("up", f"{name} exited with status {child.returncode} at start; stopping everything")
                         self.stop_requested = True
                         break
+                    self.say("up", f"{name} exited with status {child.returncode}; starting it again")
+                    self._spawn(name, self.commands[name], env)
         finally:
             self.shutdown()
         return 0
@@ -84,6 +90,7 @@ class Supervisor:
             preexec_fn=die_with_parent,
         )
         self.children[name] = child
+        self.started[name] = time.monotonic()
         assert child.stdout is not None
         threading.Thread(target=self._pump, args=(name, child.stdout), daemon=True).start()
 

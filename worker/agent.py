@@ -29,6 +29,7 @@ from typing import Any
 from celery.signals import worker_shutting_down
 
 from poolq import keys, queues
+from poolq.errors import Unavailable
 from poolq.model import ErrorType, JobFields, JobStatus, canonical_number
 from poolq.nodes import parse_labels
 from poolq.settings import Settings
@@ -226,15 +227,29 @@ class JobRun(threading.Thread):
         exit_code: int | None = None,
         from_statuses: list[JobStatus] | None = None,
     ) -> None:
-        self.agent.store.finish(
-            self.job_ref,
-            status,
-            error_type=error_type,
-            message=message,
-            exit_code=exit_code,
-            from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING],
-            expected_node=self.agent.node_id,
-        )
+        """Record how the job ended. While Redis is unreachable, keep trying: the outcome
+        (and the release of the job's reservation) must not be lost with this thread."""
+        delay = 0.1
+        while True:
+            try:
+                self.agent.store.finish(
+                    self.job_ref,
+                    status,
+                    error_type=error_type,
+                    message=message,
+                    exit_code=exit_code,
+                    from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING],
+                    expected_node=self.agent.node_id,
+                )
+                return
+            except Unavailable as exc:
+                if self.agent.stopping.is_set():
+                    raise
+                log.warning(
+                    "job %s ended (%s) but Redis is unavailable (%s); retrying", self.job_ref, status.value, exc
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 def utf8_text(data: bytes) -> str:
@@ -443,7 +458,7 @@ def run_agent(
     settings: Settings, *, node_id: str, pool: str, labels: str, capacity: dict[str, int], loglevel: str = "INFO"
 ) -> int:
     from worker import runtime
-    from worker.celery_app import create_celery
+    from worker.celery_app import create_celery, run_worker
 
     runtime.configure(settings)
     agent = Agent(runtime.store(), node_id=node_id, pool=pool, labels=parse_labels(labels), capacity=capacity)
@@ -458,7 +473,8 @@ def run_agent(
     # jobs the moment it begins, so that none starts during the shutdown.
     worker_shutting_down.connect(lambda **_: agent.stop_accepting(), weak=False)
     try:
-        app.worker_main(
+        run_worker(
+            app,
             [
                 "worker",
                 "--pool=solo",
@@ -467,7 +483,7 @@ def run_agent(
                 "--without-gossip",
                 f"--loglevel={loglevel}",
                 f"--hostname=node-{node_id}-{os.getpid()}@{socket.gethostname()}",
-            ]
+            ],
         )
     finally:
         log.info("node %s draining (up to %gs)", node_id, settings.drain_s)

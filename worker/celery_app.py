@@ -6,18 +6,25 @@ The HTTP shim builds this app without tasks, to ``send_task`` by name.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+
 from celery import Celery
+from celery.signals import worker_shutting_down
 from kombu import Exchange, Queue
 
 from poolq import queues
 from poolq.settings import Settings
 
-# kombu's Redis transport re-delivers an unacknowledged message only after the
-# visibility timeout. poolq's tasks are short (a placement round is capped at a few
-# seconds and then re-wakes itself; a node agent's task starts processes and
-# returns), and every task is idempotent, so a short timeout costs at most a
-# harmless duplicate wake-up while it shortens how long a message held by a
-# killed worker waits; the periodic sweep re-wakes placement within seconds anyway.
+log = logging.getLogger("poolq.celery")
+
+# kombu's Redis transport re-delivers an unacknowledged message once it is older than
+# the visibility timeout, when a consumer starts or restores (every ~100 s in kombu
+# 5.7). poolq's tasks are short (a placement round is capped at a few seconds and
+# then re-wakes itself; a node agent's task only sets a flag) and idempotent, so a
+# short timeout costs at most a harmless duplicate wake-up. Nothing waits on a lost
+# message: the periodic sweep re-wakes placement, and agents poll their inbox.
 VISIBILITY_TIMEOUT_S = 60
 
 
@@ -52,6 +59,29 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         broker_pool_limit=4,
     )
     return app
+
+
+def run_worker(app: Celery, argv: list[str]) -> None:
+    """Run a Celery worker until it is asked to stop (SIGTERM, SIGINT).
+
+    Celery can end its worker on a broker failure it does not recover from (seen: an
+    error in kombu while Redis restarts). Nothing is lost then, but a process that
+    exits stops placing or running jobs: start the worker again instead.
+    """
+    requested = threading.Event()
+    worker_shutting_down.connect(lambda **_: requested.set(), weak=False)
+    while True:
+        try:
+            app.worker_main(argv)
+        except SystemExit as exc:
+            if requested.is_set():
+                raise
+            log.error("the Celery worker ended unexpectedly (exit %s); starting it again in 1 s", exc.code)
+        else:
+            if requested.is_set():
+                return
+            log.error("the Celery worker ended unexpectedly; starting it again in 1 s")
+        time.sleep(1)
 
 
 def celery_waker(settings: Settings):  # type: ignore[no-untyped-def]

@@ -117,18 +117,27 @@ class Duties:
             self._wake_placement()
 
     def recover_claims(self, now: int) -> None:
-        refs = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH)
-        if not refs:
+        """Return to the line the jobs of claims whose worker died (their lease expired).
+
+        Celery does not count redeliveries, so poolq counts deaths itself, and only
+        where it knows the culprit: the jobs of a claim share its expiry, so a claim of
+        several jobs makes each a suspect (claimed alone next time, see claim.lua), and
+        a claim of one job counts against that job. At MAX_LOST_CLAIMS the job is given
+        up: a job that kills every worker cannot loop forever, nor take others with it.
+        """
+        expired = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH, withscores=True)
+        if not expired:
             return
+        claims: dict[float, int] = defaultdict(int)
+        for _, expiry in expired:
+            claims[expiry] += 1
         by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for job_ref in refs:
+        for job_ref, expiry in expired:
             sig, seq = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.SEQ])
             if sig is None:
                 self.redis.zrem(keys.CLAIMED, job_ref)
                 continue
-            # Celery does not count redeliveries: count here how often a worker died
-            # holding this job, so that a job that kills every worker cannot loop forever.
-            lost = self.redis.hincrby(keys.job(job_ref), JobFields.LOST_CLAIMS, 1)
+            lost = 0 if claims[expiry] > 1 else self.redis.hincrby(keys.job(job_ref), JobFields.LOST_CLAIMS, 1)
             if lost >= MAX_LOST_CLAIMS:
                 self.store.finish(
                     job_ref,
@@ -138,10 +147,11 @@ class Duties:
                     message=f"placement stopped {lost} times while handling this job; it is not tried again",
                 )
                 continue
+            self.redis.zadd(keys.SUSPECTS, {job_ref: now})
             by_shape[sig].append((job_ref, int(seq)))
         for sig, members in by_shape.items():
             requeue(self.store.scripts, sig, members)
-        log.info("returned %d jobs claimed by a worker that stopped to the line", len(refs))
+        log.info("returned %d jobs claimed by a worker that stopped to the line", len(expired))
         self._wake_placement()
 
     def reap_nodes(self, now: int) -> None:

@@ -29,7 +29,7 @@ INVALID_COUNTER = "invalid_messages"
 def id_from_message(message_id: str | None) -> str:
     """``app-<uuid>`` from a Celery message id (a digest when it is not a UUID)."""
     text = str(message_id or "")
-    if UUID.match(text):
+    if UUID.fullmatch(text):
         return "app-" + text.lower()
     return "app-" + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
@@ -51,7 +51,7 @@ def submit_message(
     except InvalidRequest as exc:
         _record_invalid(store, body, tenant_id, exc.fields)
         return None
-    except (TypeError, ValueError, RecursionError) as exc:
+    except (TypeError, ValueError, RecursionError, ArithmeticError) as exc:
         _record_invalid(store, body, tenant_id, {"body": [f"is not JSON-serialisable: {exc}"]})
         return None
     try:
@@ -80,7 +80,7 @@ def _record_invalid(store: JobStore, body: Any, tenant_id: Any, fields: dict[str
     submission_id = _named_id(body)
     tenant = tenant_id.strip() if isinstance(tenant_id, str) and tenant_id.strip() else "default"
     log.warning("invalid queued job %s (tenant %s): %s", submission_id or "(no submission_id)", tenant, problems)
-    if submission_id is None or not TENANT.match(tenant):
+    if submission_id is None or not TENANT.fullmatch(tenant):
         return
     entrypoint = body.get("entrypoint") if isinstance(body.get("entrypoint"), str) else ""
     spec = {

@@ -58,9 +58,9 @@ class NodeAdmin:
 
         Returns the registration's incarnation number.
         """
-        if not LABEL_PART.match(node_id) or not LABEL_PART.match(pool):
+        if not LABEL_PART.fullmatch(node_id) or not LABEL_PART.fullmatch(pool):
             raise InvalidRequest(
-                {"id" if not LABEL_PART.match(node_id) else "pool": ["must match [A-Za-z0-9._/-]{1,63}"]},
+                {"id" if not LABEL_PART.fullmatch(node_id) else "pool": ["must match [A-Za-z0-9._/-]{1,63}"]},
                 "invalid node",
             )
         all_labels = {**labels, "pool": pool}

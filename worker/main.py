@@ -10,7 +10,7 @@ import threading
 from poolq import queues
 from poolq.settings import Settings
 from worker import runtime
-from worker.celery_app import create_celery
+from worker.celery_app import create_celery, run_worker
 from worker.duties import Duties
 
 log = logging.getLogger("poolq.worker")
@@ -28,7 +28,8 @@ def run_placement_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
     thread = threading.Thread(target=duties.run, args=(stop,), name="poolq-duties", daemon=True)
     thread.start()
     try:
-        app.worker_main(
+        run_worker(
+            app,
             [
                 "worker",
                 "--pool=solo",
@@ -37,7 +38,7 @@ def run_placement_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
                 "--without-gossip",
                 f"--loglevel={loglevel}",
                 f"--hostname=placement-{os.getpid()}@{socket.gethostname()}",
-            ]
+            ],
         )
     finally:
         stop.set()

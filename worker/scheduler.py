@@ -129,7 +129,14 @@ class Scheduler:
         if not sigs:
             return 0
         flat = self.scripts.claim(
-            keys=[keys.SHAPES_READY, keys.CLAIMED, keys.SHAPES_IDLE, *(keys.shape_queue(s) for s in sigs)],
+            keys=[
+                keys.SHAPES_READY,
+                keys.CLAIMED,
+                keys.SHAPES_IDLE,
+                keys.SUSPECTS,
+                keys.TENANTS_SERVED,
+                *(keys.shape_queue(s) for s in sigs),
+            ],
             args=[
                 self.settings.placement_batch,
                 int(self.settings.claim_lease_s * 1000),
@@ -219,7 +226,7 @@ class Scheduler:
 
     def _reserve(self, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
         """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
-        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES, keys.STATS]
+        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES, keys.STATS, keys.TENANTS_SERVED]
         args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
         for job_ref, sig, seq, node, shape in decisions:
             key_list += [

@@ -89,6 +89,7 @@ def submit_batch(request: Request) -> Response:
             )
         except InvalidRequest as exc:
             results.append({"error": str(exc), "fields": exc.fields})
+            app.store.count_invalid(request.tenant or request.header("X-Tenant-Id"))
             continue
         valid.append((len(results), job))
         results.append({})
@@ -201,7 +202,7 @@ def tenant_of(request: Request) -> str:
     if request.tenant is not None:
         return request.tenant
     tenant = (request.header("X-Tenant-Id") or "").strip() or "default"
-    if not TENANT.match(tenant):
+    if not TENANT.fullmatch(tenant):
         raise InvalidRequest({"X-Tenant-Id": ["must match [A-Za-z0-9._-]{1,64}"]}, "invalid X-Tenant-Id header")
     return tenant
 
@@ -220,4 +221,6 @@ def json_body(request: Request, limit: int) -> Any:
         problem = "is nested too deeply"
     except ValueError as exc:  # JSONDecodeError, and integers too long to convert
         problem = f"is not valid JSON: {exc}"
+    except ArithmeticError:  # decimal.InvalidOperation: an exponent beyond any bound
+        problem = "has a number out of range"
     raise InvalidRequest({"body": [problem]})

@@ -6,7 +6,8 @@
 --
 -- KEYS: 1 job, 2 node hash, 3 node jobs, 4 node inbox, 5 shape queue, 6 deadlines,
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
---       12 the tenant's active index, 13 the tenant's status counts, 14 its usage
+--       12 the tenant's active index, 13 the tenant's status counts, 14 its usage,
+--       15 suspects
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -54,6 +55,7 @@ end
 redis.call('ZREM', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('ZREM', KEYS[15], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])
 redis.call('ZREM', KEYS[12], string.sub(ARGV[1], string.find(ARGV[1], ':', 1, true) + 1))
 return {1, wake}

@@ -4,7 +4,7 @@
 -- and has the free capacity. So concurrent placement workers never over-commit a
 -- node and a job is never reserved twice, whatever their caches believed.
 --
--- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats,
+-- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats, 6 tenants served,
 --       then per decision 8 keys: job, node, node jobs, node inbox, shape, node wake flag,
 --       the tenant's usage, the tenant's quota
 -- ARGV: 1 node ttl ms, 2 wake ttl ms, then per decision 4 values:
@@ -17,9 +17,9 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 local results, wake = {}, {}
 local buckets = {10, 50, 100, 500, 1000, 5000, 10000, 60000}  -- ms, for placement latency
-local n = (#KEYS - 5) / 8
+local n = (#KEYS - 6) / 8
 for i = 0, n - 1 do
-  local k, a = 5 + i * 8, 2 + i * 4
+  local k, a = 6 + i * 8, 2 + i * 4
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
@@ -67,6 +67,7 @@ for i = 0, n - 1 do
     end
     redis.call('HINCRBY', KEYS[5], 'placement_count', 1)
     redis.call('HINCRBY', KEYS[5], 'placement_sum_ms', latency)
+    redis.call('ZADD', KEYS[6], now, string.sub(ref, 1, string.find(ref, ':', 1, true) - 1))
     redis.call('SADD', node_jobs, ref)
     redis.call('ZREM', KEYS[4], ref)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', node_id)

@@ -1,0 +1,332 @@
+"""GET /metrics (Prometheus text) and POOLQ_LOG_FORMAT=json.
+
+Each test does known things through the in-process WSGI app (and a real ``poolq
+worker`` where placement or the periodic duties are needed) on a Redis emptied of
+poolq's keys, then parses /metrics with prometheus_client's own parser and checks
+that every figure counts exactly what was done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from api_shim.app import App
+from poolq import tokens
+from poolq.embedded import free_port
+from poolq.nodes import capacity_of
+from poolq.settings import Settings
+from tests.procs import Proc, wait_for
+from tests.wsgi import call
+from worker.inventory import NodeAdmin
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+JOB = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}, "entrypoint_num_cpus": 1, "entrypoint_memory": 128 * MiB}
+SETTLE_S = 60.0
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+class Metrics:
+    """The parsed exposition: ``value(sample_name, **labels)``."""
+
+    def __init__(self, text: str):
+        self.families = {family.name: family for family in text_string_to_metric_families(text)}
+        self.samples = [s for family in self.families.values() for s in family.samples]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        found = [s.value for s in self.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+        assert len(found) <= 1, (name, labels, found)
+        return found[0] if found else None
+
+    def labelled(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        return {tuple(sorted(s.labels.items())): s.value for s in self.samples if s.name == name}
+
+
+def scrape(app: App, headers: dict[str, str] | None = None) -> Metrics:
+    result = call(app, "GET", "/metrics", headers=headers)
+    assert result.status == 200, result.body
+    assert result.headers["Content-Type"].startswith("text/plain"), result.headers
+    assert "version=0.0.4" in result.headers["Content-Type"], result.headers
+    return Metrics(result.body.decode())
+
+
+def submit(app: App, body: Any = JOB, tenant: str = "default", label: str | None = None, timeout_ms: int = 0) -> Any:
+    headers = {"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": str(timeout_ms)}
+    if label is not None:
+        headers["X-Pool-Label"] = label
+    return call(app, "POST", "/api/jobs", body, headers=headers)
+
+
+def accepted(app: App, body: Any = JOB, **kwargs: Any) -> str:
+    result = submit(app, body, **kwargs)
+    assert result.status == 200, result.body
+    return str(result.json["submission_id"])
+
+
+def poll(app: App, submission_id: str, tenant: str = "default") -> dict[str, Any]:
+    result = call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": tenant})
+    assert result.status == 200, result.body
+    return dict(result.json)
+
+
+def ready(proc: Proc) -> None:
+    wait_for(lambda: "ready." in proc.output() or not proc.alive(), timeout=60, what="the placement worker to start")
+    assert proc.alive(), proc.output()
+
+
+def add_node(admin: NodeAdmin, node_id: str, pool: str, cpus: int, memory: int = 8 * GiB, gpus: int = 0,
+             resources: dict[str, Any] | None = None, kind: str = "static") -> None:
+    admin.upsert(node_id, pool=pool, labels={}, capacity=capacity_of(cpus, memory, gpus, resources), kind=kind,
+                 create=kind == "static")
+
+
+# -- the format, and who may read it ---------------------------------------------------
+
+
+def test_metrics_is_prometheus_text_with_every_family(app: App) -> None:
+    metrics = scrape(app)
+    expected = {
+        "poolq_submissions": "counter",
+        "poolq_scheduling_failures": "counter",
+        "poolq_placement_latency_seconds": "histogram",
+        "poolq_jobs": "gauge",
+        "poolq_queue_depth": "gauge",
+        "poolq_nodes": "gauge",
+        "poolq_pool_capacity": "gauge",
+        "poolq_pool_reserved": "gauge",
+    }
+    for name, kind in expected.items():
+        assert name in metrics.families and metrics.families[name].type == kind, (name, metrics.families.get(name))
+    # An empty service: nothing counted yet, and the histogram is well formed.
+    assert metrics.value("poolq_placement_latency_seconds_count") == 0
+    assert metrics.value("poolq_queue_depth") == 0
+    assert {v for v in metrics.labelled("poolq_jobs").values()} == {0}
+
+
+def test_metrics_needs_a_token_when_tokens_are_on(settings: Settings, redis_client: redis.Redis) -> None:
+    app = App(dataclasses.replace(settings, auth="tokens"))
+    refused = call(app, "GET", "/metrics")
+    assert refused.status == 401 and refused.json == {"error": "authentication required: send Authorization: Bearer <token>"}
+    refused = call(app, "GET", "/metrics", headers={"Authorization": "Bearer pq_000000000000_" + "x" * 43})
+    assert refused.status == 401
+    token = tokens.create(redis_client, "ops")
+    metrics = scrape(app, {"Authorization": f"Bearer {token}"})
+    assert "poolq_jobs" in metrics.families
+
+
+# -- submissions by tenant and outcome ---------------------------------------------------
+
+
+def test_submissions_count_each_outcome_per_tenant(app: App) -> None:
+    for number in range(3):
+        accepted(app, {**JOB, "submission_id": f"app-m-{number}"}, tenant="team-a")
+    for _ in range(2):  # the same request again: an idempotent duplicate
+        assert submit(app, {**JOB, "submission_id": "app-m-0"}, tenant="team-a").status == 200
+    assert submit(app, {**JOB, "entrypoint": "false", "submission_id": "app-m-0"}, tenant="team-a").status == 409
+    assert submit(app, {"runtime_env": {"working_dir": "/tmp"}}, tenant="team-a").status == 400
+    assert submit(app, {**JOB, "entrypoint_num_cpus": 99}, tenant="team-a").status == 400
+    assert submit(app, {**JOB, "submission_id": "app-m-0"}, tenant="team-b").status == 200  # same id, other tenant
+
+    counted = scrape(app).labelled("poolq_submissions_total")
+    assert {k: v for k, v in counted.items() if v} == {
+        (("outcome", "accepted"), ("tenant", "team-a")): 3,
+        (("outcome", "duplicate"), ("tenant", "team-a")): 2,
+        (("outcome", "conflict"), ("tenant", "team-a")): 1,
+        (("outcome", "invalid"), ("tenant", "team-a")): 2,
+        (("outcome", "accepted"), ("tenant", "team-b")): 1,
+    }, counted
+
+
+def test_batch_submissions_are_counted_like_single_ones(app: App) -> None:
+    jobs = [{**JOB, "submission_id": "app-b-1"}, {**JOB, "submission_id": "app-b-2"}, {**JOB, "submission_id": "app-b-1"},
+            {**JOB, "entrypoint": "false", "submission_id": "app-b-2"}, {"entrypoint": "x"}]
+    result = call(app, "POST", "/api/jobs/batch", {"jobs": jobs}, headers={"X-Tenant-Id": "team-c"})
+    assert result.status == 200, result.body
+    outcomes = ["submission_id" in item for item in result.json["results"]]
+    assert outcomes == [True, True, True, False, False], result.json
+    counted = scrape(app).labelled("poolq_submissions_total")
+    assert {k: v for k, v in counted.items() if v} == {
+        (("outcome", "accepted"), ("tenant", "team-c")): 2,
+        (("outcome", "duplicate"), ("tenant", "team-c")): 1,
+        (("outcome", "conflict"), ("tenant", "team-c")): 1,
+        (("outcome", "invalid"), ("tenant", "team-c")): 1,
+    }, counted
+
+
+# -- jobs by status, queue depth ------------------------------------------------------------
+
+
+def test_jobs_by_status_and_queue_depth_follow_what_happened(app: App) -> None:
+    ids = [accepted(app, tenant=tenant) for tenant in ("t1", "t1", "t1", "t2", "t2")]
+    metrics = scrape(app)
+    assert metrics.value("poolq_jobs", status="PENDING") == 5
+    assert metrics.value("poolq_queue_depth") == 5  # no placement worker: all wait
+
+    for submission_id, tenant in ((ids[0], "t1"), (ids[3], "t2")):
+        assert call(app, "POST", f"/api/jobs/{submission_id}/stop", headers={"X-Tenant-Id": tenant}).json == {"stopped": True}
+    metrics = scrape(app)
+    assert metrics.value("poolq_jobs", status="PENDING") == 3
+    assert metrics.value("poolq_jobs", status="STOPPED") == 2
+    assert metrics.value("poolq_queue_depth") == 3
+
+    assert call(app, "DELETE", f"/api/jobs/{ids[0]}", headers={"X-Tenant-Id": "t1"}).status == 200
+    metrics = scrape(app)
+    assert metrics.value("poolq_jobs", status="STOPPED") == 1
+    assert {metrics.value("poolq_jobs", status=s) for s in ("RUNNING", "SUCCEEDED", "FAILED")} == {0}
+
+
+# -- placement latency, per-pool capacity and reserved ---------------------------------------
+
+
+def test_placement_latency_counts_placed_jobs_and_pools_show_capacity_and_reserved(
+        app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
+    ready(placement_worker)
+    add_node(admin, "p1-a", "p1", cpus=4, memory=8 * GiB)
+    add_node(admin, "p1-b", "p1", cpus=2, memory=4 * GiB, gpus=1)
+    add_node(admin, "p2-a", "p2", cpus=8, memory=16 * GiB, resources={"NPU": 4})
+    placed = [accepted(app, label="pool=p1") for _ in range(3)] + [accepted(app, {**JOB, "entrypoint_num_cpus": 2}, label="pool=p2")]
+    waiting = accepted(app, {**JOB, "entrypoint_num_cpus": 16})  # fits no node
+    for submission_id in placed:
+        wait_for(lambda sid=submission_id: poll(app, sid)["driver_node_id"], timeout=SETTLE_S, what=f"{submission_id} placed")
+    wait_for(lambda: poll(app, waiting)["scheduling"]["attempts"] >= 1, timeout=SETTLE_S, what="an attempt for the unfit job")
+
+    metrics = scrape(app)
+    assert metrics.value("poolq_placement_latency_seconds_count") == 4
+    buckets = {s.labels["le"]: s.value for s in metrics.samples if s.name == "poolq_placement_latency_seconds_bucket"}
+    assert buckets["+Inf"] == 4, buckets
+    ordered = sorted(buckets.items(), key=lambda kv: float(kv[0]))
+    assert all(a[1] <= b[1] for a, b in zip(ordered, ordered[1:])), ordered  # cumulative
+    total = metrics.value("poolq_placement_latency_seconds_sum")
+    assert total is not None and 0 <= total <= 4 * SETTLE_S, total
+    assert metrics.value("poolq_queue_depth") == 1  # the unfit job waits; placed ones left the line
+
+    assert metrics.value("poolq_pool_capacity", pool="p1", resource="CPU") == 6
+    assert metrics.value("poolq_pool_capacity", pool="p1", resource="memory") == 12 * GiB
+    assert metrics.value("poolq_pool_capacity", pool="p1", resource="GPU") == 1
+    assert metrics.value("poolq_pool_capacity", pool="p2", resource="CPU") == 8
+    assert metrics.value("poolq_pool_capacity", pool="p2", resource="NPU") == 4
+    assert metrics.value("poolq_pool_reserved", pool="p1", resource="CPU") == 3
+    assert metrics.value("poolq_pool_reserved", pool="p1", resource="memory") == 3 * 128 * MiB
+    assert metrics.value("poolq_pool_reserved", pool="p2", resource="CPU") == 2
+    assert metrics.value("poolq_pool_reserved", pool="p2", resource="NPU") in (0, None)
+    # The same figures as GET /api/pools.
+    for pool in call(app, "GET", "/api/pools").json:
+        for part, family in (("capacity", "poolq_pool_capacity"), ("reserved", "poolq_pool_reserved")):
+            for resource, amount in pool[part].items():
+                assert metrics.value(family, pool=pool["pool"], resource=resource) in ((amount,) if amount else (0, None)), \
+                    (pool, part, resource)
+
+    # Stopping a placed job releases its reservation in the figures.
+    assert call(app, "POST", f"/api/jobs/{placed[0]}/stop").json == {"stopped": True}
+    assert scrape(app).value("poolq_pool_reserved", pool="p1", resource="CPU") == 2
+    assert scrape(app).value("poolq_placement_latency_seconds_count") == 4
+
+
+# -- scheduling failures by reason ----------------------------------------------------------
+
+
+def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
+    ready(placement_worker)
+    add_node(admin, "small", "p1", cpus=2)
+    too_big = accepted(app, {**JOB, "entrypoint_num_cpus": 4}, timeout_ms=1500)
+    nowhere = accepted(app, label="gpu-pool", timeout_ms=1500)
+    also_too_big = accepted(app, {**JOB, "entrypoint_num_cpus": 3}, timeout_ms=1500)
+    for submission_id in (too_big, nowhere, also_too_big):
+        wait_for(lambda sid=submission_id: poll(app, sid)["status"] == "FAILED", timeout=SETTLE_S, what=f"{submission_id} to time out")
+    reasons = {sid: [r["reason"] for r in poll(app, sid)["scheduling"]["reasons"]] for sid in (too_big, nowhere, also_too_big)}
+    assert reasons == {too_big: ["CPU: Out Of Capacity"], nowhere: ["Affinity can't be Satisfied"],
+                       also_too_big: ["CPU: Out Of Capacity"]}, reasons
+
+    metrics = scrape(app)
+    counted = {dict(k)["reason"]: v for k, v in metrics.labelled("poolq_scheduling_failures_total").items() if v}
+    assert counted == {"CPU: Out Of Capacity": 2, "Affinity can't be Satisfied": 1}, counted
+    assert metrics.value("poolq_jobs", status="FAILED") == 3
+    assert metrics.value("poolq_queue_depth") == 0
+    assert metrics.value("poolq_placement_latency_seconds_count") == 0  # nothing was placed
+
+
+# -- node liveness ---------------------------------------------------------------------------
+
+
+def test_nodes_by_state(app: App, admin: NodeAdmin, start_proc: Any) -> None:
+    ready(start_proc(["worker"], env={"POOLQ_NODE_TTL_S": "2"}))
+    add_node(admin, "static-1", "ag", cpus=4)
+    add_node(admin, "static-2", "ag", cpus=4)
+    admin.drain("static-2")
+    add_node(admin, "agent-1", "ag", cpus=8, kind="agent")  # registered as an agent; no agent heartbeats for it
+    add_node(admin, "other-1", "other", cpus=1)
+
+    def states() -> dict[tuple[str, str], float]:
+        return {(dict(k)["pool"], dict(k)["state"]): v for k, v in scrape(app).labelled("poolq_nodes").items() if v}
+
+    wait_for(lambda: states().get(("ag", "dead")) == 1, timeout=SETTLE_S, what="the silent agent node to be declared dead")
+    assert states() == {("ag", "live"): 1, ("ag", "draining"): 1, ("ag", "dead"): 1, ("other", "live"): 1}, states()
+    metrics = scrape(app)
+    # A dead node's capacity is no longer the pool's; a drained node is still live.
+    assert metrics.value("poolq_pool_capacity", pool="ag", resource="CPU") == 8
+    assert metrics.value("poolq_pool_capacity", pool="other", resource="CPU") == 1
+
+    admin.remove("static-1")
+    assert states() == {("ag", "draining"): 1, ("ag", "dead"): 1, ("other", "live"): 1}, states()
+
+
+# -- POOLQ_LOG_FORMAT=json -------------------------------------------------------------------
+
+
+TEXT_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d|\[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\]|(DEBUG|INFO|WARNING|ERROR|CRITICAL):)")
+
+
+def json_records(output: str) -> list[dict[str, Any]]:
+    records = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)  # one whole object per line
+            assert isinstance(record, dict), line
+            assert {"time", "level", "logger", "message"} <= set(record), record
+            records.append(record)
+    return records
+
+
+def test_json_log_format_for_a_placement_worker(app: App, admin: NodeAdmin, start_proc: Any) -> None:
+    worker = start_proc(["worker"], env={"POOLQ_LOG_FORMAT": "json"})
+    ready(worker)
+    add_node(admin, "n1", "p1", cpus=1)
+    accepted(app)  # some placement work to log about
+    wait_for(lambda: any("ready" in r["message"] for r in json_records(worker.output())), timeout=30, what="the ready line")
+    output = worker.output()
+    records = json_records(output)
+    assert records and all(r["level"] in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") for r in records), records
+    assert any(r["logger"].startswith("celery") for r in records), records
+    text_lines = [line for line in output.splitlines() if TEXT_LOG_LINE.match(line)]
+    assert text_lines == [], text_lines
+
+
+def test_json_log_format_for_the_api(start_proc: Any) -> None:
+    """Every log line of ``poolq api`` (the server's own lines included) is a JSON object."""
+    port = free_port()
+    api = start_proc(["api", "--port", str(port), "--workers", "1"], env={"POOLQ_LOG_FORMAT": "json"})
+
+    def serving() -> bool:
+        import http.client
+
+        assert api.alive(), api.output()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    wait_for(serving, timeout=60, interval=0.2, what="poolq api to serve")
+    output = api.output()
+    json_records(output)  # whatever starts with "{" is one whole JSON record
+    text_lines = [line for line in output.splitlines() if TEXT_LOG_LINE.match(line)]
+    assert text_lines == [], text_lines

@@ -125,7 +125,11 @@ class App:
     @property
     def limiter(self) -> RateLimiter:
         if self._limiter is None:
-            self._limiter = RateLimiter(self.store.redis, self.store.scripts)
+            # Its own client, quick to give up: the check lets requests through when Redis
+            # does not answer, and must not spend the request's 2 s finding that out.
+            from poolq.redis_io import connect
+
+            self._limiter = RateLimiter(connect(self.settings, timeout_s=0.25, retries=0), self.store.scripts)
         return self._limiter
 
     def authenticate(self, request: Request) -> None:

@@ -100,7 +100,9 @@ class RateLimiter:
         _, rate, burst = cached
         if not rate:
             return
-        allowed, wait_ms = self.scripts.rate_limit(keys=[keys.rate_bucket(tenant)], args=[rate, burst])
+        allowed, wait_ms = self.scripts.rate_limit(
+            keys=[keys.rate_bucket(tenant)], args=[rate, burst], client=self.redis
+        )
         if not allowed:
             raise TooMany(
                 f"rate limit of tenant {tenant} exceeded ({rate:g} requests/s)", retry_after=int(wait_ms) / 1000

@@ -25,7 +25,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_CONNECTIONS = 256  # per process and client; a thread beyond waits for one to free up
 
 
-def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool = True) -> redis.Redis:
+def connect(
+    settings: Settings, *, timeout_s: float | None = None, decode: bool = True, retries: int = 1
+) -> redis.Redis:
     """A client with a connection pool; one retry re-dials a connection Redis dropped.
 
     The pool blocks (for at most the timeout) rather than failing when every
@@ -39,7 +41,7 @@ def connect(settings: Settings, *, timeout_s: float | None = None, decode: bool 
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 1),
+        retry=Retry(NoBackoff(), retries),
         decode_responses=decode,
         health_check_interval=0,
     )

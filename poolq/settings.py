@@ -24,7 +24,7 @@ class Settings:
     # Where things are.
     data_dir: Path = dataclasses.field(default_factory=lambda: Path(".poolq").resolve())
     redis_url: str | None = None  # None: read $data_dir/redis.url (written by `poolq up`)
-    redis_timeout_s: float = 0.75  # socket connect/read timeout: a dead Redis is a 503 within 2 s
+    redis_timeout_s: float = 0.5  # socket connect/read timeout, two tries: a dead Redis is a 503 within ~1 s
 
     # The HTTP API.
     host: str = "127.0.0.1"

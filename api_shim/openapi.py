@@ -16,7 +16,7 @@ from marshmallow import Schema, fields
 from poolq import __version__
 from poolq.model import ErrorType, JobStatus
 from poolq.packages import NAME as PACKAGE_NAME
-from poolq.schemas import Amount, JobRequestSchema, RuntimeEnvSchema, StringList, StringMap, Text
+from poolq.schemas import SEED_EXAMPLE, Amount, JobRequestSchema, RuntimeEnvSchema, StringList, StringMap, Text
 
 JSON = "application/json"
 TENANT = {
@@ -202,7 +202,7 @@ def document() -> dict[str, Any]:
             "post": {
                 "summary": "Submit a job",
                 "parameters": [TENANT, POOL_LABEL, TIMEOUT, PREFER],
-                "requestBody": {"required": True, "content": {JSON: {"schema": "JobRequest"}}},
+                "requestBody": {"required": True, "content": {JSON: {"schema": "JobRequest", "example": SEED_EXAMPLE}}},
                 "responses": {
                     "200": _answer("stored and queued (or an identical earlier submission)", "SubmitAnswer"),
                     **_errors(400, 409, 413, 415, 503),

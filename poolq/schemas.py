@@ -25,6 +25,22 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_RESOURCE_NAMES = {"cpu", "memory", "gpu"}
 UNUSE_ANTI_OTHER_LABELS = "unUseAntiOtherLabels"
 
+# The example request of the API document poolq implements (openYuanrong's submit-job
+# page); it must be accepted as is. Used by the tests, the benchmark and the OpenAPI example.
+SEED_EXAMPLE: dict[str, Any] = {
+    "entrypoint": "python script.py",
+    "metadata": {"autoscenes_ids": "auto_1-test", "task_type": "task_1", "ttl": "1250"},
+    "runtime_env": {
+        "working_dir": "file:///usr1/deploy/file.zip",
+        "env_vars": {"SOURCE_REGION": "suzhou_std", "DEPLOY_REGION": "suzhou_std"},
+        "pip": ["numpy==1.24", "scipy==1.11.0"],
+    },
+    "entrypoint_num_cpus": 3,
+    "entrypoint_memory": 134217728,
+    "entrypoint_resources": {"NPU": 0},
+    "submission_id": "app-1234",
+}
+
 MAX_ENTRYPOINT_BYTES = 16 * 1024
 MAX_METADATA_ENTRIES = 64
 MAX_METADATA_VALUE_BYTES = 4 * 1024

@@ -52,9 +52,11 @@ class NewJob:
     tenant: str
     submission_id: str
     spec: dict[str, Any]  # the immutable part of the job record
+    spec_json: str
     fingerprint: str  # identifies "the same request" for idempotent retries
     shape_sig: str
     shape: dict[str, Any]  # what placement needs: amounts, affinity terms, selector
+    shape_json: str
     timeout_ms: int
 
     @property
@@ -154,9 +156,15 @@ class JobStore:
             "entrypoint_label_selector": selector,
             "pool_label": label,
         }
-        fingerprint = _digest({"spec": spec, "timeout_ms": timeout_ms})
+        # Each is serialised once: the same text is stored and hashed (sorted keys, so
+        # that equal requests give equal text).
+        spec_json = _canonical(spec)
         shape = build_shape(tenant, cpus, memory, gpus, resources, terms or [], anti, selector)
-        return NewJob(tenant, submission_id, spec, fingerprint, _digest(shape)[:24], shape, timeout_ms)
+        shape_json = _canonical(shape)
+        fingerprint = _digest(f"{spec_json}|{timeout_ms}")
+        return NewJob(
+            tenant, submission_id, spec, spec_json, fingerprint, _digest(shape_json)[:24], shape, shape_json, timeout_ms
+        )
 
     @redis_errors("the submission")
     def submit(self, job: NewJob) -> bool:
@@ -569,9 +577,9 @@ def _submit_keys(job: NewJob) -> list[str]:
 def _submit_args(job: NewJob) -> list[Any]:
     return [
         job.fingerprint,
-        json.dumps(job.spec, separators=(",", ":"), ensure_ascii=False),
+        job.spec_json,
         job.shape_sig,
-        json.dumps(job.shape, separators=(",", ":"), sort_keys=True),
+        job.shape_json,
         job.timeout_ms,
         job.submission_id,
         job.ref,
@@ -581,10 +589,12 @@ def _submit_args(job: NewJob) -> list[Any]:
     ]
 
 
-def _digest(value: Any) -> str:
-    return hashlib.blake2b(
-        json.dumps(value, sort_keys=True, separators=(",", ":")).encode(), digest_size=16
-    ).hexdigest()
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _plain(amount: Decimal | int) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import copy
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -12,25 +12,14 @@ import redis
 from api_shim.app import App
 from poolq.embedded import EmbeddedRedis
 from poolq.redis_io import connect
+from poolq.schemas import SEED_EXAMPLE
 from poolq.settings import Settings
 from poolq.store import JobStore
 from tests.procs import Proc
 from worker.celery_app import celery_waker
 from worker.inventory import NodeAdmin
 
-SEED_BODY = {
-    "entrypoint": "python script.py",
-    "metadata": {"autoscenes_ids": "auto_1-test", "task_type": "task_1", "ttl": "1250"},
-    "runtime_env": {
-        "working_dir": "file:///usr1/deploy/file.zip",
-        "env_vars": {"SOURCE_REGION": "suzhou_std", "DEPLOY_REGION": "suzhou_std"},
-        "pip": ["numpy==1.24", "scipy==1.11.0"],
-    },
-    "entrypoint_num_cpus": 3,
-    "entrypoint_memory": 134217728,
-    "entrypoint_resources": {"NPU": 0},
-    "submission_id": "app-1234",
-}
+SEED_BODY = copy.deepcopy(SEED_EXAMPLE)  # the seed's example request
 
 
 @pytest.fixture(scope="session")

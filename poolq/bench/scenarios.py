@@ -19,20 +19,10 @@ from poolq.bench.figures import ScenarioResult, Target, number
 from poolq.bench.records import RawRedis, make_template, write_clones
 from poolq.bench.stack import PYTHON, Api, BenchError, Stack, wait_for
 from poolq.procs import die_with_parent
+from poolq.schemas import SEED_EXAMPLE
 
-# tests/conftest.py SEED_BODY without submission_id: every request creates a job.
-SEED_BODY: dict[str, Any] = {
-    "entrypoint": "python script.py",
-    "metadata": {"autoscenes_ids": "auto_1-test", "task_type": "task_1", "ttl": "1250"},
-    "runtime_env": {
-        "working_dir": "file:///usr1/deploy/file.zip",
-        "env_vars": {"SOURCE_REGION": "suzhou_std", "DEPLOY_REGION": "suzhou_std"},
-        "pip": ["numpy==1.24", "scipy==1.11.0"],
-    },
-    "entrypoint_num_cpus": 3,
-    "entrypoint_memory": 134217728,
-    "entrypoint_resources": {"NPU": 0},
-}
+# The seed's example without its submission_id: every request creates a job.
+SEED_BODY: dict[str, Any] = {k: v for k, v in SEED_EXAMPLE.items() if k != "submission_id"}
 SUBMIT_CONNECTIONS = 32
 PACED_RATE = 1000.0
 BATCH_SIZE = 1000

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 from urllib.parse import urlencode
 
 from api_shim.http import JSON, HTTPError, Request, Response, is_digits
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
-from poolq.model import JobStatus, render_record
+from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import TENANT, check_headers, parse_json
 
 MAX_BATCH = 1000
@@ -116,9 +115,15 @@ def get(request: Request) -> Response:
 
 
 def _digest(fields: dict[str, str], shape: dict[str, str] | None) -> str:
-    # The record is a function of these values: hashing them avoids rendering for a 304.
-    state = [sorted(fields.items()), [shape.get("attempts"), shape.get("reasons")] if shape else None]
-    return hashlib.blake2b(json.dumps(state).encode(), digest_size=12).hexdigest()
+    """The record is a function of these values: hashing them spares a 304 the rendering.
+
+    The spec never changes and its fingerprint (``fp``) stands for it, so the long spec
+    text is left out of the hash.
+    """
+    parts = [f"{k}={v}" for k, v in sorted(fields.items()) if k != JobFields.SPEC]
+    if shape:
+        parts += [shape.get("attempts") or "", shape.get("reasons") or ""]
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
 
 
 def _etag_matches(header: str | None, etag: str) -> bool:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from poolq.bench import scenarios, scenarios_workers
 from poolq.bench.figures import Figure, ScenarioResult, number
+from poolq.bench.notes import not_met_section
 from poolq.bench.scenarios import Context
 from poolq.bench.stack import BenchError
 
@@ -277,6 +278,7 @@ def markdown(
 
 def summary(ctx: Context, names: list[str]) -> list[str]:
     lines = ["## Targets", "", "| scenario | figure | target | median | met |", "|---|---|---|---|---|"]
+    unmet: list[tuple[str, str, str, str]] = []
     for name in names:
         result = ctx.results.get(name)
         if result is None:
@@ -289,7 +291,9 @@ def summary(ctx: Context, names: list[str]) -> list[str]:
                 lines.append(
                     f"| {name} | {figure.label} | {figure.target} {figure.unit} | {number(figure.median)} | {met} |"
                 )
-    return [*lines, ""]
+                if figure.met is False:
+                    unmet.append((name, figure.key, figure.label, f"{number(figure.median)} {figure.unit}"))
+    return [*lines, "", *not_met_section(unmet)]
 
 
 def section(ctx: Context, result: ScenarioResult) -> list[str]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 from api_shim.http import HTTPError, Request, Response, Route, Router
 from api_shim.routes import jobs, meta, metrics, nodes, packages
 from poolq import tokens
-from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
+from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, StorageFull, TooMany, Unavailable
 from poolq.quotas import RateLimiter
 from poolq.settings import Settings
 from poolq.store import JobStore, Waker
@@ -18,6 +18,7 @@ from poolq.store import JobStore, Waker
 log = logging.getLogger("poolq.api")
 
 OPEN_ROUTES = {"/healthz"}  # answered without a token
+TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
 UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
 REASONS = {
@@ -108,7 +109,7 @@ class App:
         try:
             if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
                 self.authenticate(request)
-            if route.template.startswith("/api/jobs"):
+            if route.template.startswith(TENANT_ROUTES):
                 try:
                     tenant = jobs.tenant_of(request)
                 except InvalidRequest:
@@ -167,6 +168,8 @@ def error_response(exc: PoolqError) -> Response:
         return Response.json({"error": str(exc)}, 404)
     if isinstance(exc, Conflict):
         return Response.json({"error": str(exc)}, 409)
+    if isinstance(exc, StorageFull):
+        return Response.json({"error": str(exc)}, 413)
     if isinstance(exc, TooMany):
         headers = [("Retry-After", str(max(1, math.ceil(exc.retry_after))))] if exc.retry_after else []
         return Response.json({"error": str(exc)}, 429, headers)

@@ -5,6 +5,7 @@ PoolqError
 ├── NotFound         no such job in the caller's tenant (404)
 ├── Conflict         the request contradicts stored state (409)
 ├── TooMany          a tenant limit: max pending jobs, request rate (429)
+├── StorageFull      a tenant's packages would exceed its package budget (413)
 └── Unavailable      Redis cannot be reached or refuses writes (503)
 """
 
@@ -37,6 +38,10 @@ class TooMany(PoolqError):
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StorageFull(PoolqError):
+    """A tenant's stored packages would exceed its package budget."""
 
 
 class Unavailable(PoolqError):

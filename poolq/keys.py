@@ -36,7 +36,9 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
 | poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement latency buckets, schedule_failures:<reason> |
-| poolq:pkg:<name> | string | an uploaded working_dir package (zip bytes); expires unless used |
+| poolq:pkg:<tenant>:<name> | string | a tenant's uploaded working_dir package (zip bytes); expires unless used |
+| poolq:tenant:<tenant>:pkgs | zset | package name -> expiry ms: the tenant's packages, for its budget |
+| poolq:tenant:<tenant>:pkgsize | hash | package name -> bytes |
 | poolq:tokens | set | ids of API tokens |
 | poolq:token:<id> | hash | an API token: tenant, digest (SHA-256 of the token), created |
 """
@@ -128,8 +130,16 @@ def wake(queue: str) -> str:
     return PREFIX + "wake:" + queue
 
 
-def package(name: str) -> str:
-    return PREFIX + "pkg:" + name
+def package(tenant: str, name: str) -> str:
+    return f"{PREFIX}pkg:{tenant}:{name}"
+
+
+def tenant_packages(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:pkgs"
+
+
+def tenant_package_sizes(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:pkgsize"
 
 
 def token(token_id: str) -> str:

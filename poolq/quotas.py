@@ -80,12 +80,13 @@ class RateLimiter:
     def check(self, tenant: str) -> None:
         """Raise TooMany (with retry_after) when the tenant is over its rate.
 
-        With Redis unreachable the check lets the request through: the request then
-        fails on its own Redis call, with its own answer (a submit's names its id).
+        When Redis does not answer (or refuses, out of memory) the check lets the
+        request through: the request then fails on its own Redis call, with its own
+        answer (a submit's names its id).
         """
         try:
             self._check(tenant)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except redis.RedisError:
             return
 
     def _check(self, tenant: str) -> None:

@@ -28,7 +28,7 @@ MAX_CONNECTIONS = 256  # per process and client; a thread beyond waits for one t
 def connect(
     settings: Settings, *, timeout_s: float | None = None, decode: bool = True, retries: int = 1
 ) -> redis.Redis:
-    """A client with a connection pool; one retry re-dials a connection Redis dropped.
+    """A client with a connection pool.
 
     The pool blocks (for at most the timeout) rather than failing when every
     connection is in use: a node agent runs a thread per job. ``decode=False`` gives
@@ -41,7 +41,9 @@ def connect(
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), retries),
+        # Re-dial once a connection Redis dropped; a command that timed out may have run,
+        # and scripts such as claim.lua must not run twice, so timeouts are not retried.
+        retry=Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,)),
         decode_responses=decode,
         health_check_interval=0,
     )

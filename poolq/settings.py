@@ -35,6 +35,7 @@ class Settings:
     max_body: int = 1 * MiB
     max_batch_body: int = 16 * MiB
     max_package_bytes: int = 100 * MiB
+    max_tenant_package_bytes: int = 1024 * MiB  # a tenant's packages together
     cors_origins: tuple[str, ...] = ()
     auth: str = ""  # "tokens" or "none"; empty: tokens unless the API binds loopback
 
@@ -106,7 +107,7 @@ class Settings:
             raise ConfigError("POOLQ_PLACEMENT_STRATEGY must be binpack or spread")
         if not 0 <= self.schedule_timeout_ms <= 604_800_000:
             raise ConfigError("POOLQ_SCHEDULE_TIMEOUT_MS must be between 0 and 604800000")
-        for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes"):
+        for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes", "max_tenant_package_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"POOLQ_{name.upper()} must be positive")
 

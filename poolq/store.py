@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import redis
 from marshmallow import ValidationError
 
-from poolq import keys, queues
+from poolq import keys, packages, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.model import (
     CPU,
@@ -107,22 +107,19 @@ class JobStore:
             errors.update(id_errors)
         if errors or request is None or submission_id is None:
             raise InvalidRequest(errors)
-        self._touch_package(request["runtime_env"]["working_dir"])
+        working_dir = request["runtime_env"]["working_dir"]
+        if working_dir.startswith("gcs://"):
+            # A job may only name its tenant's uploaded package; naming it keeps it from expiring.
+            name = packages.name_of(working_dir)
+            if not packages.touch(self.raw, tenant_id, name, self.settings.retention_s):
+                raise InvalidRequest(
+                    {
+                        "runtime_env.working_dir": [
+                            f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{name} first"
+                        ]
+                    }
+                )
         return self._normalise(request, tenant_id, submission_id, terms, anti, pool_label, timeout)
-
-    @redis_errors("the package check")
-    def _touch_package(self, working_dir: str) -> None:
-        """A job may only name an uploaded package; naming it keeps it from expiring."""
-        if not working_dir.startswith("gcs://"):
-            return
-        if not self.raw.expire(keys.package(working_dir[len("gcs://") :]), self.settings.retention_s):
-            raise InvalidRequest(
-                {
-                    "runtime_env.working_dir": [
-                        f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{working_dir[len('gcs://') :]} first"
-                    ]
-                }
-            )
 
     def _normalise(
         self,
@@ -218,7 +215,6 @@ class JobStore:
 
     # -- ending ----------------------------------------------------------------
 
-    @redis_errors("the status change")
     def finish(
         self,
         job_ref: str,
@@ -229,14 +225,32 @@ class JobStore:
         exit_code: int | None = None,
         from_statuses: Iterable[JobStatus] = (JobStatus.PENDING, JobStatus.RUNNING),
         expected_node: str | None = None,
-        deadline_passed: bool = False,
+        mode: str = "",
         extra: dict[str, str] | None = None,
     ) -> bool:
         """Move a job to a terminal status and release what it holds, exactly once.
 
-        Returns False if the job is already terminal or not in ``from_statuses`` (or,
-        with ``expected_node``, placed elsewhere). See ``poolq/lua/finish.lua``.
+        False if the job is already terminal or not in ``from_statuses`` (or, with
+        ``expected_node``, placed elsewhere). ``mode`` as in ``poolq/lua/finish.lua``.
         """
+        return (
+            self._end(job_ref, status, error_type, message, exit_code, from_statuses, expected_node, mode, extra) == 1
+        )
+
+    @redis_errors("the status change")
+    def _end(
+        self,
+        job_ref: str,
+        status: JobStatus,
+        error_type: ErrorType | None,
+        message: str,
+        exit_code: int | None,
+        from_statuses: Iterable[JobStatus],
+        expected_node: str | None,
+        mode: str,
+        extra: dict[str, str] | None,
+    ) -> int:
+        """finish.lua's answer: 1 moved, 0 not allowed, 2 stop flagged on a RUNNING job, -2 no such job."""
         allowed = "," + ",".join(s.value for s in from_statuses) + ","
         tenant = keys.split_ref(job_ref)[0]
         extra_args = [item for pair in (extra or {}).items() for item in pair]
@@ -244,7 +258,7 @@ class JobStore:
             node, sig = self.redis.hmget(keys.job(job_ref), [JobFields.NODE, JobFields.SHAPE])
             node = node or ""
             if expected_node is not None and node != expected_node:
-                return False
+                return 0
             code, wake = self.scripts.finish(
                 keys=[
                     keys.job(job_ref),
@@ -272,38 +286,39 @@ class JobStore:
                     "" if exit_code is None else exit_code,
                     allowed,
                     WAKE_TTL_MS,
-                    "1" if deadline_passed else "0",
+                    mode,
                     *extra_args,
                 ],
             )
             if code != -1:
                 if wake:
                     self.wake(queues.PLACEMENT)
-                return code == 1
+                return int(code)
         raise Unavailable(f"job {job_ref} kept changing while it was being ended")
 
     @redis_errors("the stop")
     def stop(self, tenant: str, submission_id: str) -> bool:
-        """Request a stop: True if the job was PENDING or RUNNING and is now stopping."""
+        """Stop a job: True if it was PENDING (now STOPPED) or RUNNING (its agent stops it)."""
         job_ref = keys.ref(tenant, submission_id)
-        before = self.scripts.request_stop(keys=[keys.job(job_ref)])
-        if before is None:
+        running = (JobStatus.PENDING, JobStatus.RUNNING)
+        outcome = self._end(
+            job_ref,
+            JobStatus.STOPPED,
+            ErrorType.STOPPED_BY_USER,
+            "stopped by user request",
+            None,
+            running,
+            None,
+            "stop",
+            None,
+        )
+        if outcome == -2:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        if before == JobStatus.PENDING:
-            # Not started: end it here. If an agent starts it meanwhile, the agent sees
-            # the stop flag and ends it instead.
-            self.finish(
-                job_ref,
-                JobStatus.STOPPED,
-                error_type=ErrorType.STOPPED_BY_USER,
-                message="stopped by user request",
-                from_statuses=[JobStatus.PENDING],
-            )
-        elif before == JobStatus.RUNNING:
+        if outcome == 2:
             node = self.redis.hget(keys.job(job_ref), JobFields.NODE)
             if node:
                 self.wake(queues.node_queue(node))
-        return before in (JobStatus.PENDING, JobStatus.RUNNING)
+        return outcome in (1, 2)
 
     @redis_errors("the removal")
     def purge(self, job_refs: list[str]) -> list[int]:

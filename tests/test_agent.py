@@ -440,7 +440,7 @@ def test_log_tail_is_capped_and_the_file_keeps_everything(
     assert end == len(expected)
     assert logs(app, submission_id, 0, tenant="team-b") == (tail, end)  # what was dropped is gone
     assert logs(app, submission_id, end - 11, tenant="team-b") == ("line-02000\n", end)
-    log_file = Path(service_env["POOLQ_DATA_DIR"]) / "nodes" / "n1" / "logs" / "team-b" / f"{submission_id}.log"
+    log_file = Path(service_env["POOLQ_DATA_DIR"]) / "nodes" / "n1" / "logs" / "t-team-b" / f"{submission_id}.log"
     assert log_file.read_text() == expected
 
 

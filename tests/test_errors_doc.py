@@ -11,7 +11,7 @@ from poolq.model import ErrorType
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "errors.md").read_text()
-ERRORS = {"HTTPError": 1, "InvalidRequest": 1, "NotFound": 0, "Conflict": 0, "Unavailable": 0}
+ERRORS = {"HTTPError": 1, "InvalidRequest": 1, "NotFound": 0, "Conflict": 0, "Unavailable": 0, "TooMany": 0, "StorageFull": 0}
 
 
 def _static_prefix(node: ast.expr) -> str | None:

@@ -195,8 +195,8 @@ def test_submit_uploads_working_dir_and_runs(stack: Stack, client: RecordingClie
     assert package_requests[1][1] == package_path
     assert sent[-1] == ("POST", "/api/jobs/")
     package_name = package_path.rsplit("/", 1)[1]
-    assert stack.redis.exists(f"poolq:pkg:{package_name}")
-    stored = stack.redis.get(f"poolq:pkg:{package_name}")
+    assert stack.redis.exists(f"poolq:pkg:default:{package_name}")
+    stored = stack.redis.get(f"poolq:pkg:default:{package_name}")
     assert isinstance(stored, bytes)
     assert {"main.py", "data/payload.txt"} <= set(zipfile.ZipFile(io.BytesIO(stored)).namelist())
 
@@ -231,7 +231,7 @@ def test_submit_uploads_working_dir_and_runs(stack: Stack, client: RecordingClie
     assert sid2 != sid
     package_requests = [r for r in client.requests_sent if r[1].startswith("/api/packages/")]
     assert package_requests == [("GET", package_path)], client.requests_sent
-    assert [k for k in package_keys(stack) if package_name.encode() in k] == [f"poolq:pkg:{package_name}".encode()]
+    assert [k for k in package_keys(stack) if package_name.encode() in k] == [f"poolq:pkg:default:{package_name}".encode()]
     wait_job(client, sid2, JobStatus.SUCCEEDED, stack=stack)
     assert f"payload: {payload}" in client.get_job_logs(sid2)
 

@@ -340,32 +340,35 @@ def test_a_package_is_fetched_once_and_keeps_its_layout(cache: Path) -> None:
     fetched: list[str] = []
     payload = zip_bytes([file("pkgdir/main.py", "print(1)")])
 
-    def fetch(uri: str) -> bytes | None:
-        fetched.append(uri)
+    def fetch(tenant: str, uri: str) -> bytes | None:
+        fetched.append((tenant, uri))
         return payload
 
     envs = RuntimeEnvs(cache, fetch)
-    first = envs.working_dir("gcs://_ray_pkg_abc123.zip")
-    second = envs.working_dir("gcs://_ray_pkg_abc123.zip")
+    first = envs.working_dir("gcs://_ray_pkg_abc123.zip", "team-a")
+    second = envs.working_dir("gcs://_ray_pkg_abc123.zip", "team-a")
+    other = envs.working_dir("gcs://_ray_pkg_abc123.zip", "team-b")
 
     # Ray zips a directory's contents without a top directory: nothing is flattened.
     assert tree(first) == {"pkgdir/main.py": "print(1)"}
     assert first == second
-    assert fetched == ["gcs://_ray_pkg_abc123.zip"]
+    # Each tenant's packages are its own: another tenant's same name is fetched for it.
+    assert other != first
+    assert fetched == [("team-a", "gcs://_ray_pkg_abc123.zip"), ("team-b", "gcs://_ray_pkg_abc123.zip")]
 
 
 @pytest.mark.parametrize(
     ("fetch", "also_named"),
     [
         (None, None),
-        (lambda uri: None, None),
-        (lambda uri: zip_bytes([file("../evil.txt")]), "../evil.txt"),
-        (lambda uri: b"not a zip at all", None),
+        (lambda tenant, uri: None, None),
+        (lambda tenant, uri: zip_bytes([file("../evil.txt")]), "../evil.txt"),
+        (lambda tenant, uri: b"not a zip at all", None),
     ],
     ids=["no-fetcher", "not-uploaded", "unsafe-entry", "not-a-zip"],
 )
 def test_an_unusable_package_is_refused(
-    cache: Path, tmp_path: Path, fetch: Callable[[str], bytes | None] | None, also_named: str | None
+    cache: Path, tmp_path: Path, fetch: Callable[[str, str], bytes | None] | None, also_named: str | None
 ) -> None:
     with pytest.raises(SetupFailed) as refused:
         RuntimeEnvs(cache, fetch).working_dir("gcs://_ray_pkg_gone.zip")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery.signals import worker_shutting_down
 
 from poolq import keys, queues
@@ -35,7 +36,7 @@ from poolq.nodes import parse_labels
 from poolq.settings import Settings
 from poolq.store import JobStore
 from worker.inventory import NodeAdmin
-from worker.runtime_env import RuntimeEnvs, SetupFailed
+from worker.runtime_env import RuntimeEnvs, SetupFailed, safe_dir
 
 log = logging.getLogger("poolq.agent")
 
@@ -90,6 +91,14 @@ class JobRun(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except (Unavailable, redis.RedisError) as exc:
+            if self.process is None:  # not started: it stays in the inbox and is tried again
+                log.warning("job %s: Redis unavailable before it started (%s); will try again", self.job_ref, exc)
+                return
+            log.exception("job %s: Redis failed while the agent handled it", self.job_ref)
+            self._finish(
+                JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, "the node agent lost Redis while running the job"
+            )
         except Exception:
             log.exception("job %s: unexpected error in the agent", self.job_ref)
             self._finish(
@@ -108,7 +117,7 @@ class JobRun(threading.Thread):
             return
         spec = json.loads(fields[JobFields.SPEC])
         try:
-            workdir = agent.envs.working_dir(spec["runtime_env"]["working_dir"])
+            workdir = agent.envs.working_dir(spec["runtime_env"]["working_dir"], spec["tenant_id"])
             venv = agent.envs.pip_env(spec["runtime_env"].get("pip"))
         except SetupFailed as exc:
             self._finish(
@@ -392,7 +401,7 @@ class Agent:
 
     def log_path(self, job_ref: str) -> Path:
         tenant, submission_id = keys.split_ref(job_ref)
-        return self.dir / "logs" / tenant / f"{submission_id}.log"
+        return self.dir / "logs" / safe_dir(tenant) / f"{submission_id}.log"
 
     def ship_log(self, job_ref: str, data: bytes) -> None:
         try:
@@ -402,17 +411,17 @@ class Agent:
         except Exception:
             log.warning("job %s: could not ship %d bytes of output to Redis", job_ref, len(data), exc_info=True)
 
-    def _fetch_package(self, uri: str) -> bytes | None:
+    def _fetch_package(self, tenant: str, uri: str) -> bytes | None:
         from poolq.packages import fetch
 
-        return fetch(self.store, uri)
+        return fetch(self.store.raw, tenant, uri, self.settings.retention_s)
 
     def remove_orphan_logs(self) -> None:
         """Delete log files whose job record is gone (deleted or past retention)."""
-        files = list((self.dir / "logs").glob("*/*.log"))
+        files = list((self.dir / "logs").glob("t-*/*.log"))
         if not files:
             return
-        refs = [keys.ref(path.parent.name, path.stem) for path in files]
+        refs = [keys.ref(path.parent.name.removeprefix("t-"), path.stem) for path in files]
         pipe = self.store.redis.pipeline(transaction=False)
         for job_ref in refs:
             pipe.exists(keys.job(job_ref))

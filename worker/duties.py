@@ -21,7 +21,7 @@ from collections import defaultdict
 import redis
 
 from poolq import keys, queues
-from poolq.model import ErrorType, JobFields, JobStatus
+from poolq.model import ErrorType, JobFields, JobStatus, scheduling_progress
 from poolq.store import WAKE_TTL_MS, JobStore
 from worker.placement import timeout_message
 from worker.scheduler import Scheduler, _redis_ms, requeue
@@ -31,6 +31,15 @@ log = logging.getLogger("poolq.duties")
 BATCH = 500
 MAX_LOST_CLAIMS = 3  # placement workers that died holding a job before it is given up
 SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
+
+
+def metric_reason(reason: str) -> str:
+    """A reason as a metric label: custom resource names (chosen by users, unbounded)
+    become ``custom resource``, so the series stay few."""
+    name, sep, kind = reason.partition(": ")
+    if sep and name not in ("CPU", "Memory", "GPU"):
+        return f"custom resource: {kind}"
+    return reason
 
 
 class Duties:
@@ -58,7 +67,10 @@ class Duties:
                 self.forget_idle_shapes,
             ):
                 duty(now)
-                lock.reacquire()
+                try:
+                    lock.reacquire()
+                except redis.exceptions.LockError:
+                    return True  # a long duty outlived the lock: another worker carries on
             self.rewake()
         finally:
             try:
@@ -78,18 +90,23 @@ class Duties:
 
     def expire_deadlines(self, now: int) -> int:
         refs = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=BATCH)
-        failed = 0
+        if not refs:
+            return 0
+        pipe = self.redis.pipeline(transaction=False)
         for job_ref in refs:
-            fields = self.redis.hmget(
-                keys.job(job_ref), [JobFields.SHAPE, JobFields.TIMEOUT_MS, JobFields.ATTEMPTS_BASE]
-            )
-            sig, timeout_ms, base = fields
-            if sig is None:
+            pipe.hgetall(keys.job(job_ref))
+        jobs = pipe.execute()
+        sigs = sorted({fields[JobFields.SHAPE] for fields in jobs if fields.get(JobFields.SHAPE)})
+        for sig in sigs:
+            pipe.hgetall(keys.shape(sig))
+        shapes = dict(zip(sigs, pipe.execute()))
+        failed = 0
+        for job_ref, fields in zip(refs, jobs):
+            if not fields.get(JobFields.SHAPE):
                 self.redis.zrem(keys.DEADLINES, job_ref)  # the job is gone
                 continue
-            shape_attempts, reasons = self.redis.hmget(keys.shape(sig), ["attempts", "reasons"])
-            attempts = max(int(shape_attempts or 0) - int(base or 0), 0)
-            reason_list = json.loads(reasons or "[]") if attempts else []
+            attempts, reason_list = scheduling_progress(fields, shapes.get(fields[JobFields.SHAPE]))
+            timeout_ms = fields.get(JobFields.TIMEOUT_MS)
             _, submission_id = keys.split_ref(job_ref)
             moved = self.store.finish(
                 job_ref,
@@ -98,14 +115,14 @@ class Duties:
                 message=timeout_message(submission_id, int(timeout_ms or 0), attempts, reason_list),
                 from_statuses=[JobStatus.PENDING],
                 expected_node="",
-                deadline_passed=True,
+                mode="deadline",
                 extra={JobFields.ATTEMPTS: str(attempts), JobFields.REASONS: json.dumps(reason_list)},
             )
             failed += moved
             if moved:
                 pipe = self.redis.pipeline(transaction=False)
                 for reason in reason_list or [{"reason": "no placement attempt"}]:
-                    pipe.hincrby(keys.STATS, f"schedule_failures:{reason['reason']}", 1)
+                    pipe.hincrby(keys.STATS, f"schedule_failures:{metric_reason(reason['reason'])}", 1)
                 pipe.execute()
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)

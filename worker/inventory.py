@@ -97,9 +97,10 @@ class NodeAdmin:
 
     def remove(self, node_id: str) -> list[str]:
         """Take the node out of service, fail its jobs as NODE_LOST, delete it. Returns the failed refs."""
-        if not self._set_state(node_id, "removed"):
+        answer = self._set_state(node_id, "removed")
+        if not answer:
             raise NotFound(f"no node {node_id}")
-        failed = self.fail_jobs(node_id, f"node {node_id} was removed")
+        failed = self.fail_jobs(node_id, f"node {node_id} was removed", only=answer[2:])
         for _ in range(10):
             deleted = self.scripts.node_delete(
                 keys=[
@@ -118,11 +119,18 @@ class NodeAdmin:
         return failed
 
     def declare_lost(self, node_id: str) -> list[str]:
-        """A node whose heartbeat expired: no placements, its jobs FAILED as NODE_LOST."""
-        if not self._set_state(node_id, "dead"):
+        """A node whose heartbeat expired: no placements, its jobs FAILED as NODE_LOST.
+
+        The heartbeat entry goes last, once the jobs are failed, so that a reaper that
+        dies halfway is followed by one that finishes the work.
+        """
+        answer = self._set_state(node_id, "dead")
+        if not answer:
             return []
-        failed = self.fail_jobs(node_id, f"node {node_id} was lost: no heartbeat for {self.settings.node_ttl_s:g} s")
-        self.redis.zrem(keys.HEARTBEATS, node_id)
+        failed = self.fail_jobs(
+            node_id, f"node {node_id} was lost: no heartbeat for {self.settings.node_ttl_s:g} s", only=answer[2:]
+        )
+        self._set_state(node_id, "forget", incarnation=answer[1])
         return failed
 
     def fail_jobs(
@@ -140,13 +148,13 @@ class NodeAdmin:
             if self.store.finish(ref, JobStatus.FAILED, error_type=error_type, message=message, expected_node=node_id)
         ]
 
-    def _set_state(self, node_id: str, state: str) -> bool:
-        return bool(
-            self.scripts.node_state(
-                keys=[keys.node(node_id), keys.HEARTBEATS, keys.INVENTORY_LOG],
-                args=[node_id, state, int(self.settings.node_ttl_s * 1000)],
-            )
+    def _set_state(self, node_id: str, action: str, incarnation: str = "") -> list[str]:
+        """node_state.lua's answer: empty when nothing changed, else [1, incarnation, job refs...]."""
+        answer = self.scripts.node_state(
+            keys=[keys.node(node_id), keys.HEARTBEATS, keys.INVENTORY_LOG, keys.node_jobs(node_id)],
+            args=[node_id, action, int(self.settings.node_ttl_s * 1000), incarnation],
         )
+        return [str(item) for item in answer] if answer and int(answer[0]) == 1 else []
 
     # -- reading ---------------------------------------------------------------
 

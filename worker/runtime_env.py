@@ -27,6 +27,11 @@ ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar.xz")
 PIP_TIMEOUT_S = 900
 
 
+def safe_dir(name: str) -> str:
+    """A directory name for a tenant: ``t-`` keeps names such as ``..`` inside their parent."""
+    return "t-" + name
+
+
 class SetupFailed(Exception):
     """The runtime_env could not be prepared; the message says why, for the job record."""
 
@@ -45,17 +50,18 @@ def _locked(path: Path) -> Iterator[None]:
 class RuntimeEnvs:
     """Builds working directories and pip environments under ``cache_dir``.
 
-    ``fetch_package(uri)`` returns the bytes of a ``gcs://_ray_pkg_…`` package
-    (stored in Redis by the API); None when it does not exist.
+    ``fetch_package(tenant, uri)`` returns the bytes of a tenant's ``gcs://_ray_pkg_…``
+    package (stored in Redis by the API); None when it does not exist.
     """
 
-    def __init__(self, cache_dir: Path, fetch_package: Callable[[str], bytes | None] | None = None):
+    def __init__(self, cache_dir: Path, fetch_package: Callable[[str, str], bytes | None] | None = None):
         self.cache_dir = cache_dir
         self.fetch_package = fetch_package
+        self._digests: dict[tuple[int, int, int, int], str] = {}
 
-    def working_dir(self, value: str) -> Path:
+    def working_dir(self, value: str, tenant: str = "default") -> Path:
         if value.startswith("gcs://"):
-            return self._package(value)
+            return self._package(value, tenant)
         path = Path(value[len("file://") :] if value.startswith("file://") else value)
         if path.is_dir():
             return path
@@ -63,17 +69,26 @@ class RuntimeEnvs:
             raise SetupFailed(f"working_dir {value} does not exist on this node")
         if not path.name.endswith(ARCHIVE_SUFFIXES):
             raise SetupFailed(f"working_dir {value} is neither a directory nor a {', '.join(ARCHIVE_SUFFIXES)} archive")
-        target = self.cache_dir / "wd" / _file_digest(path)
+        target = self.cache_dir / "wd" / self._digest(path)
         return self._unpacked(target, lambda dest: unpack(path, dest, flatten=True))
 
-    def _package(self, uri: str) -> Path:
+    def _digest(self, path: Path) -> str:
+        """The archive's content hash, computed once per version of the file."""
+        info = path.stat()
+        version = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        digest = self._digests.get(version)
+        if digest is None:
+            digest = self._digests[version] = _file_digest(path)
+        return digest
+
+    def _package(self, uri: str, tenant: str) -> Path:
         if self.fetch_package is None:
             raise SetupFailed(f"package {uri} cannot be fetched on this node")
         name = uri[len("gcs://") :]
-        target = self.cache_dir / "pkg" / name
+        target = self.cache_dir / "pkg" / safe_dir(tenant) / name  # a tenant's packages are its own
         if (target / ".ready").exists():
             return target
-        data = self.fetch_package(uri)
+        data = self.fetch_package(tenant, uri)
         if data is None:
             raise SetupFailed(f"package {uri} was not uploaded (PUT /api/packages/gcs/{name}) or has expired")
         with tempfile.NamedTemporaryFile(suffix=".zip") as handle:

@@ -147,6 +147,20 @@ class Scheduler:
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
             return 0
+        try:
+            self._place(claimed)
+        except redis.RedisError:
+            # Put the claim back rather than leave it to the lease: an expired lease counts
+            # as a dead worker against its job (Duties.recover_claims). Redis may refuse
+            # this too; then the lease it is.
+            try:
+                self._requeue(claimed, {})
+            except redis.RedisError:
+                pass
+            raise
+        return len(claimed)
+
+    def _place(self, claimed: list[tuple[str, str, int]]) -> None:
         self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed})
         self.refresh()
         pending, unplaced = claimed, []
@@ -159,7 +173,6 @@ class Scheduler:
                 break
             self.refresh()
         self._requeue(unplaced + pending, failed_shapes)
-        return len(claimed)
 
     def _ready_shapes(self) -> list[str]:
         """The oldest ready shapes, at most SHAPES_PER_TENANT of one tenant, so that the

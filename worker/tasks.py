@@ -28,14 +28,17 @@ def submit(
     schedule_timeout_ms: Any = None,
 ) -> str | None:
     """A job published straight onto the queue (DESIGN.md 5)."""
-    from poolq.errors import TooMany
+    import redis
+
+    from poolq.errors import TooMany, Unavailable
     from worker.intake import submit_message
 
     try:
         return submit_message(runtime.store(), self.request.id, body, tenant_id, pool_label, schedule_timeout_ms)
-    except TooMany as exc:
-        # The tenant's max pending is reached: keep the message and try again later
-        # (same message id, so the same derived submission id).
+    except (TooMany, Unavailable, redis.RedisError) as exc:
+        # The tenant's max pending is reached, or Redis did not answer: keep the message
+        # and try again later (same message id, so the same derived submission id).
+        # A failed task would be acknowledged (acks_late acks failures) and lost.
         raise self.retry(exc=exc, countdown=2, max_retries=None) from exc
 
 

@@ -11,20 +11,26 @@
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
---       8 wake ttl ms, 9 '1' to require the scheduling deadline to have passed,
---       10.. extra field/value pairs to set (attempts, reasons)
+--       8 wake ttl ms, 9 mode: '' (end it), 'deadline' (only once the scheduling
+--       deadline has passed), 'stop' (a stop request: flag it, end it if PENDING,
+--       leave a RUNNING job to its agent), 10.. extra field/value pairs to set
 -- Returns {code, wake}: code 1 moved, 0 not allowed (already terminal, or from a
--- status not listed, or deadline not reached), -1 the node changed: read again.
+-- status not listed, or deadline not reached), 2 stop flagged on a RUNNING job,
+-- -1 the node changed: read again, -2 no such job.
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline')
 local status = j[1]
-if not status then return {0, 0} end
+if not status then return {-2, 0} end
 if not string.find(ARGV[7], ',' .. status .. ',', 1, true) then return {0, 0} end
 local node = j[2] or ''
 if node ~= ARGV[2] then return {-1, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if ARGV[9] == '1' then
+if ARGV[9] == 'deadline' then
   if not j[5] or j[5] == '' or tonumber(j[5]) > now then return {0, 0} end
+elseif ARGV[9] == 'stop' then
+  -- One step, so that a stop cannot be left half done: flagged but never ended.
+  redis.call('HSET', KEYS[1], 'stop', '1')
+  if status == 'RUNNING' then return {2, 0} end
 end
 local new_status, error_type, message = ARGV[3], ARGV[4], ARGV[5]
 -- Once a stop is requested the job ends STOPPED, even if it exits 0 meanwhile.

@@ -1,21 +1,38 @@
 -- Change a node's state: drain it (no new placements), or take it out of service
 -- before its jobs are failed (state 'dead' for a lost agent, 'removed' for a node
 -- being deleted). A lost agent is only declared dead if its heartbeat is still old.
+-- Taking a node out of service answers, in the same step, the jobs it held then: those
+-- are the ones to fail, not jobs an agent that registers again meanwhile is given.
 --
--- KEYS: 1 node hash, 2 heartbeats, 3 inventory log
--- ARGV: 1 id, 2 'drain' | 'dead' | 'removed', 3 node ttl ms (for 'dead')
--- Returns 1 changed, 0 no such node (or, for 'dead', its heartbeat is fresh again).
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if ARGV[2] == 'drain' then
+-- KEYS: 1 node hash, 2 heartbeats, 3 inventory log, 4 node jobs
+-- ARGV: 1 id, 2 'drain' | 'dead' | 'removed' | 'forget', 3 node ttl ms (for 'dead'),
+--       4 incarnation (for 'forget': drop the heartbeat entry of that dead incarnation)
+-- Returns {0} no such node (or, for 'dead', its heartbeat is fresh again; for
+-- 'forget', it registered again), {1} drained or forgotten, {1, incarnation, refs...}
+-- taken out of service.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+local action = ARGV[2]
+if action == 'drain' then
   redis.call('HSET', KEYS[1], 'drained', '1')
-elseif ARGV[2] == 'dead' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'n', ARGV[1])
+  return {1}
+end
+if action == 'forget' then
+  local n = redis.call('HMGET', KEYS[1], 'state', 'incarnation')
+  if n[1] ~= 'dead' or n[2] ~= ARGV[4] then return {0} end
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {1}
+end
+if action == 'dead' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local hb = redis.call('ZSCORE', KEYS[2], ARGV[1])
-  if hb and tonumber(hb) >= now - tonumber(ARGV[3]) then return 0 end
+  if hb and tonumber(hb) >= now - tonumber(ARGV[3]) then return {0} end
   redis.call('HSET', KEYS[1], 'state', 'dead')
 else
   redis.call('HSET', KEYS[1], 'state', 'removed')
 end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'n', ARGV[1])
-return 1
+local out = {1, redis.call('HGET', KEYS[1], 'incarnation') or '0'}
+for _, ref in ipairs(redis.call('SMEMBERS', KEYS[4])) do out[#out + 1] = ref end
+return out

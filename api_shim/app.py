@@ -48,7 +48,7 @@ class App:
         self._waker = waker
         self._limiter: RateLimiter | None = None
         # Submissions holding their answer for `Prefer: wait` may take at most this many
-        # of a process's server threads; beyond it they answer at once (DESIGN.md 2.3).
+        # of a process's server threads; beyond it they answer at once (README, "The API").
         self.waiters = threading.BoundedSemaphore(settings.max_waiters)
         # Requests reading their body at once, per process: the rest of the server's
         # threads stay free for everything else (see Request.read_body).

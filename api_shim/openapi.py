@@ -15,8 +15,16 @@ from marshmallow import Schema, fields
 
 from poolq import __version__
 from poolq.model import ErrorType, JobStatus
-from poolq.packages import NAME as PACKAGE_NAME
-from poolq.schemas import SEED_EXAMPLE, Amount, JobRequestSchema, RuntimeEnvSchema, StringList, StringMap, Text
+from poolq.schemas import (
+    PACKAGE_NAME,
+    SEED_EXAMPLE,
+    Amount,
+    JobRequestSchema,
+    RuntimeEnvSchema,
+    StringList,
+    StringMap,
+    Text,
+)
 
 JSON = "application/json"
 TENANT = {

@@ -14,7 +14,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:tenant:<tenant>:usage | hash | resource -> amount reserved by the tenant's placed jobs |
 | poolq:quota:<tenant> | hash | the tenant's limits: resource amounts, max_pending, rate, burst |
 | poolq:rate:<tenant> | hash | the tenant's request token bucket: tokens, at (ms) |
-| poolq:tenants | set | every tenant that submitted a job (for metrics) |
+| poolq:tenants | set | tenants with jobs (for metrics); a tenant left with none is forgotten |
 | poolq:seq | string | counter giving each submission its place in line |
 | poolq:deadlines | zset | ref -> deadline ms, for jobs not yet placed that have one |
 | poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |

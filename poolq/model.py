@@ -16,7 +16,6 @@ from typing import Any, Mapping
 CPU = "CPU"
 MEMORY = "memory"
 GPU = "GPU"
-BUILTIN_RESOURCES = (CPU, MEMORY, GPU)
 
 
 class JobStatus(str, enum.Enum):
@@ -73,6 +72,27 @@ def show_amount(resource: str, amount: int) -> str:
     if resource == MEMORY:
         return f"{mebibytes(amount)}MB"
     return str(canonical_number(Decimal(amount) / 1000))
+
+
+def utf8_bounds(data: bytes, start: int = 0, *, whole_end: bool = True) -> tuple[int, int]:
+    """Where ``data[start:]`` begins and ends on whole UTF-8 characters.
+
+    A start inside a character moves on to the next one (a log trimmed at its front,
+    an offset from a client); with ``whole_end``, a last character not yet complete is
+    left for later (output still coming).
+    """
+    begin = min(max(start, 0), len(data))
+    while begin < len(data) and data[begin] & 0xC0 == 0x80:
+        begin += 1
+    end = len(data)
+    if whole_end:
+        for back in range(1, min(4, len(data) - begin) + 1):
+            byte = data[-back]
+            if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): is its sequence complete?
+                need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+                end = len(data) - back if need > back else end
+                break
+    return begin, end
 
 
 class JobFields:

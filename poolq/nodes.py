@@ -84,6 +84,13 @@ def capacity_of(
     return capacity
 
 
+def node_amounts(fields: dict[str, str]) -> tuple[dict[str, int], dict[str, int]]:
+    """A node hash's capacity and reserved amounts (fields ``cap:<R>``, ``res:<R>``)."""
+    capacity = {f[4:]: int(v) for f, v in fields.items() if f.startswith("cap:")}
+    reserved = {f[4:]: int(v) for f, v in fields.items() if f.startswith("res:")}
+    return capacity, reserved
+
+
 @redis_errors("the node read")
 def load_nodes(client: redis.Redis, node_ids: Iterable[str] | None = None) -> list[dict[str, str]]:
     """Node hashes (all nodes when ``node_ids`` is None), in one pipelined round trip."""
@@ -100,8 +107,7 @@ def describe_nodes(client: redis.Redis) -> list[dict[str, Any]]:
     heartbeats = dict(client.zrange(keys.HEARTBEATS, 0, -1, withscores=True))
     out = []
     for fields in load_nodes(client):
-        capacity = {f[4:]: int(v) for f, v in fields.items() if f.startswith("cap:")}
-        reserved = {f[4:]: int(v) for f, v in fields.items() if f.startswith("res:")}
+        capacity, reserved = node_amounts(fields)
         hb = heartbeats.get(fields["id"])
         out.append(
             {
@@ -111,7 +117,7 @@ def describe_nodes(client: redis.Redis) -> list[dict[str, Any]]:
                 "kind": fields.get("kind"),
                 "state": fields.get("state"),
                 "alive": fields.get("state") == "live",
-                "draining": fields.get("drained") == "1",
+                "draining": fields.get("drained", "0") != "0",
                 "last_heartbeat": int(hb) if hb is not None else None,
                 "capacity": show_amounts(capacity),
                 "reserved": show_amounts(reserved),

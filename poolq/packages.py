@@ -10,20 +10,18 @@ renews it. A tenant's packages together hold at most POOLQ_MAX_TENANT_PACKAGE_BY
 
 from __future__ import annotations
 
-import re
-
 import redis
 
 from poolq import keys
 from poolq.errors import StorageFull
 from poolq.redis_io import Scripts, redis_errors
+from poolq.schemas import PACKAGE_NAME
 
-NAME = re.compile(r"^_ray_pkg_[A-Za-z0-9_.-]{1,128}\.zip$")
 PROTOCOL = "gcs"
 
 
 def valid(protocol: str, name: str) -> bool:
-    return protocol == PROTOCOL and bool(NAME.fullmatch(name))
+    return protocol == PROTOCOL and bool(PACKAGE_NAME.fullmatch(name))
 
 
 def name_of(uri: str) -> str:

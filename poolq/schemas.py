@@ -9,6 +9,7 @@ openYuanrong's Go decoder does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from decimal import Decimal
@@ -20,6 +21,7 @@ LABEL_PART = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
 RESOURCE_NAME = LABEL_PART
 TENANT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SUBMISSION_ID = re.compile(r"^app-[a-z0-9-]{1,60}$")
+PACKAGE_NAME = re.compile(r"^_ray_pkg_[A-Za-z0-9_.-]{1,128}\.zip$")  # what Ray's SDK uploads
 SUBMISSION_ID_INPUT = "^(?:app-[a-z0-9-]{1,60}|(?!app-)[a-z0-9-]{1,60})$"  # as given, before app- is prefixed
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_RESOURCE_NAMES = {"cpu", "memory", "gpu"}
@@ -248,7 +250,7 @@ def check_working_dir(value: Any) -> str:
             raise ValidationError("a file:// URI must name an absolute path (file:///dir)")
         return value
     if value.startswith("gcs://"):
-        if not re.fullmatch(r"^gcs://_ray_pkg_[A-Za-z0-9_.-]+\.zip$", value):
+        if not PACKAGE_NAME.fullmatch(value[len("gcs://") :]):
             raise ValidationError("a package URI must look like gcs://_ray_pkg_<hash>.zip")
         return value
     if "://" in value:
@@ -389,25 +391,36 @@ def load_job_request(body: Any) -> dict[str, Any]:
         raise ValidationError(flatten_errors(exc.messages)) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class JobHeaders:
+    """What a submission's headers say, validated."""
+
+    tenant: str
+    label: str | None  # X-Pool-Label with each term trimmed, as the record shows it
+    terms: list[tuple[str, str | None]]  # its affinity terms, in order
+    anti: bool  # unUseAntiOtherLabels: nodes matching no term are the last resort
+    timeout_ms: int | None  # X-Schedule-Timeout-Ms, None when absent
+
+
 def check_headers(
     tenant: str | None, pool_label: str | None, timeout: str | None
-) -> tuple[dict[str, list[str]], str, list[tuple[str, str | None]] | None, bool, int | None]:
-    """Validate X-Tenant-Id, X-Pool-Label and X-Schedule-Timeout-Ms.
-
-    Returns (errors, tenant, terms or None, anti-other-labels switch, timeout or None).
-    """
+) -> tuple[dict[str, list[str]], JobHeaders]:
+    """Validate X-Tenant-Id, X-Pool-Label and X-Schedule-Timeout-Ms: (field errors, headers)."""
     errors: dict[str, list[str]] = {}
-    tenant = (tenant or "").strip() or "default"
-    if not TENANT.fullmatch(tenant):
-        errors["X-Tenant-Id"] = ["must match [A-Za-z0-9._-]{1,64}"]
-    terms: list[tuple[str, str | None]] | None = None
+    try:
+        tenant = parse_tenant(tenant)
+    except ValidationError as exc:
+        errors["X-Tenant-Id"] = list(exc.messages)  # type: ignore[arg-type]
+        tenant = ""
+    terms: list[tuple[str, str | None]] = []
+    label = None
     anti = False
     # An empty X-Pool-Label or X-Schedule-Timeout-Ms is refused, not taken for absent:
     # granian hands a header with non-ASCII bytes to the app as an empty value.
     if pool_label is not None and not pool_label.strip():
         errors["X-Pool-Label"] = ["must not be empty: leave the header out for no affinity"]
     if pool_label is not None and pool_label.strip():
-        terms = []
+        label = ",".join(raw.strip() for raw in pool_label.split(","))
         for raw in pool_label.split(","):
             term = raw.strip()
             if term == UNUSE_ANTI_OTHER_LABELS:
@@ -427,7 +440,15 @@ def check_headers(
             errors["X-Schedule-Timeout-Ms"] = [f"must be an integer between 0 and {MAX_SCHEDULE_TIMEOUT_MS}"]
         else:
             schedule_timeout = int(text)
-    return errors, tenant, terms, anti, schedule_timeout
+    return errors, JobHeaders(tenant, label, terms, anti, schedule_timeout)
+
+
+def parse_tenant(header: str | None) -> str:
+    """The tenant an X-Tenant-Id value names: absent or empty means ``default``."""
+    tenant = (header or "").strip() or "default"
+    if not TENANT.fullmatch(tenant):
+        raise ValidationError("must match [A-Za-z0-9._-]{1,64}")
+    return tenant
 
 
 def normalise_submission_id(value: str) -> str:

@@ -30,7 +30,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2
-    api_threads: int = 16  # per API process (gunicorn gthread)
+    api_threads: int = 16  # per API process (granian's WSGI threads)
     max_waiters: int = 8  # per API process: submissions waiting with `Prefer: wait`
     max_body: int = 1 * MiB
     max_batch_body: int = 16 * MiB

@@ -32,9 +32,10 @@ from poolq.model import (
     render_record,
     show_amount,
     to_milli,
+    utf8_bounds,
 )
 from poolq.redis_io import Scripts, redis_errors
-from poolq.schemas import TENANT, check_headers, load_job_request, normalise_submission_id
+from poolq.schemas import JobHeaders, check_headers, load_job_request, normalise_submission_id, parse_tenant
 from poolq.settings import Settings
 
 log = logging.getLogger("poolq.store")
@@ -95,7 +96,7 @@ class JobStore:
     ) -> NewJob:
         """Validate and normalise one request; raise InvalidRequest naming every bad field."""
         timeout_text = None if schedule_timeout_ms is None else str(schedule_timeout_ms)
-        errors, tenant_id, terms, anti, timeout = check_headers(tenant, pool_label, timeout_text)
+        errors, headers = check_headers(tenant, pool_label, timeout_text)
         try:
             request = load_job_request(body)
         except ValidationError as exc:
@@ -111,7 +112,11 @@ class JobStore:
         if working_dir.startswith("gcs://"):
             # A job may only name its tenant's uploaded package; naming it keeps it from expiring.
             name = packages.name_of(working_dir)
-            if not packages.touch(self.raw, tenant_id, name, self.settings.retention_s):
+            try:
+                uploaded = packages.touch(self.raw, headers.tenant, name, self.settings.retention_s)
+            except Unavailable as exc:
+                raise create_failed(submission_id, exc) from exc
+            if not uploaded:
                 raise InvalidRequest(
                     {
                         "runtime_env.working_dir": [
@@ -119,27 +124,16 @@ class JobStore:
                         ]
                     }
                 )
-        return self._normalise(request, tenant_id, submission_id, terms, anti, pool_label, timeout)
+        return self._normalise(request, headers, submission_id)
 
-    def _normalise(
-        self,
-        request: dict[str, Any],
-        tenant: str,
-        submission_id: str,
-        terms: list[tuple[str, str | None]] | None,
-        anti: bool,
-        pool_label: str | None,
-        timeout: int | None,
-    ) -> NewJob:
+    def _normalise(self, request: dict[str, Any], headers: JobHeaders, submission_id: str) -> NewJob:
+        tenant = headers.tenant
         cpus = request.get("entrypoint_num_cpus", self.default_cpus)
         memory = request.get("entrypoint_memory", self.settings.default_memory)
         gpus = request.get("entrypoint_num_gpus", 0)
         resources = request.get("entrypoint_resources", {})
         selector = request.get("entrypoint_label_selector", {})
-        timeout_ms = self.settings.schedule_timeout_ms if timeout is None else timeout
-        label = None
-        if terms is not None or anti:
-            label = ",".join(t.strip() for t in (pool_label or "").split(","))
+        timeout_ms = self.settings.schedule_timeout_ms if headers.timeout_ms is None else headers.timeout_ms
         spec = {
             "submission_id": submission_id,
             "tenant_id": tenant,
@@ -151,23 +145,31 @@ class JobStore:
             "entrypoint_memory": memory,
             "entrypoint_resources": {k: canonical_number(v) for k, v in resources.items()},
             "entrypoint_label_selector": selector,
-            "pool_label": label,
+            "pool_label": headers.label,
         }
         # Each is serialised once: the same text is stored and hashed (sorted keys, so
         # that equal requests give equal text).
         spec_json = _canonical(spec)
-        shape = build_shape(tenant, cpus, memory, gpus, resources, terms or [], anti, selector)
+        shape = build_shape(tenant, cpus, memory, gpus, resources, headers.terms, headers.anti, selector)
         shape_json = _canonical(shape)
         fingerprint = _digest(f"{spec_json}|{timeout_ms}")
         return NewJob(
             tenant, submission_id, spec, spec_json, fingerprint, _digest(shape_json)[:24], shape, shape_json, timeout_ms
         )
 
-    @redis_errors("the submission")
     def submit(self, job: NewJob) -> bool:
         """Store and queue the job. True if stored now, False if this exact request was
-        already stored (an idempotent retry); Conflict if another request holds the id."""
-        return self._outcome(job, *self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job)))
+        already stored (an idempotent retry); Conflict if another request holds the id;
+        Unavailable in the contract's words (``create app failed, submissionId:[…]``)."""
+        try:
+            answer = self._submit_script(job)
+        except Unavailable as exc:
+            raise create_failed(job.submission_id, exc) from exc
+        return self._outcome(job, *answer)
+
+    @redis_errors("the submission")
+    def _submit_script(self, job: NewJob) -> list[Any]:
+        return list(self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job)))
 
     @redis_errors("the submissions")
     def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | PoolqError]:
@@ -436,12 +438,8 @@ class JobStore:
         if not exists:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         base, data = int(base_raw or 0), data or b""
-        start = 0 if offset is None else min(max(offset - base, 0), len(data))
-        while start < len(data) and data[start] & 0xC0 == 0x80:
-            start += 1  # the offset (or the trimmed tail) fell inside a character: begin at the next one
-        end = len(data) - _incomplete_tail(data)
-        chunk = data[start : max(start, end)]
-        return chunk.decode("utf-8", "replace"), base + start + len(chunk)
+        begin, end = utf8_bounds(data, 0 if offset is None else offset - base)
+        return data[begin:end].decode("utf-8", "replace"), base + end
 
     @redis_errors("the wait")
     def wait_placed(self, job_ref: str, timeout_s: float) -> str | None:
@@ -465,9 +463,12 @@ class JobStore:
 
     def count_invalid(self, tenant: str | None) -> None:
         """Count a refused submission for /metrics; never fails the request."""
-        name = (tenant or "").strip() or "default"
         try:
-            self.redis.hincrby(keys.STATS, f"submissions:{name if TENANT.fullmatch(name) else '-'}:invalid", 1)
+            name = parse_tenant(tenant)
+        except ValidationError:
+            name = "-"
+        try:
+            self.redis.hincrby(keys.STATS, f"submissions:{name}:invalid", 1)
         except redis.RedisError:
             pass
 
@@ -543,6 +544,11 @@ def requests_text(req: dict[str, int]) -> str:
     return ",".join(f"{name}={amount}" for name, amount in req.items())
 
 
+def create_failed(submission_id: str, cause: Exception) -> Unavailable:
+    """A submission that could not be stored, in openYuanrong's words (DESIGN.md 2.1)."""
+    return Unavailable(f"create app failed, submissionId:[{submission_id}], err: {cause}")
+
+
 def _waiting(fields: dict[str, str]) -> bool:
     return (
         fields.get(JobFields.STATUS) == JobStatus.PENDING
@@ -558,16 +564,6 @@ def _matches(fields: dict[str, str], status: JobStatus | None, pool_label: str |
     if pool_label is not None and json.loads(fields[JobFields.SPEC]).get("pool_label") != pool_label:
         return False
     return True
-
-
-def _incomplete_tail(data: bytes) -> int:
-    """How many bytes at the end of ``data`` start a UTF-8 character not yet complete."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII): does its sequence fit?
-            need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
-            return back if need > back else 0
-    return 0
 
 
 def _submit_keys(job: NewJob) -> list[str]:

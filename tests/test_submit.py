@@ -304,7 +304,7 @@ REFUSED = [
 def test_package_working_dir_is_accepted_once_uploaded(app: App, redis_client: redis.Redis) -> None:
     body = with_value(MINIMAL, "runtime_env.working_dir", "gcs://_ray_pkg_0123456789abcdef.zip")
     assert_refused(submit(app, body), redis_client, "runtime_env.working_dir", exact=True)
-    redis_client.set(keys.package("_ray_pkg_0123456789abcdef.zip"), "PK\x05\x06" + "\x00" * 18)  # an empty zip
+    redis_client.set(keys.package("default", "_ray_pkg_0123456789abcdef.zip"), "PK\x05\x06" + "\x00" * 18)  # an empty zip
     assert accepted(app, body)["runtime_env"] == body["runtime_env"]
 
 

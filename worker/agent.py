@@ -31,7 +31,7 @@ from celery.signals import worker_shutting_down
 
 from poolq import keys, queues
 from poolq.errors import Unavailable
-from poolq.model import ErrorType, JobFields, JobStatus, canonical_number
+from poolq.model import ErrorType, JobFields, JobStatus, canonical_number, utf8_bounds
 from poolq.nodes import parse_labels
 from poolq.settings import Settings
 from poolq.store import JobStore
@@ -225,7 +225,8 @@ class JobRun(threading.Thread):
                 agent.ship_log(self.job_ref, bytes(pending))
         for fileobj in (self.process.stdout, self.process.stderr):
             fileobj.close()
-        return utf8_text(bytes(stderr_tail))[-STDERR_TAIL:]
+        begin, _ = utf8_bounds(bytes(stderr_tail), whole_end=False)
+        return bytes(stderr_tail[begin:]).decode("utf-8", "replace")[-STDERR_TAIL:]
 
     def _finish(
         self,
@@ -259,14 +260,6 @@ class JobRun(threading.Thread):
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-def utf8_text(data: bytes) -> str:
-    """Bytes cut from a stream as text, without a character broken at the cut."""
-    start = 0
-    while start < len(data) and data[start] & 0xC0 == 0x80:
-        start += 1  # the cut fell inside a character
-    return data[start:].decode("utf-8", "replace")
 
 
 def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
@@ -435,7 +428,7 @@ class Agent:
         """The first step of a shutdown: no new placements here, no new starts."""
         if self.accepting:
             self.accepting = False
-            self.admin.drain(self.node_id)
+            self.admin.drain(self.node_id, shutdown=True)
 
     def drain(self) -> None:
         """SIGTERM: no new jobs; running ones get drain_s, then are stopped as NODE_SHUTDOWN."""

@@ -29,6 +29,7 @@ from worker.scheduler import Scheduler, _redis_ms, requeue
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
+SUBMISSION_OUTCOMES = ("accepted", "duplicate", "conflict", "over_quota", "too_many_pending", "invalid")  # submit.lua
 MAX_LOST_CLAIMS = 3  # placement workers that died holding a job before it is given up
 SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
 
@@ -48,6 +49,8 @@ class Duties:
         self.redis: redis.Redis = store.redis
         self.settings = store.settings
         self.scheduler = scheduler
+        self._next_tenant_check = 0
+        self._tenant_cursor = 0
 
     def tick(self) -> bool:
         """Run every duty once if no other worker is; True if this one did."""
@@ -65,6 +68,7 @@ class Duties:
                 self.reap_nodes,
                 self.purge_terminal,
                 self.forget_idle_shapes,
+                self.forget_idle_tenants,
             ):
                 duty(now)
                 try:
@@ -137,10 +141,10 @@ class Duties:
         """Return to the line the jobs of claims whose worker died (their lease expired).
 
         Celery does not count redeliveries, so poolq counts deaths itself, and only
-        where it knows the culprit: the jobs of a claim share its expiry, so a claim of
-        several jobs makes each a suspect (claimed alone next time, see claim.lua), and
-        a claim of one job counts against that job. At MAX_LOST_CLAIMS the job is given
-        up: a job that kills every worker cannot loop forever, nor take others with it.
+        where it knows the culprit: every job of a dead claim becomes a suspect, claimed
+        alone next time (claim.lua); the jobs of a claim share its expiry, so a dead claim
+        of one job counts against that job. At MAX_LOST_CLAIMS the job is given up: a job
+        that kills every worker cannot loop forever, nor take others with it.
         """
         expired = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH, withscores=True)
         if not expired:
@@ -197,6 +201,32 @@ class Duties:
                 keys=[keys.shape(sig), keys.shape_queue(sig), keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.SHAPES_IDLE],
                 args=[sig],
             )
+
+    def forget_idle_tenants(self, now: int) -> None:
+        """Tenants with no job left (retention removed their last): nothing of them stays.
+
+        Checked at most once a minute, a slice of the tenants at a time."""
+        if now < self._next_tenant_check:
+            return
+        self._next_tenant_check = now + 60_000
+        self._tenant_cursor, tenants = self.redis.sscan(keys.TENANTS, self._tenant_cursor, count=BATCH)
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant in tenants:
+            pipe.zcard(keys.tenant_jobs(tenant))
+        for tenant, jobs in zip(tenants, pipe.execute()):
+            if jobs == 0:
+                self.store.scripts.forget_tenant(
+                    keys=[
+                        keys.TENANTS,
+                        keys.TENANTS_SERVED,
+                        keys.tenant_counts(tenant),
+                        keys.tenant_usage(tenant),
+                        keys.tenant_active(tenant),
+                        keys.tenant_jobs(tenant),
+                        keys.STATS,
+                    ],
+                    args=[tenant, *SUBMISSION_OUTCOMES],
+                )
 
     def rewake(self) -> None:
         """Jobs wait and no wake-up is on its way (a message was lost): send one."""

@@ -16,7 +16,7 @@ import redis
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound
 from poolq.model import ErrorType, JobFields, JobStatus
-from poolq.nodes import describe_nodes, load_nodes
+from poolq.nodes import describe_nodes, load_nodes, node_amounts
 from poolq.redis_io import Scripts
 from poolq.schemas import LABEL_PART
 from poolq.store import WAKE_TTL_MS, JobStore
@@ -24,8 +24,7 @@ from worker.placement import Node
 
 
 def node_from_hash(fields: dict[str, str]) -> Node:
-    capacity = {f[4:]: int(v) for f, v in fields.items() if f.startswith("cap:")}
-    reserved = {f[4:]: int(v) for f, v in fields.items() if f.startswith("res:")}
+    capacity, reserved = node_amounts(fields)
     labels = json.loads(fields.get("labels") or "{}")
     return Node(
         id=fields["id"],
@@ -33,7 +32,7 @@ def node_from_hash(fields: dict[str, str]) -> Node:
         labels=labels,
         capacity=capacity,
         reserved=reserved,
-        schedulable=fields.get("state") == "live" and fields.get("drained") != "1",
+        schedulable=fields.get("state") == "live" and fields.get("drained", "0") == "0",
     )
 
 
@@ -91,8 +90,10 @@ class NodeAdmin:
             self.store.wake(queues.PLACEMENT)
         return int(incarnation)
 
-    def drain(self, node_id: str) -> None:
-        if not self._set_state(node_id, "drain"):
+    def drain(self, node_id: str, *, shutdown: bool = False) -> None:
+        """No new placements on the node: an operator's drain (kept if its agent registers
+        again), or its agent's own ``shutdown`` (cleared when it does)."""
+        if not self._set_state(node_id, "shutdown" if shutdown else "drain"):
             raise NotFound(f"no node {node_id}")
 
     def remove(self, node_id: str) -> list[str]:

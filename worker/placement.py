@@ -160,6 +160,11 @@ class Inventory:
             if index is not None:
                 index.remove(free_cpu, node.id)
 
+    def trim_indexes(self, limit: int) -> None:
+        """Label-term indexes are built on demand; past ``limit`` drop them (but ALL)."""
+        if len(self._indexes) > limit:
+            self._indexes = {ALL: self._indexes[ALL]}
+
     def _index_for(self, key: str) -> _Index:
         index = self._indexes.get(key)
         if index is None:  # first job asking for this term: index it from now on

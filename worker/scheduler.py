@@ -35,6 +35,8 @@ log = logging.getLogger("poolq.placement")
 
 SHAPES_PER_ROUND = 32
 SHAPES_PER_TENANT = 4
+MAX_CACHED_SHAPES = 10_000
+MAX_TERM_INDEXES = 1_000
 READY_SCAN = 512
 RESERVE_RETRIES = 3
 
@@ -178,6 +180,9 @@ class Scheduler:
         """The oldest ready shapes, at most SHAPES_PER_TENANT of one tenant, so that the
         tenants behind a tenant with many shapes still get their turn this round."""
         candidates = self.redis.zrange(keys.SHAPES_READY, 0, READY_SCAN - 1)
+        if len(self._shapes) > MAX_CACHED_SHAPES:  # shapes come and go: keep the cache bounded
+            self._shapes.clear()
+        self.inventory.trim_indexes(MAX_TERM_INDEXES)
         self._load_shapes(set(candidates))
         chosen: list[str] = []
         per_tenant: dict[str, int] = defaultdict(int)

@@ -6,10 +6,12 @@ import hashlib
 from typing import Any
 from urllib.parse import urlencode
 
+from marshmallow import ValidationError
+
 from api_shim.http import JSON, HTTPError, Request, Response, is_digits
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
-from poolq.schemas import TENANT, check_headers, parse_json
+from poolq.schemas import check_headers, parse_json, parse_tenant
 
 MAX_BATCH = 1000
 MAX_IDS = 100
@@ -30,10 +32,7 @@ def submit(request: Request) -> Response:
     except InvalidRequest:
         app.store.count_invalid(request.tenant or request.header("X-Tenant-Id"))
         raise
-    try:
-        app.store.submit(job)
-    except Unavailable as exc:
-        raise Unavailable(f"create app failed, submissionId:[{job.submission_id}], err: {exc}") from exc
+    app.store.submit(job)  # a failure to store says "create app failed, submissionId:[...]"
     answer = {"submission_id": job.submission_id, "job_id": job.submission_id}
     wait_s = prefer_wait(request.header("Prefer"))
     if wait_s is None or not app.waiters.acquire(blocking=False):
@@ -69,11 +68,11 @@ def submit_batch(request: Request) -> Response:
         raise InvalidRequest({"body": ['must be an object with one key, "jobs": a list of job bodies']})
     if len(body["jobs"]) > MAX_BATCH:
         raise InvalidRequest({"jobs": [f"must hold at most {MAX_BATCH} jobs"]})
-    header_errors = check_headers(
+    header_errors, _ = check_headers(
         request.tenant or request.header("X-Tenant-Id"),
         request.header("X-Pool-Label"),
         request.header("X-Schedule-Timeout-Ms"),
-    )[0]
+    )
     if header_errors:  # they apply to every job: refuse the batch, not each item
         raise InvalidRequest(header_errors)
     results: list[dict[str, Any]] = []
@@ -206,10 +205,10 @@ def tenant_of(request: Request) -> str:
     """The caller's tenant: the token's, else X-Tenant-Id, absent or empty meaning ``default``."""
     if request.tenant is not None:
         return request.tenant
-    tenant = (request.header("X-Tenant-Id") or "").strip() or "default"
-    if not TENANT.fullmatch(tenant):
-        raise InvalidRequest({"X-Tenant-Id": ["must match [A-Za-z0-9._-]{1,64}"]}, "invalid X-Tenant-Id header")
-    return tenant
+    try:
+        return parse_tenant(request.header("X-Tenant-Id"))
+    except ValidationError as exc:
+        raise InvalidRequest({"X-Tenant-Id": list(exc.messages)}, "invalid X-Tenant-Id header") from None
 
 
 def json_body(request: Request, limit: int) -> Any:

@@ -5,15 +5,17 @@
 -- are the ones to fail, not jobs an agent that registers again meanwhile is given.
 --
 -- KEYS: 1 node hash, 2 heartbeats, 3 inventory log, 4 node jobs
--- ARGV: 1 id, 2 'drain' | 'dead' | 'removed' | 'forget', 3 node ttl ms (for 'dead'),
+-- ARGV: 1 id, 2 'drain' (by an operator: kept across re-registrations) | 'shutdown'
+--       (an agent stopping: cleared when it registers again) | 'dead' | 'removed' |
+--       'forget', 3 node ttl ms (for 'dead'),
 --       4 incarnation (for 'forget': drop the heartbeat entry of that dead incarnation)
 -- Returns {0} no such node (or, for 'dead', its heartbeat is fresh again; for
 -- 'forget', it registered again), {1} drained or forgotten, {1, incarnation, refs...}
 -- taken out of service.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local action = ARGV[2]
-if action == 'drain' then
-  redis.call('HSET', KEYS[1], 'drained', '1')
+if action == 'drain' or action == 'shutdown' then
+  redis.call('HSET', KEYS[1], 'drained', action == 'drain' and '1' or 'shutdown')
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'n', ARGV[1])
   return {1}
 end

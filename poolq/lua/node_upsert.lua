@@ -14,8 +14,10 @@ for i = 8, #ARGV, 2 do keep['cap:' .. ARGV[i]] = true end
 for _, field in ipairs(fields) do
   if string.sub(field, 1, 4) == 'cap:' and not keep[field] then redis.call('HDEL', KEYS[1], field) end
 end
+-- An operator's drain outlives the agent restarting; the agent's own shutdown does not.
+local drained = redis.call('HGET', KEYS[1], 'drained') == '1' and '1' or '0'
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'pool', ARGV[2], 'labels', ARGV[3], 'kind', ARGV[4],
-  'state', 'live', 'drained', '0', 'queue', ARGV[7], 'since', now)
+  'state', 'live', 'drained', drained, 'queue', ARGV[7], 'since', now)
 for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[1], 'cap:' .. ARGV[i], ARGV[i + 1])
   redis.call('HSETNX', KEYS[1], 'res:' .. ARGV[i], 0)

@@ -29,7 +29,7 @@ for i = 0, n - 1 do
     code = 1
   else
     local nd = redis.call('HMGET', node, 'state', 'drained', 'kind')
-    if nd[1] ~= 'live' or nd[2] == '1' then
+    if nd[1] ~= 'live' or (nd[2] and nd[2] ~= '0') then
       code = 2
     elseif nd[3] == 'agent' then
       local hb = redis.call('ZSCORE', KEYS[3], node_id)

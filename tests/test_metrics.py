@@ -330,3 +330,12 @@ def test_json_log_format_for_the_api(start_proc: Any) -> None:
     json_records(output)  # whatever starts with "{" is one whole JSON record
     text_lines = [line for line in output.splitlines() if TEXT_LOG_LINE.match(line)]
     assert text_lines == [], text_lines
+
+
+def test_custom_resource_names_do_not_become_metric_labels() -> None:
+    from worker.duties import metric_reason
+
+    assert metric_reason("CPU: Not Enough") == "CPU: Not Enough"
+    assert metric_reason("Memory: Out Of Capacity") == "Memory: Out Of Capacity"
+    assert metric_reason("Affinity can't be Satisfied") == "Affinity can't be Satisfied"
+    assert metric_reason("NPU: Not Found") == metric_reason("anything-a-user-names: Not Found") == "custom resource: Not Found"

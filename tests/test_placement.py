@@ -591,3 +591,16 @@ def test_duplicate_wakeups_and_concurrent_rounds_never_reserve_twice(
     assert reserved_of(redis_client, "spare") == 0
     assert_placed_exactly_once(ledger(redis_client, refs, [*node_ids, "spare"]), redis_client, per_job_cpu=1000)
     assert admin.check() == []
+
+
+def test_an_operators_drain_outlives_the_agent_registering_again(admin: NodeAdmin) -> None:
+    capacity = capacity_of(4, 4 << 30)
+    admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)
+    admin.drain("n1")
+    admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)  # the agent restarts
+    assert [node["draining"] for node in admin.describe()] == [True]
+    admin.remove("n1")
+    admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)
+    admin.drain("n1", shutdown=True)  # the agent's own SIGTERM drain
+    admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)
+    assert [node["draining"] for node in admin.describe()] == [False]

@@ -23,6 +23,7 @@ from poolq import keys
 from poolq.embedded import EmbeddedRedis
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
+from poolq.store import JobStore
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
 from worker.inventory import NodeAdmin
@@ -263,3 +264,21 @@ def test_redis_full_answers_503_and_keeps_every_accepted_job(small_redis: Embedd
     assert retried.status == 200 and all("submission_id" in item for item in retried.json["results"]), retried.body
     assert len(client.keys("poolq:job:*")) == len(accepted) + 2 + 20
     client.close()
+
+
+def test_a_tenant_with_no_job_left_is_forgotten(app: App, store: JobStore, redis_client: redis.Redis) -> None:
+    from worker.duties import Duties
+    from worker.scheduler import Scheduler
+
+    body = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}, "submission_id": "app-gone"}
+    assert call(app, "POST", "/api/jobs", body, headers={"X-Tenant-Id": "ephemeral"}).status == 200
+    assert call(app, "POST", "/api/jobs/app-gone/stop", headers={"X-Tenant-Id": "ephemeral"}).json == {"stopped": True}
+    duties = Duties(store, Scheduler(store))
+    duties.forget_idle_tenants(0)
+    assert redis_client.sismember(keys.TENANTS, "ephemeral")  # it still has a (finished) job
+    assert call(app, "DELETE", "/api/jobs/app-gone", headers={"X-Tenant-Id": "ephemeral"}).json == {"deleted": True}
+    duties._next_tenant_check = 0
+    duties.forget_idle_tenants(0)
+    assert not redis_client.sismember(keys.TENANTS, "ephemeral")
+    assert not redis_client.exists(keys.tenant_counts("ephemeral"), keys.tenant_active("ephemeral"))
+    assert not [f for f in redis_client.hkeys(keys.STATS) if f.startswith("submissions:ephemeral:")]

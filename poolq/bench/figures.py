@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 SYMBOLS = {">=": "≥", "<=": "≤"}
 
@@ -57,6 +58,11 @@ class ScenarioResult:
     keyed_notes: dict[str, str] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+
+    def add_latencies(self, key: str, load: dict[str, Any], label: str) -> None:
+        """A load run's p50 and p99, as the figures ``<key>.p50`` and ``<key>.p99``."""
+        self.add(f"{key}.p50", load["p50_ms"], label=f"{label}: p50 latency", unit="ms")
+        self.add(f"{key}.p99", load["p99_ms"], label=f"{label}: p99 latency", unit="ms")
 
     def add(
         self,

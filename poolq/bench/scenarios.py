@@ -134,8 +134,7 @@ def measure_baseline_run(ctx: Context, stack: Stack, servers: dict[str, Api]) ->
         check_statuses(baseline, f"baseline ({name})", load)
         what = BASELINE_SERVERS[name][0]
         baseline.add(f"{name}.rate", load["counted_rate"], label=f"baseline, {what}: accepted jobs/s", unit="jobs/s")
-        baseline.add(f"{name}.p50", load["p50_ms"], label=f"baseline, {what}: p50 latency", unit="ms")
-        baseline.add(f"{name}.p99", load["p99_ms"], label=f"baseline, {what}: p99 latency", unit="ms")
+        baseline.add_latencies(name, load, f"baseline, {what}")
         baseline.note(f"{name}: {describe(spec)}")
         if load["connects"] > spec["connections"]:
             baseline.note(
@@ -294,8 +293,7 @@ def batch(ctx: Context) -> None:
                 target=Target(">=", 8000),
                 baseline_key="rate",
             )
-            result.add("p50", load["p50_ms"], label="p50 latency of a 1,000-job request", unit="ms")
-            result.add("p99", load["p99_ms"], label="p99 latency of a 1,000-job request", unit="ms")
+            result.add_latencies("request", load, "a 1,000-job request")
         result.note(f"{describe(spec)}; the seed's body 1,000 times a request")
         result.note("a batch's jobs are counted when the answer arrives, so the measured window holds few requests")
 
@@ -333,8 +331,7 @@ def poll(ctx: Context) -> None:
                 unit="req/s",
                 target=Target(">=", 4000),
             )
-            result.add("get.p50", full["p50_ms"], label="GET /api/jobs/{id}: p50 latency (200)", unit="ms")
-            result.add("get.p99", full["p99_ms"], label="GET /api/jobs/{id}: p99 latency (200)", unit="ms")
+            result.add_latencies("get", full, "GET /api/jobs/{id} (200)")
             cached = run_load(
                 stack, {"port": api.port, "requests": conditional, "connections": 16, "offset": offset, **window}
             )
@@ -346,8 +343,7 @@ def poll(ctx: Context) -> None:
                 unit="req/s",
                 target=Target(">=", 4000),
             )
-            result.add("etag.p50", cached["p50_ms"], label="GET with If-None-Match: p50 latency (304)", unit="ms")
-            result.add("etag.p99", cached["p99_ms"], label="GET with If-None-Match: p99 latency (304)", unit="ms")
+            result.add_latencies("etag", cached, "GET with If-None-Match (304)")
             result.add(
                 "etag.gain",
                 cached["rate"] / full["rate"],
@@ -375,8 +371,7 @@ def poll(ctx: Context) -> None:
                 target=Target(">=", 50_000),
             )
             result.add("ids.rate", many["rate"], label="GET /api/jobs?ids= (100 ids): requests/s", unit="req/s")
-            result.add("ids.p50", many["p50_ms"], label="GET /api/jobs?ids= (100 ids): p50 latency", unit="ms")
-            result.add("ids.p99", many["p99_ms"], label="GET /api/jobs?ids= (100 ids): p99 latency", unit="ms")
+            result.add_latencies("ids", many, "GET /api/jobs?ids= (100 ids)")
         result.note(
             f"GET by id: closed loop, 16 connections, round robin over the {jobs:,} ids; ?ids=: 8 connections; "
             f"{window['warmup']:g} s warm-up + {window['seconds']:g} s measured each"

@@ -10,7 +10,7 @@ from __future__ import annotations
 NOT_MET: dict[tuple[str, str], str] = {
     ("submit", "ratio"): (
         "The baseline is faster than DESIGN.md's measured facts suggested: under granian, one `send_task` per "
-        "job reached about 2,600 jobs/s here, so 3x would be about 8,000 single-job submissions a second on two "
+        "job reached about 2,600-2,700 jobs/s here, so 3x would be about 8,000 single-job submissions a second on two "
         "cores shared with Redis and the load generator. During the closed-loop run both cores are busy: each "
         "API process about 65% of a core, redis-server about 33% (the submit Lua script, about 90 us a job), the "
         "load generator about 27%. One API process spends about 340 us of CPU a request; of the Python part "

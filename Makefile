@@ -29,5 +29,10 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/poolq bench all --write BENCHMARKS.md
 
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check poolq api_shim worker tools tests
+	$(BIN)/python -m ruff format --check poolq api_shim worker tools
+	$(BIN)/python -m mypy poolq api_shim worker
+
 clean:
 	rm -rf $(VENV) .poolq .pytest_cache

@@ -83,7 +83,7 @@ class App:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         request = Request(environ)
-        request.app = self  # type: ignore[attr-defined]
+        request.app = self
         response = self.handle(request)
         headers = response.headers
         origin = environ.get("HTTP_ORIGIN")

@@ -9,10 +9,13 @@ import contextlib
 import dataclasses
 import json
 import re
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
 from poolq.errors import PoolqError
+
+if TYPE_CHECKING:
+    from api_shim.app import App
 
 JSON = "application/json"
 BUSY_READING = "too many request bodies are being received at once; retry"
@@ -52,6 +55,7 @@ class Request:
         self.method: str = environ["REQUEST_METHOD"].upper()
         self.path: str = environ.get("PATH_INFO") or "/"
         self.params: dict[str, str] = {}
+        self.app: App = None  # type: ignore[assignment]  # set by App.__call__
         self.tenant: str | None = None  # the token's tenant, when tokens are on
         self._query: dict[str, list[str]] | None = None
 
@@ -107,7 +111,8 @@ class Request:
     def _read_chunked(self, limit: int) -> bytes:
         # A chunked body has no length up front: read until it ends or passes the limit.
         stream = self.environ["wsgi.input"]
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while True:
             part = stream.read(min(65536, limit + 1 - total))
             if not part:

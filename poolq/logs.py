@@ -12,7 +12,7 @@ from typing import Any
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, UTC times, for log collectors."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # UTC times
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -289,10 +289,10 @@ class _NullIsAbsent(Schema):
 class Object(fields.Nested):
     """A nested schema whose value must be a JSON object (an error on the field itself)."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+    def _deserialize(self, value: Any, attr: str | None, data: Any, partial: Any = None, **kwargs: Any) -> Any:
         if not isinstance(value, dict):
             raise ValidationError("must be an object")
-        return super()._deserialize(value, attr, data, **kwargs)
+        return super()._deserialize(value, attr, data, partial, **kwargs)
 
 
 class RuntimeEnvSchema(_NullIsAbsent):

@@ -359,7 +359,7 @@ class JobStore:
         return self._render([f for f in pipe.execute() if f and JobFields.SPEC in f])
 
     @redis_errors("the listing")
-    def list(
+    def list_jobs(
         self,
         tenant: str,
         *,

@@ -83,7 +83,7 @@ def _record_invalid(store: JobStore, body: Any, tenant_id: Any, fields: dict[str
     if submission_id is None or not TENANT.fullmatch(tenant):
         return
     entrypoint = body.get("entrypoint") if isinstance(body.get("entrypoint"), str) else ""
-    spec = {
+    spec: dict[str, Any] = {
         "submission_id": submission_id,
         "tenant_id": tenant,
         "entrypoint": entrypoint,

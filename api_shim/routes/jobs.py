@@ -137,7 +137,7 @@ def list_jobs(request: Request) -> Response:
     errors: dict[str, list[str]] = {}
     status = _status_param(request.query("status"), errors)
     pool_label = request.query("pool_label")
-    limit = _int_param(request.query("limit"), "limit", 1, MAX_LIMIT, errors, default=100)
+    limit = _int_param(request.query("limit"), "limit", 1, MAX_LIMIT, errors, default=100) or 100
     cursor = _int_param(request.query("cursor"), "cursor", 1, 2**62, errors)
     ids_text = request.query("ids")
     ids = [i for i in (ids_text or "").split(",") if i] if ids_text is not None else None
@@ -150,7 +150,7 @@ def list_jobs(request: Request) -> Response:
         if pool_label is not None:
             records = [r for r in records if r["pool_label"] == pool_label]
         return Response.json(records)
-    records, next_cursor = store.list(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
+    records, next_cursor = store.list_jobs(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
     headers = []
     if next_cursor is not None:
         query = {k: v for k, v in (("status", status and status.value), ("pool_label", pool_label)) if v is not None}

@@ -335,11 +335,6 @@ class JobStore:
     # -- reading ---------------------------------------------------------------
 
     @redis_errors("the read")
-    def get(self, tenant: str, submission_id: str) -> dict[str, Any]:
-        """The job record, or NotFound (also for another tenant's job)."""
-        return render_record(*self.read(tenant, submission_id))
-
-    @redis_errors("the read")
     def read(self, tenant: str, submission_id: str) -> tuple[dict[str, str], dict[str, str] | None]:
         """The job hash and, while it waits for placement, its shape's hash (attempts, reasons)."""
         fields = self.redis.hgetall(keys.job(keys.ref(tenant, submission_id)))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
+from tests.jobs import record, wait_status
 from tests.procs import Proc, wait_for
 from tests.test_runtime_env import Entry, build_wheel, file, symlink, write_archive
 from tests.wsgi import call
@@ -57,26 +58,6 @@ def submit(
     return str(result.json["submission_id"])
 
 
-def record(app: Any, submission_id: str, tenant: str | None = None) -> dict[str, Any]:
-    result = call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": tenant} if tenant else {})
-    assert result.status == 200, result.body
-    return dict(result.json)
-
-
-def wait_status(
-    app: Any, submission_id: str, *statuses: str, timeout: float = SETTLE_S, tenant: str | None = None
-) -> dict[str, Any]:
-    """Poll until the job's status is one of ``statuses``; fail early if it ends otherwise."""
-    seen: dict[str, Any] = {}
-
-    def reached() -> bool:
-        seen.update(record(app, submission_id, tenant))
-        if seen["status"] in TERMINAL and seen["status"] not in statuses:
-            raise AssertionError(f"job {submission_id} ended {seen['status']} ({seen['message']}), wanted {statuses}")
-        return seen["status"] in statuses
-
-    wait_for(reached, timeout, what=f"job {submission_id} to be {'/'.join(statuses)}")
-    return seen
 
 
 def logs(app: Any, submission_id: str, offset: int | None = None, tenant: str | None = None) -> tuple[str, int]:

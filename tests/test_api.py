@@ -27,6 +27,7 @@ from api_shim.app import App
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
+from tests.jobs import record, wait_status
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
 
@@ -78,11 +79,6 @@ def get(app: App, submission_id: str, tenant: str | None = None, headers: dict[s
     return call(app, "GET", f"/api/jobs/{submission_id}", headers={**tenant_headers(tenant), **(headers or {})})
 
 
-def record(app: App, submission_id: str, tenant: str | None = None) -> dict[str, Any]:
-    result = get(app, submission_id, tenant)
-    assert result.status == 200, result.body
-    return dict(result.json)
-
 
 def stop(app: App, submission_id: str, tenant: str | None = None) -> Result:
     return call(app, "POST", f"/api/jobs/{submission_id}/stop", headers=tenant_headers(tenant))
@@ -110,18 +106,6 @@ def walk(app: App, path: str, tenant: str | None = None, max_pages: int = 5000) 
         next_path = link.group(1) if link else None
     return ids, pages
 
-
-def wait_status(app: App, submission_id: str, *statuses: str, tenant: str | None = None) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-
-    def reached() -> bool:
-        seen.update(record(app, submission_id, tenant))
-        if seen["status"] in TERMINAL and seen["status"] not in statuses:
-            raise AssertionError(f"job {submission_id} ended {seen['status']} ({seen['message']}), wanted {statuses}")
-        return seen["status"] in statuses
-
-    wait_for(reached, SETTLE_S, what=f"job {submission_id} to be {'/'.join(statuses)}")
-    return seen
 
 
 def node_view(app: App, node_id: str) -> dict[str, Any]:

@@ -277,18 +277,11 @@ class Scheduler:
             by_shape.setdefault(sig, [])
         if not by_shape:
             return
-        now_ms = _redis_ms(self.redis)
+        backoff_ms = int(self.settings.max_backoff_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
         for sig, members in by_shape.items():
-            reasons = failed_shapes.get(sig)
-            retry_at = now_ms + self._backoff_ms(sig) if reasons is not None else 0
-            requeue(self.scripts, sig, members, retry_at=retry_at, reasons=reasons, client=pipe)
+            requeue(self.scripts, sig, members, max_backoff_ms=backoff_ms, reasons=failed_shapes.get(sig), client=pipe)
         pipe.execute()
-
-    def _backoff_ms(self, sig: str) -> int:
-        """100 ms, doubling with each failed attempt of the shape, up to max_backoff_s."""
-        attempts = int(self.redis.hget(keys.shape(sig), "attempts") or 0)
-        return int(min(100 * 2 ** min(attempts, 16), self.settings.max_backoff_s * 1000))
 
 
 def requeue(
@@ -296,12 +289,12 @@ def requeue(
     sig: str,
     members: list[tuple[str, int]],
     *,
-    retry_at: int = 0,
+    max_backoff_ms: int = 0,
     reasons: list[dict[str, Any]] | None = None,
     client: Any = None,
 ) -> None:
     """Put claimed jobs (ref, seq) of one shape back in line; with ``reasons``, count the
-    failed attempt and block the shape until ``retry_at`` (see requeue.lua)."""
+    failed attempt and block the shape for a backoff up to ``max_backoff_ms`` (requeue.lua)."""
     scripts.requeue(
         keys=[
             keys.CLAIMED,
@@ -314,7 +307,7 @@ def requeue(
         ],
         args=[
             sig,
-            retry_at,
+            max_backoff_ms,
             json.dumps(reasons) if reasons is not None else "",
             *(item for ref, seq in members for item in (ref, seq)),
         ],

@@ -1,0 +1,420 @@
+"""Each job in cgroups of its own: memory, CPU and process-count limits, and a kill that misses nothing.
+
+The node agent detects once, at start, what the machine offers (``Cgroups.detect``), then per job
+creates a cgroup with the job's limits, starts the entrypoint through ``JobCgroup.wrap`` (which moves
+the job's first process into it before it execs anything), and in the end kills and removes it.
+
+Layout, always beneath the agent's own cgroup, never directly at a hierarchy's root:
+
+    v2    <mount>/<agent's cgroup>/<parent_name>/<job>          one directory; memory, cpu, pids
+    v1    <mount>/<hierarchy>/<agent's cgroup>/<parent_name>/<job>
+          for hierarchy in memory, cpu, pids (required) and freezer, cpuacct (when mounted)
+
+Mode "none" (no usable cgroups, or turned off) gives a ``JobCgroup`` without directories: ``wrap``
+returns the argv unchanged and every other method does nothing, so the agent needs no branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+Mode = Literal["v1", "v2", "none"]
+
+CFS_PERIOD_US = 100_000
+MIN_CFS_QUOTA_US = 1_000  # the kernel refuses less
+JOIN_FAILED = 125  # exit status of a wrapped job whose first process could not join its cgroup
+KILL_TIMEOUT_S = 5.0  # a process stuck in uninterruptible sleep outlives SIGKILL; give up after this
+RMDIR_TIMEOUT_S = 1.0  # rmdir is EBUSY until the kernel has finished the killed processes' exit
+
+V2_CONTROLLERS = ("memory", "cpu", "pids")
+V1_REQUIRED = ("memory", "cpu", "pids")
+V1_OPTIONAL = ("freezer", "cpuacct")  # freezer: a kill that no fork escapes; cpuacct: CPU time used
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
+
+# The wrapped job's first process: write its own pid into each cgroup.procs file given before "--",
+# then exec the argv after it. Paths and argv arrive as arguments, never inside the script.
+_JOIN_SCRIPT = (
+    f'for f do shift; [ "$f" = -- ] && exec "$@"; echo $$ > "$f" || exit {JOIN_FAILED}; done; exit {JOIN_FAILED}'
+)
+
+
+class CgroupError(Exception):
+    """A job's cgroup could not be created, emptied or removed."""
+
+
+@dataclass(frozen=True)
+class JobCgroup:
+    """One job's cgroup: ``dirs`` maps each controller (v1: hierarchy) to its directory."""
+
+    name: str
+    mode: Mode
+    dirs: Mapping[str, Path] = field(default_factory=dict)
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """An argv that joins this cgroup, then execs ``argv``; it exits 125 if it could not join.
+
+        It costs one ``/bin/sh`` exec, and needs no ``preexec_fn`` (unsafe in a threaded agent)."""
+        if not argv:
+            raise ValueError("argv must not be empty")
+        procs = [str(d / "cgroup.procs") for d in self._unique_dirs()]
+        if not procs:
+            return list(argv)
+        return ["/bin/sh", "-c", _JOIN_SCRIPT, "poolq-join", *procs, "--", *argv]
+
+    def pids(self) -> list[int]:
+        """Every process in the cgroup, however far it has left the job's process group or session."""
+        found: set[int] = set()
+        for d in self._unique_dirs():
+            try:
+                found.update(int(line) for line in (d / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                pass
+        return sorted(found)
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup and wait until none is left (at most KILL_TIMEOUT_S)."""
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while left := self.pids():
+            if time.monotonic() >= deadline:
+                raise CgroupError(f"cgroup {self.name}: {len(left)} processes survived SIGKILL: {left[:10]}")
+            self._kill_once()
+            _until(lambda: not self.pids(), 0.2)
+
+    def _kill_once(self) -> None:
+        if self.mode == "v2" and (self.dirs["memory"] / "cgroup.kill").exists():
+            _write(self.dirs["memory"] / "cgroup.kill", "1")  # the kernel kills them all, forks included
+            return
+        # Frozen processes can neither fork nor exit, so the list read is complete and no pid in it
+        # is reused by an unrelated process before the signal lands. Without a freezer (v1 with no
+        # freezer hierarchy), a fork may slip through (the next round catches it) and the reuse race
+        # remains, as with any kill by pid.
+        frozen = self._freeze(True)
+        try:
+            for pid in self.pids():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        finally:
+            if frozen:
+                self._freeze(False)  # a v1 frozen process dies of SIGKILL only once thawed
+
+    def _freeze(self, freeze: bool) -> bool:
+        """Freeze (waiting briefly until it is) or thaw the cgroup; False when there is no freezer."""
+        if self.mode == "v2":
+            control, value = self.dirs["memory"] / "cgroup.freeze", "1" if freeze else "0"
+        else:
+            control = self.dirs.get("freezer", Path("/nonexistent")) / "freezer.state"
+            value = "FROZEN" if freeze else "THAWED"
+        if not control.exists():
+            return False
+        _write(control, value)
+        if freeze:
+            _until(self._frozen, 0.1)  # a process in uninterruptible sleep delays it; kill the others meanwhile
+        return True
+
+    def _frozen(self) -> bool:
+        if self.mode == "v2":
+            return _keyed(self.dirs["memory"] / "cgroup.events").get("frozen") == 1
+        return (self.dirs["freezer"] / "freezer.state").read_text().strip() == "FROZEN"
+
+    def oom_killed(self, returncode: int | None = None) -> bool:
+        """Whether the kernel killed a process of this job for exceeding its memory limit.
+
+        Call it before ``remove()``. ``returncode`` (the job's, as Popen reports it) is used only on
+        kernels too old to count OOM kills."""
+        memory = self.dirs.get("memory")
+        if memory is None:
+            return False
+        if self.mode == "v2":
+            return _keyed(memory / "memory.events").get("oom_kill", 0) > 0
+        control = _keyed(memory / "memory.oom_control")
+        if "oom_kill" in control:  # Linux 4.13 and later
+            return control["oom_kill"] > 0
+        # Older kernels only count how often usage hit the limit (failcnt). Reaching the limit alone
+        # is not fatal (the kernel first reclaims); reaching it and dying of SIGKILL, which only the
+        # OOM killer or a stop sends, is the best evidence left.
+        hit_limit = int((memory / "memory.failcnt").read_text()) > 0
+        return hit_limit and returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+    def cpu_usage_s(self) -> float | None:
+        """CPU time (user + system) the job's processes have used, in seconds; None when not measured."""
+        if self.mode == "v2":
+            return _keyed(self.dirs["cpu"] / "cpu.stat")["usage_usec"] / 1e6
+        if "cpuacct" in self.dirs:
+            return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        return None
+
+    def remove(self) -> None:
+        """Kill what is left, then delete the cgroup in every hierarchy. Already removed is fine."""
+        self.kill()
+        for d in self._unique_dirs():
+            deadline = time.monotonic() + RMDIR_TIMEOUT_S
+            while True:
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        raise CgroupError(f"cgroup {self.name}: could not remove {d}: {exc.strerror}") from exc
+                    time.sleep(0.005)
+
+    def _unique_dirs(self) -> list[Path]:
+        return list(dict.fromkeys(self.dirs.values()))  # v2 (and co-mounted v1) controllers share one
+
+
+@dataclass(frozen=True)
+class Cgroups:
+    """What this node offers, found once at agent start; ``dirs`` maps each controller to poolq's parent."""
+
+    mode: Mode
+    reason: str | None = None  # why mode is "none"
+    dirs: Mapping[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def detect(
+        cls, root: Path = Path("/sys/fs/cgroup"), *, enabled: bool = True, parent_name: str = "poolq"
+    ) -> Cgroups:
+        """Find usable cgroups under ``root`` and prepare poolq's parent cgroup; never raises.
+
+        ``parent_name`` must be unique per agent on a machine: ``remove_stale`` empties all of it.
+        On cgroup v2 an agent alone in its cgroup moves itself into ``<parent_name>-agent`` beside the
+        parent (see ``_detect_v2``): call this before the agent starts any child process."""
+        if not enabled:
+            return cls("none", "turned off by the operator")
+        if not _NAME.fullmatch(parent_name):
+            return cls("none", f"invalid cgroup parent name {parent_name!r}")
+        try:
+            return _detect(root, parent_name)
+        except (OSError, ValueError, LookupError) as exc:  # LookupError: a file not as expected
+            hint = "" if os.geteuid() == 0 else f" (the agent runs as uid {os.geteuid()}, not root)"
+            return cls("none", f"cgroups unusable: {exc}{hint}")
+
+    def describe(self) -> dict[str, str | None]:
+        """For the node record."""
+        return {"mode": self.mode, "reason": self.reason}
+
+    def create(self, name: str, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
+        """A new, empty cgroup for a job, with its limits (None: unlimited); raises CgroupError.
+
+        CPU is a CFS quota of ``cpu_milli`` thousandths of a core per 100 ms period (at least 1 ms);
+        memory is a hard limit with swap disabled where the kernel accounts for swap."""
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"invalid cgroup name {name!r}: letters, digits, '-' and '_', at most 100")
+        for label, value, least in (
+            ("memory_bytes", memory_bytes, 1),
+            ("cpu_milli", cpu_milli, 0),
+            ("pids_max", pids_max, 1),
+        ):
+            if value is not None and value < least:
+                raise ValueError(f"{label} must be at least {least}, not {value}")
+        job = JobCgroup(name, self.mode, {controller: parent / name for controller, parent in self.dirs.items()})
+        created: list[Path] = []
+        try:
+            for d in job._unique_dirs():
+                d.mkdir()
+                created.append(d)
+            for path, setting in _limits(job, memory_bytes, cpu_milli, pids_max):
+                _write(path, setting)
+        except OSError as exc:
+            for d in reversed(created):  # empty: nothing can have joined it yet
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise CgroupError(f"could not create cgroup {name}: {exc}") from exc
+        return job
+
+    def jobs(self) -> list[JobCgroup]:
+        """The job cgroups under poolq's parent now."""
+        names = sorted(
+            {d.name for parent in set(self.dirs.values()) if parent.is_dir() for d in parent.iterdir() if d.is_dir()}
+        )
+        found = []
+        for name in names:
+            dirs = {controller: parent / name for controller, parent in self.dirs.items()}
+            found.append(JobCgroup(name, self.mode, {c: d for c, d in dirs.items() if d.is_dir()}))
+        return found
+
+    def remove_stale(self) -> list[str]:
+        """Kill and remove the job cgroups an earlier run of this agent left behind; their names."""
+        stale = self.jobs()
+        for job in stale:
+            job.remove()
+        return [job.name for job in stale]
+
+
+def _limits(
+    job: JobCgroup, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None
+) -> list[tuple[Path, str]]:
+    """The (file, value) writes that set a fresh cgroup's limits, in order; a new cgroup is unlimited."""
+    d, writes = job.dirs, []
+    quota = None if cpu_milli is None else max(MIN_CFS_QUOTA_US, cpu_milli * CFS_PERIOD_US // 1000)
+    if job.mode == "v2":
+        if memory_bytes is not None:
+            writes.append((d["memory"] / "memory.max", str(memory_bytes)))
+            if (d["memory"] / "memory.swap.max").exists():
+                writes.append((d["memory"] / "memory.swap.max", "0"))
+        if quota is not None:
+            writes.append((d["cpu"] / "cpu.max", f"{quota} {CFS_PERIOD_US}"))
+    elif job.mode == "v1":
+        if memory_bytes is not None:
+            writes.append((d["memory"] / "memory.limit_in_bytes", str(memory_bytes)))
+            if (d["memory"] / "memory.memsw.limit_in_bytes").exists():  # memory + swap = memory: no swap
+                writes.append((d["memory"] / "memory.memsw.limit_in_bytes", str(memory_bytes)))
+        if quota is not None:
+            writes.append((d["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US)))
+            writes.append((d["cpu"] / "cpu.cfs_quota_us", str(quota)))
+    if pids_max is not None and job.mode != "none":
+        writes.append((d["pids"] / "pids.max", str(pids_max)))
+    return writes
+
+
+# -- detection ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Mount:
+    fstype: str
+    root: str  # the directory of the hierarchy mounted here (not "/" for a bind-mounted subtree)
+    options: frozenset[str]  # super options: a v1 hierarchy's controllers
+
+
+def _detect(root: Path, parent_name: str) -> Cgroups:
+    mounts = _mounts()
+    membership = _membership()
+    root = root.resolve()
+    top = mounts.get(root)
+    if top is not None and top.fstype == "cgroup2":
+        if "" not in membership:
+            raise ValueError("/proc/self/cgroup names no cgroup2 membership")
+        return _detect_v2(root, top, membership[""], parent_name)
+    dirs: dict[str, Path] = {}
+    missing = []
+    for controller in V1_REQUIRED + V1_OPTIONAL:
+        mount_point = (root / controller).resolve()
+        mount = mounts.get(mount_point)
+        if mount is None or mount.fstype != "cgroup" or controller not in mount.options or controller not in membership:
+            missing.append(controller)
+            continue
+        dirs[controller] = _own(mount_point, mount, membership[controller], controller) / parent_name
+    if absent := [c for c in V1_REQUIRED if c in missing]:
+        return Cgroups(
+            "none", f"no cgroup2 mount at {root} and no cgroup v1 hierarchy for {', '.join(absent)} under it"
+        )
+    for d in dict.fromkeys(dirs.values()):
+        d.mkdir(exist_ok=True)
+    if not (dirs["cpu"] / "cpu.cfs_quota_us").exists():
+        return Cgroups("none", "the kernel has no CFS bandwidth control (cpu.cfs_quota_us), so CPU cannot be limited")
+    return Cgroups("v1", None, dirs)
+
+
+def _detect_v2(root: Path, mount: _Mount, path: str, parent_name: str) -> Cgroups:
+    own = _own(root, mount, path, "unified")
+    offered = (own / "cgroup.controllers").read_text().split()
+    if missing := [c for c in V2_CONTROLLERS if c not in offered]:
+        return Cgroups(
+            "none",
+            f"the cgroup2 hierarchy at {root} does not offer {', '.join(missing)} (offered: {' '.join(offered) or 'none'})",
+        )
+    enable = " ".join(f"+{c}" for c in V2_CONTROLLERS)
+    if not set(V2_CONTROLLERS) <= set((own / "cgroup.subtree_control").read_text().split()):
+        try:
+            _write(own / "cgroup.subtree_control", enable)
+        except OSError as exc:
+            # cgroup v2 lets a cgroup hand controllers to its children only while it holds no processes
+            # (the root excepted). An agent alone in its cgroup moves into a leaf beside the job parent,
+            # as systemd asks of a service with Delegate=yes; with other processes there, it cannot.
+            if exc.errno != errno.EBUSY:
+                raise
+            others = [pid for pid in (own / "cgroup.procs").read_text().split() if int(pid) != os.getpid()]
+            if others:
+                return Cgroups(
+                    "none",
+                    f"the agent's cgroup {own} holds {len(others)} other processes, and cgroup v2 lets only a "
+                    "cgroup without processes delegate memory, cpu and pids to job cgroups; run the agent in a "
+                    "cgroup of its own (for instance a systemd service with Delegate=yes)",
+                )
+            leaf = own / f"{parent_name}-agent"
+            leaf.mkdir(exist_ok=True)
+            _write(leaf / "cgroup.procs", str(os.getpid()))
+            _write(own / "cgroup.subtree_control", enable)
+    parent = own / parent_name
+    parent.mkdir(exist_ok=True)
+    _write(parent / "cgroup.subtree_control", enable)  # the parent holds no processes; its children do
+    return Cgroups("v2", None, {c: parent for c in V2_CONTROLLERS})
+
+
+def _own(mount_point: Path, mount: _Mount, path: str, controller: str) -> Path:
+    """The agent's own cgroup directory in the hierarchy mounted at ``mount_point``."""
+    try:
+        relative = PurePosixPath(path).relative_to(mount.root)
+    except ValueError:
+        raise ValueError(f"the agent's {controller} cgroup {path} is outside what {mount_point} shows") from None
+    own = mount_point / relative
+    if not own.is_dir():
+        raise ValueError(f"the agent's {controller} cgroup {path} is not at {own}")
+    return own
+
+
+def _mounts() -> dict[Path, _Mount]:
+    """Mount point -> mount, from /proc/self/mountinfo; the last mount on a point is the visible one."""
+    mounts = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        tail = fields.index("-")
+        mounts[Path(_unescape(fields[4]))] = _Mount(
+            fields[tail + 1], _unescape(fields[3]), frozenset(fields[tail + 3].split(","))
+        )
+    return mounts
+
+
+def _membership() -> dict[str, str]:
+    """Controller -> this process's cgroup path, from /proc/self/cgroup; "" is the v2 hierarchy."""
+    membership = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(",") if controllers else [""]:
+            membership[controller] = path
+    return membership
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)  # mountinfo writes " " as \040
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _write(path: Path, value: str) -> None:
+    """One write(2), as cgroup files expect; the kernel's refusal surfaces as OSError."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """A cgroup file of "key value" lines (memory.events, cpu.stat, memory.oom_control)."""
+    return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines() if line)}
+
+
+def _until(done: Callable[[], bool], timeout_s: float) -> bool:
+    deadline, delay = time.monotonic() + timeout_s, 0.0005
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.02)
+    return True

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import re
 from decimal import Decimal
-from typing import Any
+from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
 
@@ -52,6 +52,12 @@ MAX_LIST_STRING = 4096  # one pip requirement or excludes pattern
 MAX_RESOURCES = 64
 MAX_SELECTOR = 64
 MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
+
+# Ray's pip_version, e.g. "==22.0.2;python_version=='3.8.11'": before the ";", a version
+# or comma-separated clauses of an operator and a version (PEP 440's characters only).
+_VERSION = r"v?[0-9][0-9A-Za-z.!+*_-]*"
+_CLAUSE = rf"(?:===|==|~=|!=|<=|>=|<|>)[ \t]*{_VERSION}"
+PIP_VERSION = re.compile(rf"[ \t]*(?:{_VERSION}|{_CLAUSE}(?:[ \t]*,[ \t]*{_CLAUSE})*)[ \t]*(?:;[^\r\n]*)?")
 
 
 def parse_json(raw: bytes) -> Any:
@@ -179,7 +185,8 @@ class StringList(fields.Field):
         return check_string_list(value, self.max_entries)
 
 
-def check_string_list(value: Any, max_entries: int) -> list[str]:
+def check_string_list(value: Any, max_entries: int, check_item: Callable[[str], Any] | None = None) -> list[str]:
+    """A list of non-blank strings; ``check_item`` may refuse an entry further (errors keyed by index)."""
     if not isinstance(value, list):
         raise ValidationError("must be a list of strings")
     if len(value) > max_entries:
@@ -188,10 +195,30 @@ def check_string_list(value: Any, max_entries: int) -> list[str]:
     for index, item in enumerate(value):
         try:
             check_text(item, MAX_LIST_STRING, non_blank=True)
+            if check_item is not None:
+                check_item(item)
         except ValidationError as exc:
             errors[str(index)] = exc.messages
     if errors:
         raise ValidationError(errors)  # type: ignore[arg-type]
+    return value
+
+
+def check_requirement(value: str) -> str:
+    """One pip requirement: never an option such as ``-r FILE`` or ``--index-url URL``, never two lines."""
+    if value.lstrip().startswith("-"):
+        option = re.split(r"[\s=]", value.lstrip(), maxsplit=1)[0][:64]
+        raise ValidationError(f"{option} is a pip option, not a requirement: give requirements such as numpy==1.24")
+    if "\n" in value or "\r" in value:
+        raise ValidationError("must be one requirement, without line breaks")
+    return value
+
+
+def check_pip_version(value: Any) -> str:
+    """Ray's ``pip_version``: a version specifier, optionally with a marker after ``;`` (which poolq ignores)."""
+    check_text(value, MAX_LIST_STRING)
+    if not PIP_VERSION.fullmatch(value):
+        raise ValidationError("must be a version specifier such as ==22.0.2, optionally followed by ;<marker>")
     return value
 
 
@@ -220,7 +247,7 @@ class Pip(fields.Field):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if isinstance(value, list):
-            return check_string_list(value, MAX_PIP_ENTRIES)
+            return check_string_list(value, MAX_PIP_ENTRIES, check_requirement)
         if not isinstance(value, dict):
             raise ValidationError("must be a list of requirement strings or an object with packages")
         errors: dict[str, Any] = {key: ["unknown field"] for key in value.keys() - self.OBJECT_KEYS}
@@ -228,14 +255,14 @@ class Pip(fields.Field):
             errors["packages"] = ["missing required field"]
         else:
             try:
-                check_string_list(value["packages"], MAX_PIP_ENTRIES)
+                check_string_list(value["packages"], MAX_PIP_ENTRIES, check_requirement)
             except ValidationError as exc:
                 errors["packages"] = exc.messages
         if value.get("pip_check") is not None and not isinstance(value["pip_check"], bool):
             errors["pip_check"] = ["must be a boolean"]
         if value.get("pip_version") is not None:
             try:
-                check_text(value["pip_version"], MAX_LIST_STRING)
+                check_pip_version(value["pip_version"])
             except ValidationError as exc:
                 errors["pip_version"] = exc.messages
         if errors:

@@ -46,18 +46,25 @@ class Settings:
     retention_s: int = 86_400
     max_terminal_jobs: int = 1_000_000
     max_log_bytes: int = 1 * MiB
+    max_log_file_bytes: int = 64 * MiB  # one job's log file on its node: its first and last halves, the middle cut
+    max_node_log_bytes: int = 4096 * MiB  # a node's log files together: the oldest finished ones are deleted first
 
     # Placement.
     placement_strategy: str = "binpack"  # or "spread"
     placement_batch: int = 256  # jobs claimed per placement round
     claim_lease_s: float = 30.0  # a claimed job not placed within this returns to its queue
+    intake_lease_s: float = 10.0  # a poolq.submit consumer silent this long has its messages put back
     max_backoff_s: float = 2.0  # longest wait before a job that did not fit is tried again
 
     # Nodes.
+    enforce_resources: bool = True  # each job in its own cgroup with its limits, where the node allows it
+    job_pids_max: int = 4096  # processes and threads one job may have at once (0: no limit)
     node_ttl_s: float = 15.0
     heartbeat_s: float = 2.0
     stop_grace_s: float = 10.0
     drain_s: float = 30.0
+    max_unpacked_bytes: int = 4096 * MiB  # what one working_dir archive or package may unpack to
+    max_archive_entries: int = 100_000  # files and directories in one archive or package
 
     # Periodic duties (run inside placement workers, one at a time under a lock).
     duty_interval_s: float = 0.25
@@ -65,6 +72,13 @@ class Settings:
     @property
     def loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    @property
+    def fence_s(self) -> float:
+        """How long a node agent keeps running jobs without a heartbeat reaching Redis:
+        the node TTL less a margin, so that its jobs are killed before the reaper can
+        declare the node lost and give their capacity to others (docs/faults.md)."""
+        return self.node_ttl_s - max(1.0, 0.2 * self.node_ttl_s)
 
     @property
     def auth_mode(self) -> str:
@@ -100,6 +114,14 @@ class Settings:
         settings.validate()
         return settings
 
+    def validate_node(self) -> None:
+        """What a node agent needs on top: heartbeats well within the time it may go without."""
+        if not 0 < self.heartbeat_s < self.fence_s:
+            raise ConfigError(
+                f"POOLQ_HEARTBEAT_S must be positive and below {self.fence_s:g} s "
+                f"(POOLQ_NODE_TTL_S={self.node_ttl_s:g} less its fencing margin)"
+            )
+
     def validate(self) -> None:
         if self.auth not in ("", "tokens", "none"):
             raise ConfigError("POOLQ_AUTH must be tokens or none")
@@ -119,6 +141,12 @@ def _convert(name: str, annotation: object, raw: str) -> object:
             return Path(raw).expanduser().resolve()
         if kind.startswith("tuple"):
             return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind == "bool":
+            if raw.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":

@@ -24,6 +24,7 @@ import pytest
 
 from api_shim.app import App
 from poolq.embedded import EmbeddedRedis, free_port
+from poolq.schemas import SEED_EXAMPLE
 from poolq.settings import Settings
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
@@ -606,3 +607,131 @@ def test_hostile_battery_answers_4xx_quickly_and_memory_stays_bounded(server: Se
     assert grown_mib < 200, f"the API processes grew by {grown_mib:.0f} MiB: {before} -> {after}"
     logged = server.proc.output()[log_start:]
     assert "Traceback" not in logged and "unhandled error" not in logged, logged[-3000:]
+
+
+# -- pip input that is not a requirement ------------------------------------------------------
+
+PIP_OPTIONS = [
+    "-r /etc/passwd",
+    "--index-url http://x",
+    "--index-url=http://x",
+    "--python /bin/sh",
+    "-e .",
+    "--trusted-host x",
+    "-i x",
+    "-ihttp://x",
+    "  -r /etc/passwd",
+    "\t--extra-index-url=http://x",
+]
+
+
+def pip_job(pip: Any) -> dict[str, Any]:
+    return {**JOB, "runtime_env": {"working_dir": "/tmp", "pip": pip}}
+
+
+def assert_refused(app: App, body: dict[str, Any], field: str) -> list[str]:
+    """A 400 naming exactly ``field``, alone and as a batch item; returns the field's messages."""
+    result = call(app, "POST", "/api/jobs", body)
+    assert result.status == 400, (result.status, result.body[:300])
+    assert result.json["error"] == "invalid job request"
+    assert list(result.json["fields"]) == [field], result.json
+    batch = call(app, "POST", "/api/jobs/batch", {"jobs": [body]})
+    assert batch.status == 200 and list(batch.json["results"][0]["fields"]) == [field], batch.body
+    return result.json["fields"][field]
+
+
+@pytest.mark.parametrize("option", PIP_OPTIONS, ids=repr)
+@pytest.mark.parametrize("form", ["list", "object"])
+def test_a_pip_option_is_refused_as_a_requirement(app: App, redis_client: Any, option: str, form: str) -> None:
+    packages = ["numpy==1.24", option]
+    pip = packages if form == "list" else {"packages": packages, "pip_check": False}
+    field = "runtime_env.pip.1" if form == "list" else "runtime_env.pip.packages.1"
+    messages = assert_refused(app, pip_job(pip), field)
+    assert any("pip option" in m and "not a requirement" in m for m in messages), messages
+    assert redis_client.keys("poolq:job:*") == []
+
+
+@pytest.mark.parametrize("form", ["list", "object"])
+def test_a_line_break_in_a_requirement_is_refused(app: App, redis_client: Any, form: str) -> None:
+    """A requirements file line of its own (``-r ...`` after the break) cannot be smuggled in."""
+    packages = ["numpy==1.24\n-r /etc/passwd"]
+    pip = packages if form == "list" else {"packages": packages}
+    assert_refused(app, pip_job(pip), "runtime_env.pip.0" if form == "list" else "runtime_env.pip.packages.0")
+    assert redis_client.keys("poolq:job:*") == []
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        "latest",
+        "; rm -rf /",
+        "-r /etc/passwd",
+        "==",
+        "== 22.0.2 --index-url http://x",
+        "==22.0.2 -i http://x",
+        "pip==22",
+        ">>22",
+        "=22.0",
+        "==22\n-r x",
+        "==22;\n-r x",
+        "",
+        " ",
+    ],
+    ids=repr,
+)
+def test_a_pip_version_that_is_no_version_specifier_is_refused(app: App, redis_client: Any, version: str) -> None:
+    pip = {"packages": ["numpy==1.24"], "pip_version": version}
+    messages = assert_refused(app, pip_job(pip), "runtime_env.pip.pip_version")
+    assert any("version" in m for m in messages), messages
+    assert redis_client.keys("poolq:job:*") == []
+
+
+@pytest.mark.parametrize(
+    "version",
+    [
+        "==22.0.2;python_version=='3.8.11'",
+        "==22.0.2",
+        "22.0.2",
+        ">=22.0",
+        "<=24",
+        "~=23.1",
+        "!=23.0",
+        "<24",
+        ">22",
+        "===23.1",
+        "==23.*",
+        ">=22,<24",
+        "==24.0rc1",
+        "== 22.0.2 ; python_version >= '3.8'",
+    ],
+    ids=repr,
+)
+def test_a_pip_version_specifier_is_accepted(app: App, redis_client: Any, version: str) -> None:
+    pip = {"packages": ["numpy==1.24"], "pip_version": version}
+    result = call(app, "POST", "/api/jobs", pip_job(pip))
+    assert result.status == 200, (result.status, result.body[:300])
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    [
+        "numpy==1.24",
+        "scipy>=1.11,<2",
+        "requests[socks]~=2.31",
+        "torch @ https://example.com/torch.whl",
+        "pkg; python_version < '3.12'",
+        "/abs/path/to/pkg-1.0-py3-none-any.whl",
+        "git+https://example.com/r.git#egg=r",
+        "name-with-dash",
+    ],
+)
+def test_requirements_are_still_accepted(app: App, redis_client: Any, requirement: str) -> None:
+    for pip in ([requirement], {"packages": [requirement]}):
+        result = call(app, "POST", "/api/jobs", pip_job(pip))
+        assert result.status == 200, (pip, result.status, result.body[:300])
+
+
+def test_the_seed_example_is_still_accepted(app: App, redis_client: Any) -> None:
+    result = call(app, "POST", "/api/jobs", SEED_EXAMPLE)
+    assert result.status == 200, (result.status, result.body[:300])
+    assert result.json["submission_id"] == SEED_EXAMPLE["submission_id"]

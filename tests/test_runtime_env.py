@@ -10,18 +10,22 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import stat
+import struct
 import subprocess
 import tarfile
 import threading
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from worker.runtime_env import RuntimeEnvs, SetupFailed
+from tests.test_joblog import tiny_tmpfs
+from worker.runtime_env import RuntimeEnvs, SetupFailed, _pip_spec
 
 # -- building archives and wheels ------------------------------------------------------
 
@@ -52,6 +56,7 @@ def write_archive(path: Path, entries: list[Entry]) -> Path:
         with zipfile.ZipFile(path, "w") as archive:
             for kind, name, data in entries:
                 info = zipfile.ZipInfo(name)
+                info.compress_type = zipfile.ZIP_DEFLATED
                 if kind == "symlink":
                     info.external_attr = (stat.S_IFLNK | 0o777) << 16
                 elif kind != "file":
@@ -102,7 +107,7 @@ def build_wheel(directory: Path, name: str = "poolq_probe", version: str = "0.1"
 
 def zip_bytes(entries: list[Entry]) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         for _, name, data in entries:
             archive.writestr(name, data)
     return buffer.getvalue()
@@ -479,3 +484,150 @@ def _not_a_wheel(tmp: Path) -> Path:
     path = tmp / "broken_pkg-0.1-py3-none-any.whl"
     path.write_bytes(b"this is not a zip file")
     return path
+
+
+@pytest.mark.parametrize(
+    ("pip_version", "installed"),
+    [
+        (None, None),
+        ("==22.0.2;python_version=='3.8.11'", "==22.0.2"),  # as Ray sends it; the marker is not evaluated
+        ("22.0.2", "==22.0.2"),
+        (" >=22, <24 ", ">=22, <24"),
+    ],
+)
+def test_pip_version_becomes_a_pip_requirement(pip_version: str | None, installed: str | None) -> None:
+    assert _pip_spec({"packages": ["x"], "pip_version": pip_version}) == (["x"], installed, False)
+
+
+# -- what pip sees ------------------------------------------------------------------------------
+
+# A PEP 517 backend inside the project itself (no build requirements, so nothing to download):
+# building the wheel records the environment the build ran in, then hands over a prebuilt wheel.
+RECORDING_BACKEND = """
+import json, os, shutil
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open({record!r}, "w") as handle:
+        json.dump(dict(os.environ), handle)
+    return os.path.basename(shutil.copy({wheel!r}, wheel_directory))
+"""
+
+
+def recording_project(directory: Path, record: Path, wheel: Path) -> Path:
+    """A local project whose build writes os.environ to ``record``."""
+    directory.mkdir(parents=True)
+    (directory / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "recorder"\nbackend-path = ["."]\n'
+    )
+    (directory / "recorder.py").write_text(RECORDING_BACKEND.format(record=str(record), wheel=str(wheel)))
+    return directory
+
+
+def test_pip_runs_without_the_agents_secrets(
+    envs: RuntimeEnvs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POOLQ_REDIS_URL", "redis://:secret-password@127.0.0.1:6379/0")
+    monkeypatch.setenv("POOLQ_AUTH", "tokens")
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")  # an operator's pip setting
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    record = tmp_path / "build-env.json"
+    project = recording_project(tmp_path / "project", record, build_wheel(tmp_path / "wheels"))
+
+    venv = envs.pip_env([str(project)])
+
+    assert venv is not None and venv_python(venv, "import poolq_probe; print(poolq_probe.VALUE)") == "probe-42"
+    seen = json.loads(record.read_text())
+    assert not [name for name in seen if name.startswith("POOLQ_")], "pip saw the agent's settings"
+    assert "secret-password" not in record.read_text()
+    assert seen["PIP_DISABLE_PIP_VERSION_CHECK"] == "1" and seen["NO_PROXY"] == "internal.example"
+    assert seen["PATH"].endswith(os.environ["PATH"]) and seen["HOME"] == os.environ["HOME"]  # pip prepends its own
+
+
+# -- archive bombs and a full disk --------------------------------------------------------------
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def compressible(count: int, size: int) -> list[Entry]:
+    """``count`` files of ``size`` "0"s: megabytes that pack into a few kilobytes."""
+    return [file(f"bomb/f{i}.txt", "0" * size) for i in range(count)]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_an_archive_that_unpacks_past_the_limit_is_refused(cache: Path, tmp_path: Path, suffix: str) -> None:
+    archive = write_archive(tmp_path / "src" / f"bomb{suffix}", compressible(16, 300 * KiB))  # 4.7 MiB
+    assert archive.stat().st_size < 64 * KiB
+
+    with pytest.raises(SetupFailed) as refused:
+        RuntimeEnvs(cache, max_unpacked_bytes=1 * MiB).working_dir(str(archive))
+
+    message = str(refused.value)
+    assert f"archive bomb{suffix} unpacks to more than 1 MiB (the node's limit, POOLQ_MAX_UNPACKED_BYTES)" in message
+    assert "1.2 MiB in its first 4 entries" in message, message  # how far past the limit, when it stopped
+    assert unpacked_dirs(cache) == [], "a refused archive left a directory in the cache"
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_an_archive_with_too_many_entries_is_refused(cache: Path, tmp_path: Path, suffix: str) -> None:
+    archive = write_archive(tmp_path / "src" / f"many{suffix}", [file(f"f{i}", "") for i in range(11)])
+
+    with pytest.raises(
+        SetupFailed, match=r"archive many\S+ has more than 10 entries \(the node's limit, POOLQ_MAX_ARCHIVE_ENTRIES\)"
+    ):
+        RuntimeEnvs(cache, max_archive_entries=10).working_dir(str(archive))
+    assert unpacked_dirs(cache) == []
+    # At the limit it is fine.
+    assert len(tree(RuntimeEnvs(cache, max_archive_entries=11).working_dir(str(archive)))) == 11
+
+
+def test_a_package_that_unpacks_past_the_limit_is_refused(cache: Path) -> None:
+    payload = zip_bytes(compressible(8, 256 * KiB))
+    envs = RuntimeEnvs(cache, lambda tenant, uri: payload, max_unpacked_bytes=1 * MiB)
+
+    with pytest.raises(SetupFailed, match=r"archive _ray_pkg_bomb.zip unpacks to more than 1 MiB"):
+        envs.working_dir("gcs://_ray_pkg_bomb.zip")
+
+
+def lie_about_sizes(archive: Path, declared: int) -> None:
+    """Rewrite a zip's central directory so that every entry claims ``declared`` "0"s."""
+    data = bytearray(archive.read_bytes())
+    crc = zlib.crc32(b"0" * declared)
+    at = data.find(b"PK\x01\x02")
+    while at != -1:
+        struct.pack_into("<I", data, at + 16, crc)
+        struct.pack_into("<I", data, at + 24, declared)
+        at = data.find(b"PK\x01\x02", at + 4)
+    archive.write_bytes(bytes(data))
+
+
+def test_a_zip_whose_sizes_lie_writes_no_more_than_it_declares(cache: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "liar.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for i in range(4):
+            zipped.writestr(f"f{i}.txt", "0" * (4 * MiB))  # 16 MiB in truth
+    lie_about_sizes(archive, 1000)
+
+    unpacked = RuntimeEnvs(cache, max_unpacked_bytes=4000).working_dir(str(archive))
+
+    # zipfile stops each entry at its declared size: the declared total bounds what is written.
+    assert tree(unpacked) == {f"f{i}.txt": "0" * 1000 for i in range(4)}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, mounted for this test."""
+    with tiny_tmpfs(tmp_path / "disk", 1 * MiB) as mount:
+        yield mount
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_a_full_disk_while_unpacking_is_reported(full_disk: Path, tmp_path: Path, suffix: str) -> None:
+    archive = write_archive(tmp_path / "src" / f"big{suffix}", compressible(8, 512 * KiB))  # 4 MiB
+    cache = full_disk / "cache"
+
+    with pytest.raises(SetupFailed) as failed:
+        RuntimeEnvs(cache).working_dir(str(archive))
+
+    assert f"the node's disk is full: archive big{suffix} could not be unpacked" in str(failed.value)
+    assert unpacked_dirs(cache) == []
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) == 0, "the partial unpack was left"

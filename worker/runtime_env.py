@@ -9,6 +9,8 @@ which the agent turns into FAILED / RUNTIME_ENV_SETUP_FAILED with the reason.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,10 +23,14 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+from poolq.settings import Settings
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar.xz")
 PIP_TIMEOUT_S = 900
+HIDDEN_ENV_PREFIX = "POOLQ_"  # the agent's settings, among them the Redis URL with its password
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def safe_dir(name: str) -> str:
@@ -51,12 +57,21 @@ class RuntimeEnvs:
     """Builds working directories and pip environments under ``cache_dir``.
 
     ``fetch_package(tenant, uri)`` returns the bytes of a tenant's ``gcs://_ray_pkg_…``
-    package (stored in Redis by the API); None when it does not exist.
+    package (stored in Redis by the API); None when it does not exist. An archive may
+    unpack to at most ``max_unpacked_bytes`` in at most ``max_archive_entries`` entries.
     """
 
-    def __init__(self, cache_dir: Path, fetch_package: Callable[[str, str], bytes | None] | None = None):
+    def __init__(
+        self,
+        cache_dir: Path,
+        fetch_package: Callable[[str, str], bytes | None] | None = None,
+        *,
+        max_unpacked_bytes: int = Settings.max_unpacked_bytes,
+        max_archive_entries: int = Settings.max_archive_entries,
+    ):
         self.cache_dir = cache_dir
         self.fetch_package = fetch_package
+        self.limits = Limits(max_unpacked_bytes, max_archive_entries)
         self._digests: dict[tuple[int, int, int, int], str] = {}
 
     def working_dir(self, value: str, tenant: str = "default") -> Path:
@@ -70,7 +85,7 @@ class RuntimeEnvs:
         if not path.name.endswith(ARCHIVE_SUFFIXES):
             raise SetupFailed(f"working_dir {value} is neither a directory nor a {', '.join(ARCHIVE_SUFFIXES)} archive")
         target = self.cache_dir / "wd" / self._digest(path)
-        return self._unpacked(target, lambda dest: unpack(path, dest, flatten=True))
+        return self._unpacked(target, lambda dest: unpack(path, dest, flatten=True, limits=self.limits))
 
     def _digest(self, path: Path) -> str:
         """The archive's content hash, computed once per version of the file."""
@@ -95,7 +110,9 @@ class RuntimeEnvs:
             handle.write(data)
             handle.flush()
             # Ray zips a directory's contents without a top directory: keep the layout.
-            return self._unpacked(target, lambda dest: unpack(Path(handle.name), dest, flatten=False, name=name))
+            return self._unpacked(
+                target, lambda dest: unpack(Path(handle.name), dest, flatten=False, name=name, limits=self.limits)
+            )
 
     def _unpacked(self, target: Path, fill: Callable[[Path], None]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -154,17 +171,19 @@ def _pip_spec(spec: Any) -> tuple[list[str], str | None, bool]:
         return [], None, False
     if isinstance(spec, list):
         return list(spec), None, False
-    version = spec.get("pip_version")
-    return (
-        list(spec.get("packages") or []),
-        version.split(";")[0].strip() if version else None,
-        bool(spec.get("pip_check")),
-    )
+    version = (spec.get("pip_version") or "").split(";")[0].strip()  # the marker is not evaluated
+    if version[:1].isdigit() or version[:1] == "v":  # a bare version
+        version = "==" + version
+    return list(spec.get("packages") or []), version or None, bool(spec.get("pip_check"))
 
 
 def _run(command: list[str], what: str) -> None:
+    # pip and the build backends it runs get the agent's environment without its secrets.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_ENV_PREFIX)}
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, stdin=subprocess.DEVNULL, env=env
+        )
     except subprocess.TimeoutExpired:
         raise SetupFailed(f"{what} took longer than {PIP_TIMEOUT_S} s") from None
     if done.returncode != 0:
@@ -180,7 +199,39 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:32]
 
 
-def unpack(archive: Path, target: Path, *, flatten: bool, name: str | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How much one archive may unpack to on this node."""
+
+    max_bytes: int = Settings.max_unpacked_bytes
+    max_entries: int = Settings.max_archive_entries
+
+    def check(self, sizes: Iterable[int], name: str) -> None:
+        """Refuse an archive whose entries (their declared sizes) pass a limit; stops at the first that does."""
+        total = 0
+        for count, size in enumerate(sizes, 1):
+            total += size
+            if count > self.max_entries:
+                raise SetupFailed(
+                    f"archive {name} has more than {self.max_entries:,} entries"
+                    " (the node's limit, POOLQ_MAX_ARCHIVE_ENTRIES)"
+                )
+            if total > self.max_bytes:
+                raise SetupFailed(
+                    f"archive {name} unpacks to more than {_bytes(self.max_bytes)} (the node's limit,"
+                    f" POOLQ_MAX_UNPACKED_BYTES): {_bytes(total)} in its first {count:,} entries"
+                )
+
+
+def _bytes(count: int) -> str:
+    """A size as people read it: 4 GiB, 1.2 MiB, 300 bytes."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if count >= size:
+            return f"{count / size:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{count} bytes"
+
+
+def unpack(archive: Path, target: Path, *, flatten: bool, name: str | None = None, limits: Limits = Limits()) -> None:
     """Extract an archive into ``target``, refusing entries that would land outside it.
 
     With ``flatten``, an archive holding a single top directory is used from inside
@@ -189,9 +240,11 @@ def unpack(archive: Path, target: Path, *, flatten: bool, name: str | None = Non
     name = name or archive.name
     try:
         if name.endswith(".zip"):
-            _unzip(archive, target, name)
+            _unzip(archive, target, name, limits)
         elif name.endswith((".tar.gz", ".tgz", ".tar.xz")):
             with tarfile.open(archive) as tar:
+                # Iterating reads the headers one by one: a bomb is refused before it is all read.
+                limits.check((member.size for member in tar), name)
                 for member in tar.getmembers():
                     _check_member(member.name, name)
                 try:
@@ -200,7 +253,13 @@ def unpack(archive: Path, target: Path, *, flatten: bool, name: str | None = Non
                     raise SetupFailed(f"archive {name} has an unsafe entry: {exc}") from None
         else:
             raise SetupFailed(f"{name} is not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except OSError as exc:
+        if exc.errno in DISK_FULL:
+            raise SetupFailed(
+                f"the node's disk is full: archive {name} could not be unpacked into {target.parent} ({exc.strerror})"
+            ) from None
+        raise SetupFailed(f"archive {name} could not be unpacked: {exc}") from None
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
         raise SetupFailed(f"archive {name} could not be unpacked: {exc}") from None
     if flatten:
         _flatten_single_top_directory(target)
@@ -213,8 +272,11 @@ def _check_member(entry: str, name: str) -> None:
         raise SetupFailed(f"archive {name} has an unsafe entry: {entry!r} leaves the working directory")
 
 
-def _unzip(archive: Path, target: Path, name: str) -> None:
+def _unzip(archive: Path, target: Path, name: str, limits: Limits) -> None:
     with zipfile.ZipFile(archive) as zipped:
+        # zipfile stops reading each entry at its declared file_size (and then checks its CRC):
+        # declared sizes that lie cannot make it write more than they add up to.
+        limits.check((info.file_size for info in zipped.infolist()), name)
         for info in zipped.infolist():
             _check_member(info.filename, name)
             member = PurePosixPath(info.filename)

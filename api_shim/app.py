@@ -174,7 +174,8 @@ def error_response(exc: PoolqError) -> Response:
         headers = [("Retry-After", str(max(1, math.ceil(exc.retry_after))))] if exc.retry_after else []
         return Response.json({"error": str(exc)}, 429, headers)
     if isinstance(exc, Unavailable):
-        return Response.json({"error": str(exc)}, 503)
+        extra = {"submission_id": exc.submission_id} if exc.submission_id else {}
+        return Response.json({"error": str(exc), **extra}, 503)
     return Response.json({"error": str(exc)}, 400)
 
 

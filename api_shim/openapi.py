@@ -61,6 +61,9 @@ ID = {"name": "submission_id", "in": "path", "required": True, "schema": {"type"
 class ErrorBody(Schema):
     error = fields.String(required=True)
     fields_ = fields.Dict(keys=fields.String(), values=fields.List(fields.String()), data_key="fields")
+    submission_id = fields.String(
+        metadata={"description": "a 503 to a submission: the job's id, to send the same request again with"}
+    )
 
 
 class SubmitAnswer(Schema):
@@ -131,6 +134,10 @@ class Node(Schema):
     alive = fields.Boolean(required=True)
     draining = fields.Boolean(required=True)
     last_heartbeat = fields.Integer(allow_none=True)
+    enforcement = fields.Dict(
+        allow_none=True,
+        metadata={"description": 'how the node limits its jobs: {"mode": "v1"|"v2"|"none", "reason": …}'},
+    )
     capacity = fields.Dict(required=True)
     reserved = fields.Dict(required=True)
     free = fields.Dict(required=True)

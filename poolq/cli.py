@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--pool", default="default")
     node.add_argument("--labels", default="", help="comma-separated key or key=value labels")
     _add_capacity(node)
+    node.add_argument(
+        "--no-enforce", action="store_true", help="run jobs without cgroup limits (POOLQ_ENFORCE_RESOURCES=0)"
+    )
     node.add_argument("--loglevel", default="INFO")
     node.set_defaults(func=cmd_node)
 
@@ -189,7 +192,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from worker.agent import run_agent
 
-    settings = Settings.from_env()
+    settings = Settings.from_env(enforce_resources=False if args.no_enforce else None)
+    settings.validate_node()
     settings.resolved_redis_url()
     return run_agent(
         settings,

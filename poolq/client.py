@@ -2,6 +2,11 @@
 
 One persistent connection per client: a batch producer sending a file of jobs
 reuses it for every request.
+
+Every job the client submits carries a submission_id chosen before the first send
+(``app-<uuid4>`` unless the body names one), so that a submission whose answer was
+lost (a reset connection, a 503 whose outcome is unknown) is sent again safely: the
+server answers a resent identical request as the same job (docs/faults.md).
 """
 
 from __future__ import annotations
@@ -9,8 +14,12 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import uuid
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
+
+SUBMIT_TRIES = 4  # a 503 or a lost connection is retried, with the same ids, this many times in all
+RETRY_DELAY_S = 0.5  # doubling between tries
 
 
 class ApiError(Exception):
@@ -80,7 +89,8 @@ class Client:
             headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
         if wait_s:
             headers["Prefer"] = f"wait={wait_s:g}"
-        return str(self.request("POST", "/api/jobs", body, headers)[2]["submission_id"])
+        answer = self._resending("POST", "/api/jobs", with_id(body), headers)
+        return str(answer["submission_id"])
 
     def submit_batch(
         self, bodies: list[Any], *, pool_label: str | None = None, timeout_ms: int | None = None
@@ -90,7 +100,27 @@ class Client:
             headers["X-Pool-Label"] = pool_label
         if timeout_ms is not None:
             headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
-        return list(self.request("POST", "/api/jobs/batch", {"jobs": bodies}, headers)[2]["results"])
+        answer = self._resending("POST", "/api/jobs/batch", {"jobs": [with_id(b) for b in bodies]}, headers)
+        return list(answer["results"])
+
+    def _resending(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+        """A request whose every job has its id: safe to send again on a 503 or a lost
+        connection, which may have been stored all the same."""
+        delay = RETRY_DELAY_S
+        for attempt in range(1, SUBMIT_TRIES + 1):
+            try:
+                return self.request(method, path, body, headers)[2]
+            except ApiError as exc:
+                if not _not_stored(exc) or attempt == SUBMIT_TRIES:
+                    raise
+            except (OSError, http.client.HTTPException):
+                self._conn.close()
+                self._conn = self._connect()
+                if attempt == SUBMIT_TRIES:
+                    raise
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
 
     def job(self, submission_id: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/api/jobs/{quote(submission_id, safe='')}")[2])
@@ -124,3 +154,19 @@ class Client:
             if record["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
                 return record
             time.sleep(poll_s)
+
+
+def with_id(body: Any) -> Any:
+    """The body with a submission_id chosen now, unless it names one (or is not an object)."""
+    if not isinstance(body, dict) or body.get("submission_id") is not None or body.get("job_id") is not None:
+        return body
+    return {**body, "submission_id": f"app-{uuid.uuid4()}"}
+
+
+def _not_stored(exc: ApiError) -> bool:
+    """A 503 saying the jobs may not be stored (not one saying a job failed to place)."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    return exc.status == 503 and ("submission_id" in body or str(body.get("error", "")).startswith(BATCH_FAILED))
+
+
+BATCH_FAILED = "create app failed for the batch"

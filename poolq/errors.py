@@ -45,4 +45,9 @@ class StorageFull(PoolqError):
 
 
 class Unavailable(PoolqError):
-    """Redis cannot be reached, timed out, or refuses writes."""
+    """Redis cannot be reached, timed out, or refuses writes; ``submission_id`` names the
+    job of a submission whose outcome the caller must resolve by sending it again."""
+
+    def __init__(self, message: str, submission_id: str | None = None):
+        super().__init__(message)
+        self.submission_id = submission_id

@@ -7,12 +7,13 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | key | type | meaning |
 |---|---|---|
 | poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
-| poolq:log:<tenant>:<id> | string | tail of the job's output, at most POOLQ_MAX_LOG_BYTES |
+| poolq:log:<tenant>:<id> | list | tail of the job's output in chunks, at most POOLQ_MAX_LOG_BYTES in all |
 | poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
 | poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
 | poolq:tenant:<tenant>:counts | hash | status -> number of the tenant's jobs in it |
 | poolq:tenant:<tenant>:usage | hash | resource -> amount reserved by the tenant's placed jobs |
-| poolq:quota:<tenant> | hash | the tenant's limits: resource amounts, max_pending, rate, burst |
+| poolq:quota:<tenant> | hash | resource -> amount the tenant's placed jobs may hold together |
+| poolq:limits:<tenant> | hash | the tenant's other limits: max_pending, rate, burst |
 | poolq:rate:<tenant> | hash | the tenant's request token bucket: tokens, at (ms) |
 | poolq:tenants | set | tenants with jobs (for metrics); a tenant left with none is forgotten |
 | poolq:seq | string | counter giving each submission its place in line |
@@ -24,6 +25,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:shapes:blocked | zset | sig -> ms: shapes whose head did not fit, and when to retry |
 | poolq:shapes:idle | zset | sig -> ms: shapes whose queue emptied; forgotten after an hour idle |
 | poolq:claimed | zset | ref -> lease expiry ms: jobs a placement worker is placing |
+| poolq:claims | hash | ref -> id of the claim holding it: only that claim may reserve or requeue it |
+| poolq:claim:<id> | string | a claim's answer, kept for its lease, so that a retried claim answers the same |
 | poolq:suspects | zset | ref -> ms: jobs claimed by a worker that died; each is next claimed alone |
 | poolq:tenants:served | zset | tenant -> ms of its last placement: who goes first in a round |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
@@ -36,9 +39,13 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
 | poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement latency buckets, schedule_failures:<reason> |
-| poolq:pkg:<tenant>:<name> | string | a tenant's uploaded working_dir package (zip bytes); expires unless used |
-| poolq:tenant:<tenant>:pkgs | zset | package name -> expiry ms: the tenant's packages, for its budget |
-| poolq:tenant:<tenant>:pkgsize | hash | package name -> bytes |
+| poolq:pkg:<tenant>:<name> | string | a tenant's uploaded working_dir package (zip bytes) |
+| poolq:packages | zset | "<tenant>:<name>" -> ms of last use: removed after retention unless a live job uses it |
+| poolq:tenant:<tenant>:pkgsize | hash | package name -> bytes, for the tenant's package budget |
+| poolq:tenant:<tenant>:pkguse | hash | package name -> PENDING and RUNNING jobs that use it |
+| poolq:intake:consumers | zset | consumer id -> ms of its last beat: consumers of the poolq.submit queue |
+| poolq:taken:<consumer> | list | queue messages a consumer took and has not finished handling |
+| poolq:intake:delayed | zset | message -> ms when it goes back on the queue (its tenant was full) |
 | poolq:tokens | set | ids of API tokens |
 | poolq:token:<id> | hash | an API token: tenant, digest (SHA-256 of the token), created |
 """
@@ -54,6 +61,7 @@ SHAPES_READY = PREFIX + "shapes:ready"
 SHAPES_BLOCKED = PREFIX + "shapes:blocked"
 SHAPES_IDLE = PREFIX + "shapes:idle"
 CLAIMED = PREFIX + "claimed"
+CLAIMS = PREFIX + "claims"
 SUSPECTS = PREFIX + "suspects"
 TENANTS_SERVED = PREFIX + "tenants:served"
 KICK = PREFIX + "kick"
@@ -63,6 +71,9 @@ INVENTORY_LOG = PREFIX + "inventory:log"
 STATS = PREFIX + "stats"
 TOKENS = PREFIX + "tokens"
 TENANTS = PREFIX + "tenants"
+PACKAGES = PREFIX + "packages"
+INTAKE_CONSUMERS = PREFIX + "intake:consumers"
+INTAKE_DELAYED = PREFIX + "intake:delayed"
 
 
 def ref(tenant: str, submission_id: str) -> str:
@@ -102,6 +113,18 @@ def quota(tenant: str) -> str:
     return PREFIX + "quota:" + tenant
 
 
+def limits(tenant: str) -> str:
+    return PREFIX + "limits:" + tenant
+
+
+def claim(claim_id: str) -> str:
+    return PREFIX + "claim:" + claim_id
+
+
+def taken(consumer: str) -> str:
+    return PREFIX + "taken:" + consumer
+
+
 def rate_bucket(tenant: str) -> str:
     return PREFIX + "rate:" + tenant
 
@@ -134,8 +157,13 @@ def package(tenant: str, name: str) -> str:
     return f"{PREFIX}pkg:{tenant}:{name}"
 
 
-def tenant_packages(tenant: str) -> str:
-    return f"{PREFIX}tenant:{tenant}:pkgs"
+def package_member(tenant: str, name: str) -> str:
+    """A package's member in poolq:packages."""
+    return f"{tenant}:{name}"
+
+
+def tenant_package_use(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:pkguse"
 
 
 def tenant_package_sizes(tenant: str) -> str:

@@ -37,8 +37,10 @@ class ErrorType(str, enum.Enum):
     SCHEDULE_TIMEOUT = "SCHEDULE_TIMEOUT"
     RUNTIME_ENV_SETUP_FAILED = "RUNTIME_ENV_SETUP_FAILED"
     ENTRYPOINT_FAILED = "ENTRYPOINT_FAILED"
+    OUT_OF_MEMORY = "OUT_OF_MEMORY"
     NODE_LOST = "NODE_LOST"
     NODE_SHUTDOWN = "NODE_SHUTDOWN"
+    NODE_DISK_FULL = "NODE_DISK_FULL"
     INVALID_REQUEST = "INVALID_REQUEST"
     STOPPED_BY_USER = "STOPPED_BY_USER"
 
@@ -121,10 +123,14 @@ class JobFields:
     POOL = "pool"
     RESERVED = "res"  # what the job holds, "R=amount,..."; emptied when released
     EXIT_CODE = "exit_code"
-    STOP = "stop"  # "1" once a stop was requested
+    STOP = "stop"  # the token of the stop request, once one was made
     LOG_BASE = "log_base"  # bytes of output dropped from the front of the log tail
+    LOG_LEN = "log_len"  # bytes the log tail holds
     LOST_CLAIMS = "lost_claims"  # placement workers that died while holding the job
     PLACED_TIME = "placed_time"  # ms, when its reservation was made
+    CLAIM = "claim"  # the placement claim that reserved it
+    RUNNER = "runner"  # the incarnation of the node agent that started it
+    PACKAGE = "pkg"  # the uploaded package its working_dir names
 
 
 def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = None) -> dict[str, Any]:

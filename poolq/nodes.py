@@ -119,6 +119,8 @@ def describe_nodes(client: redis.Redis) -> list[dict[str, Any]]:
                 "alive": fields.get("state") == "live",
                 "draining": fields.get("drained", "0") != "0",
                 "last_heartbeat": int(hb) if hb is not None else None,
+                # How the node's agent limits its jobs: {"mode": "v1"|"v2"|"none", "reason": …}
+                "enforcement": json.loads(fields.get("facts") or "{}").get("enforcement"),
                 "capacity": show_amounts(capacity),
                 "reserved": show_amounts(reserved),
                 "free": show_amounts({r: capacity[r] - reserved.get(r, 0) for r in capacity}),

@@ -3,9 +3,13 @@
 Stored in Redis, so a node agent on any machine can fetch them, and per tenant: a
 tenant's jobs only ever see its own packages, so no tenant can replace the code
 another runs. The name is Ray's hash of the source directory, which the server
-cannot recompute from the zip, so it is an opaque key (DESIGN.md 2.6). A package
-expires after the retention period; each submission that names it and each fetch
-renews it. A tenant's packages together hold at most POOLQ_MAX_TENANT_PACKAGE_BYTES.
+cannot recompute from the zip, so it is an opaque key (docs/api.md).
+
+A package is removed once unused for the retention period (``poolq:packages`` keeps
+each one's last use: an upload, a submission naming it, a node fetching it, a job
+using it ending), but never while a PENDING or RUNNING job runs from it: submit.lua
+and finish.lua count those in ``poolq:tenant:<tenant>:pkguse``. A tenant's packages
+together hold at most POOLQ_MAX_TENANT_PACKAGE_BYTES.
 """
 
 from __future__ import annotations
@@ -35,35 +39,48 @@ def exists(client: redis.Redis, tenant: str, name: str) -> bool:
 
 
 @redis_errors("the package upload")
-def put(client: redis.Redis, scripts: Scripts, tenant: str, name: str, data: bytes, *, ttl_s: int, budget: int) -> None:
+def put(client: redis.Redis, scripts: Scripts, tenant: str, name: str, data: bytes, *, budget: int) -> None:
     stored, used = scripts.package_put(
-        keys=[keys.package(tenant, name), keys.tenant_packages(tenant), keys.tenant_package_sizes(tenant)],
-        args=[name, data, ttl_s, budget],
+        keys=[keys.package(tenant, name), keys.tenant_package_sizes(tenant), keys.PACKAGES],
+        args=[name, data, budget, keys.package_member(tenant, name)],
         client=client,
     )
     if not stored:
         raise StorageFull(
             f"package storage of tenant {tenant} is full: {int(used)} of {budget} bytes in use; "
-            "packages expire when unused for the retention period"
+            "packages are removed when unused for the retention period"
         )
 
 
-@redis_errors("the package check")
-def touch(client: redis.Redis, tenant: str, name: str, ttl_s: int) -> bool:
-    """Keep a package (and its size record) from expiring; False if it is not there."""
-    expiry_ms = int(client.time()[0]) * 1000 + ttl_s * 1000
-    pipe = client.pipeline(transaction=False)
-    pipe.expire(keys.package(tenant, name), ttl_s)
-    pipe.zadd(keys.tenant_packages(tenant), {name: expiry_ms}, xx=True)
-    pipe.expire(keys.tenant_packages(tenant), ttl_s)
-    pipe.expire(keys.tenant_package_sizes(tenant), ttl_s)
-    return bool(pipe.execute()[0])
-
-
 @redis_errors("the package read")
-def fetch(client: redis.Redis, tenant: str, uri: str, ttl_s: int) -> bytes | None:
+def fetch(client: redis.Redis, tenant: str, uri: str) -> bytes | None:
+    """A package's bytes for a node, marking it used now; None if it does not exist."""
     name = name_of(uri)
-    data = client.get(keys.package(tenant, name))
-    if data is not None:
-        touch(client, tenant, name, ttl_s)
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.package(tenant, name))
+    pipe.zadd(keys.PACKAGES, {keys.package_member(tenant, name): _now_ms(client)}, xx=True)
+    data, _ = pipe.execute()
     return data  # type: ignore[no-any-return]
+
+
+def expire(client: redis.Redis, scripts: Scripts, now_ms: int, retention_s: int, batch: int = 100) -> int:
+    """Remove packages unused for the retention period that no live job runs from."""
+    cutoff = now_ms - retention_s * 1000
+    removed = 0
+    for member in client.zrangebyscore(keys.PACKAGES, "-inf", cutoff, start=0, num=batch):
+        tenant, _, name = str(member).partition(":")
+        removed += scripts.package_expire(
+            keys=[
+                keys.package(tenant, name),
+                keys.tenant_package_sizes(tenant),
+                keys.tenant_package_use(tenant),
+                keys.PACKAGES,
+            ],
+            args=[name, member, cutoff],
+        )
+    return removed
+
+
+def _now_ms(client: redis.Redis) -> int:
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000

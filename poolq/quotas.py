@@ -1,11 +1,12 @@
-"""Per-tenant limits, in Redis so that a change is effective at once (DESIGN.md 8).
+"""Per-tenant limits, in Redis so that a change is effective at once (docs/operations.md).
 
-``poolq:quota:<tenant>`` holds integer limits on what the tenant's placed and
-running jobs may hold (resource names as placement uses them: CPU and GPU in
-milli-units, memory in bytes), ``max_pending`` (PENDING jobs; more is a 429 at
-submit), and ``rate``/``burst`` (a request token bucket per tenant; over it, 429
-with Retry-After). A job over the running quota waits; a job that alone exceeds
-it is refused at submit.
+Two hashes, so that a limit can never be mistaken for a resource of the same name:
+``poolq:quota:<tenant>`` holds integer limits on what the tenant's placed and running
+jobs may hold (resource names as placement uses them: CPU and GPU in milli-units,
+memory in bytes); ``poolq:limits:<tenant>`` holds ``max_pending`` (PENDING jobs; more
+is a 429 at submit) and ``rate``/``burst`` (a request token bucket per tenant; over
+it, 429 with Retry-After). A job over the running quota waits; a job that alone
+exceeds it is refused at submit.
 """
 
 from __future__ import annotations
@@ -38,15 +39,16 @@ def set_quota(
     burst: int | None = None,
 ) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
-    limits: dict[str, str] = {}
+    amounts: dict[str, str] = {}
     if cpus is not None:
-        limits[CPU] = str(to_milli(cpus))
+        amounts[CPU] = str(to_milli(cpus))
     if memory is not None:
-        limits[MEMORY] = str(memory)
+        amounts[MEMORY] = str(memory)
     if gpus is not None:
-        limits[GPU] = str(to_milli(gpus))
+        amounts[GPU] = str(to_milli(gpus))
     for name, amount in (resources or {}).items():
-        limits[name] = str(to_milli(amount))
+        amounts[name] = str(to_milli(amount))
+    limits: dict[str, str] = {}
     if max_pending is not None:
         limits["max_pending"] = str(max_pending)
     if rate is not None:
@@ -54,19 +56,28 @@ def set_quota(
         limits["burst"] = str(burst if burst is not None else max(1, int(rate)))
     elif burst is not None:
         limits["burst"] = str(burst)
+    pipe = client.pipeline(transaction=True)
+    if amounts:
+        pipe.hset(keys.quota(tenant), mapping=amounts)
     if limits:
-        client.hset(keys.quota(tenant), mapping=limits)
+        pipe.hset(keys.limits(tenant), mapping=limits)
+    pipe.execute()
     return get_quota(client, tenant)
 
 
 @redis_errors("the quota read")
 def get_quota(client: redis.Redis, tenant: str) -> dict[str, str]:
-    return dict(client.hgetall(keys.quota(tenant)))
+    """The tenant's resource quota and other limits, as one mapping for people to read."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.quota(tenant))
+    pipe.hgetall(keys.limits(tenant))
+    amounts, limits = pipe.execute()
+    return {**amounts, **limits}
 
 
 @redis_errors("the quota change")
 def clear_quota(client: redis.Redis, tenant: str) -> None:
-    client.delete(keys.quota(tenant), keys.rate_bucket(tenant))
+    client.delete(keys.quota(tenant), keys.limits(tenant), keys.rate_bucket(tenant))
 
 
 class RateLimiter:
@@ -94,7 +105,7 @@ class RateLimiter:
         with self._lock:
             cached = self._cache.get(tenant)
         if cached is None or cached[0] < now:
-            rate_text, burst_text = self.redis.hmget(keys.quota(tenant), ["rate", "burst"])
+            rate_text, burst_text = self.redis.hmget(keys.limits(tenant), ["rate", "burst"])
             cached = (now + CACHE_S, float(rate_text) if rate_text else None, int(burst_text or 1))
             with self._lock:
                 self._cache[tenant] = cached

@@ -1,7 +1,7 @@
 """The Redis connection every process uses, and the Lua scripts, loaded once.
 
 Timeouts are short on purpose: when Redis is down or blackholed, an API request
-must answer 503 within 2 s (DESIGN.md 2.1) rather than wait on a socket.
+must answer 503 within 2 s (docs/api.md) rather than wait on a socket.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def connect(
         timeout=timeout,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
-        # Re-dial once a connection Redis dropped; a command that timed out may have run,
-        # and scripts such as claim.lua must not run twice, so timeouts are not retried.
-        retry=Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError,)),
+        # A command whose connection broke or timed out may have run: it is sent once
+        # more, which is safe because every Lua step is safe to run twice and answers
+        # the second time from what the first did (docs/faults.md, "unknown outcomes").
+        retry=Retry(NoBackoff(), retries, supported_errors=(redis.ConnectionError, redis.TimeoutError)),
         decode_responses=decode,
         health_check_interval=0,
     )

@@ -59,6 +59,7 @@ class NewJob:
     shape: dict[str, Any]  # what placement needs: amounts, affinity terms, selector
     shape_json: str
     timeout_ms: int
+    package: str  # the name of the uploaded package its working_dir names, or ""
 
     @property
     def ref(self) -> str:
@@ -108,22 +109,6 @@ class JobStore:
             errors.update(id_errors)
         if errors or request is None or submission_id is None:
             raise InvalidRequest(errors)
-        working_dir = request["runtime_env"]["working_dir"]
-        if working_dir.startswith("gcs://"):
-            # A job may only name its tenant's uploaded package; naming it keeps it from expiring.
-            name = packages.name_of(working_dir)
-            try:
-                uploaded = packages.touch(self.raw, headers.tenant, name, self.settings.retention_s)
-            except Unavailable as exc:
-                raise create_failed(submission_id, exc) from exc
-            if not uploaded:
-                raise InvalidRequest(
-                    {
-                        "runtime_env.working_dir": [
-                            f"package {working_dir} was not uploaded: PUT it to /api/packages/gcs/{name} first"
-                        ]
-                    }
-                )
         return self._normalise(request, headers, submission_id)
 
     def _normalise(self, request: dict[str, Any], headers: JobHeaders, submission_id: str) -> NewJob:
@@ -153,14 +138,26 @@ class JobStore:
         shape = build_shape(tenant, cpus, memory, gpus, resources, headers.terms, headers.anti, selector)
         shape_json = _canonical(shape)
         fingerprint = _digest(f"{spec_json}|{timeout_ms}")
+        working_dir = request["runtime_env"]["working_dir"]
+        package = packages.name_of(working_dir) if working_dir.startswith("gcs://") else ""
         return NewJob(
-            tenant, submission_id, spec, spec_json, fingerprint, _digest(shape_json)[:24], shape, shape_json, timeout_ms
+            tenant,
+            submission_id,
+            spec,
+            spec_json,
+            fingerprint,
+            _digest(shape_json)[:24],
+            shape,
+            shape_json,
+            timeout_ms,
+            package,
         )
 
     def submit(self, job: NewJob) -> bool:
         """Store and queue the job. True if stored now, False if this exact request was
         already stored (an idempotent retry); Conflict if another request holds the id;
-        Unavailable in the contract's words (``create app failed, submissionId:[…]``)."""
+        Unavailable in the contract's words (``create app failed, submissionId:[…]``),
+        saying when the outcome is unknown."""
         try:
             answer = self._submit_script(job)
         except Unavailable as exc:
@@ -171,22 +168,69 @@ class JobStore:
     def _submit_script(self, job: NewJob) -> list[Any]:
         return list(self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job)))
 
-    @redis_errors("the submissions")
     def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | PoolqError]:
-        """Store many jobs in one round trip; per job, like ``submit``."""
+        """Store many jobs in one round trip; per job, like ``submit``.
+
+        When the round trip fails, each job's outcome is read back: a job found stored
+        under its fingerprint was accepted, one not found was not; while Redis does not
+        answer that either, each is an Unavailable saying its outcome is unknown.
+        """
         jobs = list(jobs)
-        pipe = self.redis.pipeline(transaction=False)
-        for job in jobs:
-            self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job), client=pipe)
+        try:
+            answers = self._submit_pipeline(jobs)
+        except Unavailable as exc:
+            return self._read_back(jobs, exc)
         outcomes: list[bool | PoolqError] = []
-        for job, answer in zip(jobs, pipe.execute()):
+        for job, answer in zip(jobs, answers):
             try:
                 outcomes.append(self._outcome(job, *answer))
             except (Conflict, InvalidRequest, TooMany) as exc:
                 outcomes.append(exc)
         return outcomes
 
+    @redis_errors("the submissions")
+    def _submit_pipeline(self, jobs: list[NewJob]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job in jobs:
+            self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job), client=pipe)
+        return list(pipe.execute())
+
+    def _read_back(self, jobs: list[NewJob], cause: Unavailable) -> list[bool | PoolqError]:
+        try:
+            stored = self._fingerprints([job.ref for job in jobs])
+        except Unavailable as exc:
+            return [create_failed(job.submission_id, exc) for job in jobs]
+        outcomes: list[bool | PoolqError] = []
+        for job, fingerprint in zip(jobs, stored):
+            if fingerprint == job.fingerprint:
+                outcomes.append(False)  # stored: by this request or an earlier identical one
+            elif fingerprint is None:  # certainly not stored, and certainly safe to send again
+                outcomes.append(
+                    Unavailable(
+                        f"create app failed, submissionId:[{job.submission_id}], err: {cause}", job.submission_id
+                    )
+                )
+            else:
+                outcomes.append(Conflict(f"submit job has already exist, submissionId: {job.submission_id}"))
+        return outcomes
+
+    @redis_errors("the read")
+    def _fingerprints(self, job_refs: list[str]) -> list[str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_ref in job_refs:
+            pipe.hget(keys.job(job_ref), JobFields.FINGERPRINT)
+        return list(pipe.execute())
+
     def _outcome(self, job: NewJob, code: int, wake: int, *detail: Any) -> bool:
+        if code == 5:
+            name = job.package
+            raise InvalidRequest(
+                {
+                    "runtime_env.working_dir": [
+                        f"package gcs://{name} was not uploaded: PUT it to /api/packages/gcs/{name} first"
+                    ]
+                }
+            )
         if code == 2:
             raise Conflict(f"submit job has already exist, submissionId: {job.submission_id}")
         if code == 3:
@@ -236,7 +280,8 @@ class JobStore:
         ``expected_node``, placed elsewhere). ``mode`` as in ``poolq/lua/finish.lua``.
         """
         return (
-            self._end(job_ref, status, error_type, message, exit_code, from_statuses, expected_node, mode, extra) == 1
+            self._end(job_ref, status, error_type, message, exit_code, from_statuses, expected_node, mode, extra, "")
+            == 1
         )
 
     @redis_errors("the status change")
@@ -251,6 +296,7 @@ class JobStore:
         expected_node: str | None,
         mode: str,
         extra: dict[str, str] | None,
+        token: str,
     ) -> int:
         """finish.lua's answer: 1 moved, 0 not allowed, 2 stop flagged on a RUNNING job, -2 no such job."""
         allowed = "," + ",".join(s.value for s in from_statuses) + ","
@@ -258,6 +304,7 @@ class JobStore:
         extra_args = [item for pair in (extra or {}).items() for item in pair]
         for _ in range(5):
             node, sig = self.redis.hmget(keys.job(job_ref), [JobFields.NODE, JobFields.SHAPE])
+            sig = sig or ""
             node = node or ""
             if expected_node is not None and node != expected_node:
                 return 0
@@ -267,7 +314,7 @@ class JobStore:
                     keys.node(node),
                     keys.node_jobs(node),
                     keys.node_inbox(node),
-                    keys.shape_queue(sig or ""),
+                    keys.shape_queue(sig),
                     keys.DEADLINES,
                     keys.CLAIMED,
                     keys.TERMINAL,
@@ -278,6 +325,10 @@ class JobStore:
                     keys.tenant_counts(tenant),
                     keys.tenant_usage(tenant),
                     keys.SUSPECTS,
+                    keys.CLAIMS,
+                    keys.shape(sig),
+                    keys.tenant_package_use(tenant),
+                    keys.PACKAGES,
                 ],
                 args=[
                     job_ref,
@@ -289,6 +340,7 @@ class JobStore:
                     allowed,
                     WAKE_TTL_MS,
                     mode,
+                    token,
                     *extra_args,
                 ],
             )
@@ -300,7 +352,11 @@ class JobStore:
 
     @redis_errors("the stop")
     def stop(self, tenant: str, submission_id: str) -> bool:
-        """Stop a job: True if it was PENDING (now STOPPED) or RUNNING (its agent stops it)."""
+        """Stop a job: True if it was PENDING (now STOPPED) or RUNNING (its agent stops it).
+
+        The request's token makes it safe to send twice: a retry after a lost reply
+        answers what the first run did, not "already stopped".
+        """
         job_ref = keys.ref(tenant, submission_id)
         running = (JobStatus.PENDING, JobStatus.RUNNING)
         outcome = self._end(
@@ -313,6 +369,7 @@ class JobStore:
             None,
             "stop",
             None,
+            uuid.uuid4().hex[:16],
         )
         if outcome == -2:
             raise NotFound(f"not found app, submissionId: {submission_id}")
@@ -428,11 +485,11 @@ class JobStore:
         pipe = self.raw.pipeline(transaction=False)
         pipe.hget(keys.job(job_ref), JobFields.LOG_BASE)
         pipe.exists(keys.job(job_ref))
-        pipe.get(keys.log(job_ref))
-        base_raw, exists, data = pipe.execute()
+        pipe.lrange(keys.log(job_ref), 0, -1)
+        base_raw, exists, chunks = pipe.execute()
         if not exists:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        base, data = int(base_raw or 0), data or b""
+        base, data = int(base_raw or 0), b"".join(chunks)
         begin, end = utf8_bounds(data, 0 if offset is None else offset - base)
         return data[begin:end].decode("utf-8", "replace"), base + end
 
@@ -539,9 +596,19 @@ def requests_text(req: dict[str, int]) -> str:
     return ",".join(f"{name}={amount}" for name, amount in req.items())
 
 
+UNKNOWN_OUTCOME = "the job may or may not have been stored: send the same request with the same submission_id again"
+
+
 def create_failed(submission_id: str, cause: Exception) -> Unavailable:
-    """A submission that could not be stored, in openYuanrong's words (DESIGN.md 2.1)."""
-    return Unavailable(f"create app failed, submissionId:[{submission_id}], err: {cause}")
+    """A submission whose outcome is not known, in openYuanrong's words (docs/api.md).
+
+    Redis may have run the submission and lost only its reply, so the answer never says
+    "not stored": it says to retry with the same id, which is always safe (docs/faults.md).
+    """
+    return Unavailable(
+        f"create app failed, submissionId:[{submission_id}], err: {cause}; {UNKNOWN_OUTCOME}",
+        submission_id=submission_id,
+    )
 
 
 def _waiting(fields: dict[str, str]) -> bool:
@@ -577,6 +644,10 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.quota(job.tenant),
         keys.TENANTS,
         keys.STATS,
+        keys.limits(job.tenant),
+        keys.package(job.tenant, job.package),
+        keys.tenant_package_use(job.tenant),
+        keys.PACKAGES,
     ]
 
 
@@ -592,6 +663,8 @@ def _submit_args(job: NewJob) -> list[Any]:
         WAKE_TTL_MS,
         requests_text(job.shape["req"]),
         job.tenant,
+        job.package,
+        keys.package_member(job.tenant, job.package),
     ]
 
 

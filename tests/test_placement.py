@@ -597,9 +597,9 @@ def test_an_operators_drain_outlives_the_agent_registering_again(admin: NodeAdmi
     capacity = capacity_of(4, 4 << 30)
     admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)
     admin.drain("n1")
-    admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)  # the agent restarts
+    incarnation = admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)  # restarts
     assert [node["draining"] for node in admin.describe()] == [True]
-    admin.remove("n1")
+    admin.remove("n1", incarnation=incarnation)  # the agent shuts down: its node goes
     admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)
     admin.drain("n1", shutdown=True)  # the agent's own SIGTERM drain
     admin.upsert("n1", pool="p", labels={}, capacity=capacity, kind="agent", create=False)

@@ -7,15 +7,24 @@ is still PENDING), mark it RUNNING, run the entrypoint with ``/bin/sh -c`` in a
 new process group, capture its output, and end it through ``finish.lua``, which
 releases its reservation exactly once.
 
+The agent holds its node as a lease (docs/faults.md, "Fencing"): when no heartbeat
+has reached Redis for the node TTL less a margin, it kills its jobs (its guardian
+does so too, even while the agent itself is paused), because the reaper is about to
+declare the node lost and release their reservations; it registers again only once
+they have exited. So a node never runs jobs whose capacity placement already gave
+to others, and a job declared lost is not still running when it is resubmitted.
+
 How many jobs run at once is bounded by the node's capacity, which placement
 reserves; the agent runs whatever placement put on it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -23,20 +32,24 @@ import subprocess
 import sys
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import redis
 from celery.signals import worker_shutting_down
 
 from poolq import keys, queues
 from poolq.errors import Unavailable
-from poolq.model import ErrorType, JobFields, JobStatus, canonical_number, utf8_bounds
+from poolq.model import ErrorType, JobFields, JobStatus, canonical_number, mebibytes, to_milli, utf8_bounds
 from poolq.nodes import parse_labels
 from poolq.settings import Settings
 from poolq.store import JobStore
+from worker.cgroups import CgroupError, Cgroups, JobCgroup
+from worker.guardian import boottime
 from worker.inventory import NodeAdmin
-from worker.runtime_env import RuntimeEnvs, SetupFailed, safe_dir
+from worker.joblog import TAIL_SUFFIX, DiskFull, JobLog, prune
+from worker.runtime_env import HIDDEN_ENV_PREFIX, RuntimeEnvs, SetupFailed, safe_dir
 
 log = logging.getLogger("poolq.agent")
 
@@ -44,30 +57,64 @@ LOG_FLUSH_S = 0.2
 LOG_FLUSH_BYTES = 64 * 1024
 STDERR_TAIL = 2000  # characters of stderr quoted in a failed job's message
 STRAGGLER_WAIT_S = 0.5  # after the entrypoint exits, how long to read output its children still write
-# The agent's own POOLQ_* variables (the Redis URL, with its password) never reach jobs.
-HIDDEN_ENV_PREFIX = "POOLQ_"
+RECONCILE_S = 5.0  # how often the agent compares the jobs Redis says it runs with those it runs
+T = TypeVar("T")
+
+
+class Abandoned(Exception):
+    """The agent was fenced or is stopping while a job's step waited for Redis."""
 
 
 class Guardian:
-    """The side process that kills this agent's job process groups if the agent dies."""
+    """The side process that kills this agent's job process groups if the agent dies or
+    its lease runs out (worker/guardian.py). A guardian that died is started again and
+    told everything it must know."""
 
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.guardian"], stdin=subprocess.PIPE, start_new_session=True, text=True
-        )
+    def __init__(self, fence_s: float, cgroups: Cgroups) -> None:
+        self.fence_s = fence_s
+        self.cgroups = json.dumps({"mode": cgroups.mode, "dirs": {c: str(d) for c, d in cgroups.dirs.items()}})
+        self.groups: set[int] = set()
+        self.last_beat = boottime()
         self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.guardian", str(self.fence_s), self.cgroups],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def _say(self, line: str) -> None:
         with self._lock:
-            assert self.process.stdin is not None
-            self.process.stdin.write(line + "\n")
-            self.process.stdin.flush()
+            for attempt in (1, 2):
+                try:
+                    assert self.process.stdin is not None
+                    self.process.stdin.write(line.encode() + b"\n")
+                    self.process.stdin.flush()
+                    return
+                except (BrokenPipeError, OSError, ValueError):
+                    if attempt == 2:
+                        log.error("the job guardian cannot be reached; jobs may outlive this agent")
+                        return
+                    log.warning("the job guardian died; starting it again")
+                    self._start()
+                    assert self.process.stdin is not None
+                    state = [f"b{self.last_beat:.3f}", *(f"+{group}" for group in self.groups)]
+                    self.process.stdin.write("".join(s + "\n" for s in state).encode())
 
     def watch(self, pgid: int) -> None:
+        self.groups.add(pgid)
         self._say(f"+{pgid}")
 
     def forget(self, pgid: int) -> None:
+        self.groups.discard(pgid)
         self._say(f"-{pgid}")
+
+    def beat(self, sent_at: float) -> None:
+        """A heartbeat sent at ``sent_at`` (boottime) was accepted."""
+        self.last_beat = sent_at
+        self._say(f"b{sent_at:.3f}")
 
     def close(self) -> None:
         if self.process.stdin:
@@ -84,21 +131,20 @@ class JobRun(threading.Thread):
         self.job_ref = job_ref
         self.stop_requested = threading.Event()
         self.shutdown = False  # the agent is shutting down: end as NODE_SHUTDOWN
+        self.fenced: str | None = None  # the agent's lease ran out: why; the job is killed
         self.process: subprocess.Popen[bytes] | None = None
+        self.cgroup: JobCgroup | None = None
+        self.disk_full: str | None = None  # the job's log could not be written: why
+        self.log_sent = 0  # the offset in the job's whole output up to which Redis has it
+        self.unsent = bytearray()
 
     # -- lifecycle ---------------------------------------------------------------
 
     def run(self) -> None:
         try:
             self._run()
-        except (Unavailable, redis.RedisError) as exc:
-            if self.process is None:  # not started: it stays in the inbox and is tried again
-                log.warning("job %s: Redis unavailable before it started (%s); will try again", self.job_ref, exc)
-                return
-            log.exception("job %s: Redis failed while the agent handled it", self.job_ref)
-            self._finish(
-                JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, "the node agent lost Redis while running the job"
-            )
+        except Abandoned:
+            log.warning("job %s: left to the next registration of this node (%s)", self.job_ref, self.fenced)
         except Exception:
             log.exception("job %s: unexpected error in the agent", self.job_ref)
             self._finish(
@@ -111,9 +157,9 @@ class JobRun(threading.Thread):
 
     def _run(self) -> None:
         agent, store = self.agent, self.agent.store
-        fields = store.redis.hgetall(keys.job(self.job_ref))
+        fields = agent.until_answered(lambda: store.redis.hgetall(keys.job(self.job_ref)))
         if fields.get(JobFields.STATUS) != JobStatus.PENDING or fields.get(JobFields.NODE) != agent.node_id:
-            store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref)
+            agent.until_answered(lambda: store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref))
             return
         spec = json.loads(fields[JobFields.SPEC])
         try:
@@ -126,20 +172,29 @@ class JobRun(threading.Thread):
                 f"runtime_env setup failed: {exc}",
                 from_statuses=[JobStatus.PENDING],
             )
-            store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref)
+            agent.until_answered(lambda: store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref))
             return
-        started = store.scripts.start(
-            keys=[
-                keys.job(self.job_ref),
-                keys.node_inbox(agent.node_id),
-                keys.tenant_counts(keys.split_ref(self.job_ref)[0]),
-            ],
-            args=[self.job_ref, agent.node_id, f"running on node {agent.node_id}"],
+        if self.fenced:
+            self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced)
+            return
+        # start.lua is safe to run again: a lost reply is answered by the next try.
+        started = agent.until_answered(
+            lambda: store.scripts.start(
+                keys=[
+                    keys.job(self.job_ref),
+                    keys.node_inbox(agent.node_id),
+                    keys.tenant_counts(keys.split_ref(self.job_ref)[0]),
+                ],
+                args=[self.job_ref, agent.node_id, f"running on node {agent.node_id}", agent.incarnation],
+            )
         )
         if started == 2:  # a stop came first
             self._finish(JobStatus.STOPPED, ErrorType.STOPPED_BY_USER, "stopped by user request")
             return
         if started == 0:  # placed elsewhere, stopped or ended meanwhile
+            return
+        if self.fenced:
+            self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced)
             return
         self._execute(spec, workdir, venv)
 
@@ -148,26 +203,50 @@ class JobRun(threading.Thread):
         log_path = agent.log_path(self.job_ref)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            cgroup = self.cgroup = agent.job_cgroup(self.job_ref, spec)
+        except CgroupError as exc:
+            self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the node could not limit the job: {exc}")
+            return
+        try:
             self.process = subprocess.Popen(
-                ["/bin/sh", "-c", spec["entrypoint"]],
+                cgroup.wrap(["/bin/sh", "-c", spec["entrypoint"]]),
                 cwd=workdir,
-                env=job_environment(spec, venv),
+                env=job_environment(spec, venv, agent.node_id),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group, signalled as one
             )
         except OSError as exc:
+            _remove(cgroup)
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the entrypoint could not be started: {exc}")
             return
-        agent.guardian.watch(self.process.pid)
         try:
+            agent.guardian.watch(self.process.pid)
             stderr_tail = self._capture(log_path)
         finally:
-            _kill_group(self.process.pid, signal.SIGKILL)  # whatever it left behind
+            self._kill(signal.SIGKILL)  # whatever it left behind, setsid children included
+            self.process.wait()
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
-        if self.shutdown:
+        out_of_memory = cgroup.oom_killed(code)
+        _remove(cgroup)
+        if out_of_memory and not (self.fenced or self.shutdown or self.stop_requested.is_set()):
+            limit = spec["entrypoint_memory"]
+            self._finish(
+                JobStatus.FAILED,
+                ErrorType.OUT_OF_MEMORY,
+                f"the job used more memory than its limit of {mebibytes(limit)} MiB ({limit} bytes, "
+                "entrypoint_memory) and was killed by the kernel",
+                exit_code=code,
+            )
+        elif self.fenced:
+            self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced, exit_code=code)
+        elif self.disk_full:
+            self._finish(
+                JobStatus.FAILED, ErrorType.NODE_DISK_FULL, f"{self.disk_full}; the job was stopped", exit_code=code
+            )
+        elif self.shutdown:
             self._finish(
                 JobStatus.FAILED,
                 ErrorType.NODE_SHUTDOWN,
@@ -182,6 +261,22 @@ class JobRun(threading.Thread):
             message = f"entrypoint failed: {how}" + (f"; stderr: {tail}" if tail else "")
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, message, exit_code=code)
 
+    def fence(self, reason: str) -> None:
+        """The agent's lease ran out: kill the job now (its capacity is being given away)."""
+        self.fenced = reason
+        self._kill(signal.SIGKILL)
+
+    def _kill(self, sig: int) -> None:
+        """Signal the job's process group; a SIGKILL also reaches everything in its cgroup."""
+        if self.process is None:
+            return
+        _kill_group(self.process.pid, sig)
+        if sig == signal.SIGKILL and self.cgroup is not None:
+            try:
+                self.cgroup.kill()
+            except CgroupError as exc:
+                log.error("job %s: %s", self.job_ref, exc)
+
     def _capture(self, log_path: Path) -> str:
         """Copy stdout and stderr, interleaved, to the log file and the Redis tail; stop on request."""
         assert self.process is not None and self.process.stdout and self.process.stderr
@@ -189,44 +284,82 @@ class JobRun(threading.Thread):
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)
         selector.register(self.process.stderr, selectors.EVENT_READ)
-        pending, stderr_tail = bytearray(), bytearray()
+        stderr_tail = bytearray()
         last_flush = time.monotonic()
         term_sent_at: float | None = None
         exited_at: float | None = None
-        with open(log_path, "ab") as log_file:
+        log_file = JobLog(log_path, agent.settings.max_log_file_bytes)
+        try:
             while selector.get_map():
                 for key, _ in selector.select(timeout=0.1):
                     data = os.read(key.fd, 65536)
                     if not data:
                         selector.unregister(key.fileobj)
                         continue
-                    log_file.write(data)
-                    pending += data
+                    self._keep(log_file, data)
+                    self.unsent += data
                     if key.fileobj is self.process.stderr:
                         stderr_tail += data
                         del stderr_tail[: -STDERR_TAIL * 4]  # bytes enough for STDERR_TAIL characters
                 now = time.monotonic()
-                if pending and (now - last_flush > LOG_FLUSH_S or len(pending) > LOG_FLUSH_BYTES):
-                    log_file.flush()
-                    agent.ship_log(self.job_ref, bytes(pending))
-                    pending.clear()
+                if self.unsent and (now - last_flush > LOG_FLUSH_S or len(self.unsent) > LOG_FLUSH_BYTES):
+                    self.ship_log()
                     last_flush = now
+                if self.fenced or self.disk_full:
+                    self._kill(signal.SIGKILL)
                 if (self.stop_requested.is_set() or self.shutdown) and term_sent_at is None:
                     term_sent_at = now
-                    _kill_group(self.process.pid, signal.SIGTERM)
+                    self._kill(signal.SIGTERM)
                 if term_sent_at is not None and now - term_sent_at > agent.settings.stop_grace_s:
-                    _kill_group(self.process.pid, signal.SIGKILL)
+                    self._kill(signal.SIGKILL)
                 if exited_at is None and self.process.poll() is not None:
                     exited_at = now
                 if exited_at is not None and now - exited_at > STRAGGLER_WAIT_S:
                     break  # a background child holds the pipes open; it is killed next
             self.process.wait()
-            if pending:
-                agent.ship_log(self.job_ref, bytes(pending))
+            self.ship_log()
+        finally:
+            try:
+                log_file.close()
+            except DiskFull as exc:
+                log.warning("job %s: %s", self.job_ref, exc)
         for fileobj in (self.process.stdout, self.process.stderr):
             fileobj.close()
         begin, _ = utf8_bounds(bytes(stderr_tail), whole_end=False)
         return bytes(stderr_tail[begin:]).decode("utf-8", "replace")[-STDERR_TAIL:]
+
+    def _keep(self, log_file: JobLog, data: bytes) -> None:
+        """Write output to the node's log file; a full disk stops the job (and only it)."""
+        if self.disk_full:
+            return
+        try:
+            log_file.write(data)
+        except DiskFull as exc:
+            log.error("job %s: %s", self.job_ref, exc)
+            self.disk_full = str(exc)
+
+    def ship_log(self) -> None:
+        """Send the output Redis does not have yet, saying where it begins in the whole
+        output, so that a retry after a lost reply appends nothing twice (log_append.lua).
+        Output that cannot be sent waits for the next flush, at most a tail's worth."""
+        if not self.unsent:
+            return
+        limit = self.agent.settings.max_log_bytes
+        if len(self.unsent) > limit:  # Redis keeps no more than this anyway
+            self.log_sent += len(self.unsent) - limit
+            del self.unsent[:-limit]
+        try:
+            end = self.agent.store.scripts.log_append(
+                keys=[keys.log(self.job_ref), keys.job(self.job_ref)],
+                args=[bytes(self.unsent), limit, self.log_sent],
+            )
+        except redis.RedisError as exc:
+            log.warning("job %s: %d bytes of output wait for Redis (%s)", self.job_ref, len(self.unsent), exc)
+            return
+        self.log_sent += len(self.unsent)
+        self.unsent.clear()
+        if int(end) >= 0:
+            self.log_sent = int(end)
 
     def _finish(
         self,
@@ -238,7 +371,8 @@ class JobRun(threading.Thread):
         from_statuses: list[JobStatus] | None = None,
     ) -> None:
         """Record how the job ended. While Redis is unreachable, keep trying: the outcome
-        (and the release of the job's reservation) must not be lost with this thread."""
+        (and the release of the job's reservation) must not be lost with this thread.
+        finish.lua is safe to run again, so a lost reply costs only a retry."""
         delay = 0.1
         while True:
             try:
@@ -262,7 +396,7 @@ class JobRun(threading.Thread):
                 delay = min(delay * 2, 2.0)
 
 
-def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
+def job_environment(spec: dict[str, Any], venv: Path | None, node_id: str) -> dict[str, str]:
     """The agent's environment without its POOLQ_* settings, plus the job's own variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_ENV_PREFIX)}
     if venv is not None:
@@ -273,6 +407,7 @@ def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
         {
             "POOLQ_SUBMISSION_ID": spec["submission_id"],
             "POOLQ_TENANT_ID": spec["tenant_id"],
+            "POOLQ_NODE_ID": node_id,
             "POOLQ_NUM_CPUS": str(spec["entrypoint_num_cpus"]),
             "POOLQ_MEMORY": str(spec["entrypoint_memory"]),
             "POOLQ_NUM_GPUS": str(spec["entrypoint_num_gpus"]),
@@ -282,6 +417,18 @@ def job_environment(spec: dict[str, Any], venv: Path | None) -> dict[str, str]:
         }
     )
     return env
+
+
+def _remove(cgroup: JobCgroup) -> None:
+    try:
+        cgroup.remove()
+    except CgroupError as exc:
+        log.error("%s", exc)
+
+
+def cgroup_name(job_ref: str) -> str:
+    """A job's cgroup directory name (cgroup names allow fewer characters than refs)."""
+    return "j-" + hashlib.blake2b(job_ref.encode(), digest_size=12).hexdigest()
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -300,21 +447,51 @@ class Agent:
         self.admin = NodeAdmin(store)
         self.node_id, self.pool, self.labels, self.capacity = node_id, pool, labels, capacity
         self.dir = self.settings.data_dir / "nodes" / node_id
-        self.envs = RuntimeEnvs(self.dir / "cache", self._fetch_package)
+        self.envs = RuntimeEnvs(
+            self.dir / "cache",
+            self._fetch_package,
+            max_unpacked_bytes=self.settings.max_unpacked_bytes,
+            max_archive_entries=self.settings.max_archive_entries,
+        )
         self.running: dict[str, JobRun] = {}
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.accepting = True
         self.incarnation = 0
-        self.guardian = Guardian()
+        self.fenced: str | None = None  # why the agent gave up its lease, until it registers again
+        self.last_beat = boottime()  # when the last heartbeat Redis accepted was sent
+        # Before any child process: on cgroup v2 the agent may move itself into a leaf.
+        self.cgroups = Cgroups.detect(
+            enabled=self.settings.enforce_resources, parent_name=f"poolq-{cgroup_name(f'{self.dir}:{node_id}')}"
+        )
+        if self.cgroups.mode == "none":
+            log.warning("node %s runs jobs without resource limits: %s", node_id, self.cgroups.reason)
+        else:
+            log.info("node %s limits each job's memory, CPU and processes with cgroup %s", node_id, self.cgroups.mode)
+            stale = self.cgroups.remove_stale()
+            if stale:
+                log.warning("killed what was left in %d job cgroups of an earlier agent", len(stale))
+        self.guardian = Guardian(self.settings.fence_s, self.cgroups)
+        self._next_reconcile = 0.0
 
-    # -- registration and heartbeat ------------------------------------------------
+    # -- registration, heartbeat and fencing -----------------------------------------
 
     def register(self) -> None:
+        sent = boottime()
+        # The token makes the registration safe to send twice (node_upsert.lua).
         self.incarnation = self.admin.upsert(
-            self.node_id, pool=self.pool, labels=self.labels, capacity=self.capacity, kind="agent", create=False
+            self.node_id,
+            pool=self.pool,
+            labels=self.labels,
+            capacity=self.capacity,
+            kind="agent",
+            create=False,
+            token=secrets.token_hex(8),
+            facts={"enforcement": self.cgroups.describe()},
         )
+        self.last_beat = sent
+        self.guardian.beat(sent)
         # Jobs that were RUNNING under an earlier agent with this id died with it.
         with self._lock:
             mine = set(self.running)
@@ -328,17 +505,53 @@ class Agent:
         self.wake.set()
 
     def heartbeat(self) -> None:
+        sent = boottime()
         accepted = self.store.scripts.heartbeat(
             keys=[keys.node(self.node_id), keys.HEARTBEATS], args=[self.node_id, self.incarnation]
         )
-        if not accepted and self.accepting:
-            # Declared lost (or replaced): our jobs were failed; end them and start over.
-            log.warning("node %s was declared lost; stopping its jobs and registering again", self.node_id)
-            with self._lock:
-                runs = list(self.running.values())
-            for run in runs:
-                run.stop_requested.set()
-            self.register()
+        if accepted:
+            self.last_beat = sent
+            self.guardian.beat(sent)
+        else:
+            self.fence(f"node {self.node_id} was declared lost (or another agent registered it)")
+
+    def fence(self, reason: str) -> None:
+        """Give up the lease: kill every job now; register again once they have exited."""
+        if self.fenced:
+            return
+        self.fenced = reason
+        message = f"{reason}; its jobs were killed so that none runs on capacity given to others"
+        log.warning("node %s fenced: %s", self.node_id, message)
+        with self._lock:
+            runs = list(self.running.values())
+        for run in runs:
+            run.fence(f"node {self.node_id} lost its lease: {message}")
+
+    def recover_from_fence(self) -> None:
+        """Register again (a new incarnation) once every fenced job has ended."""
+        with self._lock:
+            if self.running:
+                return
+        if not self.accepting:
+            return  # shutting down: nothing to come back for
+        self.register()
+        log.info("node %s is back after fencing (%s)", self.node_id, self.fenced)
+        self.fenced = None
+
+    def until_answered(self, call: Callable[[], T]) -> T:
+        """Call Redis until it answers; the steps given are safe to repeat. Gives up
+        (Abandoned) once the agent is fenced or stopping: the next registration settles
+        what the step left (register, reconcile)."""
+        delay = 0.1
+        while True:
+            try:
+                return call()
+            except (Unavailable, redis.RedisError) as exc:
+                if self.fenced or self.stopping.is_set():
+                    raise Abandoned(str(exc)) from exc
+                log.warning("Redis unavailable (%s); trying again in %.1fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -348,13 +561,23 @@ class Agent:
             self.wake.wait(0.5)
             self.wake.clear()
             try:
+                if not self.fenced and boottime() - self.last_beat > self.settings.fence_s:
+                    self.fence(f"no heartbeat reached Redis for {self.settings.fence_s:g} s")
+                if self.fenced:
+                    self.recover_from_fence()
+                    continue
                 now = time.monotonic()
                 if now >= next_heartbeat:
                     self.heartbeat()
                     next_heartbeat = now + self.settings.heartbeat_s
-                if self.accepting:
+                if self.accepting and not self.fenced:
                     self.start_inbox()
                 self.watch_stops()
+                if now >= self._next_reconcile:
+                    self.reconcile()
+                    self._next_reconcile = now + RECONCILE_S
+            except (Unavailable, redis.RedisError) as exc:
+                log.warning("node agent loop: Redis unavailable (%s)", exc)
             except Exception:
                 log.exception("node agent loop")
                 time.sleep(0.5)
@@ -381,8 +604,35 @@ class Agent:
         for run in runs:
             pipe.hget(keys.job(run.job_ref), JobFields.STOP)
         for run, flag in zip(runs, pipe.execute()):
-            if flag == "1":
+            if flag:
                 run.stop_requested.set()
+
+    def reconcile(self) -> None:
+        """What Redis says this node runs, against what it runs: a job RUNNING under this
+        incarnation without a thread here (a step of its thread that failed) is failed;
+        a job placed here that is neither started nor in the inbox goes back in it."""
+        refs = self.store.redis.smembers(keys.node_jobs(self.node_id))
+        with self._lock:
+            unknown = sorted(r for r in refs if r not in self.running)
+        if not unknown:
+            return
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_ref in unknown:
+            pipe.hmget(keys.job(job_ref), [JobFields.STATUS, JobFields.NODE, JobFields.RUNNER, JobFields.SEQ])
+            pipe.zscore(keys.node_inbox(self.node_id), job_ref)
+        answers = pipe.execute()
+        for i, job_ref in enumerate(unknown):
+            (status, node, runner, seq), queued = answers[2 * i], answers[2 * i + 1]
+            with self._lock:
+                if job_ref in self.running or node != self.node_id:
+                    continue
+            if status == JobStatus.RUNNING and runner == str(self.incarnation):
+                log.error("job %s is RUNNING here but no process runs it; failing it", job_ref)
+                self.admin.fail_jobs(
+                    self.node_id, f"node {self.node_id}'s agent lost track of the job while it ran", only=[job_ref]
+                )
+            elif status == JobStatus.PENDING and queued is None and seq:
+                self.store.redis.zadd(keys.node_inbox(self.node_id), {job_ref: int(seq)})
 
     def job_done(self, run: JobRun) -> None:
         with self._lock:
@@ -390,31 +640,41 @@ class Agent:
                 del self.running[run.job_ref]
         self.wake.set()
 
+    def job_cgroup(self, job_ref: str, spec: dict[str, Any]) -> JobCgroup:
+        """A new cgroup with the job's limits: its memory, its CPUs as a CPU quota, a
+        process limit (an empty one when the node does not enforce)."""
+        pids = self.settings.job_pids_max
+        return self.cgroups.create(
+            cgroup_name(job_ref),
+            memory_bytes=int(spec["entrypoint_memory"]),
+            cpu_milli=to_milli(Decimal(str(spec["entrypoint_num_cpus"]))),
+            pids_max=pids if pids > 0 else None,
+        )
+
     # -- logs and packages -------------------------------------------------------------
 
     def log_path(self, job_ref: str) -> Path:
         tenant, submission_id = keys.split_ref(job_ref)
         return self.dir / "logs" / safe_dir(tenant) / f"{submission_id}.log"
 
-    def ship_log(self, job_ref: str, data: bytes) -> None:
-        try:
-            self.store.scripts.log_append(
-                keys=[keys.log(job_ref), keys.job(job_ref)], args=[data, self.settings.max_log_bytes]
-            )
-        except Exception:
-            log.warning("job %s: could not ship %d bytes of output to Redis", job_ref, len(data), exc_info=True)
-
     def _fetch_package(self, tenant: str, uri: str) -> bytes | None:
         from poolq.packages import fetch
 
-        return fetch(self.store.raw, tenant, uri, self.settings.retention_s)
+        return fetch(self.store.raw, tenant, uri)
 
-    def remove_orphan_logs(self) -> None:
-        """Delete log files whose job record is gone (deleted or past retention)."""
-        files = list((self.dir / "logs").glob("t-*/*.log"))
+    def tidy_logs(self) -> None:
+        """Delete log files whose job record is gone (deleted or past retention), then the
+        oldest finished ones while the node's logs hold more than POOLQ_MAX_NODE_LOG_BYTES."""
+        logs = self.dir / "logs"
+        with self._lock:
+            running = {self.log_path(job_ref) for job_ref in self.running}
+        prune(logs, self.settings.max_node_log_bytes, keep=running)
+        files = [*logs.glob("t-*/*.log"), *logs.glob(f"t-*/*.log{TAIL_SUFFIX}")]
+        files = [path for path in files if path.with_name(path.name.removesuffix(TAIL_SUFFIX)) not in running]
         if not files:
             return
-        refs = [keys.ref(path.parent.name.removeprefix("t-"), path.stem) for path in files]
+        names = [path.name.removesuffix(TAIL_SUFFIX).removesuffix(".log") for path in files]
+        refs = [keys.ref(path.parent.name.removeprefix("t-"), name) for path, name in zip(files, names)]
         pipe = self.store.redis.pipeline(transaction=False)
         for job_ref in refs:
             pipe.exists(keys.job(job_ref))
@@ -428,7 +688,7 @@ class Agent:
         """The first step of a shutdown: no new placements here, no new starts."""
         if self.accepting:
             self.accepting = False
-            self.admin.drain(self.node_id, shutdown=True)
+            self.admin.drain(self.node_id, shutdown=True, incarnation=self.incarnation)
 
     def drain(self) -> None:
         """SIGTERM: no new jobs; running ones get drain_s, then are stopped as NODE_SHUTDOWN."""
@@ -452,7 +712,8 @@ class Agent:
         for run in runs:
             run.join(self.settings.stop_grace_s + 5)
         self.stopping.set()
-        self.admin.remove(self.node_id)
+        # Only this incarnation's node: a new agent may have registered the id meanwhile.
+        self.admin.remove(self.node_id, incarnation=self.incarnation)
         self.guardian.close()
 
 
@@ -496,6 +757,6 @@ def run_agent(
 def _janitor(agent: Agent) -> None:
     while not agent.stopping.wait(60):
         try:
-            agent.remove_orphan_logs()
+            agent.tidy_logs()
         except Exception:
             log.warning("could not clean up old log files", exc_info=True)

@@ -41,10 +41,8 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
         task_default_queue=queues.PLACEMENT,
         # Each queue on its own direct exchange, keyed by its name: what `send_task(...,
         # queue=NAME)` from any plain Celery app (a queue publisher) routes to.
-        task_queues=tuple(
-            Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (queues.PLACEMENT, queues.SUBMIT)
-        ),
-        task_routes={queues.PLACE: {"queue": queues.PLACEMENT}, queues.SUBMIT: {"queue": queues.SUBMIT}},
+        task_queues=(Queue(queues.PLACEMENT, Exchange(queues.PLACEMENT, type="direct"), routing_key=queues.PLACEMENT),),
+        task_routes={queues.PLACE: {"queue": queues.PLACEMENT}},
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "socket_timeout": settings.redis_timeout_s,

@@ -8,7 +8,8 @@ the lock:
 - puts back in line jobs claimed by a worker that died (expired leases);
 - declares nodes whose heartbeat expired lost, failing their jobs as NODE_LOST;
 - re-sends a placement wake-up when jobs wait and none is on its way (lost messages);
-- removes terminal jobs past their retention, oldest first.
+- removes terminal jobs past their retention, oldest first, and packages no job uses;
+- puts back on the queue the messages of poolq.submit consumers that stopped.
 """
 
 from __future__ import annotations
@@ -16,22 +17,23 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import redis
 
-from poolq import keys, queues
+from poolq import keys, packages, queues
 from poolq.model import ErrorType, JobFields, JobStatus, scheduling_progress
 from poolq.store import WAKE_TTL_MS, JobStore
+from worker.intake import Intake, return_taken
 from worker.placement import timeout_message
-from worker.scheduler import Scheduler, _redis_ms, requeue
+from worker.scheduler import Held, Scheduler, _redis_ms, give_up_poison, requeue
 
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
 SUBMISSION_OUTCOMES = ("accepted", "duplicate", "conflict", "over_quota", "too_many_pending", "invalid")  # submit.lua
-MAX_LOST_CLAIMS = 3  # placement workers that died holding a job before it is given up
-SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
+SHAPE_IDLE_MS = 3_600_000
+STALLED_S = 5.0  # a process with ready jobs and unconsumed wake-ups that placed nothing for this long  # a claimed job holds its lease for seconds, never this long
 
 
 def metric_reason(reason: str) -> str:
@@ -44,13 +46,15 @@ def metric_reason(reason: str) -> str:
 
 
 class Duties:
-    def __init__(self, store: JobStore, scheduler: Scheduler):
+    def __init__(self, store: JobStore, scheduler: Scheduler, intake: Intake | None = None):
         self.store = store
         self.redis: redis.Redis = store.redis
         self.settings = store.settings
         self.scheduler = scheduler
+        self.intake = intake
         self._next_tenant_check = 0
         self._tenant_cursor = 0
+        self._intake_silent = False
 
     def tick(self) -> bool:
         """Run every duty once if no other worker is; True if this one did."""
@@ -67,6 +71,8 @@ class Duties:
                 self.recover_claims,
                 self.reap_nodes,
                 self.purge_terminal,
+                self.expire_packages,
+                self.recover_intake,
                 self.forget_idle_shapes,
                 self.forget_idle_tenants,
             ):
@@ -87,10 +93,32 @@ class Duties:
         while not stop.wait(self.settings.duty_interval_s):
             try:
                 self.tick()
+                self.watch_consumers()
             except redis.RedisError as exc:
                 log.warning("periodic duties skipped a tick: %s", exc)
             except Exception:
                 log.exception("periodic duties failed a tick")
+
+    def watch_consumers(self) -> None:
+        """This process's consumers must keep consuming.
+
+        Celery's consumer of wake-ups can stop for good while its process lives (seen
+        after kombu logged "Couldn't ack"): when jobs are ready and wake-ups wait on the
+        queue while this process has not placed for STALLED_S, place from here. A
+        poolq.submit consumer that stopped beating is reported; the sweep of any worker
+        puts its messages back on the queue (recover_intake).
+        """
+        if self.scheduler.idle_s() > STALLED_S and self.redis.zcard(keys.SHAPES_READY):
+            if self.redis.llen(queues.PLACEMENT):
+                log.warning("placement wake-ups are not being consumed here; placing from the duties thread")
+                self.scheduler.drain()
+        if self.intake is not None:
+            silent = not self.intake.alive(self.settings.intake_lease_s)
+            if silent and not self._intake_silent:
+                log.error(
+                    "the poolq.submit consumer of this process stopped beating; its messages go back on the queue"
+                )
+            self._intake_silent = silent
 
     def expire_deadlines(self, now: int) -> int:
         refs = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=BATCH)
@@ -142,36 +170,31 @@ class Duties:
 
         Celery does not count redeliveries, so poolq counts deaths itself, and only
         where it knows the culprit: every job of a dead claim becomes a suspect, claimed
-        alone next time (claim.lua); the jobs of a claim share its expiry, so a dead claim
-        of one job counts against that job. At MAX_LOST_CLAIMS the job is given up: a job
-        that kills every worker cannot loop forever, nor take others with it.
+        alone next time (claim.lua), and a dead claim of one job counts against that
+        job. At MAX_LOST_CLAIMS the job is given up: a job that kills every worker
+        cannot loop forever, nor take others with it. A worker that was only paused
+        finds, when it resumes, that its claim no longer holds the jobs (reserve.lua).
         """
-        expired = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH, withscores=True)
+        expired = self.redis.zrangebyscore(keys.CLAIMED, "-inf", now, start=0, num=BATCH)
         if not expired:
             return
-        claims: dict[float, int] = defaultdict(int)
-        for _, expiry in expired:
-            claims[expiry] += 1
-        by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for job_ref, expiry in expired:
-            sig, seq = self.redis.hmget(keys.job(job_ref), [JobFields.SHAPE, JobFields.SEQ])
-            if sig is None:
-                self.redis.zrem(keys.CLAIMED, job_ref)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_ref in expired:
+            pipe.hget(keys.CLAIMS, job_ref)
+            pipe.hget(keys.job(job_ref), JobFields.SHAPE)
+        answers = pipe.execute()
+        holders = {job_ref: (answers[2 * i], answers[2 * i + 1]) for i, job_ref in enumerate(expired)}
+        sizes = Counter(claim_id for claim_id, _ in holders.values() if claim_id)
+        by_shape: dict[str, list[Held]] = defaultdict(list)
+        for job_ref, (claim_id, sig) in holders.items():
+            if claim_id is None or sig is None:  # ended or deleted: nothing holds it any more
+                pipe.zrem(keys.CLAIMED, job_ref)
+                pipe.hdel(keys.CLAIMS, job_ref)
                 continue
-            lost = 0 if claims[expiry] > 1 else self.redis.hincrby(keys.job(job_ref), JobFields.LOST_CLAIMS, 1)
-            if lost >= MAX_LOST_CLAIMS:
-                self.store.finish(
-                    job_ref,
-                    JobStatus.FAILED,
-                    error_type=ErrorType.INVALID_REQUEST,
-                    from_statuses=[JobStatus.PENDING],
-                    message=f"placement stopped {lost} times while handling this job; it is not tried again",
-                )
-                continue
-            self.redis.zadd(keys.SUSPECTS, {job_ref: now})
-            by_shape[sig].append((job_ref, int(seq)))
+            by_shape[sig].append(Held(job_ref, claim_id, lost=sizes[claim_id] == 1))
+        pipe.execute()
         for sig, members in by_shape.items():
-            requeue(self.store.scripts, sig, members)
+            give_up_poison(self.store, requeue(self.store.scripts, sig, members, suspect=True))
         log.info("returned %d jobs claimed by a worker that stopped to the line", len(expired))
         self._wake_placement()
 
@@ -193,6 +216,17 @@ class Duties:
             expired = list(dict.fromkeys(expired + self.redis.zrange(keys.TERMINAL, 0, min(excess, BATCH) - 1)))
         if expired:
             self.store.purge(expired)
+
+    def expire_packages(self, now: int) -> None:
+        packages.expire(self.redis, self.store.scripts, now, self.settings.retention_s)
+
+    def recover_intake(self, now: int) -> None:
+        """Put back on the queue what stopped consumers of poolq.submit had taken."""
+        cutoff = now - int(self.settings.intake_lease_s * 1000)
+        for consumer in self.redis.zrangebyscore(keys.INTAKE_CONSUMERS, "-inf", cutoff, start=0, num=BATCH):
+            moved = return_taken(self.store, consumer, cutoff)
+            if moved > 0:
+                log.warning("put %d queue messages taken by stopped consumer %s back on the queue", moved, consumer)
 
     def forget_idle_shapes(self, now: int) -> None:
         """Shapes no job has used for SHAPE_IDLE_MS: nothing of them stays in Redis."""

@@ -52,10 +52,14 @@ class NodeAdmin:
         capacity: dict[str, int],
         kind: str = "static",
         create: bool = True,
+        token: str = "",
+        facts: dict[str, Any] | None = None,
     ) -> int:
         """Add a static node (``create``: refuse an existing id) or register an agent's node.
 
-        Returns the registration's incarnation number.
+        ``token`` makes an agent's registration safe to send twice; ``facts`` are what the
+        agent says of its node (how it enforces resources). Returns the registration's
+        incarnation number.
         """
         if not LABEL_PART.fullmatch(node_id) or not LABEL_PART.fullmatch(pool):
             raise InvalidRequest(
@@ -81,6 +85,8 @@ class NodeAdmin:
                 "create" if create else "register",
                 WAKE_TTL_MS,
                 queues.node_queue(node_id) if kind == "agent" else "",
+                token,
+                json.dumps(facts or {}, sort_keys=True),
                 *pairs,
             ],
         )
@@ -90,16 +96,30 @@ class NodeAdmin:
             self.store.wake(queues.PLACEMENT)
         return int(incarnation)
 
-    def drain(self, node_id: str, *, shutdown: bool = False) -> None:
+    def drain(self, node_id: str, *, shutdown: bool = False, incarnation: int | None = None) -> None:
         """No new placements on the node: an operator's drain (kept if its agent registers
-        again), or its agent's own ``shutdown`` (cleared when it does)."""
-        if not self._set_state(node_id, "shutdown" if shutdown else "drain"):
+        again), or its agent's own ``shutdown`` (cleared when it does; only while the node
+        is still that ``incarnation``'s)."""
+        action = "shutdown" if shutdown else "drain"
+        if not self._set_state(node_id, action, "" if incarnation is None else str(incarnation)) and not shutdown:
             raise NotFound(f"no node {node_id}")
 
-    def remove(self, node_id: str) -> list[str]:
-        """Take the node out of service, fail its jobs as NODE_LOST, delete it. Returns the failed refs."""
-        answer = self._set_state(node_id, "removed")
+    def remove(self, node_id: str, *, incarnation: int | None = None) -> list[str]:
+        """Take the node out of service, fail its jobs as NODE_LOST, delete it. Returns the failed refs.
+
+        An agent removes its own node as it shuts down, naming its ``incarnation``: a node
+        that another agent registered since is left alone. Without one (an operator), the
+        node of a live agent is refused: its next heartbeat would bring it back."""
+        answer = self._set_state(node_id, "removed", "" if incarnation is None else str(incarnation), raw=True)
+        if answer == ["-1"]:
+            raise Conflict(
+                f"node {node_id} is run by a live node agent: stop the agent (it removes its node as it shuts down), "
+                f"or drain the node with `poolq nodes drain {node_id}`"
+            )
+        answer = answer if answer and answer[0] == "1" else []
         if not answer:
+            if incarnation is not None:
+                return []  # another agent has the node now
             raise NotFound(f"no node {node_id}")
         failed = self.fail_jobs(node_id, f"node {node_id} was removed", only=answer[2:])
         for _ in range(10):
@@ -114,7 +134,7 @@ class NodeAdmin:
                 ],
                 args=[node_id],
             )
-            if deleted:
+            if deleted:  # 1 deleted; 2 an agent registered the id again meanwhile
                 break
             failed += self.fail_jobs(node_id, f"node {node_id} was removed")
         return failed
@@ -149,13 +169,17 @@ class NodeAdmin:
             if self.store.finish(ref, JobStatus.FAILED, error_type=error_type, message=message, expected_node=node_id)
         ]
 
-    def _set_state(self, node_id: str, action: str, incarnation: str = "") -> list[str]:
-        """node_state.lua's answer: empty when nothing changed, else [1, incarnation, job refs...]."""
+    def _set_state(self, node_id: str, action: str, incarnation: str = "", *, raw: bool = False) -> list[str]:
+        """node_state.lua's answer: empty when nothing changed, else [1, incarnation, job refs...]
+        (with ``raw``, the answer as it is)."""
         answer = self.scripts.node_state(
             keys=[keys.node(node_id), keys.HEARTBEATS, keys.INVENTORY_LOG, keys.node_jobs(node_id)],
             args=[node_id, action, int(self.settings.node_ttl_s * 1000), incarnation],
         )
-        return [str(item) for item in answer] if answer and int(answer[0]) == 1 else []
+        items = [str(item) for item in answer]
+        if raw:
+            return items
+        return items if items and items[0] == "1" else []
 
     # -- reading ---------------------------------------------------------------
 

@@ -16,8 +16,12 @@ not tried again until capacity is freed or added, or a backoff passes. A round:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import secrets
+import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -25,6 +29,7 @@ from typing import Any
 import redis
 
 from poolq import keys, queues
+from poolq.model import ErrorType, JobStatus
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
 from poolq.store import WAKE_TTL_MS, JobStore, requests_text
@@ -39,6 +44,7 @@ MAX_CACHED_SHAPES = 10_000
 MAX_TERM_INDEXES = 1_000
 READY_SCAN = 512
 RESERVE_RETRIES = 3
+MAX_LOST_CLAIMS = 3  # claims holding a job alone that were lost before it is given up
 
 
 class Scheduler:
@@ -52,6 +58,10 @@ class Scheduler:
         self._log_id: str | None = None  # position in poolq:inventory:log
         self._shapes: dict[str, Shape] = {}
         self._quotas: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # tenant -> (limits, usage)
+        self._claim_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"  # claim ids: unique per round
+        self._claims = 0
+        self._draining = threading.Lock()
+        self._last_drain = time.monotonic()
 
     # -- the inventory view ----------------------------------------------------
 
@@ -69,8 +79,8 @@ class Scheduler:
             return
         entries = read[0][1] if read else []
         if entries:
-            self._log_id = entries[-1][0]
             self._reload_nodes({fields["n"] for _, fields in entries})
+            self._log_id = entries[-1][0]
 
     def _reload_nodes(self, node_ids: set[str]) -> None:
         ids = sorted(node_ids)
@@ -87,16 +97,30 @@ class Scheduler:
         return pipe.execute()
 
     def _reload(self) -> None:
+        # The position is taken first (changes from then on are read next time) and kept
+        # only once the whole view is built: a failed reload leaves none to trust.
+        self._log_id = None
         last = self.redis.xrevrange(keys.INVENTORY_LOG, count=1)
-        self._log_id = last[0][0] if last else "0-0"
-        self.inventory = Inventory(self.settings.placement_strategy)
+        inventory = Inventory(self.settings.placement_strategy)
         for fields in self.admin.load():
-            self.inventory.upsert(node_from_hash(fields))
+            inventory.upsert(node_from_hash(fields))
+        self.inventory, self._log_id = inventory, (last[0][0] if last else "0-0")
 
     # -- rounds ----------------------------------------------------------------
 
     def drain(self, budget_s: float = 5.0) -> int:
-        """Place until no ready job is left or the budget is spent; returns jobs handled."""
+        """Place until no ready job is left or the budget is spent; returns jobs handled.
+
+        One drain at a time per process (the Celery task, or the duties thread standing
+        in for a consumer that stopped): the inventory view is not shared between threads.
+        """
+        with self._draining:
+            try:
+                return self._drain(budget_s)
+            finally:
+                self._last_drain = time.monotonic()
+
+    def _drain(self, budget_s: float) -> int:
         self.redis.delete(keys.wake(queues.PLACEMENT))  # wake-ups sent from now on are new work
         deadline = time.monotonic() + budget_s
         handled = 0
@@ -108,6 +132,10 @@ class Scheduler:
                 return handled
         self.store.wake(queues.PLACEMENT)  # more work: let the queue interleave other messages
         return handled
+
+    def idle_s(self) -> float:
+        """Seconds since this process last placed."""
+        return time.monotonic() - self._last_drain
 
     def unblock_on_kick(self) -> int:
         """Capacity was freed or added since the last round: blocked shapes may fit now."""
@@ -130,6 +158,9 @@ class Scheduler:
         sigs = self._ready_shapes()
         if not sigs:
             return 0
+        claim_id = self._new_claim_id()
+        # claim.lua keeps its answer under the claim's id: the client's retry after a
+        # lost reply gets the same jobs back instead of claiming others.
         flat = self.scripts.claim(
             keys=[
                 keys.SHAPES_READY,
@@ -137,11 +168,14 @@ class Scheduler:
                 keys.SHAPES_IDLE,
                 keys.SUSPECTS,
                 keys.TENANTS_SERVED,
+                keys.CLAIMS,
+                keys.claim(claim_id),
                 *(keys.shape_queue(s) for s in sigs),
             ],
             args=[
                 self.settings.placement_batch,
                 int(self.settings.claim_lease_s * 1000),
+                claim_id,
                 *sigs,
                 *(self._shapes[s].tenant for s in sigs),
             ],
@@ -150,31 +184,45 @@ class Scheduler:
         if not claimed:
             return 0
         try:
-            self._place(claimed)
-        except redis.RedisError:
-            # Put the claim back rather than leave it to the lease: an expired lease counts
-            # as a dead worker against its job (Duties.recover_claims). Redis may refuse
-            # this too; then the lease it is.
+            self._place(claim_id, claimed)
+            self.redis.delete(keys.claim(claim_id))  # it served the claim's retry, if there was one
+        except Exception:
+            # Put the claim back rather than leave it to the lease, which may outlast the
+            # jobs' deadlines. Whatever failed may fail again for these jobs: each comes
+            # back as a suspect, claimed alone, and one that keeps failing is given up as
+            # a poison job would be (Duties.recover_claims). Redis may refuse this too;
+            # then the lease it is. The error ends the drain: the next wake-up tries again.
             try:
-                self._requeue(claimed, {})
+                self._return_suspects(claim_id, claimed)
             except redis.RedisError:
                 pass
             raise
         return len(claimed)
 
-    def _place(self, claimed: list[tuple[str, str, int]]) -> None:
-        self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed})
+    def _return_suspects(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
+        by_shape: dict[str, list[Held]] = defaultdict(list)
+        for job_ref, sig, _ in claimed:
+            by_shape[sig].append(Held(job_ref, claim_id, lost=len(claimed) == 1))
+        for sig, members in by_shape.items():
+            give_up_poison(self.store, requeue(self.scripts, sig, members, suspect=True))
+
+    def _new_claim_id(self) -> str:
+        self._claims += 1
+        return f"{self._claim_prefix}.{self._claims:x}"
+
+    def _place(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
+        self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed if sig in self._shapes})
         self.refresh()
         pending, unplaced = claimed, []
         failed_shapes: dict[str, list[dict[str, Any]]] = {}
         for _ in range(RESERVE_RETRIES):
             decisions, not_chosen = self._choose(pending, failed_shapes)
             unplaced += not_chosen
-            pending = self._reserve(decisions) if decisions else []
+            pending = self._reserve(claim_id, decisions) if decisions else []
             if not pending:
                 break
             self.refresh()
-        self._requeue(unplaced + pending, failed_shapes)
+        self._requeue(claim_id, unplaced + pending, failed_shapes)
 
     def _ready_shapes(self) -> list[str]:
         """The oldest ready shapes, at most SHAPES_PER_TENANT of one tenant, so that the
@@ -205,8 +253,7 @@ class Scheduler:
             pipe.hgetall(keys.tenant_usage(tenant))
         answers = pipe.execute()
         self._quotas = {
-            tenant: ({k: int(v) for k, v in answers[2 * i].items()}, {k: int(v) for k, v in answers[2 * i + 1].items()})
-            for i, tenant in enumerate(names)
+            tenant: (_integers(answers[2 * i]), _integers(answers[2 * i + 1])) for i, tenant in enumerate(names)
         }
 
     def _load_shapes(self, sigs: set[str]) -> None:
@@ -242,10 +289,18 @@ class Scheduler:
             decisions.append((job_ref, sig, seq, node, shape))
         return decisions, unplaced
 
-    def _reserve(self, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
+    def _reserve(self, claim_id: str, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
         """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
-        key_list = [keys.CLAIMED, keys.INVENTORY_LOG, keys.HEARTBEATS, keys.DEADLINES, keys.STATS, keys.TENANTS_SERVED]
-        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS]
+        key_list = [
+            keys.CLAIMED,
+            keys.INVENTORY_LOG,
+            keys.HEARTBEATS,
+            keys.DEADLINES,
+            keys.STATS,
+            keys.TENANTS_SERVED,
+            keys.CLAIMS,
+        ]
+        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS, claim_id]
         for job_ref, sig, seq, node, shape in decisions:
             key_list += [
                 keys.job(job_ref),
@@ -269,10 +324,17 @@ class Scheduler:
             log.debug("%d reservations refused; choosing again where the job still waits", len(refused))
         return [(d[0], d[1], d[2]) for d, code in refused if code in (2, 3, 4)]
 
-    def _requeue(self, jobs: list[tuple[str, str, int]], failed_shapes: dict[str, list[dict[str, Any]]]) -> None:
-        by_shape: dict[str, list[tuple[str, int]]] = defaultdict(list)
-        for job_ref, sig, seq in jobs:
-            by_shape[sig].append((job_ref, seq))
+    def _requeue(
+        self,
+        claim_id: str,
+        jobs: list[tuple[str, str, int]],
+        failed_shapes: dict[str, list[dict[str, Any]]],
+        *,
+        suspect: bool = False,
+    ) -> None:
+        by_shape: dict[str, list[Held]] = defaultdict(list)
+        for job_ref, sig, _ in jobs:
+            by_shape[sig].append(Held(job_ref, claim_id))
         for sig in failed_shapes:
             by_shape.setdefault(sig, [])
         if not by_shape:
@@ -280,22 +342,45 @@ class Scheduler:
         backoff_ms = int(self.settings.max_backoff_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
         for sig, members in by_shape.items():
-            requeue(self.scripts, sig, members, max_backoff_ms=backoff_ms, reasons=failed_shapes.get(sig), client=pipe)
+            requeue(
+                self.scripts,
+                sig,
+                members,
+                round_id=claim_id,
+                max_backoff_ms=backoff_ms,
+                reasons=failed_shapes.get(sig),
+                suspect=suspect,
+                client=pipe,
+            )
         pipe.execute()
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A claimed job as requeue.lua takes it: its ref, the claim that holds it, and
+    whether to count that claim's loss against it."""
+
+    ref: str
+    claim_id: str
+    lost: bool = False
 
 
 def requeue(
     scripts: Scripts,
     sig: str,
-    members: list[tuple[str, int]],
+    members: list[Held],
     *,
+    round_id: str = "",
     max_backoff_ms: int = 0,
     reasons: list[dict[str, Any]] | None = None,
+    suspect: bool = False,
     client: Any = None,
-) -> None:
-    """Put claimed jobs (ref, seq) of one shape back in line; with ``reasons``, count the
-    failed attempt and block the shape for a backoff up to ``max_backoff_ms`` (requeue.lua)."""
-    scripts.requeue(
+) -> dict[str, int]:
+    """Put claimed jobs of one shape back in line, each only while its claim still holds
+    it; with ``reasons``, count the round's failed attempt once and block the shape for a
+    backoff up to ``max_backoff_ms`` (requeue.lua). Returns, for members with ``lost``,
+    how many claims holding them were lost (unless ``client`` is a pipeline)."""
+    answer = scripts.requeue(
         keys=[
             keys.CLAIMED,
             keys.SHAPES_READY,
@@ -303,16 +388,49 @@ def requeue(
             keys.shape(sig),
             keys.shape_queue(sig),
             keys.SHAPES_IDLE,
-            *(keys.job(ref) for ref, _ in members),
+            keys.CLAIMS,
+            keys.SUSPECTS,
+            *(keys.job(m.ref) for m in members),
         ],
         args=[
             sig,
             max_backoff_ms,
             json.dumps(reasons) if reasons is not None else "",
-            *(item for ref, seq in members for item in (ref, seq)),
+            round_id,
+            "suspect" if suspect else "",
+            *(item for m in members for item in (m.ref, m.claim_id, "1" if m.lost else "")),
         ],
         client=client,
     )
+    if client is not None:
+        return {}
+    return {answer[i]: int(answer[i + 1]) for i in range(0, len(answer), 2)}
+
+
+def give_up_poison(store: JobStore, lost_claims: dict[str, int]) -> None:
+    """Fail the jobs that placement has lost MAX_LOST_CLAIMS times (a worker died, or a
+    round failed, holding only that job): such a job is not tried again."""
+    for job_ref, lost in lost_claims.items():
+        if lost >= MAX_LOST_CLAIMS:
+            store.finish(
+                job_ref,
+                JobStatus.FAILED,
+                error_type=ErrorType.INVALID_REQUEST,
+                from_statuses=[JobStatus.PENDING],
+                message=f"placement stopped {lost} times while handling this job; it is not tried again",
+            )
+
+
+def _integers(fields: dict[str, str]) -> dict[str, int]:
+    """Integer amounts of a Redis hash; a value that is not one is skipped with a warning,
+    so that one bad field cannot fail every placement round."""
+    out = {}
+    for name, value in fields.items():
+        try:
+            out[name] = int(value)
+        except ValueError:
+            log.warning("ignoring %s=%r: not an integer amount", name, value)
+    return out
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

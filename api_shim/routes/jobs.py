@@ -91,10 +91,13 @@ def submit_batch(request: Request) -> Response:
             continue
         valid.append((len(results), job))
         results.append({})
-    try:
-        outcomes = app.store.submit_many(job for _, job in valid)
-    except Unavailable as exc:
-        raise Unavailable(f"create app failed for the batch, err: {exc}") from exc
+    outcomes = app.store.submit_many(job for _, job in valid)
+    unknown = [outcome for outcome in outcomes if isinstance(outcome, Unavailable)]
+    if unknown and len(unknown) == len(outcomes):
+        raise Unavailable(
+            f"create app failed for the batch, err: {unknown[0]}; send the same batch again (items without a "
+            "submission_id get new ids: give every item one, so that sending it again cannot duplicate it)"
+        )
     for (position, job), outcome in zip(valid, outcomes):
         if isinstance(outcome, InvalidRequest):
             results[position] = {"error": str(outcome), "fields": outcome.fields}

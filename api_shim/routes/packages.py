@@ -30,13 +30,5 @@ def put(request: Request) -> Response:
     if not data:
         raise InvalidRequest({"body": ["must be the package's zip bytes"]}, "empty package")
     settings, store = request.app.settings, request.app.store
-    packages.put(
-        store.raw,
-        store.scripts,
-        tenant,
-        name,
-        data,
-        ttl_s=settings.retention_s,
-        budget=settings.max_tenant_package_bytes,
-    )
+    packages.put(store.raw, store.scripts, tenant, name, data, budget=settings.max_tenant_package_bytes)
     return Response.json({})

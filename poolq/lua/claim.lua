@@ -2,26 +2,32 @@
 -- each tenant, then each tenant's next, and so on, the tenant served least recently
 -- going first, so turns carry over from round to round and one tenant's backlog
 -- cannot starve another's jobs. Claimed jobs leave their shape's queue for
--- poolq:claimed with a lease; a worker that dies holding them loses the lease and the
--- sweep puts them back in line.
+-- poolq:claimed with a lease, and poolq:claims names the claim that holds each: only
+-- that claim may reserve or requeue them (reserve.lua, requeue.lua), so a worker that
+-- was paused past its lease cannot act on jobs the sweep gave to another.
+--
+-- Safe to run twice: the answer is kept under the claim's id for its lease, and a
+-- second run with the same id (a retry after a lost reply) answers it again.
 --
 -- A *suspect* (a job that was in the claim of a worker that died) is claimed alone, so
 -- that if it kills the next worker too, it is known to be the one (worker/duties.py).
 --
 -- KEYS: 1 shapes:ready, 2 claimed, 3 shapes:idle, 4 suspects, 5 tenants served,
---       6.. the queues of the shapes named in ARGV
--- ARGV: 1 max jobs, 2 lease ms, then the m shapes' sigs (in the order of their
---       queues), then the m shapes' tenants (same order)
+--       6 claims, 7 this claim's record, 8.. the queues of the shapes named in ARGV
+-- ARGV: 1 max jobs, 2 lease ms, 3 claim id, then the m shapes' sigs (in the order of
+--       their queues), then the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
-local limit = tonumber(ARGV[1])
-local first = 6
+local done = redis.call('GET', KEYS[7])
+if done then return cjson.decode(done) end
+local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
+local first = 8
 local m = #KEYS - first + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
-  local sig, tenant = ARGV[i - first + 3], ARGV[m + i - first + 3]
+  local sig, tenant = ARGV[i - first + 4], ARGV[m + i - first + 4]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
@@ -48,6 +54,7 @@ local function take(c)
   taken = taken + 1
   redis.call('ZREM', c[4], c[1])
   redis.call('ZADD', KEYS[2], expires, c[1])
+  redis.call('HSET', KEYS[6], c[1], claim_id)
   out[#out + 1] = c[1]
   out[#out + 1] = c[2]
   out[#out + 1] = c[3]
@@ -73,7 +80,7 @@ while taken < limit and not alone do
   turn = turn + 1
 end
 for i = first, #KEYS do
-  local sig = ARGV[i - first + 3]
+  local sig = ARGV[i - first + 4]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then
     redis.call('ZREM', KEYS[1], sig)
@@ -82,4 +89,5 @@ for i = first, #KEYS do
     redis.call('ZADD', KEYS[1], 'XX', head[2], sig)
   end
 end
+redis.call('SET', KEYS[7], cjson.encode(out), 'PX', tonumber(ARGV[2]))
 return out

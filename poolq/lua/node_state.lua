@@ -8,12 +8,24 @@
 -- ARGV: 1 id, 2 'drain' (by an operator: kept across re-registrations) | 'shutdown'
 --       (an agent stopping: cleared when it registers again) | 'dead' | 'removed' |
 --       'forget', 3 node ttl ms (for 'dead'),
---       4 incarnation (for 'forget': drop the heartbeat entry of that dead incarnation)
+--       4 incarnation: for 'forget', drop the heartbeat entry of that dead incarnation;
+--       for 'shutdown' and 'removed' by an agent, act only while the node is still that
+--       agent's (an old agent shutting down must not touch a new agent's node); '' any
 -- Returns {0} no such node (or, for 'dead', its heartbeat is fresh again; for
--- 'forget', it registered again), {1} drained or forgotten, {1, incarnation, refs...}
--- taken out of service.
+-- 'forget', it registered again; for an agent's 'shutdown' or 'removed', another agent
+-- has the node now), {-1} an operator's 'removed' of a live agent's node (refused),
+-- {1} drained or forgotten, {1, incarnation, refs...} taken out of service.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local action = ARGV[2]
+if (action == 'shutdown' or action == 'removed') and ARGV[4] ~= ''
+    and redis.call('HGET', KEYS[1], 'incarnation') ~= ARGV[4] then
+  return {0}
+end
+if action == 'removed' and ARGV[4] == '' then
+  -- An operator may not remove a live agent's node: its next heartbeat would bring it back.
+  local n = redis.call('HMGET', KEYS[1], 'kind', 'state')
+  if n[1] == 'agent' and n[2] == 'live' then return {-1} end
+end
 if action == 'drain' or action == 'shutdown' then
   redis.call('HSET', KEYS[1], 'drained', action == 'drain' and '1' or 'shutdown')
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', 100000, '*', 'n', ARGV[1])

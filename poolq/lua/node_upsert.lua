@@ -1,24 +1,32 @@
 -- Add a node (poolq nodes add) or register a node agent (poolq node).
 --
+-- Safe to run twice: an agent's registration carries a token, and a second run with
+-- the same token answers the incarnation the first one made.
+--
 -- KEYS: 1 node hash, 2 nodes set, 3 inventory log, 4 kick, 5 placement wake flag, 6 heartbeats
 -- ARGV: 1 id, 2 pool, 3 labels JSON, 4 kind (static|agent), 5 'create' to refuse an
 --       existing id, 6 wake ttl ms, 7 Celery queue of its agent ('' for static),
+--       8 registration token ('' for static), 9 node facts JSON (enforcement mode…),
 --       then resource/capacity pairs
 -- Returns {code, wake, incarnation}: code 1 done, 0 the id exists (create only).
 if ARGV[5] == 'create' and redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0, 0} end
+if ARGV[8] ~= '' then
+  local n = redis.call('HMGET', KEYS[1], 'reg', 'state', 'incarnation')
+  if n[1] == ARGV[8] and n[2] == 'live' then return {1, 0, tonumber(n[3])} end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local fields = redis.call('HKEYS', KEYS[1])
 local keep = {}
-for i = 8, #ARGV, 2 do keep['cap:' .. ARGV[i]] = true end
+for i = 10, #ARGV, 2 do keep['cap:' .. ARGV[i]] = true end
 for _, field in ipairs(fields) do
   if string.sub(field, 1, 4) == 'cap:' and not keep[field] then redis.call('HDEL', KEYS[1], field) end
 end
 -- An operator's drain outlives the agent restarting; the agent's own shutdown does not.
 local drained = redis.call('HGET', KEYS[1], 'drained') == '1' and '1' or '0'
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'pool', ARGV[2], 'labels', ARGV[3], 'kind', ARGV[4],
-  'state', 'live', 'drained', drained, 'queue', ARGV[7], 'since', now)
-for i = 8, #ARGV, 2 do
+  'state', 'live', 'drained', drained, 'queue', ARGV[7], 'since', now, 'reg', ARGV[8], 'facts', ARGV[9])
+for i = 10, #ARGV, 2 do
   redis.call('HSET', KEYS[1], 'cap:' .. ARGV[i], ARGV[i + 1])
   redis.call('HSETNX', KEYS[1], 'res:' .. ARGV[i], 0)
 end

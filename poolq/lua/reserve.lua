@@ -1,31 +1,46 @@
 -- Reserve capacity for a round of placement decisions. Each decision is checked
--- again here, atomically: the job is still PENDING, unplaced, not being stopped
--- and within its scheduling deadline (past it, the deadline duty fails it); the node is live (a fresh heartbeat for an agent node), not drained,
--- and has the free capacity. So concurrent placement workers never over-commit a
--- node and a job is never reserved twice, whatever their caches believed.
+-- again here, atomically: the job is still held by this round's claim (poolq:claims:
+-- a worker paused past its lease is fenced off), PENDING, unplaced, not being stopped
+-- and within its scheduling deadline (past it, the deadline duty fails it); the node is
+-- live (a fresh heartbeat for an agent node), not drained, and has the free capacity.
+-- So concurrent placement workers never over-commit a node and a job is never reserved
+-- twice, whatever their caches believed.
+--
+-- Safe to run twice: a job this claim already reserved on that node answers 0 again.
 --
 -- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats, 6 tenants served,
---       then per decision 8 keys: job, node, node jobs, node inbox, shape, node wake flag,
---       the tenant's usage, the tenant's quota
--- ARGV: 1 node ttl ms, 2 wake ttl ms, then per decision 4 values:
+--       7 claims, then per decision 8 keys: job, node, node jobs, node inbox, shape,
+--       node wake flag, the tenant's usage, the tenant's quota
+-- ARGV: 1 node ttl ms, 2 wake ttl ms, 3 claim id, then per decision 4 values:
 --       ref, node id, seq, requests ("R=amount,R=amount")
--- Returns per decision: 0 reserved, 1 job gone (placed, stopped, ended),
--- 2 node not available, 3 not enough free capacity, 4 over the tenant's quota;
--- then the node ids to wake.
+-- Returns per decision: 0 reserved, 1 job gone (placed, stopped, ended), 2 node not
+-- available, 3 not enough free capacity, 4 over the tenant's quota, 5 no longer held
+-- by this claim; then the node ids to wake.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
+local ttl, claim_id = tonumber(ARGV[1]), ARGV[3]
 local results, wake = {}, {}
 local buckets = {10, 50, 100, 500, 1000, 5000, 10000, 60000}  -- ms, for placement latency
-local n = (#KEYS - 6) / 8
+local first = 7
+local n = (#KEYS - first) / 8
+local function wake_node(node, wake_flag, node_id)
+  if redis.call('HGET', node, 'kind') == 'agent' and redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then
+    wake[#wake + 1] = node_id
+  end
+end
 for i = 0, n - 1 do
-  local k, a = 6 + i * 8, 2 + i * 4
+  local k, a = first + i * 8, 3 + i * 4
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
-  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline')
+  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim')
+  local ours = redis.call('HGET', KEYS[7], ref) == claim_id
   local code = 0
-  if j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
+  if j[2] == node_id and j[7] == claim_id then
+    code = -1  -- reserved by this very claim: a retry after a lost reply
+  elseif not ours then
+    code = 5
+  elseif j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
     code = 1
   else
     local nd = redis.call('HMGET', node, 'state', 'drained', 'kind')
@@ -60,7 +75,7 @@ for i = 0, n - 1 do
     local attempts = tonumber(redis.call('HGET', shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
     redis.call('HSET', job, 'node', node_id, 'pool', redis.call('HGET', node, 'pool'),
-      'res', requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now)
+      'res', requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now, 'claim', claim_id)
     local latency = now - tonumber(j[5] or now)
     for _, le in ipairs(buckets) do
       if latency <= le then redis.call('HINCRBY', KEYS[5], 'placement_le:' .. le, 1) end
@@ -71,12 +86,16 @@ for i = 0, n - 1 do
     redis.call('SADD', node_jobs, ref)
     redis.call('ZREM', KEYS[4], ref)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', node_id)
-    if redis.call('HGET', node, 'kind') == 'agent' then
-      redis.call('ZADD', inbox, seq, ref)
-      if redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then wake[#wake + 1] = node_id end
-    end
+    if redis.call('HGET', node, 'kind') == 'agent' then redis.call('ZADD', inbox, seq, ref) end
+    wake_node(node, wake_flag, node_id)
+  elseif code == -1 then
+    code = 0
+    wake_node(node, wake_flag, node_id)
   end
-  if code == 0 or code == 1 then redis.call('ZREM', KEYS[1], ref) end
+  if ours and (code == 0 or code == 1) then
+    redis.call('ZREM', KEYS[1], ref)
+    redis.call('HDEL', KEYS[7], ref)
+  end
   results[#results + 1] = code
 end
 return {results, wake}

@@ -1,17 +1,23 @@
 -- Store a new job and put it in line for placement, as one atomic step, so that an
 -- accepted job can never be stored without being queued (or queued twice).
 --
+-- Safe to run twice: a second run of the same request finds its own fingerprint and
+-- answers 1 ("already stored"), which the caller treats as accepted.
+--
 -- KEYS: 1 job hash, 2 tenant index, 3 shape hash, 4 shape queue, 5 shapes:ready,
 --       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag,
 --       10 tenant's active index, 11 tenant's status counts, 12 tenant's quota,
---       13 tenants set, 14 stats
+--       13 tenants set, 14 stats, 15 tenant's limits, 16 the package it runs from
+--       (any placeholder key when none), 17 the tenant's package use, 18 packages
 -- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 timeout ms,
 --       6 submission id, 7 job ref, 8 wake flag ttl ms, 9 requests "R=amount,...",
---       10 tenant
+--       10 tenant, 11 package name ('' when the working_dir is not a package),
+--       12 the package's member in packages
 -- Returns {code, wake, ...}: code 0 stored, 1 the same request is already stored,
 -- 2 another request holds this id, 3 the tenant's max pending is reached
 -- {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
--- {4, 0, resource, amount, limit}; wake 1 when the caller must send a wake-up.
+-- {4, 0, resource, amount, limit}, 5 its package was not uploaded;
+-- wake 1 when the caller must send a wake-up.
 local function outcome(name) redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. name, 1) end
 local existing = redis.call('HGET', KEYS[1], 'fp')
 if existing then
@@ -23,11 +29,13 @@ for name, amount in string.gmatch(ARGV[9], '([^=,]+)=(%d+)') do
   local limit = redis.call('HGET', KEYS[12], name)
   if limit and tonumber(amount) > tonumber(limit) then outcome('over_quota') return {4, 0, name, amount, limit} end
 end
-local max_pending = redis.call('HGET', KEYS[12], 'max_pending')
+local max_pending = redis.call('HGET', KEYS[15], 'max_pending')
 if max_pending then
   local pending = tonumber(redis.call('HGET', KEYS[11], 'PENDING') or '0')
   if pending >= tonumber(max_pending) then outcome('too_many_pending') return {3, 0, pending, max_pending} end
 end
+local package = ARGV[11]
+if package ~= '' and redis.call('EXISTS', KEYS[16]) == 0 then outcome('invalid') return {5, 0} end
 outcome('accepted')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,10 +44,16 @@ local timeout = tonumber(ARGV[5])
 local deadline = ''
 if timeout > 0 then deadline = now + timeout end
 redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
+redis.call('HINCRBY', KEYS[3], 'live', 1)  -- its spec is kept while a job of it lives
 local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
   'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', seq,
   'shape', ARGV[3], 'att_base', base)
+if package ~= '' then  -- a package is kept while a live job uses it (pkg_expire.lua)
+  redis.call('HSET', KEYS[1], 'pkg', package)
+  redis.call('HINCRBY', KEYS[17], package, 1)
+  redis.call('ZADD', KEYS[18], now, ARGV[12])
+end
 redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
 redis.call('HINCRBY', KEYS[11], 'PENDING', 1)

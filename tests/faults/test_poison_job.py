@@ -16,7 +16,7 @@ from typing import Any, Callable
 from tests.faults.checker import TERMINAL, check
 from tests.faults.conftest import Jobs, PyProc, Stack, statuses, submit_batch, wait_ready
 from tests.faults.poison import MARKER
-from worker.duties import MAX_LOST_CLAIMS
+from worker.scheduler import MAX_LOST_CLAIMS
 
 WORKER = "import sys, tests.faults.poison; from poolq.cli import main; sys.exit(main(['worker']))"
 MAX_CRASHES = MAX_LOST_CLAIMS + 2  # "a bounded number of attempts", with room for a spurious lease expiry

@@ -7,13 +7,22 @@ import math
 import threading
 from typing import Any, Callable, Iterable
 
+from marshmallow import ValidationError
+
 from api_shim.http import HTTPError, Request, Response, Route, Router
-from api_shim.routes import jobs, meta, metrics, nodes, packages
+from api_shim.routes.jobs import Jobs
+from api_shim.routes.meta import Meta
+from api_shim.routes.metrics import Metrics
+from api_shim.routes.nodes import Nodes
+from api_shim.routes.packages import Packages
 from poolq import tokens
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, StorageFull, TooMany, Unavailable
+from poolq.messaging import Waker, celery_waker
 from poolq.quotas import RateLimiter
+from poolq.redis_io import connect
+from poolq.schemas import parse_tenant
 from poolq.settings import Settings
-from poolq.store import JobStore, Waker
+from poolq.store import JobStore
 
 log = logging.getLogger("poolq.api")
 
@@ -40,19 +49,23 @@ REASONS = {
 
 
 class App:
-    """``App(settings)`` is a WSGI application serving DESIGN.md's HTTP API."""
+    """The WSGI application serving poolq's HTTP API (docs/api.md), built with the store it
+    uses: ``App(settings)`` connects to Redis itself, tests may hand it a ``store``."""
 
     def __init__(self, settings: Settings, *, store: JobStore | None = None, waker: Waker | None = None):
         self.settings = settings
-        self._store = store
-        self._waker = waker
-        self._limiter: RateLimiter | None = None
-        # Submissions holding their answer for `Prefer: wait` may take at most this many
-        # of a process's server threads; beyond it they answer at once (README, "The API").
-        self.waiters = threading.BoundedSemaphore(settings.max_waiters)
+        # Connections are made on first use, so each server process dials Redis itself.
+        self.store = store or JobStore(connect(settings), settings, waker or celery_waker(settings))
+        # Its own client, quick to give up: the check lets requests through when Redis
+        # does not answer, and must not spend the request's 2 s finding that out.
+        self.limiter = RateLimiter(connect(settings, timeout_s=0.25, retries=0), self.store.scripts)
         # Requests reading their body at once, per process: the rest of the server's
         # threads stay free for everything else (see Request.read_body).
         self.body_readers = threading.BoundedSemaphore(max(1, settings.api_threads - settings.max_waiters - 2))
+        jobs = Jobs(self.store, settings)
+        packages = Packages(self.store, settings)
+        nodes = Nodes(self.store.redis)
+        meta = Meta(self.store)
         self.router = Router(
             [
                 Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),
@@ -66,24 +79,12 @@ class App:
                 Route("/api/version", {"GET": meta.version}),
                 Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),
-                Route("/metrics", {"GET": metrics.metrics}),
+                Route("/metrics", {"GET": Metrics(self.store.redis).metrics}),
             ]
         )
 
-    @property
-    def store(self) -> JobStore:
-        """Built on first use, so that each server worker process dials Redis itself."""
-        if self._store is None:
-            from poolq.redis_io import connect
-            from worker.celery_app import celery_waker
-
-            waker = self._waker or celery_waker(self.settings)
-            self._store = JobStore(connect(self.settings), self.settings, waker)
-        return self._store
-
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        request = Request(environ)
-        request.app = self
+        request = Request(environ, self.body_readers)
         response = self.handle(request)
         headers = response.headers
         origin = environ.get("HTTP_ORIGIN")
@@ -109,13 +110,10 @@ class App:
         try:
             if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
                 self.authenticate(request)
-            if route.template.startswith(TENANT_ROUTES):
-                try:
-                    tenant = jobs.tenant_of(request)
-                except InvalidRequest:
-                    tenant = None  # the handler answers the malformed header, in its own words
-                if tenant is not None:
-                    self.limiter.check(tenant)
+            else:
+                self.tenant_from_header(request)
+            if route.template.startswith(TENANT_ROUTES) and request.tenant is not None:
+                self.limiter.check(request.tenant)
             return handler(request)
         except PoolqError as exc:
             return error_response(exc)
@@ -123,18 +121,15 @@ class App:
             log.exception("unhandled error for %s %s", request.method, request.path)
             return Response.json({"error": "internal error"}, 500)
 
-    @property
-    def limiter(self) -> RateLimiter:
-        if self._limiter is None:
-            # Its own client, quick to give up: the check lets requests through when Redis
-            # does not answer, and must not spend the request's 2 s finding that out.
-            from poolq.redis_io import connect
-
-            self._limiter = RateLimiter(connect(self.settings, timeout_s=0.25, retries=0), self.store.scripts)
-        return self._limiter
+    def tenant_from_header(self, request: Request) -> None:
+        """Tokens off: the tenant X-Tenant-Id names (absent or empty: ``default``)."""
+        try:
+            request.tenant = parse_tenant(request.header("X-Tenant-Id"))
+        except ValidationError as exc:
+            request.tenant_problem = list(exc.messages)  # type: ignore[arg-type]
 
     def authenticate(self, request: Request) -> None:
-        """Tokens on: the tenant comes from the bearer token (DESIGN.md 8)."""
+        """Tokens on: the tenant comes from the bearer token (docs/operations.md)."""
         scheme, _, token = (request.header("Authorization") or "").partition(" ")
         tenant = tokens.tenant_of(self.store.redis, token.strip()) if scheme.lower() == "bearer" else None
         if tenant is None:

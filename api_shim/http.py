@@ -9,13 +9,11 @@ import contextlib
 import dataclasses
 import json
 import re
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+import threading
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import parse_qs
 
-from poolq.errors import PoolqError
-
-if TYPE_CHECKING:
-    from api_shim.app import App
+from poolq.errors import InvalidRequest, PoolqError
 
 JSON = "application/json"
 BUSY_READING = "too many request bodies are being received at once; retry"
@@ -46,18 +44,34 @@ class Response:
 
 
 class Request:
-    """A thin view of the WSGI environ."""
+    """A thin view of the WSGI environ.
 
-    __slots__ = ("environ", "method", "path", "params", "app", "tenant", "_query")
+    ``tenant`` is decided once, before the handler runs (``App.handle``): the token's
+    tenant, else the one X-Tenant-Id names; None when that header is malformed, which
+    ``tenant_or_400`` answers for the routes that need a tenant.
+    """
 
-    def __init__(self, environ: dict[str, Any]):
+    __slots__ = ("environ", "method", "path", "params", "tenant", "tenant_problem", "_body_readers", "_query")
+
+    def __init__(self, environ: dict[str, Any], body_readers: threading.BoundedSemaphore):
         self.environ = environ
         self.method: str = environ["REQUEST_METHOD"].upper()
         self.path: str = environ.get("PATH_INFO") or "/"
         self.params: dict[str, str] = {}
-        self.app: App = None  # type: ignore[assignment]  # set by App.__call__
-        self.tenant: str | None = None  # the token's tenant, when tokens are on
+        self.tenant: str | None = None
+        self.tenant_problem: list[str] = []  # what is wrong with X-Tenant-Id, when tenant is None
+        self._body_readers = body_readers
         self._query: dict[str, list[str]] | None = None
+
+    def tenant_or_400(self) -> str:
+        if self.tenant is None:
+            raise InvalidRequest({"X-Tenant-Id": self.tenant_problem}, "invalid X-Tenant-Id header")
+        return self.tenant
+
+    def tenant_as_given(self) -> str | None:
+        """For validating a submission with its other headers: the tenant, or the
+        malformed header as it came (so that the 400 names it with the other fields)."""
+        return self.tenant if self.tenant is not None else self.header("X-Tenant-Id")
 
     def header(self, name: str) -> str | None:
         """A request header by its HTTP name (``X-Tenant-Id``)."""
@@ -76,7 +90,7 @@ class Request:
         """The body, refusing more than ``limit`` bytes before reading it (413).
 
         Reading holds a server thread until the client has sent the body, and granian
-        has no timeout for that: at most ``app.body_readers`` requests of a process
+        has no timeout for that: at most ``body_readers`` requests of a process
         read at once, so that slow or stalled uploads cannot take every thread. A body
         waits up to BODY_SLOT_WAIT_S for its turn, then gets a 503 with Retry-After;
         requests without a body are never held up.
@@ -100,7 +114,7 @@ class Request:
 
     @contextlib.contextmanager
     def _body_slot(self) -> Iterator[None]:
-        readers = self.app.body_readers
+        readers = self._body_readers
         if not readers.acquire(timeout=BODY_SLOT_WAIT_S):
             raise HTTPError(503, BUSY_READING, [("Retry-After", "1")])
         try:

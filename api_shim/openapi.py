@@ -83,6 +83,18 @@ class Scheduling(Schema):
     reasons = fields.List(fields.Nested(Reason), required=True)
 
 
+class PreviousAttempt(Schema):
+    attempt_number = fields.Integer(required=True)
+    status = fields.String(required=True)
+    error_type = fields.String(allow_none=True)
+    message = fields.String(allow_none=True)
+    node = fields.String(allow_none=True)
+    devices = fields.Dict(required=True)
+    start_time = fields.Integer(allow_none=True)
+    end_time = fields.Integer(allow_none=True)
+    driver_exit_code = fields.Integer(allow_none=True)
+
+
 class JobRecord(Schema):
     type = fields.String(required=True, metadata={"enum": ["SUBMISSION"]})
     job_id = fields.Raw(allow_none=True, metadata={"nullable": True, "description": "always null"})
@@ -108,6 +120,17 @@ class JobRecord(Schema):
     driver_exit_code = fields.Integer(allow_none=True)
     driver_info = fields.Raw(allow_none=True, metadata={"nullable": True})
     driver_agent_http_address = fields.Raw(allow_none=True, metadata={"nullable": True})
+    devices = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        required=True,
+        metadata={"description": 'the device ids the job was given, e.g. {"GPU": ["0", "1"]}'},
+    )
+    runtime_limit_s = fields.Float(allow_none=True)
+    run_deadline = fields.Integer(allow_none=True, metadata={"description": "ms: when its runtime limit ends"})
+    retry_policy = fields.Dict(allow_none=True)
+    attempt_number = fields.Integer(required=True)
+    previous_attempts = fields.List(fields.Nested(PreviousAttempt), required=True)
     scheduling = fields.Nested(Scheduling, required=True)
 
 
@@ -141,6 +164,9 @@ class Node(Schema):
     capacity = fields.Dict(required=True)
     reserved = fields.Dict(required=True)
     free = fields.Dict(required=True)
+    devices = fields.Dict(
+        required=True, metadata={"description": 'per device, the share in use: {"GPU": {"0": 1.0, "1": 0.5}}'}
+    )
 
 
 class Pool(Schema):

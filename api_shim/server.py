@@ -13,7 +13,7 @@ import os
 from granian import Granian
 from granian.constants import Interfaces
 
-from poolq.logs import granian_log_config
+from poolq.logconfig import granian_log_config
 from poolq.settings import Settings
 
 

@@ -1,5 +1,5 @@
 import sys
 
-from poolq.cli import main
+from poolq.commands.cli import main
 
 sys.exit(main())

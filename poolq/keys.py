@@ -18,6 +18,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:tenants | set | tenants with jobs (for metrics); a tenant left with none is forgotten |
 | poolq:seq | string | counter giving each submission its place in line |
 | poolq:deadlines | zset | ref -> deadline ms, for jobs not yet placed that have one |
+| poolq:retries | zset | ref -> ms: jobs whose failed attempt will run again, when their backoff ends |
 | poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |
 | poolq:shape:<sig> | hash | one placement *shape*: spec (what its jobs ask for), attempts, reasons |
 | poolq:shape:<sig>:q | zset | ref -> seq: unplaced jobs of that shape, oldest first |
@@ -56,6 +57,7 @@ PREFIX = "poolq:"
 
 SEQ = PREFIX + "seq"
 DEADLINES = PREFIX + "deadlines"
+RETRIES = PREFIX + "retries"
 TERMINAL = PREFIX + "terminal"
 SHAPES_READY = PREFIX + "shapes:ready"
 SHAPES_BLOCKED = PREFIX + "shapes:blocked"

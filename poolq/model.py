@@ -17,6 +17,10 @@ CPU = "CPU"
 MEMORY = "memory"
 GPU = "GPU"
 
+# How long from submission to reservation, for /metrics: reserve.lua counts each
+# placement in the buckets it falls in (ms).
+PLACEMENT_LATENCY_BUCKETS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 60000)
+
 
 class JobStatus(str, enum.Enum):
     PENDING = "PENDING"
@@ -43,6 +47,22 @@ class ErrorType(str, enum.Enum):
     NODE_DISK_FULL = "NODE_DISK_FULL"
     INVALID_REQUEST = "INVALID_REQUEST"
     STOPPED_BY_USER = "STOPPED_BY_USER"
+    RUNTIME_LIMIT = "RUNTIME_LIMIT"
+
+
+# What a retry policy may retry on: outcomes of an attempt that running it again can change.
+RETRYABLE = (
+    ErrorType.ENTRYPOINT_FAILED,
+    ErrorType.NODE_LOST,
+    ErrorType.RUNTIME_LIMIT,
+    ErrorType.OUT_OF_MEMORY,
+    ErrorType.NODE_SHUTDOWN,
+    ErrorType.NODE_DISK_FULL,
+)
+RETRY_ON_DEFAULT = (ErrorType.ENTRYPOINT_FAILED, ErrorType.NODE_LOST)
+
+# Resources whose units are devices with ids, and the variable that tells a job its own.
+DEVICE_VARIABLES = {"GPU": "CUDA_VISIBLE_DEVICES", "NPU": "ASCEND_RT_VISIBLE_DEVICES"}
 
 
 def to_milli(amount: Decimal | int) -> int:
@@ -131,10 +151,15 @@ class JobFields:
     CLAIM = "claim"  # the placement claim that reserved it
     RUNNER = "runner"  # the incarnation of the node agent that started it
     PACKAGE = "pkg"  # the uploaded package its working_dir names
+    DEVICES = "devs"  # the devices it was given: "GPU:0:1000,GPU:1:500" (resource:id:milli-units)
+    ATTEMPT = "attempt"  # which attempt this is (absent: the first)
+    PREVIOUS = "prev"  # JSON list: the outcomes of its earlier attempts
+    RETRY = "retry"  # its retry policy, "max attempts|OUTCOME,…|backoff ms"
+    RUN_DEADLINE = "run_deadline"  # ms, when its runtime limit ends (set when it starts)
 
 
 def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The job record of DESIGN.md 4 from a job hash (and its shape, while unplaced)."""
+    """The job record of docs/jobs.md from a job hash (and its shape, while unplaced)."""
     spec = json.loads(fields[JobFields.SPEC])
     status = fields[JobFields.STATUS]
     attempts, reasons = scheduling_progress(fields, shape)
@@ -164,6 +189,13 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "driver_exit_code": _int_or_none(fields.get(JobFields.EXIT_CODE)),
         "driver_info": None,
         "driver_agent_http_address": None,
+        # poolq's own: what the job was given and how often it ran (docs/running.md)
+        "devices": devices_of(fields.get(JobFields.DEVICES) or ""),
+        "runtime_limit_s": spec.get("runtime_limit_s"),
+        "run_deadline": _int_or_none(fields.get(JobFields.RUN_DEADLINE)),
+        "retry_policy": spec.get("retry_policy"),
+        "attempt_number": int(fields.get(JobFields.ATTEMPT) or 1),
+        "previous_attempts": [_attempt(a) for a in json.loads(fields.get(JobFields.PREVIOUS) or "[]")],
         "scheduling": {
             "attempts": attempts,
             "deadline": int(deadline) if deadline else None,
@@ -198,6 +230,38 @@ def describe(fields: Mapping[str, str], attempts: int, reasons: list[dict[str, A
     if status == JobStatus.RUNNING:
         return f"running on node {node}"
     return status.lower()
+
+
+def held_devices(held: str) -> list[tuple[str, str, int]]:
+    """A job's devices as reserve.lua records them ("GPU:0:1000,GPU:1:500"): (resource, id, milli)."""
+    out = []
+    for item in filter(None, held.split(",")):
+        name, device, milli = item.split(":")
+        out.append((name, device, int(milli)))
+    return out
+
+
+def devices_of(held: str) -> dict[str, list[str]]:
+    """A job's devices by resource: {"GPU": ["0", "1"]}."""
+    out: dict[str, list[str]] = {}
+    for name, device, _ in held_devices(held):
+        out.setdefault(name, []).append(device)
+    return out
+
+
+def _attempt(entry: dict[str, Any]) -> dict[str, Any]:
+    """An earlier attempt as the record shows it (finish.lua keeps it as it ended)."""
+    return {
+        "attempt_number": entry.get("attempt"),
+        "status": entry.get("status"),
+        "error_type": entry.get("error_type"),
+        "message": entry.get("message"),
+        "node": entry.get("node") or None,
+        "devices": devices_of(entry.get("devices") or ""),
+        "start_time": entry.get("start_time"),
+        "end_time": entry.get("end_time"),
+        "driver_exit_code": entry.get("exit_code"),
+    }
 
 
 def _int_or_none(value: str | None) -> int | None:

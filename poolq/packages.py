@@ -18,7 +18,7 @@ import redis
 
 from poolq import keys
 from poolq.errors import StorageFull
-from poolq.redis_io import Scripts, redis_errors
+from poolq.redis_io import Scripts, now_ms, redis_errors
 from poolq.schemas import PACKAGE_NAME
 
 PROTOCOL = "gcs"
@@ -58,7 +58,7 @@ def fetch(client: redis.Redis, tenant: str, uri: str) -> bytes | None:
     name = name_of(uri)
     pipe = client.pipeline(transaction=False)
     pipe.get(keys.package(tenant, name))
-    pipe.zadd(keys.PACKAGES, {keys.package_member(tenant, name): _now_ms(client)}, xx=True)
+    pipe.zadd(keys.PACKAGES, {keys.package_member(tenant, name): now_ms(client)}, xx=True)
     data, _ = pipe.execute()
     return data  # type: ignore[no-any-return]
 
@@ -79,8 +79,3 @@ def expire(client: redis.Redis, scripts: Scripts, now_ms: int, retention_s: int,
             args=[name, member, cutoff],
         )
     return removed
-
-
-def _now_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000

@@ -4,9 +4,10 @@ Two hashes, so that a limit can never be mistaken for a resource of the same nam
 ``poolq:quota:<tenant>`` holds integer limits on what the tenant's placed and running
 jobs may hold (resource names as placement uses them: CPU and GPU in milli-units,
 memory in bytes); ``poolq:limits:<tenant>`` holds ``max_pending`` (PENDING jobs; more
-is a 429 at submit) and ``rate``/``burst`` (a request token bucket per tenant; over
-it, 429 with Retry-After). A job over the running quota waits; a job that alone
-exceeds it is refused at submit.
+is a 429 at submit), ``rate``/``burst`` (a request token bucket per tenant; over
+it, 429 with Retry-After), ``runtime_limit_ms`` (for its jobs that name none) and
+``schedule_timeout_ms`` (for its jobs sent without X-Schedule-Timeout-Ms). A job over
+the running quota waits; a job that alone exceeds it is refused at submit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from poolq import keys
 from poolq.errors import TooMany
 from poolq.model import CPU, GPU, MEMORY, to_milli
 from poolq.redis_io import Scripts, redis_errors
+from poolq.schemas import MAX_SCHEDULE_TIMEOUT_MS
 
 CACHE_S = 1.0  # how long an API process trusts what it read of a tenant's rate limit
+MAX_CACHED_TENANTS = 10_000
 
 
 @redis_errors("the quota change")
@@ -37,6 +40,8 @@ def set_quota(
     max_pending: int | None = None,
     rate: float | None = None,
     burst: int | None = None,
+    runtime_limit_s: float | None = None,
+    schedule_timeout_ms: int | None = None,
 ) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
     amounts: dict[str, str] = {}
@@ -56,6 +61,14 @@ def set_quota(
         limits["burst"] = str(burst if burst is not None else max(1, int(rate)))
     elif burst is not None:
         limits["burst"] = str(burst)
+    if runtime_limit_s is not None:  # the tenant's jobs that name no runtime limit (start.lua); 0: none
+        if runtime_limit_s < 0:
+            raise ValueError("--runtime-limit-s must be 0 (none) or more")
+        limits["runtime_limit_ms"] = str(int(runtime_limit_s * 1000))
+    if schedule_timeout_ms is not None:  # for its jobs sent without X-Schedule-Timeout-Ms (submit.lua)
+        if not 0 <= schedule_timeout_ms <= MAX_SCHEDULE_TIMEOUT_MS:
+            raise ValueError(f"--schedule-timeout-ms must be 0 (wait forever) to {MAX_SCHEDULE_TIMEOUT_MS}")
+        limits["schedule_timeout_ms"] = str(schedule_timeout_ms)
     pipe = client.pipeline(transaction=True)
     if amounts:
         pipe.hset(keys.quota(tenant), mapping=amounts)
@@ -85,7 +98,7 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis, scripts: Scripts):
         self.redis, self.scripts = client, scripts
-        self._cache: dict[str, tuple[float, float | None, int]] = {}
+        self._cache: dict[str, tuple[float, float | None, int]] = {}  # bounded: see _check
         self._lock = threading.Lock()
 
     def check(self, tenant: str) -> None:
@@ -108,6 +121,8 @@ class RateLimiter:
             rate_text, burst_text = self.redis.hmget(keys.limits(tenant), ["rate", "burst"])
             cached = (now + CACHE_S, float(rate_text) if rate_text else None, int(burst_text or 1))
             with self._lock:
+                if len(self._cache) >= MAX_CACHED_TENANTS:  # any X-Tenant-Id may come: stay bounded
+                    self._cache.clear()
                 self._cache[tenant] = cached
         _, rate, burst = cached
         if not rate:

@@ -69,6 +69,12 @@ def redis_errors(what: str) -> Callable[[F], F]:
     return wrap
 
 
+def now_ms(client: redis.Redis) -> int:
+    """Redis's clock, in ms: the clock every record and lease is written on."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 class Scripts:
     """Every ``poolq/lua/*.lua`` file as a callable ``Script`` attribute of the same name."""
 

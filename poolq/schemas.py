@@ -1,4 +1,4 @@
-"""Marshmallow schemas for a job request (DESIGN.md 2.1), built once and reused.
+"""Marshmallow schemas for a job request (docs/api.md), built once and reused.
 
 The HTTP shim and the ``poolq.submit`` queue task validate with the same schemas,
 so a job means the same thing whichever way it arrives. Bodies are parsed with
@@ -16,6 +16,8 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
+
+from poolq.model import RETRYABLE
 
 LABEL_PART = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
 RESOURCE_NAME = LABEL_PART
@@ -52,6 +54,9 @@ MAX_LIST_STRING = 4096  # one pip requirement or excludes pattern
 MAX_RESOURCES = 64
 MAX_SELECTOR = 64
 MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
+MAX_RUNTIME_LIMIT_S = 30 * 86_400
+MAX_ATTEMPTS = 100
+MAX_BACKOFF_S = 3600
 
 # Ray's pip_version, e.g. "==22.0.2;python_version=='3.8.11'": before the ";", a version
 # or comma-separated clauses of an operator and a version (PEP 440's characters only).
@@ -340,6 +345,31 @@ class RuntimeEnvSchema(_NullIsAbsent):
         return data
 
 
+def check_retry_on(value: Any) -> list[str]:
+    allowed = [error.value for error in RETRYABLE]
+    if not isinstance(value, list) or not value:
+        raise ValidationError("must be a non-empty list of outcomes: " + ", ".join(allowed))
+    unknown = [item for item in value if item not in allowed]
+    if unknown:
+        raise ValidationError(f"{unknown[0]!r} cannot be retried; give any of {', '.join(allowed)}")
+    return list(dict.fromkeys(value))
+
+
+class RetryPolicySchema(_NullIsAbsent):
+    """How often to run a job again when an attempt ends in one of ``retry_on``."""
+
+    max_attempts = Amount(1, MAX_ATTEMPTS, integer=True, required=True)
+    retry_on = fields.Raw(
+        validate=check_retry_on,
+        metadata={
+            "type": "array",
+            "items": {"type": "string", "enum": [e.value for e in RETRYABLE]},
+            "description": "default: ENTRYPOINT_FAILED, NODE_LOST",
+        },
+    )
+    backoff_s = Amount(0, MAX_BACKOFF_S, metadata={"description": "before the 2nd attempt, doubling after; default 1"})
+
+
 class JobRequestSchema(_NullIsAbsent):
     entrypoint = Text(
         required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"}
@@ -364,6 +394,13 @@ class JobRequestSchema(_NullIsAbsent):
     )
     submission_id = Text(max_bytes=256, metadata={"pattern": SUBMISSION_ID_INPUT})
     job_id = Text(max_bytes=256, metadata={"pattern": SUBMISSION_ID_INPUT, "deprecated": True})
+    # poolq's own fields (neither openYuanrong nor Ray has them; docs/running.md).
+    runtime_limit_s = Amount(
+        Decimal("0.1"),
+        MAX_RUNTIME_LIMIT_S,
+        metadata={"description": "stop the job (RUNTIME_LIMIT) once it has run this long, in seconds"},
+    )
+    retry_policy = Object(RetryPolicySchema)
 
 
 def _check_metadata_key(key: str) -> str:

@@ -58,7 +58,9 @@ class Settings:
 
     # Nodes.
     enforce_resources: bool = True  # each job in its own cgroup with its limits, where the node allows it
+    cgroup_root: Path = Path("/sys/fs/cgroup")  # where the node's cgroup hierarchies are mounted
     job_pids_max: int = 4096  # processes and threads one job may have at once (0: no limit)
+    runtime_limit_s: float = 0.0  # the node's runtime limit for jobs that name none, nor their tenant (0: none)
     node_ttl_s: float = 15.0
     heartbeat_s: float = 2.0
     stop_grace_s: float = 10.0
@@ -137,7 +139,7 @@ class Settings:
 def _convert(name: str, annotation: object, raw: str) -> object:
     kind = str(annotation)
     try:
-        if name == "data_dir":
+        if name in ("data_dir", "cgroup_root"):
             return Path(raw).expanduser().resolve()
         if kind.startswith("tuple"):
             return tuple(part.strip() for part in raw.split(",") if part.strip())

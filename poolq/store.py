@@ -8,13 +8,14 @@ see half a job.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
 import time
 import uuid
 from decimal import Decimal
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import redis
 from marshmallow import ValidationError
@@ -25,6 +26,7 @@ from poolq.model import (
     CPU,
     GPU,
     MEMORY,
+    RETRY_ON_DEFAULT,
     ErrorType,
     JobFields,
     JobStatus,
@@ -38,12 +40,49 @@ from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import JobHeaders, check_headers, load_job_request, normalise_submission_id, parse_tenant
 from poolq.settings import Settings
 
+if TYPE_CHECKING:
+    from poolq.messaging import Waker
+
 log = logging.getLogger("poolq.store")
 
 WAKE_TTL_MS = 2000  # a wake-up lost with its message is re-sent by the sweep after this
 LIST_SCAN = 5000  # records a filtered listing reads at most per page
 
-Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
+
+class Submitted(enum.IntEnum):
+    """submit.lua's answer; /metrics counts each per tenant (poolq:stats, under its number)."""
+
+    ACCEPTED = 0
+    DUPLICATE = 1  # the same request was already stored: an idempotent retry
+    CONFLICT = 2  # another request holds the id
+    TOO_MANY_PENDING = 3  # the tenant's max pending
+    OVER_QUOTA = 4  # the job alone asks for more than the tenant's quota
+    NO_PACKAGE = 5  # the package its working_dir names was not uploaded
+    INVALID = 6  # refused before submit.lua ran (counted by count_invalid)
+
+    @classmethod
+    def label_of(cls, code: str) -> str:
+        """The metric label of a counted code (a name as is: counted by an earlier version)."""
+        return cls(int(code)).name.lower() if code.isdigit() and int(code) in cls._value2member_map_ else code
+
+
+class Ending(enum.IntEnum):
+    """finish.lua's answer."""
+
+    NO_SUCH_JOB = -2
+    NODE_CHANGED = -1  # the job was placed (or moved) since the caller read it: read again
+    NOT_ALLOWED = 0  # already terminal, from a status not allowed, or its deadline not reached
+    MOVED = 1
+    STOP_FLAGGED = 2  # a stop of a RUNNING job: its agent ends it
+    RETRIED = 3  # the attempt ended; its retry policy runs the job again
+
+
+class Purged(enum.IntEnum):
+    """purge.lua's answer for one job."""
+
+    ABSENT = -1
+    NOT_TERMINAL = 0
+    REMOVED = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +97,10 @@ class NewJob:
     shape_sig: str
     shape: dict[str, Any]  # what placement needs: amounts, affinity terms, selector
     shape_json: str
-    timeout_ms: int
+    timeout_ms: int | None  # its X-Schedule-Timeout-Ms; None: the tenant's default, else the service's
     package: str  # the name of the uploaded package its working_dir names, or ""
+    retry: str = ""  # its retry policy as finish.lua reads it ("attempts|OUTCOME,…|backoff ms"), or ""
+    runtime_limit_ms: int = 0  # its own runtime limit, or 0 (the tenant's or the node's, if any)
 
     @property
     def ref(self) -> str:
@@ -118,7 +159,7 @@ class JobStore:
         gpus = request.get("entrypoint_num_gpus", 0)
         resources = request.get("entrypoint_resources", {})
         selector = request.get("entrypoint_label_selector", {})
-        timeout_ms = self.settings.schedule_timeout_ms if headers.timeout_ms is None else headers.timeout_ms
+        timeout_ms = headers.timeout_ms
         spec = {
             "submission_id": submission_id,
             "tenant_id": tenant,
@@ -132,12 +173,28 @@ class JobStore:
             "entrypoint_label_selector": selector,
             "pool_label": headers.label,
         }
+        retry = ""
+        if "retry_policy" in request:  # defaults made explicit: the record shows what applies
+            given = request["retry_policy"]
+            attempts = int(given["max_attempts"])
+            retry_on: list[str] = given.get("retry_on") or [error.value for error in RETRY_ON_DEFAULT]
+            backoff = given.get("backoff_s", 1)
+            spec["retry_policy"] = {
+                "max_attempts": attempts,
+                "retry_on": retry_on,
+                "backoff_s": canonical_number(backoff),
+            }
+            retry = f"{attempts}|{','.join(retry_on)}|{to_milli(backoff)}"
+        limit_ms = 0
+        if "runtime_limit_s" in request:
+            spec["runtime_limit_s"] = canonical_number(request["runtime_limit_s"])
+            limit_ms = to_milli(request["runtime_limit_s"])
         # Each is serialised once: the same text is stored and hashed (sorted keys, so
         # that equal requests give equal text).
         spec_json = _canonical(spec)
         shape = build_shape(tenant, cpus, memory, gpus, resources, headers.terms, headers.anti, selector)
         shape_json = _canonical(shape)
-        fingerprint = _digest(f"{spec_json}|{timeout_ms}")
+        fingerprint = _digest(f"{spec_json}|{'default' if timeout_ms is None else timeout_ms}")
         working_dir = request["runtime_env"]["working_dir"]
         package = packages.name_of(working_dir) if working_dir.startswith("gcs://") else ""
         return NewJob(
@@ -151,6 +208,8 @@ class JobStore:
             shape_json,
             timeout_ms,
             package,
+            retry,
+            limit_ms,
         )
 
     def submit(self, job: NewJob) -> bool:
@@ -166,7 +225,9 @@ class JobStore:
 
     @redis_errors("the submission")
     def _submit_script(self, job: NewJob) -> list[Any]:
-        return list(self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job)))
+        return list(
+            self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job, self.settings.schedule_timeout_ms))
+        )
 
     def submit_many(self, jobs: Iterable[NewJob]) -> list[bool | PoolqError]:
         """Store many jobs in one round trip; per job, like ``submit``.
@@ -192,7 +253,9 @@ class JobStore:
     def _submit_pipeline(self, jobs: list[NewJob]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=False)
         for job in jobs:
-            self.scripts.submit(keys=_submit_keys(job), args=_submit_args(job), client=pipe)
+            self.scripts.submit(
+                keys=_submit_keys(job), args=_submit_args(job, self.settings.schedule_timeout_ms), client=pipe
+            )
         return list(pipe.execute())
 
     def _read_back(self, jobs: list[NewJob], cause: Unavailable) -> list[bool | PoolqError]:
@@ -222,7 +285,8 @@ class JobStore:
         return list(pipe.execute())
 
     def _outcome(self, job: NewJob, code: int, wake: int, *detail: Any) -> bool:
-        if code == 5:
+        outcome = Submitted(code)
+        if outcome == Submitted.NO_PACKAGE:
             name = job.package
             raise InvalidRequest(
                 {
@@ -231,12 +295,12 @@ class JobStore:
                     ]
                 }
             )
-        if code == 2:
+        if outcome == Submitted.CONFLICT:
             raise Conflict(f"submit job has already exist, submissionId: {job.submission_id}")
-        if code == 3:
+        if outcome == Submitted.TOO_MANY_PENDING:
             pending, limit = detail
             raise TooMany(f"tenant {job.tenant} has {pending} pending jobs, its limit")
-        if code == 4:
+        if outcome == Submitted.OVER_QUOTA:
             resource, amount, limit = detail
             field = REQUEST_FIELDS.get(resource, f"entrypoint_resources.{resource}")
             raise InvalidRequest(
@@ -248,7 +312,7 @@ class JobStore:
             )
         if wake:
             self.wake(queues.PLACEMENT)
-        return code == 0
+        return outcome == Submitted.ACCEPTED
 
     def wake(self, queue: str) -> None:
         """Send a wake-up; a failure is logged, not raised: the sweep re-sends it."""
@@ -273,15 +337,17 @@ class JobStore:
         expected_node: str | None = None,
         mode: str = "",
         extra: dict[str, str] | None = None,
-    ) -> bool:
-        """Move a job to a terminal status and release what it holds, exactly once.
+        attempt: int | None = None,
+    ) -> Ending:
+        """Move a job to a terminal status and release what it holds, exactly once (or,
+        where its retry policy says so, end the attempt: the job goes back to PENDING).
 
-        False if the job is already terminal or not in ``from_statuses`` (or, with
-        ``expected_node``, placed elsewhere). ``mode`` as in ``poolq/lua/finish.lua``.
+        NOT_ALLOWED if the job is already terminal or not in ``from_statuses`` (or, with
+        ``expected_node``, placed elsewhere; with ``attempt``, on another attempt: the
+        caller's has ended). ``mode`` as in ``poolq/lua/finish.lua``.
         """
-        return (
-            self._end(job_ref, status, error_type, message, exit_code, from_statuses, expected_node, mode, extra, "")
-            == 1
+        return self._end(
+            job_ref, status, error_type, message, exit_code, from_statuses, expected_node, mode, extra, "", attempt
         )
 
     @redis_errors("the status change")
@@ -297,8 +363,8 @@ class JobStore:
         mode: str,
         extra: dict[str, str] | None,
         token: str,
-    ) -> int:
-        """finish.lua's answer: 1 moved, 0 not allowed, 2 stop flagged on a RUNNING job, -2 no such job."""
+        attempt: int | None = None,
+    ) -> Ending:
         allowed = "," + ",".join(s.value for s in from_statuses) + ","
         tenant = keys.split_ref(job_ref)[0]
         extra_args = [item for pair in (extra or {}).items() for item in pair]
@@ -307,7 +373,7 @@ class JobStore:
             sig = sig or ""
             node = node or ""
             if expected_node is not None and node != expected_node:
-                return 0
+                return Ending.NOT_ALLOWED
             code, wake = self.scripts.finish(
                 keys=[
                     keys.job(job_ref),
@@ -329,6 +395,7 @@ class JobStore:
                     keys.shape(sig),
                     keys.tenant_package_use(tenant),
                     keys.PACKAGES,
+                    keys.RETRIES,
                 ],
                 args=[
                     job_ref,
@@ -341,13 +408,14 @@ class JobStore:
                     WAKE_TTL_MS,
                     mode,
                     token,
+                    "" if attempt is None else attempt,
                     *extra_args,
                 ],
             )
-            if code != -1:
+            if code != Ending.NODE_CHANGED:
                 if wake:
                     self.wake(queues.PLACEMENT)
-                return int(code)
+                return Ending(code)
         raise Unavailable(f"job {job_ref} kept changing while it was being ended")
 
     @redis_errors("the stop")
@@ -371,23 +439,23 @@ class JobStore:
             None,
             uuid.uuid4().hex[:16],
         )
-        if outcome == -2:
+        if outcome == Ending.NO_SUCH_JOB:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        if outcome == 2:
+        if outcome == Ending.STOP_FLAGGED:
             node = self.redis.hget(keys.job(job_ref), JobFields.NODE)
             if node:
                 self.wake(queues.node_queue(node))
-        return outcome in (1, 2)
+        return outcome in (Ending.MOVED, Ending.STOP_FLAGGED)
 
     @redis_errors("the removal")
-    def purge(self, job_refs: list[str]) -> list[int]:
-        """Remove terminal jobs (record, log, index entries); per ref 1 done, 0 not terminal, -1 absent."""
+    def purge(self, job_refs: list[str]) -> list[Purged]:
+        """Remove terminal jobs (record, log, index entries); per ref, what became of it."""
         key_list, args = [keys.TERMINAL], []
         for job_ref in job_refs:
             tenant, submission_id = keys.split_ref(job_ref)
             key_list += [keys.job(job_ref), keys.log(job_ref), keys.tenant_jobs(tenant), keys.tenant_counts(tenant)]
             args += [job_ref, submission_id]
-        return [int(x) for x in self.scripts.purge(keys=key_list, args=args)]
+        return [Purged(x) for x in self.scripts.purge(keys=key_list, args=args)]
 
     # -- reading ---------------------------------------------------------------
 
@@ -472,9 +540,9 @@ class JobStore:
     def delete(self, tenant: str, submission_id: str) -> None:
         """Remove a terminal job; NotFound, or Conflict if it is not terminal."""
         (outcome,) = self.purge([keys.ref(tenant, submission_id)])
-        if outcome == -1:
+        if outcome == Purged.ABSENT:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        if outcome == 0:
+        if outcome == Purged.NOT_TERMINAL:
             raise Conflict(f"job {submission_id} is not finished: stop it first, then delete it")
 
     @redis_errors("the log read")
@@ -520,7 +588,11 @@ class JobStore:
         except ValidationError:
             name = "-"
         try:
-            self.redis.hincrby(keys.STATS, f"submissions:{name}:invalid", 1)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hincrby(keys.STATS, f"submissions:{name}:{Submitted.INVALID.value}", 1)
+            if name != "-":  # a tenant known to poolq:tenants is forgotten, counters and all, once idle
+                pipe.sadd(keys.TENANTS, name)
+            pipe.execute()
         except redis.RedisError:
             pass
 
@@ -651,13 +723,13 @@ def _submit_keys(job: NewJob) -> list[str]:
     ]
 
 
-def _submit_args(job: NewJob) -> list[Any]:
+def _submit_args(job: NewJob, default_timeout_ms: int) -> list[Any]:
     return [
         job.fingerprint,
         job.spec_json,
         job.shape_sig,
         job.shape_json,
-        job.timeout_ms,
+        "" if job.timeout_ms is None else job.timeout_ms,
         job.submission_id,
         job.ref,
         WAKE_TTL_MS,
@@ -665,6 +737,9 @@ def _submit_args(job: NewJob) -> list[Any]:
         job.tenant,
         job.package,
         keys.package_member(job.tenant, job.package),
+        job.retry,
+        job.runtime_limit_ms or "",
+        default_timeout_ms,
     ]
 
 

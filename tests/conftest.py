@@ -1,25 +1,52 @@
-"""Fixtures: a real redis-server started for the session, the WSGI app in-process."""
+"""Fixtures: a real redis-server started for the session (one per xdist worker: each is a
+session of its own), the WSGI app in-process, placement in-process (``placement``,
+``start_placement``) and ``poolq`` subprocesses (``start_proc``)."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import redis
 
 from api_shim.app import App
 from poolq.embedded import EmbeddedRedis
+from poolq.messaging import celery_waker
+from poolq.nodes import NodeAdmin
 from poolq.redis_io import connect
 from poolq.schemas import SEED_EXAMPLE
 from poolq.settings import Settings
 from poolq.store import JobStore
+from tests.kit import Placement
 from tests.procs import Proc
-from worker.celery_app import celery_waker
-from worker.inventory import NodeAdmin
 
 SEED_BODY = copy.deepcopy(SEED_EXAMPLE)  # the seed's example request
+FAULTS = Path(__file__).resolve().parent / "faults"
+PROCESS_FIXTURES = {"start_proc", "placement_worker", "run_py"}  # each starts poolq subprocesses
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The markers no module has to remember (pyproject.toml lists them all): ``faults``
+    on everything in tests/faults/, ``processes`` on every test that takes a fixture
+    starting poolq subprocesses. Modules mark the rest themselves."""
+    for item in items:
+        if FAULTS in item.path.parents:
+            item.add_marker(pytest.mark.faults)
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.processes)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name every test that did not run, and why (``make test`` must say so)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if getattr(r, "nodeid", "")]
+    if skipped:
+        terminalreporter.section(f"{len(skipped)} tests did not run")
+        for report in skipped:
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            terminalreporter.line(f"{report.nodeid}: {reason}")
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +110,32 @@ def start_proc(tmp_path: Path, service_env: dict[str, str]) -> Iterator[Any]:
 
 @pytest.fixture
 def placement_worker(start_proc: Any) -> Any:
+    """A ``poolq worker`` subprocess, for the tests about that process (kill -9, restarts,
+    its logs, its Celery consumer); the others take ``placement``."""
     return start_proc(["worker"], name="worker")
+
+
+@pytest.fixture
+def start_placement(service_env: dict[str, str]) -> Iterator[Callable[..., Placement]]:
+    """Start placement in the test's process (tests/kit.py, ``Placement``) with the settings
+    ``poolq worker`` would read from ``service_env`` and ``env``; stopped and joined after
+    the test, which fails if placement raised."""
+    started: list[Placement] = []
+
+    def start(env: dict[str, str] | None = None, *, intake: bool = False) -> Placement:
+        placement = Placement(Settings.from_env({**service_env, **(env or {})}), intake=intake).start()
+        started.append(placement)
+        return placement
+
+    yield start
+    for placement in reversed(started):
+        placement.stop()
+
+
+@pytest.fixture
+def placement(start_placement: Callable[..., Placement]) -> Placement:
+    """Placement in the test's process with the default test settings (fast duties)."""
+    return start_placement()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Real poolq processes for tests: started as subprocesses, stopped (or killed) after."""
+"""Real child processes for the tests and the benchmark (``bench/``): started in a session
+of their own with their output in a file, stopped (or killed, session and all) after."""
 
 from __future__ import annotations
 
@@ -10,21 +11,30 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from poolq.procs import die_with_parent
 
-class Proc:
-    """``python -m poolq <args>`` with POOLQ_* settings in its environment; output goes to a file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
-        self.args, self.env, self.log_path = args, env, log_path
+class Process:
+    """One child process and its session; ``stop()`` ends whatever of the session is left.
+
+    With ``tied``, the child dies with its parent (PR_SET_PDEATHSIG: the *thread* that
+    started it, so only for children started from a thread that outlives them).
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, *, cwd: Path | None = None,
+                 name: str | None = None, tied: bool = False):
+        self.argv, self.env, self.log_path, self.cwd = argv, env, log_path, cwd
+        self.name = name or Path(argv[0]).name
+        self.tied = tied
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Proc":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.log_file = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "poolq", *self.args], env=env, stdout=self.log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+    def start(self) -> "Process":
+        with open(self.log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                self.argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd,
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent if self.tied else None,
+            )
         return self
 
     @property
@@ -41,6 +51,7 @@ class Proc:
             os.killpg(self.process.pid, sig) if sig == signal.SIGKILL else self.process.send_signal(sig)
 
     def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL to its whole session (a server's worker processes too)."""
         if self.process is None:
             return None
         if self.alive():
@@ -48,13 +59,33 @@ class Proc:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log_file.close()
-        return self.process.returncode
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of its session is left
+        except (ProcessLookupError, PermissionError):
+            pass
+        return self.process.wait()
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+
+class Proc(Process):
+    """``python -m poolq <args>`` with POOLQ_* settings in its environment."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
+        super().__init__([sys.executable, "-m", "poolq", *args], env, log_path, name=f"poolq {args[0]}")
+        self.args = args
+
+    def start(self) -> "Proc":
+        super().start()
+        return self
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> object:

@@ -1,5 +1,6 @@
-"""Node agents end to end (DESIGN.md 3.1, 4 and 6): real Redis, a real placement worker
-and real ``poolq node`` subprocesses running real entrypoints.
+"""Node agents end to end (docs/placement.md, docs/jobs.md and 6): real Redis, placement in the
+test's process (a placement worker's scheduler and duties, ``start_placement``) and real
+``poolq node`` subprocesses running real entrypoints.
 
 Every deadline here is functional (the thing must happen at all), with a generous margin:
 the suite shares two cores with other suites.
@@ -17,10 +18,13 @@ from typing import Any, Callable
 
 import pytest
 
-from tests.jobs import record, wait_status
+from tests import kit
+from tests.kit import SETTLE_S, TERMINAL_STATUSES, Placement, record, wait_ready, wait_status
 from tests.procs import Proc, wait_for
 from tests.test_runtime_env import Entry, build_wheel, file, symlink, write_archive
 from tests.wsgi import call
+
+pytestmark = pytest.mark.processes  # every test runs real node agents
 
 NODE_TTL_S = 3.0
 STOP_GRACE_S = 2.0
@@ -30,10 +34,7 @@ AGENT_ENV = {
     "POOLQ_STOP_GRACE_S": str(STOP_GRACE_S),
     "POOLQ_DRAIN_S": "1",  # teardown of an agent with a job still running stays short
 }
-SETTLE_S = 30.0  # how long a job may take to reach the state a test waits for
 PLACEMENT_DEADLINE_MS = 120_000  # X-Schedule-Timeout-Ms of the tests' jobs: placed late on a busy machine, not failed
-CELERY_READY = " ready."  # what a Celery worker logs once it consumes its queues
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 # -- talking to the API ------------------------------------------------------------
@@ -50,14 +51,7 @@ def submit(
     **fields: Any,
 ) -> str:
     body = {"entrypoint": entrypoint, "runtime_env": {"working_dir": str(working_dir), **(runtime_env or {})}, **fields}
-    headers = {"X-Schedule-Timeout-Ms": str(timeout_ms)}
-    if tenant:
-        headers["X-Tenant-Id"] = tenant
-    result = call(app, "POST", "/api/jobs", body, headers=headers)
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
-
-
+    return kit.submit(app, body, tenant=tenant or None, timeout_ms=timeout_ms)
 
 
 def logs(app: Any, submission_id: str, offset: int | None = None, tenant: str | None = None) -> tuple[str, int]:
@@ -69,7 +63,7 @@ def logs(app: Any, submission_id: str, offset: int | None = None, tenant: str | 
 
 
 def stop(app: Any, submission_id: str) -> dict[str, Any]:
-    result = call(app, "POST", f"/api/jobs/{submission_id}/stop")
+    result = kit.stop(app, submission_id)
     assert result.status == 200, result.body
     return dict(result.json)
 
@@ -131,20 +125,17 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_ready(proc: Proc) -> None:
-    """Wait until the Celery worker inside a ``poolq worker`` or ``poolq node`` consumes its queue."""
-    wait_for(lambda: CELERY_READY in proc.output() or not proc.alive(), 60, what=f"poolq {proc.args[0]} to be ready")
-    assert proc.alive(), f"poolq {proc.args[0]} exited:\n{proc.output()}"
-
-
 @pytest.fixture
-def start_node(start_proc: Callable[..., Proc], admin: Any) -> Callable[..., Proc]:
+def start_node(start_proc: Callable[..., Proc], start_placement: Callable[..., Placement],
+               admin: Any) -> Callable[..., Proc]:
     """Start ``poolq node`` and wait until it is registered.
 
-    The first call also starts a placement worker with the same settings: the node TTL
-    is a deployment-wide setting, and it is the worker's reaper duty that applies it.
+    The first call also starts placement (in the test's process) with the same settings:
+    the node TTL is a deployment-wide setting, and it is the placement worker's reaper
+    duty that applies it.
     """
     started: list[Proc] = []
+    placements: list[Placement] = []
 
     def start(
         node_id: str = "n1",
@@ -155,8 +146,8 @@ def start_node(start_proc: Callable[..., Proc], admin: Any) -> Callable[..., Pro
         env: dict[str, str] | None = None,
     ) -> Proc:
         settings = {**AGENT_ENV, **(env or {})}
-        if not started:
-            started.append(start_proc(["worker"], env=settings, name="worker"))
+        if not placements:
+            placements.append(start_placement(settings))
         proc = start_proc(
             ["node", "--id", node_id, "--cpus", cpus, "--memory", memory, *extra],
             env=settings,
@@ -164,8 +155,7 @@ def start_node(start_proc: Callable[..., Proc], admin: Any) -> Callable[..., Pro
         )
         started.append(proc)
         wait_for(lambda: node_alive(admin, node_id) or not proc.alive(), SETTLE_S, what=f"node {node_id} to register")
-        wait_ready(started[0])  # Celery consumers: a loaded machine can take seconds to start them
-        wait_ready(proc)
+        wait_ready(proc, f"node agent {node_id}")  # its Celery consumer: a loaded machine can take seconds to start it
         return proc
 
     return start
@@ -669,7 +659,7 @@ def test_a_node_never_runs_more_than_its_capacity(
 
     def all_done() -> list[dict[str, Any]] | None:
         records = [record(app, job) for job in jobs]
-        return records if all(r["status"] in TERMINAL for r in records) else None
+        return records if all(r["status"] in TERMINAL_STATUSES for r in records) else None
 
     records = wait_for(all_done, 180, interval=0.5, what="200 jobs to finish")
     assert isinstance(records, list)

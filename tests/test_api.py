@@ -1,9 +1,10 @@
-"""The HTTP API beyond submit-one (DESIGN.md 2.3-2.5) and queue publishing (DESIGN.md 5).
+"""The HTTP API beyond submit-one (docs/api.md-2.5) and queue publishing (docs/api.md).
 
 Most tests call the WSGI app in-process against the session's real redis-server; those
-that need placement start a real ``poolq worker`` (and, for RUNNING jobs, a real
-``poolq node``), and those about what only a socket shows start a real ``poolq api``.
-Every deadline is functional, with a generous margin: other suites share the two cores.
+that need placement (or the poolq.submit consumer) run it in the test's process
+(``placement``), those that need RUNNING jobs start a real ``poolq node``, and those
+about what only a socket shows start a real ``poolq api``. Every deadline is functional,
+with a generous margin: other suites share the two cores.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ from celery import Celery
 
 from api_shim.app import App
 from poolq.embedded import EmbeddedRedis, free_port
-from poolq.nodes import capacity_of
 from poolq.settings import Settings
-from tests.jobs import record, wait_status
+from tests import kit
+from tests.kit import SETTLE_S, GiB, Placement, add_node, record, stop, wait_status
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
 
 MINIMAL = {"entrypoint": "echo hello", "runtime_env": {"working_dir": "/srv/job"}}
-GiB = 1024**3
-SETTLE_S = 30.0  # how long something the test waits for may take on a busy machine
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
 GENERATED_UUID_ID = re.compile(r"^app-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 AGENT_ENV = {"POOLQ_STOP_GRACE_S": "1", "POOLQ_DRAIN_S": "1", "POOLQ_HEARTBEAT_S": "0.5"}
@@ -54,15 +52,11 @@ def tenant_headers(tenant: str | None) -> dict[str, str]:
 
 def submit(app: App, job: dict[str, Any] | None = None, *, tenant: str | None = None,
            headers: dict[str, str] | None = None) -> str:
-    result = call(app, "POST", "/api/jobs", job or MINIMAL, headers={**tenant_headers(tenant), **(headers or {})})
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
+    return kit.submit(app, job or MINIMAL, tenant=tenant, headers=headers)
 
 
 def submit_batch(app: App, jobs: list[Any], *, tenant: str | None = None, headers: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    result = call(app, "POST", "/api/jobs/batch", {"jobs": jobs}, headers={**tenant_headers(tenant), **(headers or {})})
-    assert result.status == 200, result.body
-    return list(result.json["results"])
+    return kit.submit_batch(app, jobs, tenant=tenant, headers=headers)
 
 
 def submit_many(app: App, count: int, *, tenant: str | None = None, headers: dict[str, str] | None = None) -> list[str]:
@@ -78,10 +72,6 @@ def submit_many(app: App, count: int, *, tenant: str | None = None, headers: dic
 def get(app: App, submission_id: str, tenant: str | None = None, headers: dict[str, str] | None = None) -> Result:
     return call(app, "GET", f"/api/jobs/{submission_id}", headers={**tenant_headers(tenant), **(headers or {})})
 
-
-
-def stop(app: App, submission_id: str, tenant: str | None = None) -> Result:
-    return call(app, "POST", f"/api/jobs/{submission_id}/stop", headers=tenant_headers(tenant))
 
 
 def listed(app: App, query: str = "", tenant: str | None = None) -> list[str]:
@@ -137,34 +127,20 @@ def static_node(admin: Any) -> Callable[..., None]:
 
     def add(node_id: str = "n1", *, pool: str = "p", labels: dict[str, str | None] | None = None,
             cpus: Any = 4, memory: int = 8 * GiB, gpus: Any = 0, resources: dict[str, Any] | None = None) -> None:
-        capacity = capacity_of(cpus, memory, gpus, resources or {})
-        admin.upsert(node_id, pool=pool, labels=labels or {}, capacity=capacity, kind="static")
+        add_node(admin, node_id, cpus, memory, pool=pool, labels=labels, gpus=gpus, resources=resources)
 
     return add
 
 
 @pytest.fixture
-def ready_worker(app: App, placement_worker: Proc) -> Proc:
-    """A placement worker that has made a placement attempt (Celery has started consuming).
-
-    A probe job asks for more than any node has; once its attempt count moves the worker
-    is placing, and the probe is stopped (it holds nothing).
-    """
-    probe = submit(app, body(submission_id="app-probe", entrypoint_num_cpus=16), tenant="probe",
-                   headers={"X-Schedule-Timeout-Ms": "0"})
-
-    def attempted() -> bool:
-        assert placement_worker.alive(), f"poolq worker exited:\n{placement_worker.output()}"
-        return record(app, probe, "probe")["scheduling"]["attempts"] >= 1
-
-    wait_for(attempted, SETTLE_S, what="the placement worker to make its first attempt")
-    assert stop(app, probe, "probe").json == {"stopped": True}
-    return placement_worker
+def consumer(start_placement: Callable[..., Placement]) -> Placement:
+    """Placement in the test's process with its consumer of the poolq.submit queue (worker/intake.py)."""
+    return start_placement(intake=True)
 
 
 @pytest.fixture
-def agent_node(start_proc: Callable[..., Proc], placement_worker: Proc, app: App) -> Proc:
-    """A placement worker and a real node agent ``n1`` (4 CPUs, 4 GiB), registered and live."""
+def agent_node(start_proc: Callable[..., Proc], placement: Placement, app: App) -> Proc:
+    """Placement in the test's process and a real node agent ``n1`` (4 CPUs, 4 GiB), registered and live."""
     proc = start_proc(["node", "--id", "n1", "--cpus", "4", "--memory", "4Gi"], env=AGENT_ENV, name="node-n1")
 
     def live() -> bool:
@@ -539,7 +515,7 @@ def test_a_real_server_takes_100_long_ids_and_answers_304(api_server: Callable[.
         assert all("submission_id" in r for r in submit_batch(app, [body(submission_id=i) for i in ids[start:start + 50]]))
     port = api_server()
     # 100 ids of 64 characters are 6.5 KB; percent-encoding the separators and the first
-    # ids whole (as a client may) takes the request line past the 8 KiB DESIGN.md 2.3 names.
+    # ids whole (as a client may) takes the request line past the 8 KiB docs/api.md names.
     encoded = [("".join(f"%{b:02X}" for b in i.encode()) if n < 16 else i) for n, i in enumerate(ids)]
     path = "/api/jobs?ids=" + "%2C".join(encoded)
     assert 8 * 1024 < len(f"GET {path} HTTP/1.1") < 9 * 1024
@@ -760,7 +736,7 @@ def test_paths_are_never_prefixed(app: App) -> None:
 # -- Prefer: wait -----------------------------------------------------------------------
 
 
-def test_prefer_wait_answers_once_the_job_is_placed(app: App, static_node: Callable[..., None], placement_worker: Proc) -> None:
+def test_prefer_wait_answers_once_the_job_is_placed(app: App, static_node: Callable[..., None], placement: Placement) -> None:
     static_node("n1", cpus=4)
     result = call(app, "POST", "/api/jobs", body(submission_id="app-waited"), headers={"Prefer": "wait=50"})
     assert result.status == 200, result.body
@@ -779,7 +755,7 @@ def test_prefer_wait_answers_once_the_job_is_placed(app: App, static_node: Calla
     ids=["too-small-node", "no-node"],
 )
 def test_prefer_wait_answers_503_with_the_scheduling_message_when_placement_fails(
-    app: App, static_node: Callable[..., None], ready_worker: Proc, node_cpus: int | None, reason_lines: str
+    app: App, static_node: Callable[..., None], placement: Placement, node_cpus: int | None, reason_lines: str
 ) -> None:
     if node_cpus is not None:
         static_node("n1", cpus=node_cpus)
@@ -812,7 +788,7 @@ def test_prefer_wait_that_ends_first_answers_200_and_the_job_goes_on(app: App) -
 
 
 def test_waiting_submissions_do_not_starve_other_requests(api_server: Callable[..., int], admin: Any,
-                                                          start_proc: Callable[..., Proc]) -> None:
+                                                          start_placement: Callable[..., Placement]) -> None:
     """POOLQ_MAX_WAITERS submissions wait; the rest answer at once; GETs are still served."""
     max_waiters = 8
     extra = 4
@@ -828,7 +804,7 @@ def test_waiting_submissions_do_not_starve_other_requests(api_server: Callable[.
     threads = [threading.Thread(target=submit_and_wait, args=(i,), daemon=True) for i in ids]
     for thread in threads:
         thread.start()
-    # No placement worker runs yet, so only the requests beyond the cap can answer.
+    # Nothing places yet, so only the requests beyond the cap can answer.
     wait_for(lambda: len(answers) >= extra, SETTLE_S, what=f"{extra} submissions beyond the cap to answer")
     assert len(answers) == extra, f"more answered than the cap allows: {sorted(answers)}"
     for status, headers, payload in answers.values():
@@ -846,8 +822,8 @@ def test_waiting_submissions_do_not_starve_other_requests(api_server: Callable[.
     assert sorted(i for i in ids if i not in answers) == sorted(waiting), "the waiting requests ended too early"
 
     # Now let them be placed: every waiting request answers 200, with Preference-Applied.
-    admin.upsert("n1", pool="p", labels={}, capacity=capacity_of(16, 16 * GiB), kind="static")
-    start_proc(["worker"], name="worker")
+    add_node(admin, "n1", cpus=16, memory=16 * GiB)
+    start_placement()
     for thread in threads:
         thread.join(90)
     assert sorted(answers) == sorted(ids)
@@ -903,7 +879,7 @@ def test_submitting_a_package_never_uploaded_is_400(app: App, redis_client: redi
 
 
 def test_nodes_and_pools_show_capacity_reserved_free_labels_and_liveness(
-    app: App, static_node: Callable[..., None], admin: Any, placement_worker: Proc
+    app: App, static_node: Callable[..., None], admin: Any, placement: Placement
 ) -> None:
     static_node("n1", pool="p1", labels={"gpu": None, "zone": "a"}, cpus=4, memory=8 * GiB, gpus=1, resources={"NPU": 8})
     static_node("n2", pool="p1", cpus=2, memory=4 * GiB)
@@ -950,11 +926,11 @@ def test_an_agent_node_shows_its_heartbeat(app: App, agent_node: Proc) -> None:
     assert n1["capacity"]["CPU"] == 4 and n1["capacity"]["memory"] == 4 * GiB
 
 
-# -- queue publishing (DESIGN.md 5) -----------------------------------------------------
+# -- queue publishing (docs/api.md) -----------------------------------------------------
 
 
 @pytest.mark.parametrize("explicit_id", [True, False], ids=["with-submission-id", "id-from-message"])
-def test_a_queued_message_becomes_a_job(app: App, publisher: Celery, placement_worker: Proc, explicit_id: bool) -> None:
+def test_a_queued_message_becomes_a_job(app: App, publisher: Celery, consumer: Placement, explicit_id: bool) -> None:
     job = body(entrypoint="python train.py", entrypoint_num_cpus=2, metadata={"from": "queue"})
     if explicit_id:
         job["submission_id"] = "train-42"
@@ -975,7 +951,7 @@ def test_a_queued_message_becomes_a_job(app: App, publisher: Celery, placement_w
     [("app-once", str(uuid.uuid4())), (None, str(uuid.uuid4())), (None, "order-17/retry")],
     ids=["with-submission-id", "id-from-uuid-message-id", "id-from-other-message-id"],
 )
-def test_the_same_message_delivered_twice_makes_one_job(app: App, publisher: Celery, placement_worker: Proc,
+def test_the_same_message_delivered_twice_makes_one_job(app: App, publisher: Celery, consumer: Placement,
                                                         redis_client: redis.Redis, submission_id: str | None,
                                                         message_id: str) -> None:
     job = body(submission_id=submission_id) if submission_id else body()
@@ -995,7 +971,7 @@ def test_the_same_message_delivered_twice_makes_one_job(app: App, publisher: Cel
     assert not redis_client.hget("poolq:stats", "invalid_messages")
 
 
-def test_an_invalid_message_naming_an_id_polls_as_failed(app: App, publisher: Celery, placement_worker: Proc,
+def test_an_invalid_message_naming_an_id_polls_as_failed(app: App, publisher: Celery, consumer: Placement,
                                                           redis_client: redis.Redis) -> None:
     bad = {"entrypoint": "echo", "runtime_env": {"working_dir": "/srv"}, "entrypoint_num_cpus": 99,
            "entrypoint_num_cpu": 1, "submission_id": "app-broken"}
@@ -1023,7 +999,7 @@ def test_an_invalid_message_naming_an_id_polls_as_failed(app: App, publisher: Ce
         pytest.param({"body": MINIMAL, "schedule_timeout_ms": -1}, id="bad-timeout"),
     ],
 )
-def test_an_invalid_message_without_an_id_is_counted(app: App, publisher: Celery, placement_worker: Proc,
+def test_an_invalid_message_without_an_id_is_counted(app: App, publisher: Celery, consumer: Placement,
                                                      redis_client: redis.Redis, kwargs: dict[str, Any]) -> None:
     publish(publisher, **kwargs)
     wait_for(lambda: redis_client.hget("poolq:stats", "invalid_messages") == "1", SETTLE_S,

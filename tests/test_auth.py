@@ -1,4 +1,4 @@
-"""Authentication with API tokens (DESIGN.md 8; docs/errors.md 401 and 403).
+"""Authentication with API tokens (docs/operations.md; docs/errors.md 401 and 403).
 
 With ``auth="tokens"`` every route but ``/healthz`` needs ``Authorization: Bearer
 <token>``; the tenant comes from the token. The WSGI app runs in-process against the
@@ -25,6 +25,8 @@ from api_shim.app import App
 from poolq import tokens
 from poolq.embedded import free_port
 from poolq.settings import Settings
+from tests import kit
+from tests.kit import START_S
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
 
@@ -80,9 +82,7 @@ def request(app: App, method: str, path: str, body: Any = None, headers: dict[st
 
 
 def submit(app: App, headers: dict[str, str], body: dict[str, Any] = JOB) -> str:
-    result = call(app, "POST", "/api/jobs", body, headers=headers)
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
+    return kit.submit(app, body, headers=headers)
 
 
 def unknown_token() -> str:
@@ -240,6 +240,7 @@ def test_x_tenant_id_naming_the_tokens_tenant_is_fine(token_app: App, redis_clie
 # -- revocation ----------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_revocation_is_effective_at_once_in_every_api_process(tokens_settings: Settings, redis_client: redis.Redis,
                                                                service_env: dict[str, str]) -> None:
     """Two App objects on one Redis stand for two API processes; the CLI revokes."""
@@ -260,6 +261,7 @@ def test_revocation_is_effective_at_once_in_every_api_process(tokens_settings: S
         assert call(app, "GET", f"/api/jobs/{job}", headers=bearer(other)).status == 200
 
 
+@pytest.mark.processes
 def test_a_new_token_works_at_once_in_every_api_process(tokens_settings: Settings, service_env: dict[str, str]) -> None:
     first, second = App(tokens_settings), App(tokens_settings)
     for app in (first, second):
@@ -274,6 +276,7 @@ def test_a_new_token_works_at_once_in_every_api_process(tokens_settings: Setting
 # -- the poolq token commands ----------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_token_create_prints_the_token_alone_on_one_line(token_app: App, redis_client: redis.Redis, service_env: dict[str, str]) -> None:
     done = cli(service_env, "token", "create", "team-x")
     assert done.returncode == 0, done.stderr
@@ -289,11 +292,13 @@ def test_token_create_prints_the_token_alone_on_one_line(token_app: App, redis_c
         assert not any(token in str(v) or token.split("_", 2)[2] in str(v) for v in values), key
 
 
+@pytest.mark.processes
 def test_two_tokens_are_different(service_env: dict[str, str]) -> None:
     made = {cli(service_env, "token", "create", "team-x").stdout.strip() for _ in range(2)}
     assert len(made) == 2 and all(TOKEN_FORM.match(t) for t in made), made
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("tenant", ["bad tenant", "a:b", "x" * 65])
 def test_token_create_refuses_a_malformed_tenant(service_env: dict[str, str], redis_client: redis.Redis, tenant: str) -> None:
     done = cli(service_env, "token", "create", tenant)
@@ -302,6 +307,7 @@ def test_token_create_refuses_a_malformed_tenant(service_env: dict[str, str], re
     assert list(redis_client.scan_iter("poolq:token*")) == []
 
 
+@pytest.mark.processes
 def test_token_list_shows_tenants_and_ids_never_tokens(service_env: dict[str, str]) -> None:
     made = {tenant: cli(service_env, "token", "create", tenant).stdout.strip() for tenant in ("team-x", "team-y")}
     listed = cli(service_env, "token", "list")
@@ -315,6 +321,7 @@ def test_token_list_shows_tenants_and_ids_never_tokens(service_env: dict[str, st
     assert "team-x" in listed.stdout and "team-y" in listed.stdout
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("by", ["id", "token"])
 def test_token_revoke_by_id_or_by_token(token_app: App, service_env: dict[str, str], by: str) -> None:
     token = cli(service_env, "token", "create", "team-x").stdout.strip()
@@ -387,7 +394,7 @@ def test_open_bind_without_auth_is_refused(start_proc: Any) -> None:
 def test_open_bind_with_insecure_no_auth_serves_without_tokens(start_proc: Any, auth_env: dict[str, str]) -> None:
     port = free_port()
     proc = start_proc(["api", "--host", "0.0.0.0", "--port", str(port), "--workers", "1", "--insecure-no-auth"], env=auth_env)
-    wait_for(lambda: serving(proc, port), timeout=60, what="poolq api to serve")
+    wait_for(lambda: serving(proc, port), timeout=START_S, what="poolq api to serve")
     status, body = http_get(port, "/api/jobs")
     assert status == 200 and body == [], (status, body)
 
@@ -395,7 +402,7 @@ def test_open_bind_with_insecure_no_auth_serves_without_tokens(start_proc: Any, 
 def test_open_bind_defaults_to_tokens(start_proc: Any, redis_client: redis.Redis) -> None:
     port = free_port()
     proc = start_proc(["api", "--host", "0.0.0.0", "--port", str(port), "--workers", "1"])
-    wait_for(lambda: serving(proc, port), timeout=60, what="poolq api to serve")
+    wait_for(lambda: serving(proc, port), timeout=START_S, what="poolq api to serve")
     status, body = http_get(port, "/api/jobs")
     assert (status, body) == (401, UNAUTHENTICATED)
     token = tokens.create(redis_client, "team-z")
@@ -408,5 +415,5 @@ def test_open_bind_defaults_to_tokens(start_proc: Any, redis_client: redis.Redis
 def test_loopback_bind_defaults_to_no_auth(start_proc: Any) -> None:
     port = free_port()
     proc = start_proc(["api", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"])
-    wait_for(lambda: serving(proc, port), timeout=60, what="poolq api to serve")
+    wait_for(lambda: serving(proc, port), timeout=START_S, what="poolq api to serve")
     assert http_get(port, "/api/jobs") == (200, [])

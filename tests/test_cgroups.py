@@ -279,6 +279,7 @@ def test_memory_limit_kills_the_job_not_its_neighbour(cgroups: Cgroups, spawn: S
     assert calm.poll() is None and not neighbour.oom_killed()
 
 
+@pytest.mark.serial
 def test_cpu_quota_gives_about_half_a_core(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("spin", memory_bytes=None, cpu_milli=500, pids_max=None)
     spawn(job, [sys.executable, "-c", "while True: pass"])
@@ -374,6 +375,7 @@ def test_remove_stale_cleans_up_after_a_crash(cgroups: Cgroups, spawn: Spawn) ->
     assert restarted.remove_stale() == []
 
 
+@pytest.mark.serial
 def test_cost_of_a_job_cgroup(cgroups: Cgroups) -> None:
     """create + join (one wrapped /bin/true) + remove, 200 times; printed, with a generous bound."""
     totals, creates = [], []

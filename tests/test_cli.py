@@ -1,7 +1,8 @@
 """The client commands (``poolq submit|status|wait|logs|list|stop|delete``) against a live stack.
 
-One stack serves the whole module: a real ``poolq api`` (HTTP on a free port), a
-placement worker and a node agent ``cli-n1`` (4 CPUs, 4 GiB). It uses its own Redis
+One stack serves the whole module: a real ``poolq api`` (HTTP on a free port), a node
+agent ``cli-n1`` (4 CPUs, 4 GiB), and placement in the test's process (a placement
+worker's scheduler and duties, tests/kit.py). It uses its own Redis
 database on the session's redis-server, so the per-test key cleanup of other modules
 never pulls its node out from under it; each test works in a tenant of its own. The CLI
 runs as ``python -m poolq`` subprocesses, as a user would run it. Every deadline is
@@ -26,11 +27,15 @@ import pytest
 import redis
 
 from poolq.embedded import EmbeddedRedis, free_port
+from poolq.settings import Settings
 from tests.conftest import _delete_poolq_keys
+from tests.kit import SETTLE_S, TERMINAL_STATUSES, Placement
 from tests.procs import Proc, wait_for
 
-SETTLE_S = 60.0  # how long a job or a command may take to get where the test waits for it
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# The CLI runs as `python -m poolq`, against a real `poolq api` and node agent; the module's
+# stack is started once per xdist worker, so its tests share one (`--dist loadgroup`).
+pytestmark = [pytest.mark.processes, pytest.mark.xdist_group("cli-stack")]
+
 GENERATED_ID = re.compile(r"^app-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="next"')
 NODE_ID = "cli-n1"
@@ -44,6 +49,7 @@ class Stack:
     port: int
     env: dict[str, str]  # POOLQ_* for the CLI processes
     procs: list[Proc]
+    placement: Placement
 
     @property
     def server(self) -> str:
@@ -52,6 +58,7 @@ class Stack:
     def check_alive(self) -> None:
         for proc in self.procs:
             assert proc.alive(), f"poolq {proc.args[0]} exited:\n{proc.output()[-3000:]}"
+        assert not self.placement.errors, f"placement raised: {self.placement.errors!r}"
 
 
 def http_request(port: int, method: str, path: str, tenant: str | None = None) -> tuple[int, dict[str, str], Any]:
@@ -82,14 +89,14 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     }
     port = free_port()
     procs: list[Proc] = []
+    placement = Placement(Settings.from_env(env)).start()
     try:
         for name, args in (
             ("api", ["api", "--port", str(port), "--workers", "1"]),
-            ("worker", ["worker"]),
             ("node", ["node", "--id", NODE_ID, "--cpus", str(NODE_CPUS), "--memory", "4Gi"]),
         ):
             procs.append(Proc(args, env, base / f"{name}.log").start())
-        stack = Stack(port, env, procs)
+        stack = Stack(port, env, procs, placement)
 
         def node_live() -> bool:
             stack.check_alive()
@@ -104,6 +111,7 @@ def stack(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory)
     finally:
         for proc in reversed(procs):
             proc.stop()
+        placement.stop()
         client = redis.Redis.from_url(url, decode_responses=True)
         _delete_poolq_keys(client)  # the thousands of jobs the file tests left waiting
         client.close()
@@ -161,7 +169,7 @@ def wait_status(stack: Stack, submission_id: str, tenant: str, *statuses: str) -
     def reached() -> bool:
         stack.check_alive()
         seen.update(job(stack, submission_id, tenant))
-        if seen["status"] in TERMINAL and seen["status"] not in statuses:
+        if seen["status"] in TERMINAL_STATUSES and seen["status"] not in statuses:
             raise AssertionError(f"job {submission_id} ended {seen['status']} ({seen['message']}), wanted {statuses}")
         return seen["status"] in statuses
 

@@ -1,7 +1,7 @@
 """docker-compose.yml cannot run here (no Docker engine): check what can be checked.
 
 Every poolq service runs a real `poolq` command that the CLI's parser accepts, the
-API is reachable only as DESIGN.md 8 allows, and Redis keeps what it accepts.
+API is reachable only as docs/operations.md allows, and Redis keeps what it accepts.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from poolq.cli import build_parser
+from poolq.commands.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

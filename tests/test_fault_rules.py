@@ -18,16 +18,17 @@ import redis
 from api_shim.app import App
 from poolq import keys
 from poolq.errors import Conflict
-from poolq.nodes import capacity_of
+from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS
+from poolq.nodes import NodeAdmin, capacity_of
 from poolq.quotas import set_quota
 from poolq.settings import Settings
 from poolq.store import JobStore
+from tests import kit
+from tests.kit import GiB, add_node
 from tests.wsgi import call
 from worker.duties import Duties
-from worker.inventory import NodeAdmin
 from worker.scheduler import Scheduler
-
-GiB = 1024**3
+from worker.scheduler import claim as claim_script
 
 
 def body(submission_id: str, **fields: Any) -> dict[str, Any]:
@@ -42,38 +43,16 @@ def body(submission_id: str, **fields: Any) -> dict[str, Any]:
 
 
 def submit(app: App, job: dict[str, Any], tenant: str = "default", timeout_ms: int = 0) -> None:
-    result = call(app, "POST", "/api/jobs", job, headers={"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": str(timeout_ms)})
-    assert result.status == 200, result.body
+    kit.submit(app, job, tenant=tenant, timeout_ms=timeout_ms)
 
 
 def job_fields(client: redis.Redis, submission_id: str, tenant: str = "default") -> dict[str, str]:
     return dict(client.hgetall(keys.job(keys.ref(tenant, submission_id))))
 
 
-def add_node(admin: NodeAdmin, node_id: str, cpus: int = 8, **resources: int) -> None:
-    from decimal import Decimal
-
-    extra = {name: Decimal(amount) for name, amount in resources.items()}
-    admin.upsert(node_id, pool="default", labels={}, capacity=capacity_of(cpus, 64 * GiB, 0, extra), kind="static")
-
-
 def claim(store: JobStore, claim_id: str, sigs: list[str], tenants: list[str], lease_ms: int = 30_000) -> list[Any]:
     """claim.lua, called as Scheduler.round calls it."""
-    return list(
-        store.scripts.claim(
-            keys=[
-                keys.SHAPES_READY,
-                keys.CLAIMED,
-                keys.SHAPES_IDLE,
-                keys.SUSPECTS,
-                keys.TENANTS_SERVED,
-                keys.CLAIMS,
-                keys.claim(claim_id),
-                *(keys.shape_queue(s) for s in sigs),
-            ],
-            args=[256, lease_ms, claim_id, *sigs, *tenants],
-        )
-    )
+    return list(claim_script(store.scripts, claim_id, sigs, tenants, 256, lease_ms))
 
 
 def reserve(store: JobStore, claim_id: str, job_ref: str, node_id: str, seq: int, requests: str) -> int:
@@ -98,7 +77,7 @@ def reserve(store: JobStore, claim_id: str, job_ref: str, node_id: str, seq: int
             keys.tenant_usage(tenant),
             keys.quota(tenant),
         ],
-        args=[15_000, 2000, claim_id, job_ref, node_id, seq, requests],
+        args=[15_000, 2000, claim_id, ",".join(map(str, PLACEMENT_LATENCY_BUCKETS_MS)), job_ref, node_id, seq, requests],
     )
     return int(results[0])
 
@@ -109,21 +88,21 @@ def reserve(store: JobStore, claim_id: str, job_ref: str, node_id: str, seq: int
 def test_a_rate_quota_does_not_break_placement(app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis) -> None:
     """`quota set --rate 200` stored "200.0" beside the resource limits, and the placement
     round's int() on it failed every claimed job of every tenant."""
-    add_node(admin, "n1")
+    add_node(admin, "n1", pool="default")
     set_quota(store.redis, "team-a", rate=200.0, max_pending=50)
     submit(app, body("app-rated"), tenant="team-a")
     submit(app, body("app-other"), tenant="team-b")
-    Scheduler(store).drain()
+    Scheduler(store).place_waiting()
     assert job_fields(redis_client, "app-rated", "team-a").get("node") == "n1"
     assert job_fields(redis_client, "app-other", "team-b").get("node") == "n1"
 
 
 def test_a_resource_named_like_a_limit_is_not_checked_against_it(app: App, store: JobStore, admin: NodeAdmin,
                                                                  redis_client: redis.Redis) -> None:
-    add_node(admin, "n1", max_pending=500, rate=500)
+    add_node(admin, "n1", pool="default", resources={"max_pending": 500, "rate": 500})
     set_quota(store.redis, "team-a", max_pending=5, rate=1000.0, burst=1000)
     submit(app, body("app-custom", entrypoint_resources={"max_pending": 100, "rate": 100}), tenant="team-a")
-    Scheduler(store).drain()
+    Scheduler(store).place_waiting()
     assert job_fields(redis_client, "app-custom", "team-a").get("node") == "n1"
 
 
@@ -147,33 +126,33 @@ def test_a_round_that_fails_gives_its_jobs_back_at_once(app: App, store: JobStor
                                                         redis_client: redis.Redis) -> None:
     """A placement round that raised anything but a Redis error left its claimed jobs to
     the 30 s lease, past their deadlines: they failed SCHEDULE_TIMEOUT with free nodes."""
-    add_node(admin, "n1")
+    add_node(admin, "n1", pool="default")
     submit(app, body("app-r1"), timeout_ms=600_000)
     submit(app, body("app-r2"), timeout_ms=600_000)
     redis_client.hset(keys.node("n1"), "cap:CPU", "eight")  # a node record that breaks the round
     scheduler = Scheduler(store)
     with pytest.raises(ValueError):
-        scheduler.drain()
+        scheduler.place_waiting()
     assert redis_client.zcard(keys.CLAIMED) == 0, "the failed round's jobs wait out a lease"
     sig = job_fields(redis_client, "app-r1")["shape"]
     assert set(redis_client.zrange(keys.shape_queue(sig), 0, -1)) == {"default:app-r1", "default:app-r2"}
     # They come back as suspects, each claimed alone; repaired, the node takes them.
     redis_client.hset(keys.node("n1"), "cap:CPU", "8000")
     redis_client.xadd(keys.INVENTORY_LOG, {"n": "n1"})
-    scheduler.drain()
+    scheduler.place_waiting()
     assert {job_fields(redis_client, i).get("node") for i in ("app-r1", "app-r2")} == {"n1"}
 
 
 def test_a_job_that_fails_every_round_it_is_alone_in_is_given_up(app: App, store: JobStore, admin: NodeAdmin,
                                                                  redis_client: redis.Redis) -> None:
-    add_node(admin, "n1")
+    add_node(admin, "n1", pool="default")
     submit(app, body("app-poison"), timeout_ms=600_000)
     redis_client.hset(keys.node("n1"), "cap:CPU", "eight")
     scheduler = Scheduler(store)
     for _ in range(3):
         with pytest.raises(ValueError):
-            scheduler.drain()
-    scheduler.drain()  # nothing left to place
+            scheduler.place_waiting()
+    scheduler.place_waiting()  # nothing left to place
     fields = job_fields(redis_client, "app-poison")
     assert fields["status"] == "FAILED" and fields["error_type"] == "INVALID_REQUEST", fields
     assert "placement stopped 3 times" in fields["message"]
@@ -185,7 +164,7 @@ def test_a_job_that_fails_every_round_it_is_alone_in_is_given_up(app: App, store
 def test_a_worker_paused_past_its_lease_cannot_place_the_jobs_the_sweep_gave_away(
     app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
 ) -> None:
-    add_node(admin, "n1")
+    add_node(admin, "n1", pool="default")
     submit(app, body("app-p1"))
     sig = job_fields(redis_client, "app-p1")["shape"]
     flat = claim(store, "paused.1", [sig], ["default"], lease_ms=1)
@@ -209,7 +188,7 @@ def test_a_worker_paused_past_its_lease_cannot_place_the_jobs_the_sweep_gave_awa
 
 def test_a_reservation_sent_twice_is_made_once(app: App, store: JobStore, admin: NodeAdmin,
                                               redis_client: redis.Redis) -> None:
-    add_node(admin, "n1")
+    add_node(admin, "n1", pool="default")
     submit(app, body("app-twice"))
     sig = job_fields(redis_client, "app-twice")["shape"]
     seq = int(claim(store, "w.1", [sig], ["default"])[2])
@@ -224,7 +203,7 @@ def test_stop_delete_and_resubmit_during_a_round_do_not_place_the_new_job_as_the
 ) -> None:
     """The round claimed the old job; meanwhile it was stopped, deleted and submitted again
     under its id with other resources. The old decision must not place the new job."""
-    add_node(admin, "n1", cpus=16)
+    add_node(admin, "n1", cpus=16, pool="default")
     submit(app, body("app-same", entrypoint_num_cpus=1))
     old = job_fields(redis_client, "app-same")
     flat = claim(store, "w.7", [old["shape"]], ["default"])
@@ -239,7 +218,7 @@ def test_stop_delete_and_resubmit_during_a_round_do_not_place_the_new_job_as_the
         ("default:app-same", float(new["seq"]))
     ]
     assert redis_client.zcard(keys.shape_queue(old["shape"])) == 0
-    Scheduler(store).drain()
+    Scheduler(store).place_waiting()
     assert job_fields(redis_client, "app-same")["res"] == "CPU=4000,memory=134217728"
     assert admin.check() == []
 
@@ -353,17 +332,17 @@ def test_a_stop_sent_twice_answers_as_the_first(app: App, store: JobStore) -> No
     job_ref = "default:app-stop2"
     token = "tok-1"
     args = [job_ref, "", "STOPPED", "STOPPED_BY_USER", "stopped by user request", "", ",PENDING,RUNNING,", 2000,
-            "stop", token]
+            "stop", token, ""]
     tenant = "default"
     sig = store.redis.hget(keys.job(job_ref), "shape")
     finish_keys = [
         keys.job(job_ref), keys.node(""), keys.node_jobs(""), keys.node_inbox(""), keys.shape_queue(sig),
         keys.DEADLINES, keys.CLAIMED, keys.TERMINAL, keys.INVENTORY_LOG, keys.KICK, keys.wake("poolq.placement"),
         keys.tenant_active(tenant), keys.tenant_counts(tenant), keys.tenant_usage(tenant), keys.SUSPECTS,
-        keys.CLAIMS, keys.shape(sig), keys.tenant_package_use(tenant), keys.PACKAGES,
+        keys.CLAIMS, keys.shape(sig), keys.tenant_package_use(tenant), keys.PACKAGES, keys.RETRIES,
     ]
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1  # the retry: still "stopped"
-    other = [*args[:-1], "tok-2"]
+    other = [*args[:-2], "tok-2", ""]
     assert store.scripts.finish(keys=finish_keys, args=other)[0] == 0  # another request: already ended
     assert store.redis.hget(keys.tenant_counts(tenant), "STOPPED") == "1"

@@ -1,4 +1,4 @@
-"""Hostile input (DESIGN.md 2, 2.1): every answer a 4xx, quickly, never a 500, never a hang.
+"""Hostile input (docs/api.md): every answer a 4xx, quickly, never a 500, never a hang.
 
 What only a socket shows (bodies declared but not sent, sent slowly or chunked, CR/LF
 and NUL on the wire) is sent to a real ``poolq api`` (granian, its default workers and
@@ -26,18 +26,18 @@ from api_shim.app import App
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.schemas import SEED_EXAMPLE
 from poolq.settings import Settings
+from tests.kit import START_S, MiB
 from tests.procs import Proc, wait_for
 from tests.wsgi import Result, call
 
 QUICK_S = 10.0  # an answer that is "at once" comes well within this, even on a loaded machine
-MiB = 1024 * 1024
 MAX_BODY, MAX_BATCH_BODY, MAX_PACKAGE = MiB, 16 * MiB, 100 * MiB
 ALLOWED_ORIGIN = "https://dash.example"
 JOB = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}}
 PACKAGE = "/api/packages/gcs/_ray_pkg_0123456789abcdef.zip"
 SERVER_THREADS = 2 * 16  # POOLQ_API_WORKERS x POOLQ_API_THREADS, the defaults
 
-# Every route, a concrete path for it, and the methods it serves (DESIGN.md 2, README).
+# Every route, a concrete path for it, and the methods it serves (docs/api.md, README).
 ROUTES = [
     ("/api/jobs", "/api/jobs", {"GET", "POST"}),
     ("/api/jobs/batch", "/api/jobs/batch", {"POST"}),
@@ -119,8 +119,8 @@ def server(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
             except OSError:
                 return False
 
-        wait_for(up, timeout=60, interval=0.2, what="poolq api to serve")
-        wait_for(lambda: len(running.pids()) >= 3, timeout=30, what="granian's workers to start")
+        wait_for(up, timeout=START_S, interval=0.2, what="poolq api to serve")
+        wait_for(lambda: len(running.pids()) >= 3, timeout=START_S, what="granian's workers to start")
         yield running
     finally:
         proc.stop()
@@ -210,6 +210,8 @@ def too_large(limit: int) -> dict[str, str]:
 # -- bodies: declared too large, chunked too large, sent slowly ------------------------------
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("method", "path", "declared", "limit"),
     [
@@ -227,6 +229,8 @@ def test_a_body_declared_too_large_is_refused_before_it_is_sent(server: Server, 
     still_serving(server)
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("path", "size", "limit"),
     [("/api/jobs", MAX_BODY + 1, MAX_BODY), ("/api/jobs", 50 * MiB, MAX_BODY), ("/api/jobs/batch", MAX_BATCH_BODY + MiB, MAX_BATCH_BODY)],
@@ -239,6 +243,8 @@ def test_a_chunked_body_over_the_limit_is_413(server: Server, path: str, size: i
     still_serving(server)
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_a_chunked_body_within_the_limit_is_accepted(server: Server) -> None:
     body = json.dumps(JOB).encode()
     head = request_bytes("POST", "/api/jobs", {"Content-Type": "application/json", "Transfer-Encoding": "chunked", "X-Tenant-Id": "hostile"})
@@ -248,6 +254,8 @@ def test_a_chunked_body_within_the_limit_is_accepted(server: Server) -> None:
     assert answer.json["submission_id"].startswith("app-")
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_a_slow_body_does_not_hold_up_other_requests(server: Server) -> None:
     body = json.dumps({**JOB, "submission_id": "app-slow-body"}).encode()
     head = request_bytes("POST", "/api/jobs", {"Content-Type": "application/json", "Content-Length": str(len(body)), "X-Tenant-Id": "hostile"})
@@ -268,6 +276,8 @@ def test_a_slow_body_does_not_hold_up_other_requests(server: Server) -> None:
         assert answer.status == 200 and answer.json["submission_id"] == "app-slow-body", (answer.status, answer.body)
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_many_slow_bodies_do_not_hang_the_server_for_others(server: Server) -> None:
     """More stalled uploads than the server has request threads (a slowloris): other
     clients must still be answered; each stalled request may be timed out or left alone."""
@@ -348,6 +358,8 @@ def test_edge_numbers_are_200_or_400_never_500(app: App, field: str, number: str
         assert record.status == 200, record.body
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize("name", list(HARD_BODIES))
 def test_hard_to_parse_bodies_are_400_over_the_wire(server: Server, name: str) -> None:
     body, _ = HARD_BODIES[name]
@@ -360,6 +372,8 @@ def test_hard_to_parse_bodies_are_400_over_the_wire(server: Server, name: str) -
 # -- CR, LF and NUL in headers, paths and ids ------------------------------------------------
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "header_line",
     [b"X-Tenant-Id: a\rb", b"X-Tenant-Id: a\nb", b"X-Tenant-Id: a\x00b", b"X-Pool-Label: gpu\r\nX-Injected: 1\rx",
@@ -379,6 +393,8 @@ def test_control_characters_in_headers_over_the_wire_are_4xx(server: Server, hea
     still_serving(server)
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "path",
     [b"/api/jobs/app-a%00b", b"/api/jobs/app-a%0d%0ab", b"/api/jobs/app-a%0A", b"/api/jobs/app-a\x00b", b"/api/jobs/%ff%fe",
@@ -455,7 +471,7 @@ def test_control_characters_in_a_submitted_id_are_400(app: App, redis_client: An
     ids=["resource name", "env var name", "selector key", "selector value"],
 )
 def test_a_trailing_newline_in_a_name_is_400(app: App, redis_client: Any, extra: dict[str, Any], field: str) -> None:
-    """Names have a pattern (DESIGN.md 2.1) that admits no newline, also not at the end."""
+    """Names have a pattern (docs/api.md) that admits no newline, also not at the end."""
     result = call(app, "POST", "/api/jobs", {**JOB, **extra})
     assert result.status == 400, (extra, result.status, result.body)
     assert any(name.startswith(field) for name in result.json["fields"]), result.json
@@ -516,6 +532,8 @@ def test_options_is_204_with_allow(app: App, path: str, template: str, methods: 
     assert allow_set(result.headers["Allow"]) == expected_allow(methods), result.headers
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 @pytest.mark.parametrize("method", ["PATCH", "DELETE", "PUT", "TRACE", "PROPFIND"])
 def test_unsupported_methods_over_the_wire_are_405(server: Server, method: str) -> None:
     answer = exchange(server, request_bytes(method, "/api/jobs", {"Content-Type": "application/json"}, b"{}"))
@@ -524,6 +542,8 @@ def test_unsupported_methods_over_the_wire_are_405(server: Server, method: str) 
     assert answer.json == {"error": f"{method} is not allowed on /api/jobs"}
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_options_over_the_wire(server: Server) -> None:
     answer = exchange(server, request_bytes("OPTIONS", "/api/jobs/app-x"))
     assert answer.status == 204 and allow_set(answer.headers["allow"]) == {"GET", "HEAD", "DELETE", "OPTIONS"}, answer
@@ -557,6 +577,8 @@ def test_no_cors_headers_for_another_origin(cors_app: App, app: App, origin: str
         assert not [h for h in result.headers if h.lower().startswith("access-control-")], (origin, result.headers)
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_cors_over_the_wire(server: Server) -> None:
     allowed = exchange(server, request_bytes("OPTIONS", "/api/jobs", {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST"}))
     assert allowed.status == 204 and allowed.headers.get("access-control-allow-origin") == ALLOWED_ORIGIN, allowed.headers
@@ -586,6 +608,8 @@ def battery() -> list[tuple[str, bytes, Iterable[bytes]]]:
     ]
 
 
+@pytest.mark.xdist_group("hostile-server")
+@pytest.mark.processes
 def test_hostile_battery_answers_4xx_quickly_and_memory_stays_bounded(server: Server) -> None:
     for name, head, body in battery():  # warm up: first-use allocations are not growth
         answer = exchange(server, head, body)

@@ -17,9 +17,9 @@ from typing import Iterator
 
 import pytest
 
+from tests.kit import KiB
 from worker.joblog import TAIL_SUFFIX, DiskFull, JobLog, prune
 
-KiB = 1024
 MARKER = re.compile(
     rb"\n?\[poolq: ([\d,]+) bytes of output cut here; this log keeps the first ([\d,]+) and the last ([\d,]+) bytes\]\n"
 )

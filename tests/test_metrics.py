@@ -1,9 +1,10 @@
 """GET /metrics (Prometheus text) and POOLQ_LOG_FORMAT=json.
 
-Each test does known things through the in-process WSGI app (and a real ``poolq
-worker`` where placement or the periodic duties are needed) on a Redis emptied of
-poolq's keys, then parses /metrics with prometheus_client's own parser and checks
-that every figure counts exactly what was done.
+Each test does known things through the in-process WSGI app (with placement and the
+periodic duties in the test's process where they are needed, ``placement``) on a Redis
+emptied of poolq's keys, then parses /metrics with prometheus_client's own parser and
+checks that every figure counts exactly what was done. The JSON log format is checked
+on real ``poolq worker`` and ``poolq api`` processes.
 """
 
 from __future__ import annotations
@@ -19,17 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from api_shim.app import App
 from poolq import tokens
 from poolq.embedded import free_port
-from poolq.nodes import capacity_of
+from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
-from tests.procs import Proc, wait_for
+from tests import kit
+from tests.kit import JOB, SETTLE_S, GiB, MiB, Placement, add_node, record, wait_ready
+from tests.procs import wait_for
 from tests.wsgi import call
-from worker.inventory import NodeAdmin
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-JOB = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}, "entrypoint_num_cpus": 1, "entrypoint_memory": 128 * MiB}
-SETTLE_S = 60.0
-
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -59,33 +55,11 @@ def scrape(app: App, headers: dict[str, str] | None = None) -> Metrics:
 
 
 def submit(app: App, body: Any = JOB, tenant: str = "default", label: str | None = None, timeout_ms: int = 0) -> Any:
-    headers = {"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": str(timeout_ms)}
-    if label is not None:
-        headers["X-Pool-Label"] = label
-    return call(app, "POST", "/api/jobs", body, headers=headers)
+    return kit.post(app, body, tenant=tenant, label=label, timeout_ms=timeout_ms)
 
 
-def accepted(app: App, body: Any = JOB, **kwargs: Any) -> str:
-    result = submit(app, body, **kwargs)
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
-
-
-def poll(app: App, submission_id: str, tenant: str = "default") -> dict[str, Any]:
-    result = call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": tenant})
-    assert result.status == 200, result.body
-    return dict(result.json)
-
-
-def ready(proc: Proc) -> None:
-    wait_for(lambda: "ready." in proc.output() or not proc.alive(), timeout=60, what="the placement worker to start")
-    assert proc.alive(), proc.output()
-
-
-def add_node(admin: NodeAdmin, node_id: str, pool: str, cpus: int, memory: int = 8 * GiB, gpus: int = 0,
-             resources: dict[str, Any] | None = None, kind: str = "static") -> None:
-    admin.upsert(node_id, pool=pool, labels={}, capacity=capacity_of(cpus, memory, gpus, resources), kind=kind,
-                 create=kind == "static")
+def accepted(app: App, body: Any = JOB, tenant: str = "default", label: str | None = None, timeout_ms: int = 0) -> str:
+    return kit.submit(app, body, tenant=tenant, label=label, timeout_ms=timeout_ms)
 
 
 # -- the format, and who may read it ---------------------------------------------------
@@ -187,16 +161,15 @@ def test_jobs_by_status_and_queue_depth_follow_what_happened(app: App) -> None:
 
 
 def test_placement_latency_counts_placed_jobs_and_pools_show_capacity_and_reserved(
-        app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
-    ready(placement_worker)
-    add_node(admin, "p1-a", "p1", cpus=4, memory=8 * GiB)
-    add_node(admin, "p1-b", "p1", cpus=2, memory=4 * GiB, gpus=1)
-    add_node(admin, "p2-a", "p2", cpus=8, memory=16 * GiB, resources={"NPU": 4})
+        app: App, admin: NodeAdmin, placement: Placement) -> None:
+    add_node(admin, "p1-a", pool="p1", cpus=4, memory=8 * GiB)
+    add_node(admin, "p1-b", pool="p1", cpus=2, memory=4 * GiB, gpus=1)
+    add_node(admin, "p2-a", pool="p2", cpus=8, memory=16 * GiB, resources={"NPU": 4})
     placed = [accepted(app, label="pool=p1") for _ in range(3)] + [accepted(app, {**JOB, "entrypoint_num_cpus": 2}, label="pool=p2")]
     waiting = accepted(app, {**JOB, "entrypoint_num_cpus": 16})  # fits no node
     for submission_id in placed:
-        wait_for(lambda sid=submission_id: poll(app, sid)["driver_node_id"], timeout=SETTLE_S, what=f"{submission_id} placed")
-    wait_for(lambda: poll(app, waiting)["scheduling"]["attempts"] >= 1, timeout=SETTLE_S, what="an attempt for the unfit job")
+        wait_for(lambda sid=submission_id: record(app, sid)["driver_node_id"], timeout=SETTLE_S, what=f"{submission_id} placed")
+    wait_for(lambda: record(app, waiting)["scheduling"]["attempts"] >= 1, timeout=SETTLE_S, what="an attempt for the unfit job")
 
     metrics = scrape(app)
     assert metrics.value("poolq_placement_latency_seconds_count") == 4
@@ -233,15 +206,14 @@ def test_placement_latency_counts_placed_jobs_and_pools_show_capacity_and_reserv
 # -- scheduling failures by reason ----------------------------------------------------------
 
 
-def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
-    ready(placement_worker)
-    add_node(admin, "small", "p1", cpus=2)
+def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, placement: Placement) -> None:
+    add_node(admin, "small", pool="p1", cpus=2)
     too_big = accepted(app, {**JOB, "entrypoint_num_cpus": 4}, timeout_ms=1500)
     nowhere = accepted(app, label="gpu-pool", timeout_ms=1500)
     also_too_big = accepted(app, {**JOB, "entrypoint_num_cpus": 3}, timeout_ms=1500)
     for submission_id in (too_big, nowhere, also_too_big):
-        wait_for(lambda sid=submission_id: poll(app, sid)["status"] == "FAILED", timeout=SETTLE_S, what=f"{submission_id} to time out")
-    reasons = {sid: [r["reason"] for r in poll(app, sid)["scheduling"]["reasons"]] for sid in (too_big, nowhere, also_too_big)}
+        wait_for(lambda sid=submission_id: record(app, sid)["status"] == "FAILED", timeout=SETTLE_S, what=f"{submission_id} to time out")
+    reasons = {sid: [r["reason"] for r in record(app, sid)["scheduling"]["reasons"]] for sid in (too_big, nowhere, also_too_big)}
     assert reasons == {too_big: ["CPU: Out Of Capacity"], nowhere: ["Affinity can't be Satisfied"],
                        also_too_big: ["CPU: Out Of Capacity"]}, reasons
 
@@ -256,13 +228,13 @@ def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, p
 # -- node liveness ---------------------------------------------------------------------------
 
 
-def test_nodes_by_state(app: App, admin: NodeAdmin, start_proc: Any) -> None:
-    ready(start_proc(["worker"], env={"POOLQ_NODE_TTL_S": "2"}))
-    add_node(admin, "static-1", "ag", cpus=4)
-    add_node(admin, "static-2", "ag", cpus=4)
+def test_nodes_by_state(app: App, admin: NodeAdmin, start_placement: Any) -> None:
+    start_placement({"POOLQ_NODE_TTL_S": "2"})
+    add_node(admin, "static-1", pool="ag", cpus=4)
+    add_node(admin, "static-2", pool="ag", cpus=4)
     admin.drain("static-2")
-    add_node(admin, "agent-1", "ag", cpus=8, kind="agent")  # registered as an agent; no agent heartbeats for it
-    add_node(admin, "other-1", "other", cpus=1)
+    add_node(admin, "agent-1", pool="ag", cpus=8, kind="agent")  # registered as an agent; no agent heartbeats for it
+    add_node(admin, "other-1", pool="other", cpus=1)
 
     def states() -> dict[tuple[str, str], float]:
         return {(dict(k)["pool"], dict(k)["state"]): v for k, v in scrape(app).labelled("poolq_nodes").items() if v}
@@ -297,8 +269,8 @@ def json_records(output: str) -> list[dict[str, Any]]:
 
 def test_json_log_format_for_a_placement_worker(app: App, admin: NodeAdmin, start_proc: Any) -> None:
     worker = start_proc(["worker"], env={"POOLQ_LOG_FORMAT": "json"})
-    ready(worker)
-    add_node(admin, "n1", "p1", cpus=1)
+    wait_ready(worker)
+    add_node(admin, "n1", pool="p1", cpus=1)
     accepted(app)  # some placement work to log about
     wait_for(lambda: any("ready" in r["message"] for r in json_records(worker.output())), timeout=30, what="the ready line")
     output = worker.output()

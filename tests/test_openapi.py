@@ -1,10 +1,10 @@
-"""GET /api/openapi.json (DESIGN.md 2.3) and schemathesis against a live API.
+"""GET /api/openapi.json (docs/api.md) and schemathesis against a live API.
 
 First the document itself, read from the in-process app: a valid OpenAPI 3 document,
 covering every route the app serves, whose request schema states the validator's rules
 (it is generated from the marshmallow schemas, so a rule the generator drops shows up
 here). Then schemathesis generates requests from that document and sends them to a live
-``poolq api`` (gunicorn/granian, its own Redis, no placement worker): no answer may be a
+``poolq api`` (granian, its own Redis, no placement worker): no answer may be a
 500, and every answer must conform to the document (status codes, content types,
 headers, bodies).
 """
@@ -48,6 +48,7 @@ from schemathesis.checks import (
 from api_shim.openapi import document
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.schemas import JobRequestSchema, RuntimeEnvSchema
+from tests.kit import START_S
 from tests.procs import Proc, wait_for
 from tests.wsgi import call
 
@@ -158,7 +159,7 @@ def test_document_covers_every_route(app: Any) -> None:
             assert "200" in op["responses"], (method, path)
             for code, answer in op["responses"].items():
                 if code.startswith(("4", "5")) and path != "/healthz":
-                    # Every error is JSON {"error": ...} (DESIGN.md 2).
+                    # Every error is JSON {"error": ...} (docs/api.md).
                     schema = answer["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code, schema)
 
@@ -173,7 +174,7 @@ def _header(doc: dict[str, Any], path: str, method: str, name: str, where: str =
 
 
 def test_request_schema_ranges() -> None:
-    """The document states the validator's ranges (DESIGN.md 2.1), field by field."""
+    """The document states the validator's ranges (docs/api.md), field by field."""
     doc = _doc()
     job = doc["components"]["schemas"]["JobRequest"]
     env = doc["components"]["schemas"]["RuntimeEnv"]
@@ -219,7 +220,7 @@ def test_request_schema_ranges() -> None:
         gaps.append(f"offset: 0 <= x <= 10**18-1 (at most 18 digits, api_shim/routes/jobs.py logs), document says {offset}")
     tenant = _header(doc, "/api/jobs", "post", "X-Tenant-Id")
     if tenant.get("pattern") and not re.search(tenant["pattern"], ""):
-        gaps.append(f"X-Tenant-Id: empty means default (DESIGN.md 2.1), document pattern {tenant['pattern']} refuses it")
+        gaps.append(f"X-Tenant-Id: empty means default (docs/api.md), document pattern {tenant['pattern']} refuses it")
     package_name = next(p for p in doc["paths"]["/api/packages/{protocol}/{name}"]["get"]["parameters"] if p["name"] == "name")["schema"]
     if "pattern" not in package_name:
         gaps.append(f"package name: _ray_pkg_<hash>.zip (poolq/packages.py NAME), document says {package_name}")
@@ -332,7 +333,7 @@ def test_request_schema_agrees_with_validator(app: Any, what: str, body: dict[st
 # (header, value, accepted by poolq): headers the document describes.
 HEADER_AGREEMENT = [
     ("X-Tenant-Id", "team-a", True),
-    ("X-Tenant-Id", "", True),  # DESIGN.md 2.1: absent or empty = default
+    ("X-Tenant-Id", "", True),  # docs/api.md: absent or empty = default
     ("X-Tenant-Id", "bad tenant!", False),
     ("X-Tenant-Id", "t" * 65, False),
     ("X-Schedule-Timeout-Ms", "0", True),
@@ -384,7 +385,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAPI]:
     url = f"http://127.0.0.1:{port}"
     proc = Proc(["api", "--port", str(port)], env, base / "api.log").start()
     try:
-        wait_for(lambda: _healthy(url), 30, 0.1, what="poolq api to answer /healthz")
+        wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api to answer /healthz")
         added = subprocess.run(
             [sys.executable, "-m", "poolq", "nodes", "add", "--id", "st-static", "--pool", "st", "--labels", "gpu,zone=a",
              "--cpus", "2", "--memory", "2Gi", "--resources", "NPU=2"],
@@ -405,6 +406,8 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAPI]:
         server.stop()
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 def test_live_document_is_the_same(live_api: LiveAPI) -> None:
     served = requests.get(f"{live_api.url}/api/openapi.json", timeout=10)
     assert served.status_code == 200
@@ -448,6 +451,8 @@ def _steer(case: Any, live: LiveAPI) -> None:
         case.headers["X-Tenant-Id"] = "not a tenant!"
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 @SCHEMA.parametrize()
 @hypothesis_settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                      suppress_health_check=list(HealthCheck))
@@ -456,7 +461,7 @@ def test_schemathesis_live(case: Any, live_api: LiveAPI) -> None:
     excluded = [positive_data_acceptance] if (case.method.upper(), case.path) in POSITIVE_ACCEPTANCE_INAPPLICABLE else []
     if (case.method.upper(), case.path) == ("POST", "/api/jobs/batch"):
         # A batch answers 200 with a result per item, an error for each invalid one
-        # (DESIGN.md 2.4), so an invalid item does not make the request a 400; a batch
+        # (docs/api.md), so an invalid item does not make the request a 400; a batch
         # invalid as a whole is a 400, which tests/test_api.py checks.
         excluded.append(negative_data_rejection)
     if any(name.lower().startswith("x-schemathesis-unknown") for name in case.headers or {}):
@@ -487,6 +492,8 @@ AWKWARD = [
 ]
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 @pytest.mark.parametrize(("what", "method", "path", "headers", "body"), AWKWARD, ids=[a[0] for a in AWKWARD])
 def test_awkward_requests_get_json_answers(live_api: LiveAPI, what: str, method: str, path: str, headers: dict[str, Any], body: bytes) -> None:
     sent_headers = {"Content-Type": "application/json", **headers}
@@ -506,9 +513,11 @@ NON_ASCII_HEADERS = [
 ]
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 @pytest.mark.parametrize(("name", "value"), NON_ASCII_HEADERS, ids=[h for h, _ in NON_ASCII_HEADERS])
 def test_non_ascii_header_values_are_refused(live_api: LiveAPI, name: str, value: str) -> None:
-    # DESIGN.md 2.1: a malformed X-Pool-Label / X-Schedule-Timeout-Ms is a 400. granian
+    # docs/api.md: a malformed X-Pool-Label / X-Schedule-Timeout-Ms is a 400. granian
     # hands a value with bytes above 0x7F (RFC 9110 obs-text) to the app as "", so poolq
     # refuses an empty value of these headers rather than reading it as absent: the
     # job must not silently lose its pool affinity or its deadline.
@@ -518,8 +527,10 @@ def test_non_ascii_header_values_are_refused(live_api: LiveAPI, name: str, value
     assert name in answer.json().get("fields", {}), answer.text[:300]
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 def test_non_ascii_tenant_reads_as_the_default_tenant_both_ways(live_api: LiveAPI) -> None:
-    # An empty X-Tenant-Id means `default` (DESIGN.md 2.1), and granian hands a non-ASCII
+    # An empty X-Tenant-Id means `default` (docs/api.md), and granian hands a non-ASCII
     # value over as empty: such a job is filed under, and found in, the default tenant,
     # consistently (README, "Headers"). With tokens the tenant comes from the token.
     headers = {"Content-Type": "application/json", "X-Tenant-Id": "équipe".encode("utf-8")}
@@ -531,8 +542,10 @@ def test_non_ascii_tenant_reads_as_the_default_tenant_both_ways(live_api: LiveAP
     assert requests.get(f"{live_api.url}/api/jobs/{submission_id}", timeout=20).status_code == 200
 
 
+@pytest.mark.xdist_group("openapi-live")
+@pytest.mark.processes
 def test_long_request_line_with_100_ids(live_api: LiveAPI) -> None:
-    # DESIGN.md 2.3: request lines of at least 8 KiB (100 ids in ids=).
+    # docs/api.md: request lines of at least 8 KiB (100 ids in ids=).
     # Unknown ids are simply absent; 82-character ones make the line pass 8 KiB.
     ids = [f"app-{uuid.uuid4()}-{'x' * 41}" for _ in range(99)] + [live_api.seeded_jobs[0]]
     query = "ids=" + ",".join(ids)

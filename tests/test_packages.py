@@ -1,4 +1,4 @@
-"""working_dir packages are per tenant and within a per-tenant budget (DESIGN.md 2.6)."""
+"""working_dir packages are per tenant and within a per-tenant budget (docs/api.md)."""
 
 from __future__ import annotations
 

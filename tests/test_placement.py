@@ -1,4 +1,6 @@
-"""Placement end to end (DESIGN.md 3): real Redis, real ``poolq worker`` processes.
+"""Placement end to end (docs/placement.md): real Redis, the placement worker's scheduler
+and duties in the test's process (``placement``), and real ``poolq worker`` processes for
+the tests about them (several workers racing, kill -9, Celery wake-ups).
 
 Jobs are submitted through the in-process WSGI app and polled through it; nodes are
 static (``NodeAdmin.upsert``), so a placed job stays PENDING with its driver_node_id.
@@ -24,28 +26,18 @@ import redis
 
 from api_shim.app import App
 from poolq import keys, queues
+from poolq.messaging import create_celery
 from poolq.model import JobStatus
-from poolq.nodes import capacity_of
+from poolq.nodes import NodeAdmin, capacity_of
 from poolq.redis_io import connect
 from poolq.settings import Settings
-from poolq.store import JobStore
+from poolq.store import Ending, JobStore
 from tests.conftest import SEED_BODY
+from tests.kit import JOB, SETTLE_S, GiB, Placement, add_node, is_placed, record, submit, wait_ready, wait_record
 from tests.procs import Proc, wait_for
 from tests.wsgi import call
-from worker.celery_app import create_celery
 from worker.duties import Duties
-from worker.inventory import NodeAdmin
 from worker.scheduler import Scheduler
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-
-JOB = {
-    "entrypoint": "true",
-    "runtime_env": {"working_dir": "/tmp"},
-    "entrypoint_num_cpus": 1,
-    "entrypoint_memory": 128 * MiB,
-}
 
 AFFINITY_ABC = (
     'resource { aff { condition { subConditions { expressions { key: "abc" op { exits { } } } weight: 100 } '
@@ -58,67 +50,12 @@ NO_ATTEMPT = (
 
 # -- helpers -------------------------------------------------------------------------
 
-
-def submit(
-    app: App,
-    body: dict[str, Any] | None = None,
-    *,
-    label: str | None = None,
-    timeout_ms: int | None = None,
-    tenant: str | None = None,
-    **fields: Any,
-) -> str:
-    headers = {"Content-Type": "application/json"}
-    if label is not None:
-        headers["X-Pool-Label"] = label
-    if timeout_ms is not None:
-        headers["X-Schedule-Timeout-Ms"] = str(timeout_ms)
-    if tenant is not None:
-        headers["X-Tenant-Id"] = tenant
-    result = call(app, "POST", "/api/jobs", {**(body or JOB), **fields}, headers)
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
-
-
-def poll(app: App, submission_id: str, tenant: str | None = None) -> dict[str, Any]:
-    result = call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": tenant} if tenant else {})
-    assert result.status == 200, result.body
-    return dict(result.json)
-
-
-def wait_job(
-    app: App, submission_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
-) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        record = poll(app, submission_id)
-        return record if predicate(record) else None
-
-    return wait_for(check, timeout=timeout, interval=0.05, what=f"{submission_id} {what}")  # type: ignore[return-value]
-
-
-def ready(*workers: Proc) -> None:
-    """Wait until each placement worker consumes its queue (Celery logs "ready.")."""
-    for proc in workers:
-        wait_for(lambda p=proc: "ready." in p.output() or not p.alive(), timeout=60, what=f"{proc.args} to start")
-        assert proc.alive(), proc.output()
-
-
-def placed(record: dict[str, Any]) -> bool:
-    return record["status"] == "PENDING" and record["driver_node_id"] is not None
-
-
-def failed(record: dict[str, Any]) -> bool:
-    return record["status"] == "FAILED"
-
-
-def add_node(
-    admin: NodeAdmin, node_id: str, cpus: Any, memory: int = 64 * GiB, labels: dict[str, str | None] | None = None
-) -> None:
-    admin.upsert(node_id, pool="p", labels=labels or {}, capacity=capacity_of(cpus, memory), kind="static")
+def failed(found: dict[str, Any]) -> bool:
+    return found["status"] == "FAILED"
 
 
 def timeout_failure(submission_id: str, timeout_ms: int, attempts: int, lines: str) -> str:
-    """The SCHEDULE_TIMEOUT message of DESIGN.md 3.3, written out independently of the code."""
+    """The SCHEDULE_TIMEOUT message of docs/placement.md, written out independently of the code."""
     return (
         f"create app failed, submissionId:[{submission_id}], err: \nthe instance cannot be scheduled within "
         f"{timeout_ms} ms. which has been scheduled for {attempts} times. The latest failure: no available resource "
@@ -208,25 +145,24 @@ def assert_placed_exactly_once(book: dict[str, Any], client: redis.Redis, per_jo
 # -- the scheduling-failure message, end to end ----------------------------------------
 
 
-def test_seed_affinity_failure_after_the_default_18_s(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
+def test_seed_affinity_failure_after_the_default_18_s(app: App, admin: NodeAdmin, placement: Placement) -> None:
     """The seed: X-Pool-Label abc, one node without that label, the default deadline."""
     add_node(admin, "n0", cpus=8, memory=4 * GiB, labels={"zone": "a"})
-    ready(placement_worker)
     submission_id = submit(app, SEED_BODY, label="abc")
     assert submission_id == "app-1234"
-    record = wait_job(app, submission_id, failed, timeout=18 + 30, what="to fail at its 18 s deadline")
-    assert record["error_type"] == "SCHEDULE_TIMEOUT"
-    assert record["driver_node_id"] is None
-    assert record["end_time"] - record["submit_time"] >= 18000
-    attempts = record["scheduling"]["attempts"]
+    found = wait_record(app, submission_id, failed, "to fail at its 18 s deadline", timeout=18 + SETTLE_S)
+    assert found["error_type"] == "SCHEDULE_TIMEOUT"
+    assert found["driver_node_id"] is None
+    assert found["end_time"] - found["submit_time"] >= 18000
+    attempts = found["scheduling"]["attempts"]
     assert attempts >= 1
-    assert record["message"] == timeout_failure(
+    assert found["message"] == timeout_failure(
         "app-1234",
         18000,
         attempts,
         f"\t1 unit with [Affinity can't be Satisfied] requirements: [{AFFINITY_ABC} ].\n",
     )
-    [reason] = record["scheduling"]["reasons"]
+    [reason] = found["scheduling"]["reasons"]
     assert (reason["reason"], reason["units"], reason["requirement"].strip()) == (
         "Affinity can't be Satisfied",
         1,
@@ -235,15 +171,14 @@ def test_seed_affinity_failure_after_the_default_18_s(app: App, admin: NodeAdmin
     assert reserved_of(admin.redis, "n0") == 0
 
 
-def test_no_nodes_at_all(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
-    ready(placement_worker)
+def test_no_nodes_at_all(app: App, admin: NodeAdmin, placement: Placement) -> None:
     submission_id = submit(app, timeout_ms=1500)
-    record = wait_job(app, submission_id, failed, timeout=30, what="to fail with no node at all")
-    assert record["error_type"] == "SCHEDULE_TIMEOUT"
-    attempts = record["scheduling"]["attempts"]
+    found = wait_record(app, submission_id, failed, "to fail with no node at all")
+    assert found["error_type"] == "SCHEDULE_TIMEOUT"
+    attempts = found["scheduling"]["attempts"]
     assert attempts >= 1
-    assert record["message"] == timeout_failure(submission_id, 1500, attempts, "\t0 unit with [No Available Node].\n")
-    assert [(r["reason"], r["units"]) for r in record["scheduling"]["reasons"]] == [("No Available Node", 0)]
+    assert found["message"] == timeout_failure(submission_id, 1500, attempts, "\t0 unit with [No Available Node].\n")
+    assert [(r["reason"], r["units"]) for r in found["scheduling"]["reasons"]] == [("No Available Node", 0)]
 
 
 def test_no_placement_worker_means_no_attempt(app: App, store: JobStore, admin: NodeAdmin) -> None:
@@ -251,63 +186,64 @@ def test_no_placement_worker_means_no_attempt(app: App, store: JobStore, admin: 
     with the no-attempt message, even though a node would have fitted."""
     add_node(admin, "n1", cpus=4)
     submission_id = submit(app, timeout_ms=1000)
-    record = poll(app, submission_id)
-    wait_for(lambda: redis_now_ms(store.redis) > record["scheduling"]["deadline"], timeout=10, what="the deadline")
-    assert poll(app, submission_id)["status"] == "PENDING"  # nothing expires a job but the duties
+    found = record(app, submission_id)
+    wait_for(lambda: redis_now_ms(store.redis) > found["scheduling"]["deadline"], timeout=10, what="the deadline")
+    assert record(app, submission_id)["status"] == "PENDING"  # nothing expires a job but the duties
     Duties(store, Scheduler(store)).tick()
-    record = poll(app, submission_id)
-    assert (record["status"], record["error_type"]) == ("FAILED", "SCHEDULE_TIMEOUT")
-    assert record["message"] == (
+    found = record(app, submission_id)
+    assert (found["status"], found["error_type"]) == ("FAILED", "SCHEDULE_TIMEOUT")
+    assert found["message"] == (
         f"create app failed, submissionId:[{submission_id}], err: \nthe instance cannot be scheduled within 1000 ms. "
         + NO_ATTEMPT
     )
-    assert record["scheduling"]["attempts"] == 0 and record["scheduling"]["reasons"] == []
-    assert record["driver_node_id"] is None
+    assert found["scheduling"]["attempts"] == 0 and found["scheduling"]["reasons"] == []
+    assert found["driver_node_id"] is None
 
 
 def test_a_job_past_its_deadline_is_not_placed(app: App, store: JobStore, admin: NodeAdmin) -> None:
     """A placement round that runs after the deadline (a worker started late, before its
-    duties swept) must not place the job: at its deadline it becomes FAILED (DESIGN.md 3.3)."""
+    duties swept) must not place the job: at its deadline it becomes FAILED (docs/placement.md)."""
     add_node(admin, "n1", cpus=4)
     submission_id = submit(app, timeout_ms=1000)
-    deadline = poll(app, submission_id)["scheduling"]["deadline"]
+    deadline = record(app, submission_id)["scheduling"]["deadline"]
     wait_for(lambda: redis_now_ms(store.redis) > deadline + 200, timeout=10, what="the deadline")
-    Scheduler(store).drain()
+    Scheduler(store).place_waiting()
     Duties(store, Scheduler(store)).tick()
-    record = poll(app, submission_id)
-    assert (record["status"], record["error_type"], record["driver_node_id"]) == ("FAILED", "SCHEDULE_TIMEOUT", None)
+    found = record(app, submission_id)
+    assert (found["status"], found["error_type"], found["driver_node_id"]) == ("FAILED", "SCHEDULE_TIMEOUT", None)
     assert reserved_of(store.redis, "n1") == 0
 
 
 # -- waiting, and being placed when things change ------------------------------------
 
 
-def test_timeout_zero_waits_until_a_node_joins(settings: Settings, admin: NodeAdmin, start_proc: Any) -> None:
+def test_timeout_zero_waits_until_a_node_joins(settings: Settings, admin: NodeAdmin, start_placement: Any) -> None:
     app = App(dataclasses.replace(settings, schedule_timeout_ms=1000))
-    ready(start_proc(["worker"], env={"POOLQ_SCHEDULE_TIMEOUT_MS": "1000"}))
+    start_placement({"POOLQ_SCHEDULE_TIMEOUT_MS": "1000"})
     forever = submit(app, timeout_ms=0)
     default = submit(app)
-    record = wait_job(app, default, failed, timeout=30, what="to fail at the 1 s default deadline")
-    attempts = record["scheduling"]["attempts"]
-    assert record["error_type"] == "SCHEDULE_TIMEOUT"
-    assert record["message"] == timeout_failure(default, 1000, attempts, "\t0 unit with [No Available Node].\n")
+    found = wait_record(app, default, failed, "to fail at the 1 s default deadline")
+    attempts = found["scheduling"]["attempts"]
+    assert found["error_type"] == "SCHEDULE_TIMEOUT"
+    assert found["message"] == timeout_failure(default, 1000, attempts, "\t0 unit with [No Available Node].\n")
     time.sleep(1.5)  # well past the default deadline, and several sweeps
-    record = poll(app, forever)
-    assert (record["status"], record["error_type"], record["driver_node_id"]) == ("PENDING", None, None)
-    assert record["scheduling"]["deadline"] is None
+    found = record(app, forever)
+    assert (found["status"], found["error_type"], found["driver_node_id"]) == ("PENDING", None, None)
+    assert found["scheduling"]["deadline"] is None
     add_node(admin, "late", cpus=2)
-    record = wait_job(app, forever, placed, timeout=20, what="to be placed on the node that joined")
-    assert record["driver_node_id"] == "late"
-    assert poll(app, default)["status"] == "FAILED"  # a terminal status never changes
+    found = wait_record(app, forever, is_placed, "to be placed on the node that joined")
+    assert found["driver_node_id"] == "late"
+    assert record(app, default)["status"] == "FAILED"  # a terminal status never changes
     assert admin.check() == []
 
 
-def test_waiting_job_placed_at_once_when_capacity_is_released(app: App, admin: NodeAdmin, start_proc: Any) -> None:
+@pytest.mark.serial
+def test_waiting_job_placed_at_once_when_capacity_is_released(app: App, admin: NodeAdmin, start_placement: Any) -> None:
     """Released capacity retries blocked jobs at once, not after their backoff."""
-    ready(start_proc(["worker"], env={"POOLQ_MAX_BACKOFF_S": "30"}))
+    start_placement({"POOLQ_MAX_BACKOFF_S": "30"})
     add_node(admin, "n1", cpus=1)
     first = submit(app, timeout_ms=0)
-    wait_job(app, first, placed, timeout=30, what="to be placed")
+    wait_record(app, first, is_placed, "to be placed")
     second = submit(app, timeout_ms=0)
     client = admin.redis
     sig = client.hget(keys.job(keys.ref("default", second)), "shape")
@@ -316,78 +252,78 @@ def test_waiting_job_placed_at_once_when_capacity_is_released(app: App, admin: N
         retry_at = client.zscore(keys.SHAPES_BLOCKED, sig)
         return int(retry_at) - redis_now_ms(client) if retry_at else 0
 
-    wait_for(lambda: backoff_left_ms() > 2500, timeout=30, what="the waiting job's backoff to exceed 2.5 s")
-    assert poll(app, second)["driver_node_id"] is None
+    wait_for(lambda: backoff_left_ms() > 2500, timeout=SETTLE_S, what="the waiting job's backoff to exceed 2.5 s")
+    assert record(app, second)["driver_node_id"] is None
     stop = call(app, "POST", f"/api/jobs/{first}/stop")
     released = time.monotonic()
     assert (stop.status, stop.json) == (200, {"stopped": True})
-    record = wait_job(app, second, placed, timeout=20, what="to take the released capacity")
+    found = wait_record(app, second, is_placed, "to take the released capacity")
     elapsed = time.monotonic() - released
     assert elapsed < 1.0, f"placed {elapsed:.2f} s after the release"
-    assert record["driver_node_id"] == "n1"
-    stopped = poll(app, first)
+    assert found["driver_node_id"] == "n1"
+    stopped = record(app, first)
     assert (stopped["status"], stopped["error_type"]) == ("STOPPED", "STOPPED_BY_USER")
     assert reserved_of(client, "n1") == 1000 and admin.check() == []
 
 
-def test_pool_label_terms_in_order_end_to_end(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
+def test_pool_label_terms_in_order_end_to_end(app: App, admin: NodeAdmin, placement: Placement) -> None:
     add_node(admin, "gpu-node", cpus=2, labels={"gpu": None})
     add_node(admin, "big-node", cpus=2, labels={"size": "big"})
     add_node(admin, "other", cpus=64)
     ids = [submit(app, label="gpu, size=big", timeout_ms=0) for _ in range(5)]
     for submission_id in ids[:4]:
-        wait_job(app, submission_id, placed, timeout=30, what="to be placed")
-    nodes = [poll(app, i)["driver_node_id"] for i in ids[:4]]
+        wait_record(app, submission_id, is_placed, "to be placed")
+    nodes = [record(app, i)["driver_node_id"] for i in ids[:4]]
     assert sorted(nodes) == ["big-node", "big-node", "gpu-node", "gpu-node"]
-    time.sleep(1.0)
-    assert poll(app, ids[4])["driver_node_id"] is None  # "other" matches no term: never used
+    time.sleep(1.0)  # past a backoff: the fifth job is tried again
+    placement.settle()  # and whatever is ready to be tried has been
+    assert record(app, ids[4])["driver_node_id"] is None  # "other" matches no term: never used
     spill = submit(app, label="gpu,unUseAntiOtherLabels", timeout_ms=0)
-    assert wait_job(app, spill, placed, timeout=30, what="to use the last resort")["driver_node_id"] == "other"
+    assert wait_record(app, spill, is_placed, "to use the last resort")["driver_node_id"] == "other"
     assert admin.check() == []
 
 
-def test_draining_a_node_stops_new_placements(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
-    ready(placement_worker)
+def test_draining_a_node_stops_new_placements(app: App, admin: NodeAdmin, placement: Placement) -> None:
     add_node(admin, "small", cpus=2)
     add_node(admin, "big", cpus=4)
     first = submit(app, timeout_ms=0)
-    assert wait_job(app, first, placed, timeout=30, what="to be placed")["driver_node_id"] == "small"  # tightest fit
+    assert wait_record(app, first, is_placed, "to be placed")["driver_node_id"] == "small"  # tightest fit
     admin.drain("small")
     later = [submit(app, timeout_ms=0) for _ in range(4)]
     for submission_id in later:
-        assert wait_job(app, submission_id, placed, timeout=30, what="to be placed")["driver_node_id"] == "big"
+        assert wait_record(app, submission_id, is_placed, "to be placed")["driver_node_id"] == "big"
     late = submit(app, timeout_ms=1500)
-    record = wait_job(app, late, failed, timeout=30, what="to fail: only the drained node has room")
-    attempts = record["scheduling"]["attempts"]
+    found = wait_record(app, late, failed, "to fail: only the drained node has room")
+    attempts = found["scheduling"]["attempts"]
     # the drained node, with a free CPU, is not considered and not counted
-    assert record["message"] == timeout_failure(
+    assert found["message"] == timeout_failure(
         late, 1500, attempts, "\t1 unit with [CPU: Not Enough] requirements: [CPU: 1000m].\n"
     )
-    record = poll(app, first)
-    assert placed(record) and record["driver_node_id"] == "small"  # its jobs stay
+    found = record(app, first)
+    assert is_placed(found) and found["driver_node_id"] == "small"  # its jobs stay
     assert reserved_of(admin.redis, "small") == 1000 and admin.check() == []
 
 
-def test_removing_a_node_fails_its_jobs_and_releases_them(app: App, admin: NodeAdmin, placement_worker: Proc) -> None:
+def test_removing_a_node_fails_its_jobs_and_releases_them(app: App, admin: NodeAdmin, placement: Placement) -> None:
     add_node(admin, "n1", cpus=2, labels={"host": "n1"})
     add_node(admin, "n2", cpus=2, labels={"host": "n2"})
     on_n1 = [submit(app, label="host=n1", timeout_ms=0) for _ in range(2)]
     on_n2 = submit(app, label="host=n2", timeout_ms=0)
     for submission_id in [*on_n1, on_n2]:
-        wait_job(app, submission_id, placed, timeout=30, what="to be placed")
+        wait_record(app, submission_id, is_placed, "to be placed")
     waiting = submit(app, label="host=n1", timeout_ms=0)
     removed = admin.remove("n1")
     assert sorted(removed) == sorted(keys.ref("default", i) for i in on_n1)
     for submission_id in on_n1:
-        record = poll(app, submission_id)
-        assert (record["status"], record["error_type"]) == ("FAILED", "NODE_LOST")
-        assert "n1" in record["message"] and record["end_time"] is not None
-    assert placed(poll(app, on_n2))
+        found = record(app, submission_id)
+        assert (found["status"], found["error_type"]) == ("FAILED", "NODE_LOST")
+        assert "n1" in found["message"] and found["end_time"] is not None
+    assert is_placed(record(app, on_n2))
     assert [n["node_id"] for n in admin.describe()] == ["n2"]
     assert admin.check() == []
     # The same id comes back empty: nothing of the failed jobs is held on it.
     add_node(admin, "n1", cpus=2, labels={"host": "n1"})
-    assert wait_job(app, waiting, placed, timeout=30, what="to be placed on the new n1")["driver_node_id"] == "n1"
+    assert wait_record(app, waiting, is_placed, "to be placed on the new n1")["driver_node_id"] == "n1"
     assert reserved_of(admin.redis, "n1") == 1000 and admin.check() == []
 
 
@@ -414,7 +350,7 @@ def test_ten_thousand_reserve_release_cycles_leave_nothing_reserved(
         assert len(holding) == min(33, 10_000 - released)
         assert reserved_of(redis_client, "n1") == 300 * len(holding)
         for ref in holding:
-            assert store.finish(ref, JobStatus.SUCCEEDED)
+            assert store.finish(ref, JobStatus.SUCCEEDED) == Ending.MOVED
         released += len(holding)
     assert reserved_of(redis_client, "n1") == 0
     assert reserved_of(redis_client, "n1", "memory") == 0
@@ -424,14 +360,16 @@ def test_ten_thousand_reserve_release_cycles_leave_nothing_reserved(
     assert admin.check() == []
 
 
-# -- concurrency and failures --------------------------------------------------------
+# -- concurrency and failures: real worker processes -------------------------------------
 
 
+@pytest.mark.processes
 def test_four_workers_place_exactly_the_capacity(
     app: App, admin: NodeAdmin, redis_client: redis.Redis, start_proc: Any
 ) -> None:
     """2,000 jobs of 1 CPU in four tenants against 500 CPUs, four placement workers."""
-    ready(*[start_proc(["worker"], name=f"worker-{i}") for i in range(4)])
+    for proc in [start_proc(["worker"], name=f"worker-{i}") for i in range(4)]:
+        wait_ready(proc)
     node_ids = [f"n{i}" for i in range(10)]
     for node_id in node_ids:
         add_node(admin, node_id, cpus=50, memory=1024 * GiB)
@@ -464,6 +402,7 @@ def test_four_workers_place_exactly_the_capacity(
         )
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("held", ["claims", "duties-lock"])
 def test_kill_9_of_a_placement_worker_mid_burst(
     held: str, app: App, admin: NodeAdmin, redis_client: redis.Redis, start_proc: Any
@@ -524,6 +463,7 @@ def test_kill_9_of_a_placement_worker_mid_burst(
     )
 
 
+@pytest.mark.processes
 def test_duplicate_wakeups_and_concurrent_rounds_never_reserve_twice(
     app: App, settings: Settings, admin: NodeAdmin, redis_client: redis.Redis, placement_worker: Proc
 ) -> None:

@@ -1,9 +1,9 @@
-"""worker/placement.py on its own: choosing a node, and explaining why none fits (DESIGN.md 3).
+"""worker/placement.py on its own: choosing a node, and explaining why none fits (docs/placement.md).
 
 No Redis: jobs are normalised by ``JobStore.prepare`` (the exact path of an HTTP
 submission, which validates and builds the placement shape without touching Redis)
 and nodes are built in memory. Messages are compared whole, byte for byte, against
-the form of DESIGN.md 3.3 and the seed's example.
+the form of docs/placement.md and the seed's example.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from hypothesis import strategies as st
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
 from poolq.store import JobStore
+from tests.kit import GiB, MiB
 from worker.placement import Inventory, Node, Shape, timeout_message
-
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 
 # prepare() validates and normalises a request; it never talks to Redis, so the client
 # below is never connected.
@@ -457,7 +455,7 @@ def test_no_attempt_variant() -> None:
     )
 
 
-# -- properties: choose and reasons against a brute-force reading of DESIGN.md 3 -------
+# -- properties: choose and reasons against a brute-force reading of docs/placement.md -------
 
 LABEL_KEYS = ["a", "b", "zone"]
 LABEL_VALUES = [None, "x", "y"]

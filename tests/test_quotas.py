@@ -1,9 +1,10 @@
-"""Per-tenant quotas and fairness (DESIGN.md 8; docs/errors.md 400, 429).
+"""Per-tenant quotas and fairness (docs/operations.md; docs/errors.md 400, 429).
 
 ``poolq quota set|show|clear`` runs as a real subprocess; limits live in Redis and hold
-at once. Jobs go through the in-process WSGI app; placement runs in a real ``poolq
-worker`` onto static nodes, so a placed job stays PENDING with its driver_node_id
-until stopped. Deadlines are functional with generous margins (two shared cores).
+at once. Jobs go through the in-process WSGI app; placement runs in the test's process
+(``placement``: the scheduler and duties of a placement worker) onto static nodes, so a
+placed job stays PENDING with its driver_node_id until stopped. Deadlines are functional
+with generous margins (two shared cores).
 """
 
 from __future__ import annotations
@@ -14,24 +15,21 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import redis
 
 from api_shim.app import App
 from poolq import keys
-from poolq.nodes import capacity_of
+from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
-from tests.procs import Proc, wait_for
+from tests import kit
+from tests.kit import JOB, SETTLE_S, GiB, MiB, Placement, add_node, is_placed, wait_record
+from tests.procs import wait_for
 from tests.wsgi import Result, call
-from worker.inventory import NodeAdmin
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-JOB = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}, "entrypoint_num_cpus": 1, "entrypoint_memory": 128 * MiB}
 QUOTA = "Tenant Quota Exceeded"
-SETTLE_S = 60.0  # how long placement may take to do what the test waits for, on a busy machine
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -55,32 +53,11 @@ def headers(tenant: str, timeout_ms: int | None = 0) -> dict[str, str]:
 
 
 def submit(app: App, tenant: str, body: dict[str, Any] = JOB, timeout_ms: int | None = 0) -> Result:
-    return call(app, "POST", "/api/jobs", body, headers=headers(tenant, timeout_ms))
+    return kit.post(app, body, tenant=tenant, timeout_ms=timeout_ms)
 
 
 def accepted(app: App, tenant: str, body: dict[str, Any] = JOB, timeout_ms: int | None = 0) -> str:
-    result = submit(app, tenant, body, timeout_ms)
-    assert result.status == 200, result.body
-    return str(result.json["submission_id"])
-
-
-def poll(app: App, tenant: str, submission_id: str) -> dict[str, Any]:
-    result = call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": tenant})
-    assert result.status == 200, result.body
-    return dict(result.json)
-
-
-def wait_record(app: App, tenant: str, submission_id: str, predicate: Callable[[dict[str, Any]], bool], what: str,
-                timeout: float = SETTLE_S) -> dict[str, Any]:
-    def check() -> dict[str, Any] | None:
-        record = poll(app, tenant, submission_id)
-        return record if predicate(record) else None
-
-    return wait_for(check, timeout=timeout, interval=0.05, what=f"{submission_id} {what}")  # type: ignore[return-value]
-
-
-def is_placed(record: dict[str, Any]) -> bool:
-    return record["status"] == "PENDING" and record["driver_node_id"] is not None
+    return kit.submit(app, body, tenant=tenant, timeout_ms=timeout_ms)
 
 
 def waits_on_quota(record: dict[str, Any]) -> bool:
@@ -88,17 +65,8 @@ def waits_on_quota(record: dict[str, Any]) -> bool:
 
 
 def stop(app: App, tenant: str, submission_id: str) -> None:
-    result = call(app, "POST", f"/api/jobs/{submission_id}/stop", headers={"X-Tenant-Id": tenant})
+    result = kit.stop(app, submission_id, tenant)
     assert result.status == 200 and result.json == {"stopped": True}, result.body
-
-
-def ready(proc: Proc) -> None:
-    wait_for(lambda: "ready." in proc.output() or not proc.alive(), timeout=60, what="the placement worker to start")
-    assert proc.alive(), proc.output()
-
-
-def add_node(admin: NodeAdmin, node_id: str, cpus: int, memory: int = 64 * GiB, gpus: int = 0) -> None:
-    admin.upsert(node_id, pool="p", labels={}, capacity=capacity_of(cpus, memory, gpus), kind="static")
 
 
 def reserved_cpu(client: redis.Redis, node_id: str) -> int:
@@ -112,6 +80,7 @@ def on_node(client: redis.Redis, node_id: str) -> set[str]:
 # -- poolq quota set|show|clear ---------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_quota_set_show_clear(service_env: dict[str, str]) -> None:
     done = cli(service_env, "quota", "set", "team-q", "--cpus", "2", "--max-pending", "3", "--memory", "1Gi")
     assert done.returncode == 0, done.stderr
@@ -126,6 +95,7 @@ def test_quota_set_show_clear(service_env: dict[str, str]) -> None:
     assert json.loads(cli(service_env, "quota", "show", "team-q").stdout) == {}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("flags", [["--cpus", "lots"], ["--memory", "12Q"], ["--resources", "NPU"], ["--max-pending", "x"]])
 def test_quota_set_refuses_bad_values(service_env: dict[str, str], redis_client: redis.Redis, flags: list[str]) -> None:
     done = cli(service_env, "quota", "set", "team-q", *flags)
@@ -133,6 +103,7 @@ def test_quota_set_refuses_bad_values(service_env: dict[str, str], redis_client:
     assert redis_client.hgetall(keys.quota("team-q")) == {}
 
 
+@pytest.mark.processes
 def test_max_pending_is_effective_at_once_and_clear_lifts_it(app: App, service_env: dict[str, str], redis_client: redis.Redis) -> None:
     accepted(app, "team-q")  # the app has served the tenant before the limit exists
     quota(service_env, "team-q", "--cpus", "2", "--max-pending", "3")
@@ -153,16 +124,18 @@ def test_max_pending_is_effective_at_once_and_clear_lifts_it(app: App, service_e
     accepted(app, "team-q")
 
 
+@pytest.mark.processes
 def test_max_pending_counts_only_pending_jobs(app: App, service_env: dict[str, str]) -> None:
     quota(service_env, "team-q", "--max-pending", "2")
     first, _ = accepted(app, "team-q"), accepted(app, "team-q")
     assert submit(app, "team-q").status == 429
     stop(app, "team-q", first)  # a PENDING job stopped is STOPPED: no longer pending
-    assert poll(app, "team-q", first)["status"] == "STOPPED"
+    assert kit.record(app, first, "team-q")["status"] == "STOPPED"
     accepted(app, "team-q")
     assert submit(app, "team-q").status == 429
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     ("flags", "body", "field"),
     [
@@ -191,6 +164,7 @@ def test_a_job_alone_over_the_quota_is_refused_naming_its_field(app: App, servic
     assert submit(app, "team-r", {**JOB, **body}).status == 200
 
 
+@pytest.mark.processes
 def test_raising_the_quota_is_effective_at_once(app: App, service_env: dict[str, str]) -> None:
     quota(service_env, "team-q", "--cpus", "2")
     assert submit(app, "team-q", {**JOB, "entrypoint_num_cpus": 4}).status == 400
@@ -201,19 +175,19 @@ def test_raising_the_quota_is_effective_at_once(app: App, service_env: dict[str,
 # -- the running quota: jobs wait, and are placed when the tenant's usage drops -----------
 
 
+@pytest.mark.processes
 def test_jobs_over_the_cpu_quota_wait_and_are_placed_when_usage_drops(app: App, admin: NodeAdmin, service_env: dict[str, str],
-                                                                        placement_worker: Proc, redis_client: redis.Redis) -> None:
-    ready(placement_worker)
+                                                                        placement: Placement, redis_client: redis.Redis) -> None:
     add_node(admin, "big", cpus=16)
     quota(service_env, "team-q", "--cpus", "2")
     jobs = [accepted(app, "team-q") for _ in range(3)]
     wait_for(lambda: reserved_cpu(redis_client, "big") == 2000, timeout=SETTLE_S, what="two jobs placed")
-    records = {j: poll(app, "team-q", j) for j in jobs}
+    records = {j: kit.record(app, j, "team-q") for j in jobs}
     placed = [j for j, r in records.items() if is_placed(r)]
     waiting = [j for j, r in records.items() if not is_placed(r)]
     assert len(placed) == 2 and len(waiting) == 1, records
     (third,) = waiting
-    record = wait_record(app, "team-q", third, waits_on_quota, "to wait on the tenant quota")
+    record = wait_record(app, third, waits_on_quota, "to wait on the tenant quota", tenant="team-q")
     assert record["status"] == "PENDING" and record["error_type"] is None
     assert record["scheduling"]["attempts"] >= 1
     assert record["scheduling"]["reasons"] == [{"reason": QUOTA, "units": 0, "requirement": "CPU: 2000m/2000m"}]
@@ -221,42 +195,43 @@ def test_jobs_over_the_cpu_quota_wait_and_are_placed_when_usage_drops(app: App, 
 
     # The node has room for 14 more: another tenant's job is placed meanwhile.
     other = accepted(app, "team-r")
-    wait_record(app, "team-r", other, is_placed, "placed (another tenant)")
+    wait_record(app, other, is_placed, "placed (another tenant)", tenant="team-r")
     time.sleep(1.0)  # several placement rounds and backoffs: the quota still holds
-    assert not is_placed(poll(app, "team-q", third))
+    placement.settle()  # and whatever is ready to be tried has been
+    assert not is_placed(kit.record(app, third, "team-q"))
     assert reserved_cpu(redis_client, "big") == 3000
 
     stop(app, "team-q", placed[0])
-    record = wait_record(app, "team-q", third, is_placed, "placed once the tenant's usage dropped")
+    record = wait_record(app, third, is_placed, "placed once the tenant's usage dropped", tenant="team-q")
     assert record["driver_node_id"] == "big"
     assert reserved_cpu(redis_client, "big") == 3000
     assert redis_client.hget(keys.tenant_usage("team-q"), "CPU") == "2000"
 
 
+@pytest.mark.processes
 def test_lowering_the_quota_holds_back_the_next_placements(app: App, admin: NodeAdmin, service_env: dict[str, str],
-                                                            placement_worker: Proc, redis_client: redis.Redis) -> None:
-    ready(placement_worker)
+                                                            placement: Placement, redis_client: redis.Redis) -> None:
     add_node(admin, "big", cpus=16)
     first = accepted(app, "team-q")
-    wait_record(app, "team-q", first, is_placed, "placed")
+    wait_record(app, first, is_placed, "placed", tenant="team-q")
     quota(service_env, "team-q", "--cpus", "1")
     second = accepted(app, "team-q")
-    record = wait_record(app, "team-q", second, waits_on_quota, "to wait on the new quota")
+    record = wait_record(app, second, waits_on_quota, "to wait on the new quota", tenant="team-q")
     assert record["scheduling"]["reasons"][0]["requirement"] == "CPU: 1000m/1000m"
     quota(service_env, "team-q", "--cpus", "3")
-    wait_record(app, "team-q", second, is_placed, "placed once the quota was raised")
+    wait_record(app, second, is_placed, "placed once the quota was raised", tenant="team-q")
 
 
+@pytest.mark.processes
 def test_schedule_timeout_while_waiting_on_quota_names_the_quota(app: App, admin: NodeAdmin, service_env: dict[str, str],
-                                                                   placement_worker: Proc, redis_client: redis.Redis) -> None:
-    ready(placement_worker)
+                                                                   placement: Placement, redis_client: redis.Redis) -> None:
     add_node(admin, "big", cpus=16)
     quota(service_env, "team-q", "--cpus", "2")
     for _ in range(2):
         accepted(app, "team-q")
     wait_for(lambda: reserved_cpu(redis_client, "big") == 2000, timeout=SETTLE_S, what="two jobs placed")
     job = accepted(app, "team-q", timeout_ms=3000)
-    record = wait_record(app, "team-q", job, lambda r: r["status"] == "FAILED", "to fail at its deadline")
+    record = wait_record(app, job, lambda r: r["status"] == "FAILED", "to fail at its deadline", tenant="team-q")
     attempts = record["scheduling"]["attempts"]
     assert attempts >= 1, record
     assert record["error_type"] == "SCHEDULE_TIMEOUT"
@@ -268,6 +243,32 @@ def test_schedule_timeout_while_waiting_on_quota_names_the_quota(app: App, admin
     )
     assert record["scheduling"]["reasons"] == [{"reason": QUOTA, "units": 0, "requirement": "CPU: 2000m/2000m"}]
     assert record["driver_node_id"] is None and reserved_cpu(redis_client, "big") == 2000
+
+
+@pytest.mark.processes
+def test_a_tenant_default_schedule_timeout_applies_when_the_header_is_absent(app: App, service_env: dict[str, str],
+                                                                              settings: Settings) -> None:
+    def waits_ms(submission_id: str, tenant: str) -> int | None:
+        found = kit.record(app, submission_id, tenant)
+        deadline = found["scheduling"]["deadline"]
+        return None if deadline is None else deadline - found["submit_time"]
+
+    before = accepted(app, "team-d", timeout_ms=None)
+    quota(service_env, "team-d", "--schedule-timeout-ms", "2500")
+    defaulted = accepted(app, "team-d", timeout_ms=None)
+    given = accepted(app, "team-d", timeout_ms=0)  # the header still wins: 0 waits forever
+    other = accepted(app, "team-e", timeout_ms=None)
+    assert waits_ms(before, "team-d") == settings.schedule_timeout_ms
+    assert waits_ms(defaulted, "team-d") == 2500
+    assert waits_ms(given, "team-d") is None
+    assert waits_ms(other, "team-e") == settings.schedule_timeout_ms
+    # A resend without the header is the same request, whatever the default is by then.
+    quota(service_env, "team-d", "--schedule-timeout-ms", "0")
+    again = submit(app, "team-d", {**JOB, "submission_id": defaulted}, timeout_ms=None)
+    assert again.status == 200 and again.json["submission_id"] == defaulted, again.body
+    assert waits_ms(defaulted, "team-d") == 2500
+    refused = cli(service_env, "quota", "set", "team-d", "--schedule-timeout-ms", "-1")
+    assert refused.returncode != 0 and "--schedule-timeout-ms" in refused.stderr, refused.stderr
 
 
 # -- the request rate ------------------------------------------------------------------
@@ -285,6 +286,8 @@ def retry_after(result: Result) -> int:
     return int(text)
 
 
+@pytest.mark.serial
+@pytest.mark.processes
 @pytest.mark.parametrize("processes", [1, 2], ids=["one API process", "two API processes"])
 def test_rate_limit_answers_429_with_retry_after_then_lets_requests_through(settings: Settings, service_env: dict[str, str],
                                                                             processes: int) -> None:
@@ -314,6 +317,8 @@ def test_rate_limit_answers_429_with_retry_after_then_lets_requests_through(sett
     assert 429 in [r.status for r in results] and all(r.status in (200, 429) for r in results)
 
 
+@pytest.mark.serial
+@pytest.mark.processes
 def test_a_new_rate_limit_holds_within_seconds(app: App, service_env: dict[str, str]) -> None:
     assert [r.status for r in burst([app], "team-q", 10)[0]] == [200] * 10
     quota(service_env, "team-q", "--rate", "2", "--burst", "2")
@@ -342,9 +347,8 @@ def flood(app: App, tenant: str, count: int) -> None:
 
 
 @pytest.fixture
-def flooded(app: App, admin: NodeAdmin, placement_worker: Proc, redis_client: redis.Redis) -> list[str]:
+def flooded(app: App, admin: NodeAdmin, placement: Placement, redis_client: redis.Redis) -> list[str]:
     """Tenant A's 2,000 jobs fill a pool of SLOTS slots; then tenant B submits three jobs."""
-    ready(placement_worker)
     add_node(admin, "small-1", cpus=SLOTS // 2)
     add_node(admin, "small-2", cpus=SLOTS // 2)
     flood(app, "tenant-a", FLOOD)
@@ -397,4 +401,4 @@ def test_a_flooding_tenant_does_not_starve_another_when_slots_free_together(app:
     assert b_refs <= holders(redis_client), f"B's jobs still wait after {a_placed_after_b} of A's were placed"
     assert a_placed_after_b <= 2 * SLOTS, a_placed_after_b
     for job in flooded:
-        assert poll(app, "tenant-b", job)["driver_node_id"] in ("small-1", "small-2")
+        assert kit.record(app, job, "tenant-b")["driver_node_id"] in ("small-1", "small-2")

@@ -1,8 +1,9 @@
-"""Ray's own Job Submission SDK and ``ray job`` CLI against a live poolq (DESIGN.md 2.3, 2.6).
+"""Ray's own Job Submission SDK and ``ray job`` CLI against a live poolq (docs/api.md).
 
 No mocks: ``ray.job_submission.JobSubmissionClient`` and the ``ray`` executable of the
-test venv talk HTTP to a real ``poolq api`` (gunicorn), with a real placement worker and
-a real ``poolq node`` running the entrypoints. The stack is started once for the module,
+test venv talk HTTP to a real ``poolq api`` (granian), with a real ``poolq node``
+running the entrypoints and placement in the test's process (a placement worker's
+scheduler and duties, tests/kit.py). The stack is started once for the module,
 on a Redis of its own, so that other modules' key wipes never touch it.
 
 Ray's client reads RAY_ADDRESS / RAY_API_SERVER_ADDRESS from the environment and lets
@@ -28,6 +29,8 @@ import redis
 import requests
 
 from poolq.embedded import EmbeddedRedis, free_port
+from poolq.settings import Settings
+from tests.kit import SETTLE_S, START_S, TERMINAL_STATUSES, Placement
 from tests.procs import Proc, wait_for
 
 pytest.importorskip("pydantic")
@@ -40,12 +43,11 @@ JobDetails = job_submission.JobDetails
 RAY_ENV_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_JOB_HEADERS", "RAY_JOB_SUBMIT_HOOK", "RAY_RUNTIME_ENV_LOCAL_DEV_MODE")
 VENV_BIN = Path(sys.executable).parent
 RAY_CLI = str(VENV_BIN / "ray")
-SETTLE_S = 45.0  # how long a trivial job may take to end on a busy 2-core machine
 CLI_TIMEOUT_S = 90.0
-TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 NODE_ID = "ray-n1"
 
-pytestmark = pytest.mark.timeout(180)
+# One stack for the module: its tests share one xdist worker (`--dist loadgroup`).
+pytestmark = [pytest.mark.ray, pytest.mark.processes, pytest.mark.xdist_group("ray-stack"), pytest.mark.timeout(180)]
 
 
 # -- the live stack ------------------------------------------------------------------
@@ -57,6 +59,7 @@ class Stack:
     redis: redis.Redis
     base: Path
     procs: list[Proc]
+    placement: Placement
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.args[0]} ---\n{p.output()[-4000:]}" for p in self.procs)
@@ -95,16 +98,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     procs: list[Proc] = []
+    placement = Placement(Settings.from_env(env)).start()
     try:
         procs.append(Proc(["api", "--port", str(port), "--workers", "2"], env, base / "api.log").start())
-        procs.append(Proc(["worker"], env, base / "worker.log").start())
         procs.append(Proc(["node", "--id", NODE_ID, "--cpus", "4", "--memory", "4Gi", "--resources", "NPU=4"], env, base / "node.log").start())
-        wait_for(lambda: _healthy(url), 30, 0.1, what="poolq api to answer /healthz")
-        wait_for(lambda: _node_alive(url), 30, 0.1, what=f"node {NODE_ID} to register")
-        yield Stack(url, redis.Redis.from_url(server.url), base, procs)
+        wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api to answer /healthz")
+        wait_for(lambda: _node_alive(url), START_S, 0.1, what=f"node {NODE_ID} to register")
+        yield Stack(url, redis.Redis.from_url(server.url), base, procs, placement)
     finally:
         for proc in reversed(procs):
             proc.stop()
+        placement.stop()
         server.stop()
 
 
@@ -155,7 +159,7 @@ def wait_job(client: Any, submission_id: str, *statuses: Any, timeout: float = S
     def reached() -> bool:
         status = client.get_job_status(submission_id)
         seen.append(status)
-        if status in TERMINAL and status not in statuses:
+        if status in TERMINAL_STATUSES and status not in statuses:
             info = client.get_job_info(submission_id)
             raise AssertionError(f"job {submission_id} ended {status} ({info.message}); wanted {statuses}"
                                  + (f"\n{stack.logs()}" if stack else ""))
@@ -264,7 +268,7 @@ def test_submit_local_zip_working_dir(stack: Stack, client: RecordingClient, tmp
 
 
 def test_submit_without_working_dir_is_refused(client: RecordingClient) -> None:
-    # DESIGN.md 2.1: working_dir is required; the SDK sends runtime_env {} and shows the 400 body.
+    # docs/api.md: working_dir is required; the SDK sends runtime_env {} and shows the 400 body.
     with pytest.raises(RuntimeError) as caught:
         client.submit_job(entrypoint="echo no working dir")
     text = str(caught.value)
@@ -286,7 +290,7 @@ def test_submit_with_every_option(stack: Stack, client: RecordingClient, tmp_pat
         entrypoint_label_selector={"pool": "default"},  # every node carries pool=<its pool>
         metadata={"team": "sdk"},
     )
-    # poolq prefixes app- (DESIGN.md 2.1); the SDK returns the id the server answers.
+    # poolq prefixes app- (docs/api.md); the SDK returns the id the server answers.
     assert sid == f"app-{wanted_id}"
     wait_job(client, sid, JobStatus.SUCCEEDED, stack=stack)
     logs = client.get_job_logs(sid)

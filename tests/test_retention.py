@@ -1,8 +1,8 @@
-"""Retention and bounded Redis (DESIGN.md 4: POOLQ_RETENTION_S, POOLQ_MAX_TERMINAL_JOBS;
+"""Retention and bounded Redis (docs/jobs.md: POOLQ_RETENTION_S, POOLQ_MAX_TERMINAL_JOBS;
 2.1 and docs/errors.md: 503 when Redis is full, never a 500 and never an evicted job).
 
-A real ``poolq worker`` runs the periodic duties (retention among them) with a short
-retention; jobs are submitted with the batch endpoint onto a static node and made
+The periodic duties (retention among them) run in the test's process, as a placement
+worker runs them (``start_placement``), with a short retention; jobs are submitted with the batch endpoint onto a static node and made
 terminal through real paths: ``POST /api/jobs/{id}/stop`` and the scheduling deadline.
 Bounds are generous: the point is "back to where it started", not a figure.
 """
@@ -21,35 +21,26 @@ import redis
 from api_shim.app import App
 from poolq import keys
 from poolq.embedded import EmbeddedRedis
-from poolq.nodes import capacity_of
+from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
 from poolq.store import JobStore
-from tests.procs import Proc, wait_for
+from tests import kit
+from tests.kit import JOB, GiB, MiB, add_node
+from tests.procs import wait_for
 from tests.wsgi import Result, call
-from worker.inventory import NodeAdmin
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
-FITS = {"entrypoint": "true", "runtime_env": {"working_dir": "/tmp"}, "entrypoint_num_cpus": 1, "entrypoint_memory": 128 * MiB}
+FITS = JOB
 NEVER_FITS = {**FITS, "entrypoint": "sleep 1", "entrypoint_num_cpus": 8}  # the node has 4 CPUs
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RETENTION_S = 2
 
 
 # -- helpers -------------------------------------------------------------------------
 
 
-def ready(proc: Proc) -> None:
-    wait_for(lambda: "ready." in proc.output() or not proc.alive(), timeout=60, what="the placement worker to start")
-    assert proc.alive(), proc.output()
-
-
 def submit_batch(app: App, tenant: str, jobs: list[dict[str, Any]], timeout_ms: int = 0) -> list[str]:
-    result = call(app, "POST", "/api/jobs/batch", {"jobs": jobs},
-                  headers={"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": str(timeout_ms)})
-    assert result.status == 200, result.body[:500]
-    ids = [item.get("submission_id") for item in result.json["results"]]
-    assert all(ids), [item for item in result.json["results"] if "submission_id" not in item][:3]
+    results = kit.submit_batch(app, jobs, tenant=tenant, timeout_ms=timeout_ms)
+    ids = [item.get("submission_id") for item in results]
+    assert all(ids), [item for item in results if "submission_id" not in item][:3]
     return ids
 
 
@@ -100,10 +91,10 @@ def structure_sizes(client: redis.Redis, tenants: list[str]) -> dict[str, int]:
 JOBS = 20_000
 
 
-def test_twenty_thousand_jobs_leave_redis_as_it_was(app: App, admin: NodeAdmin, redis_client: redis.Redis, start_proc: Any) -> None:
-    worker = start_proc(["worker"], env={"POOLQ_RETENTION_S": str(RETENTION_S), "POOLQ_MAX_TERMINAL_JOBS": str(10 * JOBS)})
-    ready(worker)
-    admin.upsert("keep", pool="p", labels={}, capacity=capacity_of(4, 64 * GiB), kind="static")
+def test_twenty_thousand_jobs_leave_redis_as_it_was(app: App, admin: NodeAdmin, redis_client: redis.Redis,
+                                                    start_placement: Any) -> None:
+    start_placement({"POOLQ_RETENTION_S": str(RETENTION_S), "POOLQ_MAX_TERMINAL_JOBS": str(10 * JOBS)})
+    add_node(admin, "keep", cpus=4, memory=64 * GiB)
 
     # Warm up with both shapes, so the baseline holds what stays by design (the node,
     # one hash per shape, the counters) and the figures below count only what jobs leave.
@@ -149,9 +140,9 @@ def test_twenty_thousand_jobs_leave_redis_as_it_was(app: App, admin: NodeAdmin, 
 
 
 def test_a_terminal_job_is_kept_for_the_retention_period_then_removed(app: App, admin: NodeAdmin, redis_client: redis.Redis,
-                                                                      start_proc: Any) -> None:
+                                                                      start_placement: Any) -> None:
     retention_s = 4
-    ready(start_proc(["worker"], env={"POOLQ_RETENTION_S": str(retention_s)}))
+    start_placement({"POOLQ_RETENTION_S": str(retention_s)})
     (job,) = submit_batch(app, "t", [FITS])
     assert call(app, "POST", f"/api/jobs/{job}/stop", headers={"X-Tenant-Id": "t"}).json == {"stopped": True}
     record = call(app, "GET", f"/api/jobs/{job}", headers={"X-Tenant-Id": "t"})
@@ -174,9 +165,9 @@ def test_a_terminal_job_is_kept_for_the_retention_period_then_removed(app: App, 
     assert redis_client.zcard(keys.TERMINAL) == 0 and redis_client.zcard(keys.tenant_jobs("t")) == 0
 
 
-def test_max_terminal_jobs_keeps_the_newest(app: App, redis_client: redis.Redis, start_proc: Any) -> None:
+def test_max_terminal_jobs_keeps_the_newest(app: App, redis_client: redis.Redis, start_placement: Any) -> None:
     cap = 100
-    ready(start_proc(["worker"], env={"POOLQ_MAX_TERMINAL_JOBS": str(cap)}))
+    start_placement({"POOLQ_MAX_TERMINAL_JOBS": str(cap)})
     groups = [submit_batch(app, "t", [FITS] * cap) for _ in range(3)]
     live = submit_batch(app, "t", [FITS] * 5)  # never ended: never removed
     for group in groups:  # end them oldest group first, each group later than the one before

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.kit import KiB, MiB
 from tests.test_joblog import tiny_tmpfs
 from worker.runtime_env import RuntimeEnvs, SetupFailed, _pip_spec
 
@@ -545,7 +546,6 @@ def test_pip_runs_without_the_agents_secrets(
 
 # -- archive bombs and a full disk --------------------------------------------------------------
 
-KiB, MiB = 1024, 1024 * 1024
 
 
 def compressible(count: int, size: int) -> list[Entry]:

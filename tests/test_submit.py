@@ -1,4 +1,4 @@
-"""POST /api/jobs and GET /api/jobs/{id} against the contract (DESIGN.md 2.1, 2.2, 4).
+"""POST /api/jobs and GET /api/jobs/{id} against the contract (docs/api.md, docs/jobs.md).
 
 The WSGI app runs in-process against the session's real redis-server; no placement
 worker runs, so every accepted job stays PENDING. Tables list each rule of 2.1 with
@@ -26,14 +26,15 @@ from hypothesis import strategies as st
 from api_shim.app import App
 from poolq import keys
 from tests.conftest import SEED_BODY
+from tests.kit import MiB
 from tests.wsgi import Result, call
 
 MINIMAL = {"entrypoint": "echo hello", "runtime_env": {"working_dir": "/srv/job"}}
 DEFAULT_CPUS, DEFAULT_MEMORY, DEFAULT_TIMEOUT_MS = 1, 536870912, 18000
-MAX_BODY = 1024 * 1024
+MAX_BODY = 1 * MiB
 GENERATED_ID = re.compile(r"^app-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 DROP = object()  # as a value in ``with_value``: remove the field
-RECORD_TYPES: dict[str, tuple[type, ...]] = {  # DESIGN.md 4, for a job just accepted
+RECORD_TYPES: dict[str, tuple[type, ...]] = {  # docs/jobs.md, for a job just accepted
     "type": (str,),
     "job_id": (type(None),),
     "submission_id": (str,),
@@ -727,7 +728,6 @@ SAME_REQUEST = [
     ("id-unprefixed", {}, {}, {"submission_id": "dup"}, {}),
     ("ray-private-key", {}, {}, {"runtime_env": {**MINIMAL["runtime_env"], "_ray_commit": "x"}}, {}),
     ("pool-label-trimmed", {}, {"X-Pool-Label": "a,b=c"}, {}, {"X-Pool-Label": " a , b=c "}),
-    ("timeout-absent-vs-default", {}, {}, {}, {"X-Schedule-Timeout-Ms": str(DEFAULT_TIMEOUT_MS)}),
     ("tenant-empty-vs-absent", {}, {}, {}, {"X-Tenant-Id": ""}),
 ]
 
@@ -768,6 +768,8 @@ DIFFERENT_REQUEST = [
     ("env-vars", {"runtime_env": {**MINIMAL["runtime_env"], "env_vars": {"A": "1"}}}, {}),
     ("pool-label", {}, {"X-Pool-Label": "a"}),
     ("schedule-timeout", {}, {"X-Schedule-Timeout-Ms": "1000"}),
+    # Absent means "the tenant's default, else the service's", whatever it is by then.
+    ("schedule-timeout-named", {}, {"X-Schedule-Timeout-Ms": str(DEFAULT_TIMEOUT_MS)}),
 ]
 
 

@@ -1,5 +1,5 @@
 """Redis stopped, or not answering: the API answers 503 within 2 s, never hangs or 500s,
-and works again once Redis is back, without a restart (DESIGN.md 2.1)."""
+and works again once Redis is back, without a restart (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from tests.conftest import SEED_BODY
 from tests.wsgi import call
 
 DEADLINE_S = 2.0  # the contract; the implementation aims at about 1.5 s at worst
+
+pytestmark = pytest.mark.serial  # answer times are measured: nothing else may share the CPUs meanwhile
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`poolq up` as a user runs it: the whole stack in one foreground process (DESIGN.md 7)."""
+"""`poolq up` as a user runs it: the whole stack in one foreground process (docs/operations.md)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from poolq.embedded import free_port
+from tests.kit import SETTLE_S, START_S
 from tests.procs import wait_for
 
 JOB = {"entrypoint": "echo hello from poolq", "runtime_env": {"working_dir": "/tmp"}, "entrypoint_num_cpus": 1}
+
+pytestmark = pytest.mark.processes  # `poolq up` and `poolq nodes list` as subprocesses
 
 
 def http(method: str, url: str, body: object = None) -> tuple[int, dict]:
@@ -91,7 +94,7 @@ def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp
     port = free_port()
     first = Up(data_dir, port, tmp_path / "up-1.log")
     try:
-        wait_for(first.ready, timeout=60, what="poolq up to serve and register its node")
+        wait_for(first.ready, timeout=START_S, what="poolq up to serve and register its node")
         url_file = data_dir / "redis.url"
         assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
         redis_url = url_file.read_text().strip()
@@ -102,7 +105,7 @@ def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp
         submission_id = answer["submission_id"]
         record = wait_for(
             lambda: (r := http("GET", f"{first.url}/api/jobs/{submission_id}")[1])["status"] == "SUCCEEDED" and r,
-            timeout=60, what="the job to succeed",
+            timeout=SETTLE_S, what="the job to succeed",
         )
         assert record["driver_exit_code"] == 0
         assert http("GET", f"{first.url}/api/jobs/{submission_id}/logs")[1] == {"logs": "hello from poolq\n"}
@@ -117,7 +120,7 @@ def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp
 
     second = Up(data_dir, port, tmp_path / "up-2.log")
     try:
-        wait_for(second.ready, timeout=60, what="poolq up to start again")
+        wait_for(second.ready, timeout=START_S, what="poolq up to start again")
         status, record = http("GET", f"{second.url}/api/jobs/{submission_id}")
         assert status == 200 and record["status"] == "SUCCEEDED"
         assert [job["submission_id"] for job in http("GET", second.url + "/api/jobs")[1]] == [submission_id]

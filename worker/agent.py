@@ -20,6 +20,7 @@ reserves; the agent runs whatever placement put on it.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -27,7 +28,6 @@ import os
 import secrets
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,17 +37,25 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import redis
-from celery.signals import worker_shutting_down
 
 from poolq import keys, queues
 from poolq.errors import Unavailable
-from poolq.model import ErrorType, JobFields, JobStatus, canonical_number, mebibytes, to_milli, utf8_bounds
-from poolq.nodes import parse_labels
+from poolq.model import (
+    DEVICE_VARIABLES,
+    ErrorType,
+    JobFields,
+    JobStatus,
+    canonical_number,
+    devices_of,
+    mebibytes,
+    to_milli,
+    utf8_bounds,
+)
+from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
 from poolq.store import JobStore
 from worker.cgroups import CgroupError, Cgroups, JobCgroup
 from worker.guardian import boottime
-from worker.inventory import NodeAdmin
 from worker.joblog import TAIL_SUFFIX, DiskFull, JobLog, prune
 from worker.runtime_env import HIDDEN_ENV_PREFIX, RuntimeEnvs, SetupFailed, safe_dir
 
@@ -58,7 +66,16 @@ LOG_FLUSH_BYTES = 64 * 1024
 STDERR_TAIL = 2000  # characters of stderr quoted in a failed job's message
 STRAGGLER_WAIT_S = 0.5  # after the entrypoint exits, how long to read output its children still write
 RECONCILE_S = 5.0  # how often the agent compares the jobs Redis says it runs with those it runs
+ATTEMPT_LOG = ".attempt-"  # <id>.attempt-2.log: the log file of a job's second attempt on a node
 T = TypeVar("T")
+
+
+class Started(enum.IntEnum):
+    """start.lua's answer."""
+
+    SKIP = 0  # placed elsewhere, stopped or ended meanwhile
+    STARTED = 1
+    STOP_FIRST = 2  # a stop was requested before it started: end it STOPPED
 
 
 class Abandoned(Exception):
@@ -74,13 +91,13 @@ class Guardian:
         self.fence_s = fence_s
         self.cgroups = json.dumps({"mode": cgroups.mode, "dirs": {c: str(d) for c, d in cgroups.dirs.items()}})
         self.groups: set[int] = set()
-        self.last_beat = boottime()
+        self.last_beat = boottime()  # set before _start: the guardian fences from it
         self._lock = threading.Lock()
         self._start()
 
     def _start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.guardian", str(self.fence_s), self.cgroups],
+            [sys.executable, "-m", "worker.guardian", str(self.fence_s), self.cgroups, f"{self.last_beat:.3f}"],
             stdin=subprocess.PIPE,
             start_new_session=True,
         )
@@ -98,10 +115,9 @@ class Guardian:
                         log.error("the job guardian cannot be reached; jobs may outlive this agent")
                         return
                     log.warning("the job guardian died; starting it again")
-                    self._start()
+                    self._start()  # told the last beat: its fencing deadline is the old one's
                     assert self.process.stdin is not None
-                    state = [f"b{self.last_beat:.3f}", *(f"+{group}" for group in self.groups)]
-                    self.process.stdin.write("".join(s + "\n" for s in state).encode())
+                    self.process.stdin.write("".join(f"+{group}\n" for group in self.groups).encode())
 
     def watch(self, pgid: int) -> None:
         self.groups.add(pgid)
@@ -135,6 +151,9 @@ class JobRun(threading.Thread):
         self.process: subprocess.Popen[bytes] | None = None
         self.cgroup: JobCgroup | None = None
         self.disk_full: str | None = None  # the job's log could not be written: why
+        self.limit_at: float | None = None  # monotonic time its runtime limit ends
+        self.timed_out = False
+        self.attempt = 1
         self.log_sent = 0  # the offset in the job's whole output up to which Redis has it
         self.unsent = bytearray()
 
@@ -162,6 +181,7 @@ class JobRun(threading.Thread):
             agent.until_answered(lambda: store.redis.zrem(keys.node_inbox(agent.node_id), self.job_ref))
             return
         spec = json.loads(fields[JobFields.SPEC])
+        self.attempt = int(fields.get(JobFields.ATTEMPT) or 1)  # what this run may end, and nothing later
         try:
             workdir = agent.envs.working_dir(spec["runtime_env"]["working_dir"], spec["tenant_id"])
             venv = agent.envs.pip_env(spec["runtime_env"].get("pip"))
@@ -178,32 +198,46 @@ class JobRun(threading.Thread):
             self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced)
             return
         # start.lua is safe to run again: a lost reply is answered by the next try.
-        started = agent.until_answered(
+        tenant = keys.split_ref(self.job_ref)[0]
+        code, left_ms, _ = agent.until_answered(
             lambda: store.scripts.start(
                 keys=[
                     keys.job(self.job_ref),
                     keys.node_inbox(agent.node_id),
-                    keys.tenant_counts(keys.split_ref(self.job_ref)[0]),
+                    keys.tenant_counts(tenant),
+                    keys.limits(tenant),
                 ],
-                args=[self.job_ref, agent.node_id, f"running on node {agent.node_id}", agent.incarnation],
+                args=[
+                    self.job_ref,
+                    agent.node_id,
+                    f"running on node {agent.node_id}",
+                    agent.incarnation,
+                    int(agent.settings.runtime_limit_s * 1000) or "",
+                ],
             )
         )
-        if started == 2:  # a stop came first
+        started = Started(code)
+        if started == Started.STOP_FIRST:
             self._finish(JobStatus.STOPPED, ErrorType.STOPPED_BY_USER, "stopped by user request")
             return
-        if started == 0:  # placed elsewhere, stopped or ended meanwhile
+        if started == Started.SKIP:
             return
         if self.fenced:
             self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced)
             return
-        self._execute(spec, workdir, venv)
+        # The runtime limit runs on this machine's clock from here: Redis said how much is left.
+        self.limit_at = time.monotonic() + int(left_ms) / 1000 if int(left_ms) > 0 else None
+        self.log_sent = int(fields.get(JobFields.LOG_BASE) or 0) + int(fields.get(JobFields.LOG_LEN) or 0)
+        if self.attempt > 1:  # one log for all attempts: say where this one begins
+            self.unsent += f"[poolq] attempt {self.attempt} starts on node {agent.node_id}\n".encode()
+        self._execute(spec, fields, workdir, venv)
 
-    def _execute(self, spec: dict[str, Any], workdir: Path, venv: Path | None) -> None:
+    def _execute(self, spec: dict[str, Any], fields: dict[str, str], workdir: Path, venv: Path | None) -> None:
         agent = self.agent
-        log_path = agent.log_path(self.job_ref)
+        log_path = agent.log_path(self.job_ref, self.attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            cgroup = self.cgroup = agent.job_cgroup(self.job_ref, spec)
+            cgroup = self.cgroup = agent.job_cgroup(self.job_ref, self.attempt, spec)
         except CgroupError as exc:
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the node could not limit the job: {exc}")
             return
@@ -211,14 +245,14 @@ class JobRun(threading.Thread):
             self.process = subprocess.Popen(
                 cgroup.wrap(["/bin/sh", "-c", spec["entrypoint"]]),
                 cwd=workdir,
-                env=job_environment(spec, venv, agent.node_id),
+                env=job_environment(spec, venv, agent.node_id, agent.job_devices(fields.get(JobFields.DEVICES) or "")),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group, signalled as one
             )
         except OSError as exc:
-            _remove(cgroup)
+            agent.give_back(cgroup)
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the entrypoint could not be started: {exc}")
             return
         try:
@@ -230,8 +264,8 @@ class JobRun(threading.Thread):
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
         out_of_memory = cgroup.oom_killed(code)
-        _remove(cgroup)
-        if out_of_memory and not (self.fenced or self.shutdown or self.stop_requested.is_set()):
+        agent.give_back(cgroup)
+        if out_of_memory and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):
             limit = spec["entrypoint_memory"]
             self._finish(
                 JobStatus.FAILED,
@@ -242,6 +276,15 @@ class JobRun(threading.Thread):
             )
         elif self.fenced:
             self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced, exit_code=code)
+        elif self.timed_out:
+            limit = spec.get("runtime_limit_s")
+            what = f"its runtime limit of {limit:g} s (runtime_limit_s)" if limit else "its runtime limit"
+            self._finish(
+                JobStatus.FAILED,
+                ErrorType.RUNTIME_LIMIT,
+                f"the job ran longer than {what} and was stopped",
+                exit_code=code,
+            )
         elif self.disk_full:
             self._finish(
                 JobStatus.FAILED, ErrorType.NODE_DISK_FULL, f"{self.disk_full}; the job was stopped", exit_code=code
@@ -290,8 +333,12 @@ class JobRun(threading.Thread):
         exited_at: float | None = None
         log_file = JobLog(log_path, agent.settings.max_log_file_bytes)
         try:
-            while selector.get_map():
-                for key, _ in selector.select(timeout=0.1):
+            # Until the entrypoint has exited and its output is read: a job that closed its
+            # stdout and stderr (exec >/dev/null) must still be stoppable and time-limited.
+            while selector.get_map() or self.process.poll() is None:
+                if not selector.get_map():
+                    time.sleep(0.1)
+                for key, _ in selector.select(timeout=0.1) if selector.get_map() else ():
                     data = os.read(key.fd, 65536)
                     if not data:
                         selector.unregister(key.fileobj)
@@ -307,7 +354,9 @@ class JobRun(threading.Thread):
                     last_flush = now
                 if self.fenced or self.disk_full:
                     self._kill(signal.SIGKILL)
-                if (self.stop_requested.is_set() or self.shutdown) and term_sent_at is None:
+                if self.limit_at is not None and now >= self.limit_at and exited_at is None:
+                    self.timed_out = True
+                if (self.stop_requested.is_set() or self.shutdown or self.timed_out) and term_sent_at is None:
                     term_sent_at = now
                     self._kill(signal.SIGTERM)
                 if term_sent_at is not None and now - term_sent_at > agent.settings.stop_grace_s:
@@ -317,7 +366,7 @@ class JobRun(threading.Thread):
                 if exited_at is not None and now - exited_at > STRAGGLER_WAIT_S:
                     break  # a background child holds the pipes open; it is killed next
             self.process.wait()
-            self.ship_log()
+            self.ship_log(final=True)
         finally:
             try:
                 log_file.close()
@@ -338,21 +387,28 @@ class JobRun(threading.Thread):
             log.error("job %s: %s", self.job_ref, exc)
             self.disk_full = str(exc)
 
-    def ship_log(self) -> None:
+    def ship_log(self, *, final: bool = False) -> None:
         """Send the output Redis does not have yet, saying where it begins in the whole
         output, so that a retry after a lost reply appends nothing twice (log_append.lua).
-        Output that cannot be sent waits for the next flush, at most a tail's worth."""
+        Output that cannot be sent waits for the next flush, at most a tail's worth; the
+        last of it (``final``: the job ended) is sent as its ending is, until Redis answers."""
         if not self.unsent:
             return
         limit = self.agent.settings.max_log_bytes
         if len(self.unsent) > limit:  # Redis keeps no more than this anyway
             self.log_sent += len(self.unsent) - limit
             del self.unsent[:-limit]
-        try:
-            end = self.agent.store.scripts.log_append(
+
+        def append() -> Any:
+            return self.agent.store.scripts.log_append(
                 keys=[keys.log(self.job_ref), keys.job(self.job_ref)],
                 args=[bytes(self.unsent), limit, self.log_sent],
             )
+
+        try:
+            end = self.agent.until_answered(append) if final else append()
+        except Abandoned:
+            return
         except redis.RedisError as exc:
             log.warning("job %s: %d bytes of output wait for Redis (%s)", self.job_ref, len(self.unsent), exc)
             return
@@ -384,6 +440,7 @@ class JobRun(threading.Thread):
                     exit_code=exit_code,
                     from_statuses=from_statuses or [JobStatus.PENDING, JobStatus.RUNNING],
                     expected_node=self.agent.node_id,
+                    attempt=self.attempt,
                 )
                 return
             except Unavailable as exc:
@@ -396,13 +453,18 @@ class JobRun(threading.Thread):
                 delay = min(delay * 2, 2.0)
 
 
-def job_environment(spec: dict[str, Any], venv: Path | None, node_id: str) -> dict[str, str]:
-    """The agent's environment without its POOLQ_* settings, plus the job's own variables."""
+def job_environment(
+    spec: dict[str, Any], venv: Path | None, node_id: str, devices: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The agent's environment without its POOLQ_* settings, plus the job's own variables
+    and its devices (``CUDA_VISIBLE_DEVICES`` and the like: ``devices`` maps each
+    variable to the ids, empty for a device kind the node has and the job did not ask for)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_ENV_PREFIX)}
     if venv is not None:
         env["VIRTUAL_ENV"] = str(venv)
         env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.update(spec["runtime_env"].get("env_vars", {}))
+    env.update(devices or {})  # after env_vars: a job cannot name devices it was not given
     env.update(
         {
             "POOLQ_SUBMISSION_ID": spec["submission_id"],
@@ -419,16 +481,9 @@ def job_environment(spec: dict[str, Any], venv: Path | None, node_id: str) -> di
     return env
 
 
-def _remove(cgroup: JobCgroup) -> None:
-    try:
-        cgroup.remove()
-    except CgroupError as exc:
-        log.error("%s", exc)
-
-
-def cgroup_name(job_ref: str) -> str:
-    """A job's cgroup directory name (cgroup names allow fewer characters than refs)."""
-    return "j-" + hashlib.blake2b(job_ref.encode(), digest_size=12).hexdigest()
+def cgroup_name(text: str) -> str:
+    """A cgroup directory name for ``text`` (cgroup names allow fewer characters)."""
+    return "j-" + hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -440,12 +495,20 @@ def _kill_group(pgid: int, sig: int) -> None:
 
 class Agent:
     def __init__(
-        self, store: JobStore, *, node_id: str, pool: str, labels: dict[str, str | None], capacity: dict[str, int]
+        self,
+        store: JobStore,
+        *,
+        node_id: str,
+        pool: str,
+        labels: dict[str, str | None],
+        capacity: dict[str, int],
+        devices: dict[str, list[str]] | None = None,
     ):
         self.store = store
         self.settings: Settings = store.settings
         self.admin = NodeAdmin(store)
         self.node_id, self.pool, self.labels, self.capacity = node_id, pool, labels, capacity
+        self.devices = devices or {}  # resource -> the ids of its devices here
         self.dir = self.settings.data_dir / "nodes" / node_id
         self.envs = RuntimeEnvs(
             self.dir / "cache",
@@ -463,7 +526,9 @@ class Agent:
         self.last_beat = boottime()  # when the last heartbeat Redis accepted was sent
         # Before any child process: on cgroup v2 the agent may move itself into a leaf.
         self.cgroups = Cgroups.detect(
-            enabled=self.settings.enforce_resources, parent_name=f"poolq-{cgroup_name(f'{self.dir}:{node_id}')}"
+            self.settings.cgroup_root,
+            enabled=self.settings.enforce_resources,
+            parent_name=f"poolq-{cgroup_name(f'{self.dir}:{node_id}')}",
         )
         if self.cgroups.mode == "none":
             log.warning("node %s runs jobs without resource limits: %s", node_id, self.cgroups.reason)
@@ -489,6 +554,7 @@ class Agent:
             create=False,
             token=secrets.token_hex(8),
             facts={"enforcement": self.cgroups.describe()},
+            devices=self.devices,
         )
         self.last_beat = sent
         self.guardian.beat(sent)
@@ -640,40 +706,62 @@ class Agent:
                 del self.running[run.job_ref]
         self.wake.set()
 
-    def job_cgroup(self, job_ref: str, spec: dict[str, Any]) -> JobCgroup:
+    def job_cgroup(self, job_ref: str, attempt: int, spec: dict[str, Any]) -> JobCgroup:
         """A new cgroup with the job's limits: its memory, its CPUs as a CPU quota, a
-        process limit (an empty one when the node does not enforce)."""
+        process limit (one without directories when the node does not enforce)."""
         pids = self.settings.job_pids_max
-        return self.cgroups.create(
-            cgroup_name(job_ref),
+        return self.cgroups.fresh(
+            cgroup_name(f"{job_ref}:{attempt}"),
             memory_bytes=int(spec["entrypoint_memory"]),
             cpu_milli=to_milli(Decimal(str(spec["entrypoint_num_cpus"]))),
             pids_max=pids if pids > 0 else None,
         )
 
+    def give_back(self, cgroup: JobCgroup) -> None:
+        """A job ended: kill what is left of it and remove its cgroup."""
+        try:
+            cgroup.remove()
+        except CgroupError as exc:
+            log.error("%s", exc)
+
     # -- logs and packages -------------------------------------------------------------
 
-    def log_path(self, job_ref: str) -> Path:
+    def log_path(self, job_ref: str, attempt: int = 1) -> Path:
+        """A job's log file on this node; a later attempt here has its own."""
         tenant, submission_id = keys.split_ref(job_ref)
-        return self.dir / "logs" / safe_dir(tenant) / f"{submission_id}.log"
+        name = submission_id if attempt == 1 else f"{submission_id}{ATTEMPT_LOG}{attempt}"
+        return self.dir / "logs" / safe_dir(tenant) / f"{name}.log"
+
+    def job_devices(self, held: str) -> dict[str, str]:
+        """The device variables of a job holding ``held`` (reserve.lua's "GPU:0:1000,…")."""
+        ids: dict[str, list[str]] = {name: [] for name in self.devices} | devices_of(held)
+        return {DEVICE_VARIABLES[name]: ",".join(found) for name, found in ids.items() if name in DEVICE_VARIABLES}
 
     def _fetch_package(self, tenant: str, uri: str) -> bytes | None:
         from poolq.packages import fetch
 
         return fetch(self.store.raw, tenant, uri)
 
+    def janitor(self) -> None:
+        """Once a minute, tidy the node's log files."""
+        while not self.stopping.wait(60):
+            try:
+                self.tidy_logs()
+            except Exception:
+                log.warning("could not clean up old log files", exc_info=True)
+
     def tidy_logs(self) -> None:
         """Delete log files whose job record is gone (deleted or past retention), then the
         oldest finished ones while the node's logs hold more than POOLQ_MAX_NODE_LOG_BYTES."""
         logs = self.dir / "logs"
         with self._lock:
-            running = {self.log_path(job_ref) for job_ref in self.running}
+            running = {self.log_path(run.job_ref, run.attempt) for run in self.running.values()}
         prune(logs, self.settings.max_node_log_bytes, keep=running)
         files = [*logs.glob("t-*/*.log"), *logs.glob(f"t-*/*.log{TAIL_SUFFIX}")]
         files = [path for path in files if path.with_name(path.name.removesuffix(TAIL_SUFFIX)) not in running]
         if not files:
             return
-        names = [path.name.removesuffix(TAIL_SUFFIX).removesuffix(".log") for path in files]
+        names = [path.name.removesuffix(TAIL_SUFFIX).removesuffix(".log").split(ATTEMPT_LOG)[0] for path in files]
         refs = [keys.ref(path.parent.name.removeprefix("t-"), name) for path, name in zip(files, names)]
         pipe = self.store.redis.pipeline(transaction=False)
         for job_ref in refs:
@@ -690,7 +778,7 @@ class Agent:
             self.accepting = False
             self.admin.drain(self.node_id, shutdown=True, incarnation=self.incarnation)
 
-    def drain(self) -> None:
+    def shut_down(self) -> None:
         """SIGTERM: no new jobs; running ones get drain_s, then are stopped as NODE_SHUTDOWN."""
         self.stop_accepting()
         inbox = self.store.redis.zrange(keys.node_inbox(self.node_id), 0, -1)
@@ -701,6 +789,7 @@ class Agent:
             f"node {self.node_id} shut down before the job started",
             error_type=ErrorType.NODE_SHUTDOWN,
             only=unstarted,
+            from_statuses=[JobStatus.PENDING],  # one that started meanwhile is stopped below with the others
         )
         deadline = time.monotonic() + self.settings.drain_s
         while time.monotonic() < deadline and self.running:
@@ -715,48 +804,3 @@ class Agent:
         # Only this incarnation's node: a new agent may have registered the id meanwhile.
         self.admin.remove(self.node_id, incarnation=self.incarnation)
         self.guardian.close()
-
-
-def run_agent(
-    settings: Settings, *, node_id: str, pool: str, labels: str, capacity: dict[str, int], loglevel: str = "INFO"
-) -> int:
-    from worker import runtime
-    from worker.celery_app import create_celery, run_worker
-
-    runtime.configure(settings)
-    agent = Agent(runtime.store(), node_id=node_id, pool=pool, labels=parse_labels(labels), capacity=capacity)
-    runtime.set_agent(agent)
-    agent.register()
-    loop = threading.Thread(target=agent.loop, name="poolq-agent", daemon=True)
-    loop.start()
-    janitor = threading.Thread(target=_janitor, args=(agent,), name="poolq-agent-janitor", daemon=True)
-    janitor.start()
-    app = create_celery(settings, with_tasks=True)
-    # Celery handles SIGTERM with a warm shutdown that ends worker_main later; stop taking
-    # jobs the moment it begins, so that none starts during the shutdown.
-    worker_shutting_down.connect(lambda **_: agent.stop_accepting(), weak=False)
-    try:
-        run_worker(
-            app,
-            [
-                "worker",
-                "--pool=solo",
-                f"--queues={queues.node_queue(node_id)}",
-                "--without-mingle",
-                "--without-gossip",
-                f"--loglevel={loglevel}",
-                f"--hostname=node-{node_id}-{os.getpid()}@{socket.gethostname()}",
-            ],
-        )
-    finally:
-        log.info("node %s draining (up to %gs)", node_id, settings.drain_s)
-        agent.drain()
-    return 0
-
-
-def _janitor(agent: Agent) -> None:
-    while not agent.stopping.wait(60):
-        try:
-            agent.tidy_logs()
-        except Exception:
-            log.warning("could not clean up old log files", exc_info=True)

@@ -235,6 +235,14 @@ class Cgroups:
             raise CgroupError(f"could not create cgroup {name}: {exc}") from exc
         return job
 
+    def fresh(self, name: str, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
+        """``create``, after removing a cgroup of that name left by a run that was not
+        cleaned up (an agent killed, the same job run again here)."""
+        dirs = {controller: parent / name for controller, parent in self.dirs.items() if (parent / name).is_dir()}
+        if dirs:
+            JobCgroup(name, self.mode, dirs).remove()
+        return self.create(name, memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
+
     def jobs(self) -> list[JobCgroup]:
         """The job cgroups under poolq's parent now."""
         names = sorted(

@@ -1,9 +1,10 @@
 """Periodic duties, run by every placement worker and done once at a time under a Redis lock.
 
-There is no beat process to forget (DESIGN.md 1). Each tick, whichever worker holds
+There is no beat process to forget (docs/architecture.md). Each tick, whichever worker holds
 the lock:
 
 - fails jobs whose scheduling deadline passed (also when no attempt was ever made);
+- puts back in line jobs whose failed attempt will run again, once their backoff ends;
 - makes blocked shapes whose backoff ended ready again;
 - puts back in line jobs claimed by a worker that died (expired leases);
 - declares nodes whose heartbeat expired lost, failing their jobs as NODE_LOST;
@@ -23,17 +24,17 @@ import redis
 
 from poolq import keys, packages, queues
 from poolq.model import ErrorType, JobFields, JobStatus, scheduling_progress
-from poolq.store import WAKE_TTL_MS, JobStore
+from poolq.redis_io import now_ms
+from poolq.store import WAKE_TTL_MS, Ending, JobStore, Submitted
 from worker.intake import Intake, return_taken
 from worker.placement import timeout_message
-from worker.scheduler import Held, Scheduler, _redis_ms, give_up_poison, requeue
+from worker.scheduler import Held, Scheduler, give_up_poison, requeue
 
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
-SUBMISSION_OUTCOMES = ("accepted", "duplicate", "conflict", "over_quota", "too_many_pending", "invalid")  # submit.lua
-SHAPE_IDLE_MS = 3_600_000
-STALLED_S = 5.0  # a process with ready jobs and unconsumed wake-ups that placed nothing for this long  # a claimed job holds its lease for seconds, never this long
+SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
+STALLED_S = 5.0  # a process with ready jobs and unconsumed wake-ups that placed nothing for this long
 
 
 def metric_reason(reason: str) -> str:
@@ -64,9 +65,10 @@ class Duties:
         if not lock.acquire(blocking=False):
             return False
         try:
-            now = _redis_ms(self.redis)
+            now = now_ms(self.redis)
             for duty in (
                 self.expire_deadlines,
+                self.retry_due,
                 self.unblock_due,
                 self.recover_claims,
                 self.reap_nodes,
@@ -111,7 +113,7 @@ class Duties:
         if self.scheduler.idle_s() > STALLED_S and self.redis.zcard(keys.SHAPES_READY):
             if self.redis.llen(queues.PLACEMENT):
                 log.warning("placement wake-ups are not being consumed here; placing from the duties thread")
-                self.scheduler.drain()
+                self.scheduler.place_waiting()
         if self.intake is not None:
             silent = not self.intake.alive(self.settings.intake_lease_s)
             if silent and not self._intake_silent:
@@ -140,7 +142,7 @@ class Duties:
             attempts, reason_list = scheduling_progress(fields, shapes.get(fields[JobFields.SHAPE]))
             timeout_ms = fields.get(JobFields.TIMEOUT_MS)
             _, submission_id = keys.split_ref(job_ref)
-            moved = self.store.finish(
+            moved = Ending.MOVED == self.store.finish(
                 job_ref,
                 JobStatus.FAILED,
                 error_type=ErrorType.SCHEDULE_TIMEOUT,
@@ -159,6 +161,23 @@ class Duties:
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)
         return failed
+
+    def retry_due(self, now: int) -> None:
+        """Put back in line the jobs whose failed attempt's backoff has ended (retry_due.lua)."""
+        refs = self.redis.zrangebyscore(keys.RETRIES, "-inf", now, start=0, num=BATCH)
+        if not refs:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_ref in refs:
+            pipe.hget(keys.job(job_ref), JobFields.SHAPE)
+        sigs = [sig or "" for sig in pipe.execute()]
+        key_list = [keys.RETRIES, keys.SHAPES_READY, keys.SHAPES_BLOCKED]
+        args: list[str] = []
+        for job_ref, sig in zip(refs, sigs):
+            key_list += [keys.job(job_ref), keys.shape_queue(sig)]
+            args += [job_ref, sig]
+        if self.store.scripts.retry_due(keys=key_list, args=args):
+            self._wake_placement()
 
     def unblock_due(self, now: int) -> None:
         sigs = self.redis.zrangebyscore(keys.SHAPES_BLOCKED, "-inf", now, start=0, num=BATCH)
@@ -259,7 +278,7 @@ class Duties:
                         keys.tenant_jobs(tenant),
                         keys.STATS,
                     ],
-                    args=[tenant, *SUBMISSION_OUTCOMES],
+                    args=[tenant, *(outcome.value for outcome in Submitted)],
                 )
 
     def rewake(self) -> None:

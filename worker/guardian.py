@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     fence_s = float(argv[1]) if len(argv) > 1 else float("inf")
     cgroups = cgroups_of(argv[2]) if len(argv) > 2 else Cgroups("none")
     groups: set[int] = set()
-    last_beat = boottime()
+    last_beat = float(argv[3]) if len(argv) > 3 else boottime()  # a guardian started again: the old deadline
     armed = True  # a fence is due unless a heartbeat comes; disarmed once it fired, until the next
     buffer = b""
     while True:

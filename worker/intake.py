@@ -164,31 +164,24 @@ class Intake:
         self.last_beat = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
-        """Take and handle messages until ``stop``; after an error, start again from the
-        messages already taken (the reply that moved them may be what was lost)."""
-        recovering, delay = True, 0.1
+        """Take and handle messages until ``stop``. After an error the messages already
+        taken come back from the next take (the reply that moved them may be what was
+        lost), so each is handled until it is done."""
+        delay = 0.1
         while not stop.is_set():
             try:
-                if recovering:
-                    left = self.redis.lrange(self.taken_key, 0, -1)
-                    recovering = False
-                    if left:
-                        log.info("handling %d queue messages taken before an error", len(left))
-                        self.handle(list(reversed(left)))
-                        continue
                 self.handle(self.take())
                 delay = 0.1
             except (redis.RedisError, Unavailable) as exc:
                 log.warning("the poolq.submit consumer lost Redis (%s); retrying in %.1fs", exc, delay)
-                recovering = True
                 stop.wait(delay)
                 delay = min(delay * 2, 2.0)
             except Exception:
                 log.exception("the poolq.submit consumer failed; retrying")
-                recovering = True
                 stop.wait(1.0)
 
     def take(self) -> list[str]:
+        """The messages taken and not yet handled, else new ones (waiting up to BLOCK_S)."""
         messages = self.store.scripts.intake_take(
             keys=[keys.INTAKE_CONSUMERS, self.taken_key, keys.INTAKE_DELAYED, *QUEUE_LISTS],
             args=[self.consumer, TAKE],
@@ -220,6 +213,10 @@ class Intake:
                 jobs.append((message, prepare(self.store, message)))
             except InvalidRequest as exc:
                 self.record_invalid(message, exc.fields)
+                done.append(raw)
+            except Exception as exc:  # a message poolq cannot handle must not come back forever
+                log.exception("dropping a message on %s that could not be handled", queues.SUBMIT)
+                self.record_invalid(message, {"body": [f"could not be handled: {exc!r}"]})
                 done.append(raw)
         outcomes = self.store.submit_many(job for _, job in jobs) if jobs else []
         for (message, job), outcome in zip(jobs, outcomes):

@@ -20,11 +20,32 @@ from poolq.model import CPU, GPU, MEMORY, show_amount
 
 ALL = "*"  # the index of every schedulable node
 
-# Reason names in the order a node is checked (DESIGN.md 3.3).
+# Reason names in the order a node is checked (docs/placement.md).
 DISPLAY_NAMES = {CPU: "CPU", MEMORY: "Memory", GPU: "GPU"}
 AFFINITY = "Affinity can't be Satisfied"
 QUOTA = "Tenant Quota Exceeded"
 NO_NODE = "No Available Node"
+
+
+def allocate(uses: dict[str, int], amount: int) -> list[tuple[str, int]] | None:
+    """Which devices a request of ``amount`` milli-units takes, given each device's use:
+    whole units take free devices (the first ones), a fraction shares the fullest device
+    it fits on, so free devices stay whole. None if it does not fit. reserve.lua does the
+    same, atomically; this is the placement worker's forecast of it."""
+    whole, fraction = divmod(amount, 1000)
+    taken = [device for device, use in uses.items() if use == 0][:whole]
+    if len(taken) < whole:
+        return None
+    out = [(device, 1000) for device in taken]
+    if fraction:
+        best: tuple[str, int] | None = None
+        for device, use in uses.items():
+            if device not in taken and use + fraction <= 1000 and (best is None or use > best[1]):
+                best = (device, use)
+        if best is None:
+            return None
+        out.append((best[0], fraction))
+    return out
 
 
 @dataclasses.dataclass
@@ -35,6 +56,7 @@ class Node:
     capacity: dict[str, int]
     reserved: dict[str, int]
     schedulable: bool = True  # live and not drained
+    devices: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # resource -> id -> use
 
     def free(self, resource: str) -> int:
         return self.capacity.get(resource, 0) - self.reserved.get(resource, 0)
@@ -44,6 +66,8 @@ class Node:
         for resource, amount in req.items():
             if capacity.get(resource, 0) - reserved.get(resource, 0) < amount:
                 return False
+        if self.devices:
+            return all(allocate(self.devices[r], req[r]) is not None for r in self.devices if r in req)
         return True
 
     def matches(self, term: tuple[str, str | None]) -> bool:
@@ -139,6 +163,10 @@ class Inventory:
         self._unindex(node)
         for resource, amount in req.items():
             node.reserved[resource] = node.reserved.get(resource, 0) + amount
+            uses = node.devices.get(resource)
+            if uses is not None:
+                for device, milli in allocate(uses, amount) or []:
+                    uses[device] += milli
         self._index(node)
 
     def _index(self, node: Node) -> None:
@@ -210,7 +238,7 @@ class Inventory:
         """Why no schedulable node fits: one entry per distinct reason, with node counts.
 
         Each node counts once, for the first check it fails: affinity, then CPU,
-        Memory, GPU, then custom resources by name (DESIGN.md 3.3).
+        Memory, GPU, then custom resources by name (docs/placement.md).
         """
         schedulable = [n for n in self.nodes.values() if n.schedulable]
         if not schedulable:
@@ -250,6 +278,9 @@ def _first_failure(node: Node, shape: Shape, order: list[str]) -> tuple[int, int
         if amount > capacity:
             return (position, 1)
         if amount > capacity - node.reserved.get(resource, 0):
+            return (position, 2)
+        uses = node.devices.get(resource)
+        if uses is not None and allocate(uses, amount) is None:  # enough in all, but not on its devices
             return (position, 2)
     return None
 
@@ -315,7 +346,7 @@ def reason_lines(reasons: list[dict[str, Any]]) -> str:
 
 
 def timeout_message(submission_id: str, timeout_ms: int, attempts: int, reasons: list[dict[str, Any]]) -> str:
-    """The SCHEDULE_TIMEOUT message, in the form openYuanrong produces it (DESIGN.md 3.3)."""
+    """The SCHEDULE_TIMEOUT message, in the form openYuanrong produces it (docs/placement.md)."""
     head = f"create app failed, submissionId:[{submission_id}], err: \nthe instance cannot be scheduled within {timeout_ms} ms. "
     if attempts == 0:
         return (

@@ -17,26 +17,27 @@ not tried again until capacity is freed or added, or a backoff passes. A round:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import logging
-import os
 import secrets
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import redis
 
 from poolq import keys, queues
-from poolq.model import ErrorType, JobStatus
+from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, JobStatus
+from poolq.nodes import NodeAdmin, node_amounts, node_devices
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
 from poolq.store import WAKE_TTL_MS, JobStore, requests_text
-from worker.inventory import NodeAdmin, node_from_hash
 from worker.placement import Inventory, Node, Shape, quota_reason
 
 log = logging.getLogger("poolq.placement")
+T = TypeVar("T")
 
 SHAPES_PER_ROUND = 32
 SHAPES_PER_TENANT = 4
@@ -44,6 +45,7 @@ MAX_CACHED_SHAPES = 10_000
 MAX_TERM_INDEXES = 1_000
 READY_SCAN = 512
 RESERVE_RETRIES = 3
+CLAIM_TRIES_S = 5.0  # how long a round keeps asking for its claim while Redis does not answer
 MAX_LOST_CLAIMS = 3  # claims holding a job alone that were lost before it is given up
 
 
@@ -58,10 +60,10 @@ class Scheduler:
         self._log_id: str | None = None  # position in poolq:inventory:log
         self._shapes: dict[str, Shape] = {}
         self._quotas: dict[str, tuple[dict[str, int], dict[str, int]]] = {}  # tenant -> (limits, usage)
-        self._claim_prefix = f"{os.getpid():x}{secrets.token_hex(2)}"  # claim ids: unique per round
+        self._claim_prefix = secrets.token_hex(8)  # claim ids: unique per round, across workers and restarts
         self._claims = 0
-        self._draining = threading.Lock()
-        self._last_drain = time.monotonic()
+        self._placing = threading.Lock()
+        self._last_round = time.monotonic()
 
     # -- the inventory view ----------------------------------------------------
 
@@ -108,19 +110,19 @@ class Scheduler:
 
     # -- rounds ----------------------------------------------------------------
 
-    def drain(self, budget_s: float = 5.0) -> int:
+    def place_waiting(self, budget_s: float = 5.0) -> int:
         """Place until no ready job is left or the budget is spent; returns jobs handled.
 
-        One drain at a time per process (the Celery task, or the duties thread standing
+        One at a time per process (the Celery task, or the duties thread standing
         in for a consumer that stopped): the inventory view is not shared between threads.
         """
-        with self._draining:
+        with self._placing:
             try:
-                return self._drain(budget_s)
+                return self._place_waiting(budget_s)
             finally:
-                self._last_drain = time.monotonic()
+                self._last_round = time.monotonic()
 
-    def _drain(self, budget_s: float) -> int:
+    def _place_waiting(self, budget_s: float) -> int:
         self.redis.delete(keys.wake(queues.PLACEMENT))  # wake-ups sent from now on are new work
         deadline = time.monotonic() + budget_s
         handled = 0
@@ -135,7 +137,7 @@ class Scheduler:
 
     def idle_s(self) -> float:
         """Seconds since this process last placed."""
-        return time.monotonic() - self._last_drain
+        return time.monotonic() - self._last_round
 
     def unblock_on_kick(self) -> int:
         """Capacity was freed or added since the last round: blocked shapes may fit now."""
@@ -159,26 +161,13 @@ class Scheduler:
         if not sigs:
             return 0
         claim_id = self._new_claim_id()
-        # claim.lua keeps its answer under the claim's id: the client's retry after a
-        # lost reply gets the same jobs back instead of claiming others.
-        flat = self.scripts.claim(
-            keys=[
-                keys.SHAPES_READY,
-                keys.CLAIMED,
-                keys.SHAPES_IDLE,
-                keys.SUSPECTS,
-                keys.TENANTS_SERVED,
-                keys.CLAIMS,
-                keys.claim(claim_id),
-                *(keys.shape_queue(s) for s in sigs),
-            ],
-            args=[
-                self.settings.placement_batch,
-                int(self.settings.claim_lease_s * 1000),
-                claim_id,
-                *sigs,
-                *(self._shapes[s].tenant for s in sigs),
-            ],
+        # claim.lua keeps its answer under the claim's id: a retry after a lost reply gets
+        # the same jobs back instead of claiming others, so trying again (a while) is right:
+        # giving up would leave the jobs to the lease, which outlasts default deadlines.
+        tenants = [self._shapes[s].tenant for s in sigs]
+        lease_ms = int(self.settings.claim_lease_s * 1000)
+        flat = self._until_answered(
+            lambda: claim(self.scripts, claim_id, sigs, tenants, self.settings.placement_batch, lease_ms)
         )
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
@@ -186,23 +175,38 @@ class Scheduler:
         try:
             self._place(claim_id, claimed)
             self.redis.delete(keys.claim(claim_id))  # it served the claim's retry, if there was one
-        except Exception:
+        except Exception as exc:
             # Put the claim back rather than leave it to the lease, which may outlast the
             # jobs' deadlines. Whatever failed may fail again for these jobs: each comes
             # back as a suspect, claimed alone, and one that keeps failing is given up as
             # a poison job would be (Duties.recover_claims). Redis may refuse this too;
-            # then the lease it is. The error ends the drain: the next wake-up tries again.
+            # then the lease it is. The error ends this call: the next wake-up tries again.
             try:
-                self._return_suspects(claim_id, claimed)
+                self._return_suspects(claim_id, claimed, exc)
             except redis.RedisError:
                 pass
             raise
         return len(claimed)
 
-    def _return_suspects(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
+    def _until_answered(self, call: Callable[[], T]) -> T:
+        """A step that is safe to repeat, repeated while Redis does not answer, for up to
+        CLAIM_TRIES_S (then the error: Redis is away, and the lease recovers the step)."""
+        deadline, delay = time.monotonic() + CLAIM_TRIES_S, 0.1
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _return_suspects(self, claim_id: str, claimed: list[tuple[str, str, int]], exc: BaseException) -> None:
+        # A Redis error is not the jobs' fault: they come back, but no claim counts against them.
+        lone = len(claimed) == 1 and not isinstance(exc, redis.RedisError)
         by_shape: dict[str, list[Held]] = defaultdict(list)
         for job_ref, sig, _ in claimed:
-            by_shape[sig].append(Held(job_ref, claim_id, lost=len(claimed) == 1))
+            by_shape[sig].append(Held(job_ref, claim_id, lost=lone))
         for sig, members in by_shape.items():
             give_up_poison(self.store, requeue(self.scripts, sig, members, suspect=True))
 
@@ -300,7 +304,8 @@ class Scheduler:
             keys.TENANTS_SERVED,
             keys.CLAIMS,
         ]
-        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS, claim_id]
+        buckets = ",".join(str(le) for le in PLACEMENT_LATENCY_BUCKETS_MS)
+        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS, claim_id, buckets]
         for job_ref, sig, seq, node, shape in decisions:
             key_list += [
                 keys.job(job_ref),
@@ -316,21 +321,20 @@ class Scheduler:
         results, wake = self.scripts.reserve(keys=key_list, args=args)
         for node_id in wake:
             self.store.wake(queues.node_queue(node_id))
-        refused = [(d, code) for d, code in zip(decisions, results) if code != 0]
+        outcomes = [Reservation(code) for code in results]
+        refused = [(d, code) for d, code in zip(decisions, outcomes) if code != Reservation.RESERVED]
         if refused:
             # The local view reserved these too: read the true state of their nodes and tenants.
             self._reload_nodes({d[3].id for d, _ in refused})
             self._load_quotas(set(self._quotas))
             log.debug("%d reservations refused; choosing again where the job still waits", len(refused))
-        return [(d[0], d[1], d[2]) for d, code in refused if code in (2, 3, 4)]
+        return [(d[0], d[1], d[2]) for d, code in refused if code in CHOOSE_AGAIN]
 
     def _requeue(
         self,
         claim_id: str,
         jobs: list[tuple[str, str, int]],
         failed_shapes: dict[str, list[dict[str, Any]]],
-        *,
-        suspect: bool = False,
     ) -> None:
         by_shape: dict[str, list[Held]] = defaultdict(list)
         for job_ref, sig, _ in jobs:
@@ -349,10 +353,23 @@ class Scheduler:
                 round_id=claim_id,
                 max_backoff_ms=backoff_ms,
                 reasons=failed_shapes.get(sig),
-                suspect=suspect,
                 client=pipe,
             )
         pipe.execute()
+
+
+class Reservation(enum.IntEnum):
+    """reserve.lua's answer for one decision."""
+
+    RESERVED = 0
+    JOB_GONE = 1  # placed, stopped or ended meanwhile
+    NODE_UNAVAILABLE = 2  # dead, drained, or its heartbeat is old
+    NO_CAPACITY = 3  # another worker took it first
+    OVER_QUOTA = 4  # the tenant's usage grew meanwhile
+    NOT_HELD = 5  # the claim no longer holds the job: the sweep gave it to another
+
+
+CHOOSE_AGAIN = frozenset({Reservation.NODE_UNAVAILABLE, Reservation.NO_CAPACITY, Reservation.OVER_QUOTA})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +380,23 @@ class Held:
     ref: str
     claim_id: str
     lost: bool = False
+
+
+def claim(scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], batch: int, lease_ms: int) -> Any:
+    """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id."""
+    return scripts.claim(
+        keys=[
+            keys.SHAPES_READY,
+            keys.CLAIMED,
+            keys.SHAPES_IDLE,
+            keys.SUSPECTS,
+            keys.TENANTS_SERVED,
+            keys.CLAIMS,
+            keys.claim(claim_id),
+            *(keys.shape_queue(s) for s in sigs),
+        ],
+        args=[batch, lease_ms, claim_id, *sigs, *tenants],
+    )
 
 
 def requeue(
@@ -407,6 +441,20 @@ def requeue(
     return {answer[i]: int(answer[i + 1]) for i in range(0, len(answer), 2)}
 
 
+def node_from_hash(fields: dict[str, str]) -> Node:
+    capacity, reserved = node_amounts(fields)
+    labels = json.loads(fields.get("labels") or "{}")
+    return Node(
+        id=fields["id"],
+        pool=fields.get("pool", ""),
+        labels=labels,
+        capacity=capacity,
+        reserved=reserved,
+        schedulable=fields.get("state") == "live" and fields.get("drained", "0") == "0",
+        devices=node_devices(fields),
+    )
+
+
 def give_up_poison(store: JobStore, lost_claims: dict[str, int]) -> None:
     """Fail the jobs that placement has lost MAX_LOST_CLAIMS times (a worker died, or a
     round failed, holding only that job): such a job is not tried again."""
@@ -436,8 +484,3 @@ def _integers(fields: dict[str, str]) -> dict[str, int]:
 def _stream_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 from urllib.parse import urlencode
-
-from marshmallow import ValidationError
 
 from api_shim.http import JSON, HTTPError, Request, Response, is_digits
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
-from poolq.schemas import check_headers, parse_json, parse_tenant
+from poolq.schemas import check_headers, parse_json
+from poolq.settings import Settings
+from poolq.store import JobStore
 
 MAX_BATCH = 1000
 MAX_IDS = 100
@@ -19,32 +20,139 @@ MAX_LIMIT = 1000
 MAX_WAIT_S = 60.0
 
 
-def submit(request: Request) -> Response:
-    app = request.app
-    try:
-        body = json_body(request, app.settings.max_body)
-        job = app.store.prepare(
-            body,
-            tenant=request.tenant or request.header("X-Tenant-Id"),
-            pool_label=request.header("X-Pool-Label"),
-            schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
+class Jobs:
+    """The /api/jobs routes, built with the store they use."""
+
+    def __init__(self, store: JobStore, settings: Settings):
+        self.store, self.settings = store, settings
+        # Submissions holding their answer for `Prefer: wait` may take at most this many
+        # of a process's server threads; beyond it they answer at once (docs/api.md).
+        self.waiters = threading.BoundedSemaphore(settings.max_waiters)
+
+    def submit(self, request: Request) -> Response:
+        try:
+            body = json_body(request, self.settings.max_body)
+            job = self.store.prepare(
+                body,
+                tenant=request.tenant_as_given(),
+                pool_label=request.header("X-Pool-Label"),
+                schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
+            )
+        except InvalidRequest:
+            self.store.count_invalid(request.tenant_as_given())
+            raise
+        self.store.submit(job)  # a failure to store says "create app failed, submissionId:[...]"
+        answer = {"submission_id": job.submission_id, "job_id": job.submission_id}
+        wait_s = prefer_wait(request.header("Prefer"))
+        if wait_s is None or not self.waiters.acquire(blocking=False):
+            return Response.json(answer)
+        try:
+            failure = self.store.wait_placed(job.ref, wait_s)
+        finally:
+            self.waiters.release()
+        applied = [("Preference-Applied", f"wait={wait_s:g}")]
+        if failure is not None:
+            return Response.json({"error": failure}, 503, applied)
+        return Response.json(answer, headers=applied)
+
+    def submit_batch(self, request: Request) -> Response:
+        """Many jobs in one request: each validated on its own, all valid ones stored in one pipeline."""
+        body = json_body(request, self.settings.max_batch_body)
+        if not isinstance(body, dict) or set(body) != {"jobs"} or not isinstance(body["jobs"], list):
+            raise InvalidRequest({"body": ['must be an object with one key, "jobs": a list of job bodies']})
+        if len(body["jobs"]) > MAX_BATCH:
+            raise InvalidRequest({"jobs": [f"must hold at most {MAX_BATCH} jobs"]})
+        header_errors, _ = check_headers(
+            request.tenant_as_given(),
+            request.header("X-Pool-Label"),
+            request.header("X-Schedule-Timeout-Ms"),
         )
-    except InvalidRequest:
-        app.store.count_invalid(request.tenant or request.header("X-Tenant-Id"))
-        raise
-    app.store.submit(job)  # a failure to store says "create app failed, submissionId:[...]"
-    answer = {"submission_id": job.submission_id, "job_id": job.submission_id}
-    wait_s = prefer_wait(request.header("Prefer"))
-    if wait_s is None or not app.waiters.acquire(blocking=False):
-        return Response.json(answer)
-    try:
-        failure = app.store.wait_placed(job.ref, wait_s)
-    finally:
-        app.waiters.release()
-    applied = [("Preference-Applied", f"wait={wait_s:g}")]
-    if failure is not None:
-        return Response.json({"error": failure}, 503, applied)
-    return Response.json(answer, headers=applied)
+        if header_errors:  # they apply to every job: refuse the batch, not each item
+            raise InvalidRequest(header_errors)
+        results: list[dict[str, Any]] = []
+        valid = []
+        for item in body["jobs"]:
+            try:
+                job = self.store.prepare(
+                    item,
+                    tenant=request.tenant_as_given(),
+                    pool_label=request.header("X-Pool-Label"),
+                    schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
+                )
+            except InvalidRequest as exc:
+                results.append({"error": str(exc), "fields": exc.fields})
+                self.store.count_invalid(request.tenant_as_given())
+                continue
+            valid.append((len(results), job))
+            results.append({})
+        outcomes = self.store.submit_many(job for _, job in valid)
+        unknown = [outcome for outcome in outcomes if isinstance(outcome, Unavailable)]
+        if unknown and len(unknown) == len(outcomes):
+            raise Unavailable(
+                f"create app failed for the batch, err: {unknown[0]}; send the same batch again (items without a "
+                "submission_id get new ids: give every item one, so that sending it again cannot duplicate it)"
+            )
+        for (position, job), outcome in zip(valid, outcomes):
+            if isinstance(outcome, InvalidRequest):
+                results[position] = {"error": str(outcome), "fields": outcome.fields}
+            elif isinstance(outcome, PoolqError):
+                results[position] = {"error": str(outcome)}
+            else:
+                results[position] = {"submission_id": job.submission_id}
+        return Response.json({"results": results})
+
+    def get(self, request: Request) -> Response:
+        fields, shape = self.store.read(request.tenant_or_400(), request.params["submission_id"])
+        etag = '"' + _digest(fields, shape) + '"'
+        if _etag_matches(request.header("If-None-Match"), etag):
+            return Response(304, headers=[("ETag", etag)])
+        return Response.json(render_record(fields, shape), headers=[("ETag", etag)])
+
+    def list_jobs(self, request: Request) -> Response:
+        store, tenant = self.store, request.tenant_or_400()
+        errors: dict[str, list[str]] = {}
+        status = _status_param(request.query("status"), errors)
+        pool_label = request.query("pool_label")
+        limit = _int_param(request.query("limit"), "limit", 1, MAX_LIMIT, errors, default=100) or 100
+        cursor = _int_param(request.query("cursor"), "cursor", 1, 2**62, errors)
+        ids_text = request.query("ids")
+        ids = [i for i in (ids_text or "").split(",") if i] if ids_text is not None else None
+        if ids is not None and len(ids) > MAX_IDS:
+            errors["ids"] = [f"must list at most {MAX_IDS} ids"]
+        if errors:
+            raise InvalidRequest(errors, "invalid query")
+        if ids is not None:
+            records = [r for r in store.get_many(tenant, ids) if status is None or r["status"] == status]
+            if pool_label is not None:
+                records = [r for r in records if r["pool_label"] == pool_label]
+            return Response.json(records)
+        records, next_cursor = store.list_jobs(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
+        headers = []
+        if next_cursor is not None:
+            query = {
+                k: v for k, v in (("status", status and status.value), ("pool_label", pool_label)) if v is not None
+            }
+            query.update(limit=str(limit), cursor=str(next_cursor))
+            headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
+        return Response.json(records, headers=headers)
+
+    def delete(self, request: Request) -> Response:
+        self.store.delete(request.tenant_or_400(), request.params["submission_id"])
+        return Response.json({"deleted": True})
+
+    def stop(self, request: Request) -> Response:
+        stopped = self.store.stop(request.tenant_or_400(), request.params["submission_id"])
+        return Response.json({"stopped": stopped})
+
+    def logs(self, request: Request) -> Response:
+        offset_text = request.query("offset")
+        offset = None
+        if offset_text is not None:
+            if not is_digits(offset_text) or len(offset_text) > 18:
+                raise InvalidRequest({"offset": ["must be a non-negative integer"]}, "invalid query")
+            offset = int(offset_text)
+        text, next_offset = self.store.logs(request.tenant_or_400(), request.params["submission_id"], offset)
+        return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
 
 
 def prefer_wait(header: str | None) -> float | None:
@@ -58,62 +166,6 @@ def prefer_wait(header: str | None) -> float | None:
                 return None
             return min(seconds, MAX_WAIT_S) if seconds > 0 else None
     return None
-
-
-def submit_batch(request: Request) -> Response:
-    """Many jobs in one request: each validated on its own, all valid ones stored in one pipeline."""
-    app = request.app
-    body = json_body(request, app.settings.max_batch_body)
-    if not isinstance(body, dict) or set(body) != {"jobs"} or not isinstance(body["jobs"], list):
-        raise InvalidRequest({"body": ['must be an object with one key, "jobs": a list of job bodies']})
-    if len(body["jobs"]) > MAX_BATCH:
-        raise InvalidRequest({"jobs": [f"must hold at most {MAX_BATCH} jobs"]})
-    header_errors, _ = check_headers(
-        request.tenant or request.header("X-Tenant-Id"),
-        request.header("X-Pool-Label"),
-        request.header("X-Schedule-Timeout-Ms"),
-    )
-    if header_errors:  # they apply to every job: refuse the batch, not each item
-        raise InvalidRequest(header_errors)
-    results: list[dict[str, Any]] = []
-    valid = []
-    for item in body["jobs"]:
-        try:
-            job = app.store.prepare(
-                item,
-                tenant=request.tenant or request.header("X-Tenant-Id"),
-                pool_label=request.header("X-Pool-Label"),
-                schedule_timeout_ms=request.header("X-Schedule-Timeout-Ms"),
-            )
-        except InvalidRequest as exc:
-            results.append({"error": str(exc), "fields": exc.fields})
-            app.store.count_invalid(request.tenant or request.header("X-Tenant-Id"))
-            continue
-        valid.append((len(results), job))
-        results.append({})
-    outcomes = app.store.submit_many(job for _, job in valid)
-    unknown = [outcome for outcome in outcomes if isinstance(outcome, Unavailable)]
-    if unknown and len(unknown) == len(outcomes):
-        raise Unavailable(
-            f"create app failed for the batch, err: {unknown[0]}; send the same batch again (items without a "
-            "submission_id get new ids: give every item one, so that sending it again cannot duplicate it)"
-        )
-    for (position, job), outcome in zip(valid, outcomes):
-        if isinstance(outcome, InvalidRequest):
-            results[position] = {"error": str(outcome), "fields": outcome.fields}
-        elif isinstance(outcome, PoolqError):
-            results[position] = {"error": str(outcome)}
-        else:
-            results[position] = {"submission_id": job.submission_id}
-    return Response.json({"results": results})
-
-
-def get(request: Request) -> Response:
-    fields, shape = request.app.store.read(tenant_of(request), request.params["submission_id"])
-    etag = '"' + _digest(fields, shape) + '"'
-    if _etag_matches(request.header("If-None-Match"), etag):
-        return Response(304, headers=[("ETag", etag)])
-    return Response.json(render_record(fields, shape), headers=[("ETag", etag)])
 
 
 def _digest(fields: dict[str, str], shape: dict[str, str] | None) -> str:
@@ -135,33 +187,6 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return "*" in candidates or etag in candidates
 
 
-def list_jobs(request: Request) -> Response:
-    store, tenant = request.app.store, tenant_of(request)
-    errors: dict[str, list[str]] = {}
-    status = _status_param(request.query("status"), errors)
-    pool_label = request.query("pool_label")
-    limit = _int_param(request.query("limit"), "limit", 1, MAX_LIMIT, errors, default=100) or 100
-    cursor = _int_param(request.query("cursor"), "cursor", 1, 2**62, errors)
-    ids_text = request.query("ids")
-    ids = [i for i in (ids_text or "").split(",") if i] if ids_text is not None else None
-    if ids is not None and len(ids) > MAX_IDS:
-        errors["ids"] = [f"must list at most {MAX_IDS} ids"]
-    if errors:
-        raise InvalidRequest(errors, "invalid query")
-    if ids is not None:
-        records = [r for r in store.get_many(tenant, ids) if status is None or r["status"] == status]
-        if pool_label is not None:
-            records = [r for r in records if r["pool_label"] == pool_label]
-        return Response.json(records)
-    records, next_cursor = store.list_jobs(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
-    headers = []
-    if next_cursor is not None:
-        query = {k: v for k, v in (("status", status and status.value), ("pool_label", pool_label)) if v is not None}
-        query.update(limit=str(limit), cursor=str(next_cursor))
-        headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
-    return Response.json(records, headers=headers)
-
-
 def _status_param(text: str | None, errors: dict[str, list[str]]) -> JobStatus | None:
     if text is None:
         return None
@@ -181,37 +206,6 @@ def _int_param(
         errors[name] = [f"must be an integer between {low} and {high}"]
         return default
     return int(text)
-
-
-def delete(request: Request) -> Response:
-    request.app.store.delete(tenant_of(request), request.params["submission_id"])
-    return Response.json({"deleted": True})
-
-
-def stop(request: Request) -> Response:
-    stopped = request.app.store.stop(tenant_of(request), request.params["submission_id"])
-    return Response.json({"stopped": stopped})
-
-
-def logs(request: Request) -> Response:
-    offset_text = request.query("offset")
-    offset = None
-    if offset_text is not None:
-        if not is_digits(offset_text) or len(offset_text) > 18:
-            raise InvalidRequest({"offset": ["must be a non-negative integer"]}, "invalid query")
-        offset = int(offset_text)
-    text, next_offset = request.app.store.logs(tenant_of(request), request.params["submission_id"], offset)
-    return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
-
-
-def tenant_of(request: Request) -> str:
-    """The caller's tenant: the token's, else X-Tenant-Id, absent or empty meaning ``default``."""
-    if request.tenant is not None:
-        return request.tenant
-    try:
-        return parse_tenant(request.header("X-Tenant-Id"))
-    except ValidationError as exc:
-        raise InvalidRequest({"X-Tenant-Id": list(exc.messages)}, "invalid X-Tenant-Id header") from None
 
 
 def json_body(request: Request, limit: int) -> Any:

@@ -1,30 +1,33 @@
-"""Service routes: version and health."""
+"""Service routes: version, health and the OpenAPI document."""
 
 from __future__ import annotations
 
 from api_shim.http import Request, Response
 from poolq import __version__
 from poolq.errors import Unavailable
+from poolq.store import JobStore
 
 # The Jobs SDK protocol level. Ray's CLI tails logs over a WebSocket only above 0,
-# which a WSGI app cannot serve; at 0 it skips the tail with a warning (DESIGN.md 2.3).
+# which a WSGI app cannot serve; at 0 it skips the tail with a warning (docs/api.md).
 JOBS_API_VERSION = "0"
 RAY_API_LEVEL = "2.9.0"
 
 
-def version(request: Request) -> Response:
-    return Response.json({"version": JOBS_API_VERSION, "ray_version": RAY_API_LEVEL, "poolq_version": __version__})
+class Meta:
+    def __init__(self, store: JobStore):
+        self.store = store
 
+    def version(self, request: Request) -> Response:
+        return Response.json({"version": JOBS_API_VERSION, "ray_version": RAY_API_LEVEL, "poolq_version": __version__})
 
-def openapi(request: Request) -> Response:
-    from api_shim.openapi import document
+    def openapi(self, request: Request) -> Response:
+        from api_shim.openapi import document
 
-    return Response.json(document())
+        return Response.json(document())
 
-
-def healthz(request: Request) -> Response:
-    try:
-        request.app.store.ping()
-    except Unavailable as exc:
-        return Response.json({"status": "unavailable", "error": str(exc)}, 503)
-    return Response.json({"status": "ok"})
+    def healthz(self, request: Request) -> Response:
+        try:
+            self.store.ping()
+        except Unavailable as exc:
+            return Response.json({"status": "unavailable", "error": str(exc)}, 503)
+        return Response.json({"status": "ok"})

@@ -15,11 +15,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from api_shim.http import Request, Response
 from poolq import keys
-from poolq.model import JobStatus
+from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, JobStatus
 from poolq.nodes import describe_nodes
 from poolq.redis_io import redis_errors
+from poolq.store import Submitted
 
-LATENCY_BUCKETS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 60000)  # as reserve.lua counts them
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -45,8 +45,8 @@ class RedisCollector:
         for field, value in stats.items():
             kind, _, rest = field.partition(":")
             if kind == "submissions":
-                tenant, _, outcome = rest.rpartition(":")
-                submissions.add_metric([tenant, outcome], float(value))
+                tenant, _, code = rest.rpartition(":")
+                submissions.add_metric([tenant, Submitted.label_of(code)], float(value))
             elif kind == "schedule_failures":
                 failures.add_metric([rest], float(value))
         invalid = CounterMetricFamily("poolq_invalid_messages", "Invalid poolq.submit queue messages")
@@ -54,7 +54,7 @@ class RedisCollector:
         yield from (submissions, failures, invalid)
 
     def _placement(self, stats: dict[str, str]) -> Iterator[Any]:
-        buckets = [(str(le / 1000), float(stats.get(f"placement_le:{le}", 0))) for le in LATENCY_BUCKETS_MS]
+        buckets = [(str(le / 1000), float(stats.get(f"placement_le:{le}", 0))) for le in PLACEMENT_LATENCY_BUCKETS_MS]
         count = float(stats.get("placement_count", 0))
         histogram = HistogramMetricFamily("poolq_placement_latency_seconds", "Submission to reservation")
         histogram.add_metric([], buckets + [("+Inf", count)], sum_value=float(stats.get("placement_sum_ms", 0)) / 1000)
@@ -120,5 +120,9 @@ def _scrape(client: redis.Redis) -> bytes:
     return generate_latest(registry)
 
 
-def metrics(request: Request) -> Response:
-    return Response(200, _scrape(request.app.store.redis), [("Content-Type", CONTENT_TYPE)])
+class Metrics:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+
+    def metrics(self, request: Request) -> Response:
+        return Response(200, _scrape(self.redis), [("Content-Type", CONTENT_TYPE)])

@@ -4,7 +4,7 @@
 --
 -- KEYS: 1 tenants set, 2 tenants served, 3 the tenant's status counts, 4 its usage,
 --       5 its active index, 6 its job index, 7 stats
--- ARGV: 1 tenant, 2.. the submission outcomes counted in stats
+-- ARGV: 1 tenant, 2.. the submission outcomes counted in stats (poolq.store.Submitted)
 -- Returns 1 forgotten, 0 it still has jobs.
 if redis.call('ZCARD', KEYS[6]) > 0 or redis.call('ZCARD', KEYS[5]) > 0 then return 0 end
 for _, count in ipairs(redis.call('HVALS', KEYS[3])) do

@@ -1,21 +1,32 @@
 -- A node agent starts a job placed on it: only a PENDING job placed on this node,
 -- with no stop requested, becomes RUNNING, recording which agent (its incarnation)
--- runs it. Anything else is skipped.
+-- runs it, and when its runtime limit ends: the job's own, else its tenant's, else
+-- the node's. Anything else is skipped.
 --
--- Safe to run twice: a job this incarnation already started answers 1 again, so an
--- agent that lost the reply learns that it must run the job.
+-- Safe to run twice: a job this incarnation already started answers "started" again
+-- (with the same runtime deadline), so an agent that lost the reply learns that it
+-- must run the job.
 --
--- KEYS: 1 job, 2 node inbox, 3 the tenant's status counts
--- ARGV: 1 ref, 2 node id, 3 message, 4 the agent's incarnation
--- Returns 1 started, 0 skip, 2 a stop was requested (the agent ends it STOPPED).
+-- KEYS: 1 job, 2 node inbox, 3 the tenant's status counts, 4 the tenant's limits
+-- ARGV: 1 ref, 2 node id, 3 message, 4 the agent's incarnation, 5 the node's runtime
+--       limit ms ('' none)
+-- Returns {code, ms left of its runtime limit (0: no limit), attempt}: code 1 started,
+-- 0 skip, 2 a stop was requested (the agent ends it STOPPED). (worker.agent.Started)
 redis.call('ZREM', KEYS[2], ARGV[1])
-local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop', 'runner')
-if j[1] == 'RUNNING' and j[2] == ARGV[2] and j[4] == ARGV[4] then return 1 end
-if j[1] ~= 'PENDING' or j[2] ~= ARGV[2] then return 0 end
-if j[3] and j[3] ~= '' then return 2 end
+local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop', 'runner', 'run_deadline', 'attempt', 'rt_limit')
+local attempt = tonumber(j[6] or '1')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if j[1] == 'RUNNING' and j[2] == ARGV[2] and j[4] == ARGV[4] then
+  local left = j[5] and math.max(tonumber(j[5]) - now, 1) or 0
+  return {1, left, attempt}
+end
+if j[1] ~= 'PENDING' or j[2] ~= ARGV[2] then return {0, 0, attempt} end
+if j[3] and j[3] ~= '' then return {2, 0, attempt} end
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'start_time', now, 'message', ARGV[3], 'runner', ARGV[4])
+local tenant_limit = tonumber(redis.call('HGET', KEYS[4], 'runtime_limit_ms') or '0')
+local limit = tonumber(j[7] or (tenant_limit > 0 and tenant_limit) or (ARGV[5] ~= '' and ARGV[5]) or '0')
+if limit > 0 then redis.call('HSET', KEYS[1], 'run_deadline', now + limit) end
 redis.call('HINCRBY', KEYS[3], 'PENDING', -1)
 redis.call('HINCRBY', KEYS[3], 'RUNNING', 1)
-return 1
+return {1, limit, attempt}

@@ -9,38 +9,43 @@
 --       10 tenant's active index, 11 tenant's status counts, 12 tenant's quota,
 --       13 tenants set, 14 stats, 15 tenant's limits, 16 the package it runs from
 --       (any placeholder key when none), 17 the tenant's package use, 18 packages
--- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 timeout ms,
+-- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 its schedule
+--       timeout ms ('' none given: the tenant's schedule_timeout_ms, else ARGV[15]),
 --       6 submission id, 7 job ref, 8 wake flag ttl ms, 9 requests "R=amount,...",
 --       10 tenant, 11 package name ('' when the working_dir is not a package),
---       12 the package's member in packages
--- Returns {code, wake, ...}: code 0 stored, 1 the same request is already stored,
--- 2 another request holds this id, 3 the tenant's max pending is reached
--- {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
--- {4, 0, resource, amount, limit}, 5 its package was not uploaded;
--- wake 1 when the caller must send a wake-up.
-local function outcome(name) redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. name, 1) end
+--       12 the package's member in packages, 13 its retry policy ("attempts|OUTCOME,…|
+--       backoff ms", '' none), 14 its own runtime limit ms ('' none), 15 the service's
+--       default schedule timeout ms
+-- Returns {code, wake, ...} (poolq.store.Submitted): code 0 stored, 1 the same request
+-- is already stored, 2 another request holds this id, 3 the tenant's max pending is
+-- reached {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
+-- {4, 0, resource, amount, limit}, 5 its package was not uploaded; wake 1 when the
+-- caller must send a wake-up. Each outcome is counted in stats under its code.
+local function counted(code)
+  redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
+  return code
+end
 local existing = redis.call('HGET', KEYS[1], 'fp')
 if existing then
-  if existing == ARGV[1] then outcome('duplicate') return {1, 0} end
-  outcome('conflict')
-  return {2, 0}
+  if existing == ARGV[1] then return {counted(1), 0} end
+  return {counted(2), 0}
 end
 for name, amount in string.gmatch(ARGV[9], '([^=,]+)=(%d+)') do
   local limit = redis.call('HGET', KEYS[12], name)
-  if limit and tonumber(amount) > tonumber(limit) then outcome('over_quota') return {4, 0, name, amount, limit} end
+  if limit and tonumber(amount) > tonumber(limit) then return {counted(4), 0, name, amount, limit} end
 end
-local max_pending = redis.call('HGET', KEYS[15], 'max_pending')
+local max_pending, tenant_timeout = unpack(redis.call('HMGET', KEYS[15], 'max_pending', 'schedule_timeout_ms'))
 if max_pending then
   local pending = tonumber(redis.call('HGET', KEYS[11], 'PENDING') or '0')
-  if pending >= tonumber(max_pending) then outcome('too_many_pending') return {3, 0, pending, max_pending} end
+  if pending >= tonumber(max_pending) then return {counted(3), 0, pending, max_pending} end
 end
 local package = ARGV[11]
-if package ~= '' and redis.call('EXISTS', KEYS[16]) == 0 then outcome('invalid') return {5, 0} end
-outcome('accepted')
+if package ~= '' and redis.call('EXISTS', KEYS[16]) == 0 then return {counted(5), 0} end
+counted(0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = redis.call('INCR', KEYS[8])
-local timeout = tonumber(ARGV[5])
+local timeout = tonumber(ARGV[5]) or tonumber(tenant_timeout) or tonumber(ARGV[15])
 local deadline = ''
 if timeout > 0 then deadline = now + timeout end
 redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
@@ -49,7 +54,9 @@ local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
   'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', seq,
   'shape', ARGV[3], 'att_base', base)
-if package ~= '' then  -- a package is kept while a live job uses it (pkg_expire.lua)
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'retry', ARGV[13]) end
+if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'rt_limit', ARGV[14]) end
+if package ~= '' then  -- a package is kept while a live job uses it (package_expire.lua)
   redis.call('HSET', KEYS[1], 'pkg', package)
   redis.call('HINCRBY', KEYS[17], package, 1)
   redis.call('ZADD', KEYS[18], now, ARGV[12])

@@ -1,16 +1,16 @@
 """Fixtures of the fault-tolerance suite.
 
 Each test gets its own redis-server (append-only, ``appendfsync everysec``, as
-``poolq up`` runs it), so that messages left behind by processes a test killed never
-reach another test, and so that the Redis-restart scenario can stop and replay it.
-Processes are started as real subprocesses and stopped (or killed) after the test.
+``poolq up`` runs it, unless the test module sets ``REDIS_APPENDFSYNC``), so that
+messages left behind by processes a test killed never reach another test, and so that
+the Redis-restart scenario can stop and replay it. Processes are started as real
+subprocesses and stopped (or killed) after the test.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -21,13 +21,13 @@ from typing import Any, Callable, Iterator
 import pytest
 import redis
 
-from poolq.embedded import EmbeddedRedis
-from tests.procs import Proc, wait_for
+from poolq.client import ApiError, Client
+from poolq.embedded import EmbeddedRedis, free_port
+from tests.kit import START_S, wait_ready
+from tests.procs import Proc, Process, wait_for
 from tests.wsgi import call
 
 ROOT = Path(__file__).resolve().parents[2]  # /work/main: `tests` imports from here
-CELERY_READY = " ready."  # what a Celery worker logs once it consumes its queues
-START_S = 90.0  # how long a process may take to come up on a busy two-core machine
 PLACEMENT_DEADLINE_MS = 600_000  # jobs are never failed for waiting: a busy machine places late
 
 # Settings of every process of a scenario: fast duties, a short claim lease (the sweep
@@ -42,41 +42,49 @@ FAULT_ENV = {
 }
 
 
-class PyProc(Proc):
+class PyProc(Process):
     """``python -c <code>`` run from the project root (so ``tests.faults`` imports), for
     processes whose code a test changes before poolq starts (fault injection)."""
 
     def __init__(self, code: str, env: dict[str, str], log_path: Path):
-        super().__init__(["-c", code], env, log_path)
+        super().__init__([sys.executable, "-c", code], env, log_path, cwd=ROOT, name="python -c")
         self.code = code
 
-    def start(self) -> "PyProc":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.log_file = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", self.code], env=env, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        return self
 
-
-def kill9(proc: Proc) -> None:
+def kill9(proc: Process) -> None:
     """kill -9 of that one process (not its group: a node agent's guardian must notice)."""
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.process is not None
     proc.process.wait(30)
 
 
-class RestartableRedis(EmbeddedRedis):
+class FsyncRedis(EmbeddedRedis):
+    """An append-only redis-server whose ``appendfsync`` is ``everysec`` (as ``poolq up``
+    runs it) or ``always`` (every acknowledged write on disk before its reply)."""
+
+    def __init__(self, directory: Path, *, appendfsync: str = "everysec", **options: Any):
+        super().__init__(directory, appendonly=True, **options)
+        self.appendfsync = appendfsync
+
+    def config(self) -> str:
+        return super().config().replace("appendfsync everysec", f"appendfsync {self.appendfsync}")
+
+
+class RestartableRedis(FsyncRedis):
     """The test's redis-server; ``restart()`` starts a new one on the same directory, port
     and password (it replays the append-only file), as an operator would."""
 
-    def __init__(self, directory: Path):
-        super().__init__(directory, appendonly=True)
+    def __init__(self, directory: Path, *, appendfsync: str = "everysec"):
+        super().__init__(directory, appendfsync=appendfsync)
         self.successors: list[EmbeddedRedis] = []
 
+    @property
+    def live(self) -> EmbeddedRedis:
+        """The server started last: the one running now, if any is."""
+        return (self.successors or [self])[-1]
+
     def restart(self) -> EmbeddedRedis:
-        server = EmbeddedRedis(self.directory, port=self.port, password=self.password, appendonly=True)
+        server = FsyncRedis(self.directory, port=self.port, password=self.password, appendfsync=self.appendfsync)
         self.successors.append(server)
         server.start(timeout_s=60)
         return server
@@ -87,10 +95,10 @@ class RestartableRedis(EmbeddedRedis):
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RestartableRedis]:
+def redis_server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RestartableRedis]:
     """This test's own redis-server (overrides the session-wide one of tests/conftest.py).
     Every process the test starts depends on it, so it is stopped after all of them."""
-    server = RestartableRedis(tmp_path / "redis")
+    server = RestartableRedis(tmp_path / "redis", appendfsync=getattr(request.module, "REDIS_APPENDFSYNC", "everysec"))
     server.start()
     yield server
     server.stop_all()
@@ -120,12 +128,6 @@ def run_py(tmp_path: Path, fault_env: dict[str, str]) -> Iterator[Callable[..., 
     yield start
     for proc in reversed(started):
         proc.stop()
-
-
-def wait_ready(proc: Proc, what: str) -> None:
-    """Wait until the Celery worker inside the process consumes its queues."""
-    wait_for(lambda: CELERY_READY in proc.output() or not proc.alive(), START_S, 0.1, what=f"{what} to be ready")
-    assert proc.alive(), f"{what} exited:\n{proc.output()[-3000:]}"
 
 
 def node_live(client: redis.Redis, node_id: str) -> bool:
@@ -165,6 +167,25 @@ class Stack:
         wait_for(lambda: node_live(self.redis, node_id) or not proc.alive(), START_S, 0.1, what=f"node {node_id} to register")
         wait_ready(proc, f"node agent {node_id}")
 
+    def api(self, *, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+        """``poolq api`` with one server process on a free loopback port; returns it and its
+        URL once it answers."""
+        self.count += 1
+        port = free_port()
+        proc = self.start_proc(["api", "--port", str(port), "--workers", "1"], env={**self.env, **(env or {})},
+                               name=f"api-{self.count}")
+        server = f"http://127.0.0.1:{port}"
+        wait_for(lambda: healthy(server) or not proc.alive(), START_S, 0.2, what=f"the API on port {port} to answer")
+        assert proc.alive(), f"poolq api exited:\n{proc.output()[-3000:]}"
+        return proc, server
+
+
+def healthy(server: str) -> bool:
+    try:
+        return Client(server, timeout=5).request("GET", "/healthz")[0] == 200
+    except (OSError, ApiError):
+        return False
+
 
 class Jobs:
     """Job bodies whose entrypoint appends the job's POOLQ_SUBMISSION_ID to one shared
@@ -193,6 +214,26 @@ class Jobs:
             "entrypoint_memory": 134217728,
             **fields,
         }
+
+
+    def timed_body(self, *, sleep_s: float, exit_code: int = 0, **fields: Any) -> dict[str, Any]:
+        """A body whose entrypoint appends ``start ID PPID NS`` and, when it ends (on SIGTERM
+        too), ``end ID PPID NS`` to the runs file: when each run ran (date +%s%N), under which
+        node agent ($PPID, the agent that started it). A SIGKILL leaves no end line."""
+        self.n += 1
+        start, end = self._log_line("start"), self._log_line("end")
+        command = f"trap '{end}; exit 143' TERM; {start}; sleep {sleep_s:.3f}; {end}; exit {exit_code}"
+        return {
+            "entrypoint": command,
+            "runtime_env": {"working_dir": str(self.workdir)},
+            "submission_id": f"{self.prefix}-{self.n}",
+            "entrypoint_num_cpus": 1,
+            "entrypoint_memory": 134217728,
+            **fields,
+        }
+
+    def _log_line(self, word: str) -> str:
+        return f'echo "{word} $POOLQ_SUBMISSION_ID $PPID $(date +%s%N)" >> {self.runs_file}'
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A poison job: placing it crashes the placement worker every time (DESIGN.md 1, 3.3).
+"""A poison job: placing it crashes the placement worker every time (docs/architecture.md, docs/placement.md).
 
 The fault is injected from the test side (tests/faults/poison.py) into a real
 ``poolq worker`` process, which a supervisor loop here restarts whenever it dies. The
@@ -13,14 +13,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.faults.checker import TERMINAL, check
-from tests.faults.conftest import Jobs, PyProc, Stack, statuses, submit_batch, wait_ready
+from poolq.model import TERMINAL_STATUSES
+from tests.faults.checker import check
+from tests.faults.conftest import Jobs, PyProc, Stack, statuses, submit_batch
 from tests.faults.poison import MARKER
+from tests.kit import wait_ready
 from worker.scheduler import MAX_LOST_CLAIMS
 
-WORKER = "import sys, tests.faults.poison; from poolq.cli import main; sys.exit(main(['worker']))"
+WORKER = "import sys, tests.faults.poison; from poolq.commands.cli import main; sys.exit(main(['worker']))"
 MAX_CRASHES = MAX_LOST_CLAIMS + 2  # "a bounded number of attempts", with room for a spurious lease expiry
-SETTLE_S = 240.0
+RECOVERY_S = 240.0  # every job terminal although workers keep crashing: minutes on a busy machine
 
 
 class Supervisor:
@@ -39,7 +41,7 @@ class Supervisor:
     def crashes(self) -> list[str]:
         return self.crash_log.read_text().splitlines()
 
-    def run_until(self, done: Callable[[], bool], timeout: float = SETTLE_S) -> None:
+    def run_until(self, done: Callable[[], bool], timeout: float = RECOVERY_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not done():
             if not self.worker.alive():
@@ -52,7 +54,7 @@ class Supervisor:
 
 
 def all_terminal(client: Any, ids: list[str]) -> Callable[[], bool]:
-    return lambda: all(s in TERMINAL for s, _ in statuses(client, ids))
+    return lambda: all(s in TERMINAL_STATUSES for s, _ in statuses(client, ids))
 
 
 def assert_given_up(outcome: Any, poison_id: str, supervisor: Supervisor) -> None:

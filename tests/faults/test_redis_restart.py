@@ -1,4 +1,4 @@
-"""redis-server stopped and restarted under load (DESIGN.md 2.1, 7).
+"""redis-server stopped and restarted under load (docs/api.md, docs/operations.md).
 
 A real ``poolq api`` process takes submissions from several HTTP clients while Redis
 is shut down (``SHUTDOWN`` flushes the append-only file) and started again on the same
@@ -18,8 +18,9 @@ from typing import Any, Callable
 from poolq.client import ApiError, Client
 from poolq.embedded import EmbeddedRedis, free_port
 from tests.faults.checker import check
-from tests.faults.conftest import PLACEMENT_DEADLINE_MS, START_S, Jobs, PyProc, Stack, submit_batch, wait_ready
+from tests.faults.conftest import PLACEMENT_DEADLINE_MS, Jobs, PyProc, Stack, submit_batch
 from tests.faults.inject import worker_code
+from tests.kit import START_S, wait_ready
 from tests.procs import Proc, wait_for
 
 CLIENTS = 3
@@ -172,7 +173,7 @@ def test_redis_restart_under_load(start_proc: Callable[..., Proc], stack: Stack,
         problems.append(f"answers other than 200 or 503 (a 500 is a bug): {len(unexpected)}, e.g. {unexpected[:5]}")
 
     # While Redis was down: 503 only (never a 200 for a job it could not store), and a
-    # submission's 503 in the documented form (DESIGN.md 2.1).
+    # submission's 503 in the documented form (docs/api.md).
     down = [a for a in answers if a.sent >= down_from and a.received <= down_until]
     assert down, "no request was answered while Redis was down"
     not_503 = [(a.kind, a.status, a.body) for a in down if a.status != 503]

@@ -1,5 +1,5 @@
 """SIGTERM to every placement worker and node agent during a burst, then a restart
-(DESIGN.md 1, 6): the agents drain (no new jobs; running jobs get POOLQ_DRAIN_S to
+(docs/architecture.md, docs/running.md): the agents drain (no new jobs; running jobs get POOLQ_DRAIN_S to
 finish, then are stopped and end FAILED / NODE_SHUTDOWN; jobs placed but not started
 end FAILED / NODE_SHUTDOWN), submissions go on being accepted while nothing runs, and
 after the restart every accepted job ends, none twice, every reservation released.

@@ -1,7 +1,7 @@
-"""Jobs that run far longer than the broker's visibility timeout run once (DESIGN.md 1).
+"""Jobs that run far longer than the broker's visibility timeout run once (docs/architecture.md).
 
 Placement workers and the node agent run with a 2 s visibility timeout (injected by
-tests/faults/inject.py, as worker/celery_app.py does not read it from the environment),
+tests/faults/inject.py, as poolq/messaging.py does not read it from the environment),
 while jobs sleep 6 s. The first placement worker stalls in its first
 task, so its message outlives the timeout and a second worker is handed the same
 message: a redelivered message must not reserve twice or run a job twice.
@@ -15,8 +15,9 @@ from collections import Counter
 from typing import Any, Callable
 
 from tests.faults.checker import check
-from tests.faults.conftest import Burst, Jobs, PyProc, kill9, node_live, submit_batch, wait_ready
+from tests.faults.conftest import Burst, Jobs, PyProc, kill9, node_live, submit_batch
 from tests.faults.inject import agent_code, worker_code
+from tests.kit import wait_ready
 from tests.procs import wait_for
 
 VISIBILITY_S = 2

@@ -1,4 +1,4 @@
-"""``poolq up``: the whole stack on one machine, in the foreground (DESIGN.md 7).
+"""``poolq up``: the whole stack on one machine, in the foreground (docs/operations.md).
 
 Starts the embedded Redis (unless POOLQ_REDIS_URL is set), then the API, a
 placement worker and, unless ``--no-node``, a local node agent, each a child

@@ -44,5 +44,5 @@ def granian_log_config() -> dict[str, Any] | None:
     """granian's own logging (its dictConfig), in JSON when poolq's is."""
     if not json_logs():
         return None
-    json_formatter = {"()": "poolq.logs.JsonFormatter"}
+    json_formatter = {"()": "poolq.logconfig.JsonFormatter"}
     return {"formatters": {"generic": json_formatter, "access": json_formatter}}

@@ -40,7 +40,22 @@ def add_commands(commands: Any) -> None:
     submit.add_argument("--gpus", type=float)
     submit.add_argument("--resources", help="NAME=amount,…")
     submit.add_argument("--id", help="submission id (app- is prefixed when missing)")
-    submit.add_argument("--timeout-ms", type=int, help="X-Schedule-Timeout-Ms")
+    submit.add_argument(
+        "--timeout-ms",
+        "--schedule-timeout-ms",
+        type=int,
+        help="X-Schedule-Timeout-Ms: how long it may wait to be placed",
+    )
+    submit.add_argument(
+        "--timeout",
+        "--runtime-limit",
+        type=float,
+        metavar="S",
+        help="runtime_limit_s: stop it once it has run S seconds",
+    )
+    submit.add_argument(
+        "--retries", type=int, metavar="N", help="run it up to N more times if it fails or its node is lost"
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
     submit.add_argument("--file", type=Path, help="JSON lines, one job body per line, sent in batches of 1,000")
     submit.add_argument("entrypoint", nargs=argparse.REMAINDER)
@@ -102,6 +117,10 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["entrypoint_resources"] = {k: float(v) for k, v in parse_resources(args.resources).items()}
     if args.id:
         body["submission_id"] = args.id
+    if args.timeout is not None:
+        body["runtime_limit_s"] = args.timeout
+    if args.retries:
+        body["retry_policy"] = {"max_attempts": args.retries + 1}
     return body
 
 

@@ -14,7 +14,7 @@ import socket
 import sys
 from typing import Any, Callable, Sequence
 
-from poolq.logs import configure_logging
+from poolq.logconfig import configure_logging
 from poolq.settings import ConfigError, Settings
 
 
@@ -46,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_capacity(node)
     node.add_argument(
         "--no-enforce", action="store_true", help="run jobs without cgroup limits (POOLQ_ENFORCE_RESOURCES=0)"
+    )
+    node.add_argument(
+        "--devices",
+        action="append",
+        default=[],
+        metavar="R=ID,…",
+        help="device ids, e.g. GPU=0,1 or NPU=0,1,2,3 (default: nvidia-smi's GPUs, else 0..N-1)",
+    )
+    node.add_argument(
+        "--runtime-limit-s", type=float, help="stop jobs that run longer, unless they or their tenant say otherwise"
     )
     node.add_argument("--loglevel", default="INFO")
     node.set_defaults(func=cmd_node)
@@ -92,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     quota_set.add_argument("--max-pending", type=int, help="PENDING jobs; submissions beyond are refused with 429")
     quota_set.add_argument("--rate", type=float, help="API requests per second (429 with Retry-After above)")
     quota_set.add_argument("--burst", type=int, help="requests allowed at once above the rate (default: the rate)")
+    quota_set.add_argument(
+        "--runtime-limit-s", type=float, help="stop the tenant's jobs that run longer, unless they name their own limit"
+    )
+    quota_set.add_argument(
+        "--schedule-timeout-ms",
+        type=int,
+        help="how long the tenant's jobs may wait for placement when sent without X-Schedule-Timeout-Ms (0: forever)",
+    )
     quota_set.set_defaults(func=cmd_quota_set)
     for name, func, text in (
         ("show", cmd_quota_show, "show a tenant's limits"),
@@ -101,14 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("tenant")
         action.set_defaults(func=func)
 
-    bench = commands.add_parser("bench", help="measure throughput and latency on this machine (see BENCHMARKS.md)")
-    bench.add_argument("scenario", help="submit, batch, place, poll, e2e, list, memory, or all")
-    bench.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported with min and max")
-    bench.add_argument("--quick", action="store_true", help="short runs, to check the harness (figures not meaningful)")
-    bench.add_argument("--write", metavar="PATH", help="also write the report (markdown) to PATH")
-    bench.set_defaults(func=cmd_bench)
-
-    from poolq.client_cli import add_commands
+    from poolq.commands.client import add_commands
 
     add_commands(commands)
     return parser
@@ -124,7 +135,7 @@ def _add_capacity(parser: argparse.ArgumentParser, required: bool = False) -> No
     parser.add_argument(
         "--memory", required=required, help="bytes, or with Ki/Mi/Gi/Ti (default: this machine's memory)"
     )
-    parser.add_argument("--gpus", default="0")
+    parser.add_argument("--gpus", default=None, help="GPUs (default: as many as nvidia-smi lists, else 0)")
     parser.add_argument("--resources", default="", help="custom resources, NAME=amount,...")
 
 
@@ -147,12 +158,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from poolq.up import run_up
+    from poolq.commands.up import run_up
 
     settings = settings_from(args)
     _refuse_open_bind(settings, args)
-    node_args = ["--pool", "default", "--gpus", args.gpus]
-    for flag in ("cpus", "memory", "resources"):
+    node_args = ["--pool", "default"]
+    for flag in ("cpus", "memory", "gpus", "resources"):
         if getattr(args, flag):
             node_args += [f"--{flag}", getattr(args, flag)]
     return run_up(settings, with_node=not args.no_node, node_args=node_args, insecure=args.insecure_no_auth)
@@ -171,7 +182,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def _refuse_open_bind(settings: Settings, args: argparse.Namespace) -> None:
-    """Jobs run shell commands: no open bind without tokens unless explicitly insecure (DESIGN.md 8)."""
+    """Jobs run shell commands: no open bind without tokens unless explicitly insecure (docs/operations.md)."""
     if not settings.loopback and settings.auth_mode == "none" and not args.insecure_no_auth:
         raise ConfigError(
             f"refusing to serve jobs (which run shell commands) on {settings.host} without authentication; "
@@ -190,17 +201,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from worker.agent import run_agent
+    from worker import devices
+    from worker.main import run_node_agent
 
-    settings = Settings.from_env(enforce_resources=False if args.no_enforce else None)
+    settings = Settings.from_env(
+        enforce_resources=False if args.no_enforce else None, runtime_limit_s=args.runtime_limit_s
+    )
     settings.validate_node()
     settings.resolved_redis_url()
-    return run_agent(
+    gpus = devices.discover_gpus()
+    if args.gpus is None and gpus:
+        args.gpus = str(len(gpus))
+    capacity = node_capacity(args)
+    try:
+        ids = devices.resolve(capacity, devices.parse_devices(args.devices), gpus)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return run_node_agent(
         settings,
         node_id=args.id or default_node_id(),
         pool=args.pool,
         labels=args.labels,
-        capacity=node_capacity(args),
+        capacity=capacity,
+        devices=ids,
         loglevel=args.loglevel,
     )
 
@@ -216,7 +239,7 @@ def node_capacity(args: argparse.Namespace) -> dict[str, int]:
     cpus = args.cpus if args.cpus is not None else str(os.cpu_count() or 1)
     memory = parse_size(args.memory) if args.memory is not None else _machine_memory()
     try:
-        return capacity_of(cpus, memory, args.gpus, parse_resources(args.resources))
+        return capacity_of(cpus, memory, args.gpus or "0", parse_resources(args.resources))
     except (ValueError, ArithmeticError) as exc:
         raise ConfigError(str(exc)) from None
 
@@ -226,10 +249,10 @@ def _machine_memory() -> int:
 
 
 def _admin() -> Any:
+    from poolq.messaging import celery_waker
+    from poolq.nodes import NodeAdmin
     from poolq.redis_io import connect
     from poolq.store import JobStore
-    from worker.celery_app import celery_waker
-    from worker.inventory import NodeAdmin
 
     settings = Settings.from_env()
     return NodeAdmin(JobStore(connect(settings), settings, celery_waker(settings)))
@@ -293,12 +316,6 @@ def cmd_nodes_check(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from poolq.bench.runner import main as bench_main
-
-    return bench_main(args)
-
-
 def cmd_quota_set(args: argparse.Namespace) -> int:
     from decimal import Decimal, InvalidOperation
 
@@ -316,6 +333,8 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
             max_pending=args.max_pending,
             rate=args.rate,
             burst=args.burst,
+            runtime_limit_s=args.runtime_limit_s,
+            schedule_timeout_ms=args.schedule_timeout_ms,
         )
     except (ValueError, InvalidOperation) as exc:
         print(f"poolq quota set: {exc}", file=sys.stderr)

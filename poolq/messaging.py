@@ -1,23 +1,20 @@
-"""The Celery app: Redis broker, poolq's queues, and the settings that protect accepted work.
+"""Messaging: the Celery app (Redis broker, poolq's queues, the settings that protect
+accepted work) and the waker that sends a wake-up to a queue.
 
-Celery carries only wake-ups ("look at Redis"); jobs live in Redis (DESIGN.md 1).
-The HTTP shim builds this app without tasks, to ``send_task`` by name.
+Celery carries only wake-ups ("look at Redis"); jobs live in Redis (docs/architecture.md).
+Every process builds the app from here; the worker processes register their own
+tasks on it (worker/tasks.py), the API only sends wake-ups by task name.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
+from typing import Callable
 
 from celery import Celery
-from celery.signals import worker_shutting_down
 from kombu import Exchange, Queue
 
 from poolq import queues
 from poolq.settings import Settings
-
-log = logging.getLogger("poolq.celery")
 
 # kombu's Redis transport re-delivers an unacknowledged message once it is older than
 # the visibility timeout, when a consumer starts or restores (every ~100 s in kombu
@@ -28,9 +25,13 @@ log = logging.getLogger("poolq.celery")
 VISIBILITY_TIMEOUT_S = 60
 
 
-def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
+Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
+
+
+def create_celery(settings: Settings) -> Celery:
+    """The Celery app of every poolq process, without tasks."""
     url = settings.resolved_redis_url()
-    app = Celery("poolq", broker=url, set_as_current=False, include=["worker.tasks"] if with_tasks else [])
+    app = Celery("poolq", broker=url, set_as_current=False)
     app.conf.update(
         task_acks_late=True,  # a message is acknowledged only after its task ran
         task_reject_on_worker_lost=True,  # a worker killed mid-task gives the message back
@@ -59,30 +60,7 @@ def create_celery(settings: Settings, *, with_tasks: bool = False) -> Celery:
     return app
 
 
-def run_worker(app: Celery, argv: list[str]) -> None:
-    """Run a Celery worker until it is asked to stop (SIGTERM, SIGINT).
-
-    Celery can end its worker on a broker failure it does not recover from (seen: an
-    error in kombu while Redis restarts). Nothing is lost then, but a process that
-    exits stops placing or running jobs: start the worker again instead.
-    """
-    requested = threading.Event()
-    worker_shutting_down.connect(lambda **_: requested.set(), weak=False)
-    while True:
-        try:
-            app.worker_main(argv)
-        except SystemExit as exc:
-            if requested.is_set():
-                raise
-            log.error("the Celery worker ended unexpectedly (exit %s); starting it again in 1 s", exc.code)
-        else:
-            if requested.is_set():
-                return
-            log.error("the Celery worker ended unexpectedly; starting it again in 1 s")
-        time.sleep(1)
-
-
-def celery_waker(settings: Settings):  # type: ignore[no-untyped-def]
+def celery_waker(settings: Settings) -> Waker:
     """A function that sends a wake-up task to a queue, building the app on first use."""
     app: list[Celery] = []
 

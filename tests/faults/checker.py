@@ -1,4 +1,4 @@
-"""The fault-tolerance checker: what must hold in Redis after any fault (docs/architecture.md, docs/placement.md, docs/jobs.md).
+"""The fault-tolerance checker: what must hold in Redis after any fault (docs/faults.md).
 
 Given every submission the client saw accepted (a 200), ``check`` waits until each has
 ended and asserts, reading Redis directly:

@@ -1,4 +1,4 @@
-"""kill -9 of a node agent in the middle of a burst (docs/placement.md, docs/running.md).
+"""kill -9 of a node agent in the middle of a burst (docs/faults.md).
 
 The agent's jobs die with it (its guardian kills their process groups); after
 POOLQ_NODE_TTL_S without a heartbeat the node is lost and every job placed or running

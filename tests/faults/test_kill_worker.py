@@ -1,4 +1,4 @@
-"""kill -9 of placement workers in the middle of a burst (docs/architecture.md, docs/placement.md).
+"""kill -9 of placement workers in the middle of a burst (docs/faults.md).
 
 Claims held by a dead worker come back through the sweep (POOLQ_CLAIM_LEASE_S=2); its
 unacknowledged Celery message is given back by the broker; no job is lost, placed

@@ -1,4 +1,4 @@
-"""A poison job: placing it crashes the placement worker every time (docs/architecture.md, docs/placement.md).
+"""A poison job: placing it crashes the placement worker every time (docs/faults.md).
 
 The fault is injected from the test side (tests/faults/poison.py) into a real
 ``poolq worker`` process, which a supervisor loop here restarts whenever it dies. The

@@ -1,4 +1,4 @@
-"""redis-server stopped and restarted under load (docs/api.md, docs/operations.md).
+"""redis-server stopped and restarted under load (docs/faults.md).
 
 A real ``poolq api`` process takes submissions from several HTTP clients while Redis
 is shut down (``SHUTDOWN`` flushes the append-only file) and started again on the same

@@ -1,4 +1,4 @@
-"""Node agents end to end (docs/placement.md, docs/jobs.md and 6): real Redis, placement in the
+"""Node agents end to end (docs/placement.md, docs/running.md): real Redis, placement in the
 test's process (a placement worker's scheduler and duties, ``start_placement``) and real
 ``poolq node`` subprocesses running real entrypoints.
 

@@ -5,8 +5,8 @@ schema, publish one Celery task per job with ``send_task``, answer the id. Every
 poolq submission figure in BENCHMARKS.md is also given as a ratio to this service,
 measured in the same run under gunicorn and under granian (the faster counts)::
 
-    BASELINE_REDIS_URL=redis://... python -m gunicorn -w 2 -k sync -b 127.0.0.1:P poolq.bench.baseline:application
-    BASELINE_REDIS_URL=redis://... python -m granian --interface wsgi --workers 2 --port P poolq.bench.baseline:application
+    BASELINE_REDIS_URL=redis://... python -m gunicorn -w 2 -k sync -b 127.0.0.1:P bench.baseline:application
+    BASELINE_REDIS_URL=redis://... python -m granian --interface wsgi --workers 2 --port P bench.baseline:application
 
 The tasks go to the queue ``BASELINE_QUEUE`` (default ``bench.baseline``), which no
 worker consumes: the benchmark measures accepting jobs, as poolq's submit figure does.

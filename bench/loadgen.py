@@ -1,7 +1,7 @@
 """A small HTTP/1.1 load generator (asyncio, keep-alive, no dependencies).
 
 Run in its own process so that it measures the server, not the harness:
-``python -m poolq.bench.loadgen SPEC_JSON`` (or ``@file`` holding the JSON) prints
+``python -m bench.loadgen SPEC_JSON`` (or ``@file`` holding the JSON) prints
 one JSON result on stdout. The spec:
 
 | key | meaning |
@@ -249,7 +249,7 @@ def load_spec(argument: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    """``python -m poolq.bench.loadgen SPEC_JSON|@FILE``: run one load and print a JSON result."""
+    """``python -m bench.loadgen SPEC_JSON|@FILE``: run one load and print a JSON result."""
     spec = load_spec(sys.argv[1])
     result = asyncio.run(run(spec, build_requests(spec)))
     print(json.dumps(result.summary()))

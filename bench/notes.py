@@ -9,7 +9,7 @@ from __future__ import annotations
 
 NOT_MET: dict[tuple[str, str], str] = {
     ("submit", "ratio"): (
-        "The baseline is faster than DESIGN.md's measured facts suggested: under granian, one `send_task` per "
+        "The baseline is faster than the design's first measurements suggested (docs/architecture.md): under granian, one `send_task` per "
         "job reached about 2,600-2,700 jobs/s here, so 3x would be about 8,000 single-job submissions a second on two "
         "cores shared with Redis and the load generator. During the closed-loop run both cores are busy: each "
         "API process about 65% of a core, redis-server about 33% (the submit Lua script, about 90 us a job), the "
@@ -34,7 +34,7 @@ def not_met_section(unmet: list[tuple[str, str, str, str]]) -> list[str]:
     for scenario, key, label, reached in unmet:
         note = NOT_MET.get(
             (scenario, key),
-            "No analysis recorded for this target yet: profile it (py-spy) and add one to poolq/bench/notes.py.",
+            "No analysis recorded for this target yet: profile it (py-spy) and add one to bench/notes.py.",
         )
         lines += [f"- **{scenario}: {label}** reached {reached}. {note}", ""]
     return lines

@@ -24,8 +24,8 @@ from typing import Any, Iterator
 
 import redis
 
+from bench.stack import BenchError
 from poolq import keys
-from poolq.bench.stack import BenchError
 from poolq.model import JobFields, JobStatus
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
@@ -40,7 +40,7 @@ def make_template(
     client: redis.Redis, url: str, body: dict[str, Any], tenant: str = "bench-template"
 ) -> dict[str, str]:
     """One real job, submitted, placed and finished SUCCEEDED by poolq's code; its hash."""
-    from worker.inventory import NodeAdmin
+    from poolq.nodes import NodeAdmin
     from worker.scheduler import Scheduler
 
     settings = Settings(redis_url=url)

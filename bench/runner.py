@@ -1,4 +1,4 @@
-"""``poolq bench SCENARIO [--runs N] [--quick] [--write PATH]``: run, print a table, write a report.
+"""``python -m bench SCENARIO [--runs N] [--quick] [--write PATH]``: run, print a table, write a report.
 
 Scenarios (each in its own temporary directory with its own embedded Redis; every
 process it starts is stopped when it ends, also on an error or Ctrl-C):
@@ -32,11 +32,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from poolq.bench import scenarios, scenarios_workers
-from poolq.bench.figures import Figure, ScenarioResult, number
-from poolq.bench.notes import not_met_section
-from poolq.bench.scenarios import Context
-from poolq.bench.stack import BenchError
+from bench import scenarios, scenarios_workers
+from bench.figures import Figure, ScenarioResult, number
+from bench.notes import not_met_section
+from bench.scenarios import Context
+from bench.stack import BenchError
 
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "submit": scenarios.submit,
@@ -53,7 +53,7 @@ PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "r
 def main(args: argparse.Namespace) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     if any(name not in SCENARIOS for name in names):
-        print(f"poolq bench: unknown scenario {args.scenario!r}; one of {', '.join(SCENARIOS)}, all", file=sys.stderr)
+        print(f"bench: unknown scenario {args.scenario!r}; one of {', '.join(SCENARIOS)}, all", file=sys.stderr)
         return 2
     ctx = Context(runs=max(1, args.runs), quick=args.quick)
     command = command_line(args)
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             if baseline_values(ctx) != baseline_runs:  # this scenario measured the baseline
                 print_result(ctx, ctx.results["baseline"])
     except KeyboardInterrupt:
-        print("\npoolq bench: interrupted; every process it started has been stopped", file=sys.stderr)
+        print("\nbench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
     finally:
         for sig, handler in previous.items():
@@ -297,10 +297,10 @@ def summary(ctx: Context, names: list[str]) -> list[str]:
 
 
 def section(ctx: Context, result: ScenarioResult) -> list[str]:
-    title = "baseline (the afternoon service: `poolq/bench/baseline.py`)" if result.name == "baseline" else result.name
+    title = "baseline (the afternoon service: `bench/baseline.py`)" if result.name == "baseline" else result.name
     lines = [f"## {title}", ""]
     if result.seconds:
-        lines += [f"`poolq bench {result.name}`: {result.seconds:.0f} s.", ""]
+        lines += [f"`python -m bench {result.name}`: {result.seconds:.0f} s.", ""]
     if result.error:
         lines += [f"**The scenario failed:** `{result.error}`", ""]
     table = rows(ctx, result)
@@ -320,7 +320,7 @@ def method() -> list[str]:
         "(`poolq.embedded.EmbeddedRedis`, append-only file with `appendfsync everysec`, as in production), "
         "`python -m poolq api` (granian, 2 worker processes), `python -m poolq worker`, `python -m poolq node`, "
         "and stops all of it afterwards.",
-        "- Load comes from `python -m poolq.bench.loadgen` in its own process: asyncio, HTTP/1.1 keep-alive. "
+        "- Load comes from `python -m bench.loadgen` in its own process: asyncio, HTTP/1.1 keep-alive. "
         "Closed loop: each connection sends the next request when the answer arrives. Paced: request i is due at "
         "i / rate; its latency counts from its due time, so queueing shows. Percentiles are nearest-rank.",
         "- `vs baseline` divides poolq's median by the median of the baseline service under the faster of "

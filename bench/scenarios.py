@@ -3,7 +3,7 @@
 Each scenario starts what it needs in its own ``Stack``, drives load from a separate
 load-generator process, and records one value per run of each figure in its
 ``ScenarioResult``. Submission figures are compared with the baseline service
-(``poolq.bench.baseline``) measured in the same invocation, once, by whichever
+(``bench.baseline``) measured in the same invocation, once, by whichever
 submission scenario runs first.
 """
 
@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from poolq.bench.figures import ScenarioResult, Target, number
-from poolq.bench.records import RawRedis, make_template, write_clones
-from poolq.bench.stack import PYTHON, Api, BenchError, Stack, wait_for
+from bench.figures import ScenarioResult, Target, number
+from bench.records import RawRedis, make_template, write_clones
+from bench.stack import PYTHON, Api, BenchError, Stack, wait_for
 from poolq.procs import die_with_parent
 from poolq.schemas import SEED_EXAMPLE
 
@@ -48,13 +48,13 @@ class Context:
 
 
 def run_load(stack: Stack, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``python -m poolq.bench.loadgen @spec`` and return its JSON result."""
+    """Run ``python -m bench.loadgen @spec`` and return its JSON result."""
     path = stack.root / f"load-{uuid.uuid4().hex[:8]}.json"
     path.write_text(json.dumps(spec))
     budget = float(spec.get("seconds", 0)) + float(spec.get("warmup", 0)) + (300 if spec.get("once") else 60)
     try:
         done = subprocess.run(
-            [PYTHON, "-m", "poolq.bench.loadgen", f"@{path}"],
+            [PYTHON, "-m", "bench.loadgen", f"@{path}"],
             capture_output=True,
             text=True,
             timeout=budget,
@@ -421,7 +421,7 @@ def list_jobs(ctx: Context) -> None:
             raw.close()
         result.note(
             "records: finished SUCCEEDED jobs of the seed's body, cloned from one job made by poolq's own "
-            "scripts (poolq/bench/records.py), with their tenant-index and retention-index entries"
+            "scripts (bench/records.py), with their tenant-index and retention-index entries"
         )
 
 

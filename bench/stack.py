@@ -16,11 +16,9 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,9 +26,10 @@ import redis
 
 from poolq import keys
 from poolq.embedded import EmbeddedRedis, free_port
-from poolq.procs import die_with_parent
+from tests import procs
 
 PYTHON = sys.executable
+REPO = Path(__file__).resolve().parents[1]  # bench/ is not installed: children import it from here
 
 
 class BenchError(Exception):
@@ -39,67 +38,23 @@ class BenchError(Exception):
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
     """Poll until ``predicate()`` is truthy; BenchError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(interval_s)
+    try:
+        return procs.wait_for(predicate, timeout_s, interval_s, what)
+    except AssertionError as exc:
+        raise BenchError(str(exc)) from None
 
 
-class Child:
-    """One child process (and its session) with its output in ``log_path``."""
+class Child(procs.Process):
+    """One child of a benchmark stack (it dies with the benchmark)."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path):
-        self.name, self.argv, self.log_path = name, argv, log_path
-        with open(log_path, "ab") as log_file:
-            self.process = subprocess.Popen(
-                argv,
-                env=env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def tail(self, lines: int = 15) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
+        super().__init__(argv, env, log_path, cwd=cwd, name=name, tied=True)
+        self.start()
 
     def check_alive(self) -> None:
         if not self.alive():
+            assert self.process is not None
             raise BenchError(f"{self.name} exited with status {self.process.returncode}:\n{self.tail()}")
-
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL to its whole session (a server's worker processes too)."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of its session is left
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.process.poll() is None:
-            self.process.wait()
 
 
 class Api:
@@ -158,7 +113,7 @@ class Stack:
     def show_logs(self, lines: int = 12) -> None:
         """The tail of every child's output, to understand a failure (the directory is about to go)."""
         for child in self.children:
-            state = "running" if child.alive() else f"exited {child.process.returncode}"
+            state = "running" if child.alive() or child.process is None else f"exited {child.process.returncode}"
             print(f"--- {child.name} ({state}), last lines of its log:\n{child.tail(lines)}", file=sys.stderr)
 
     # -- Redis -------------------------------------------------------------------
@@ -184,6 +139,7 @@ class Stack:
         return {
             **os.environ,
             "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             "POOLQ_REDIS_URL": self.url,
             "POOLQ_DATA_DIR": str(self.root / "data"),
             "POOLQ_AUTH": "none",
@@ -250,7 +206,7 @@ class Stack:
                 "sync",
                 "-b",
                 f"127.0.0.1:{port}",
-                "poolq.bench.baseline:application",
+                "bench.baseline:application",
             ],
             self.env(BASELINE_REDIS_URL=self.url),
         )
@@ -272,7 +228,7 @@ class Stack:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "poolq.bench.baseline:application",
+                "bench.baseline:application",
             ],
             self.env(BASELINE_REDIS_URL=self.url),
         )
@@ -311,7 +267,7 @@ class Stack:
             try:
                 child.stop()
             except Exception as exc:  # keep stopping the others
-                print(f"poolq bench: could not stop {child.name}: {exc}", file=sys.stderr)
+                print(f"bench: could not stop {child.name}: {exc}", file=sys.stderr)
         self.children.clear()
         if self._client is not None:
             self._client.close()
@@ -319,7 +275,7 @@ class Stack:
             try:
                 self.redis_server.stop()
             except Exception as exc:
-                print(f"poolq bench: could not stop redis-server: {exc}", file=sys.stderr)
+                print(f"bench: could not stop redis-server: {exc}", file=sys.stderr)
                 if self.redis_server.process is not None and self.redis_server.process.poll() is None:
                     self.redis_server.process.kill()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -129,6 +129,7 @@ class JobRecord(Schema):
     runtime_limit_s = fields.Float(allow_none=True)
     run_deadline = fields.Integer(allow_none=True, metadata={"description": "ms: when its runtime limit ends"})
     retry_policy = fields.Dict(allow_none=True)
+    priority = fields.Integer(required=True, metadata={"description": "its own, else its tenant's default, else 0"})
     attempt_number = fields.Integer(required=True)
     previous_attempts = fields.List(fields.Nested(PreviousAttempt), required=True)
     scheduling = fields.Nested(Scheduling, required=True)
@@ -156,6 +157,10 @@ class Node(Schema):
     state = fields.String()
     alive = fields.Boolean(required=True)
     draining = fields.Boolean(required=True)
+    held_for = fields.Dict(
+        allow_none=True,
+        metadata={"description": 'held for a waiting job: {"priority": P, "until": ms}; lower priorities wait'},
+    )
     last_heartbeat = fields.Integer(allow_none=True)
     enforcement = fields.Dict(
         allow_none=True,

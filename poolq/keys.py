@@ -32,7 +32,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:tenants:served | zset | tenant -> ms of its last placement: who goes first in a round |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
 | poolq:nodes | set | node ids |
-| poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R> |
+| poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R>, hold |
 | poolq:node:<id>:jobs | set | refs of jobs holding a reservation on the node |
 | poolq:node:<id>:inbox | zset | ref -> seq: jobs placed on the node that its agent has not started |
 | poolq:heartbeats | zset | node id -> last heartbeat ms (agent nodes only) |

@@ -7,6 +7,7 @@ so that reserve and release add and subtract the same integers forever.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import math
@@ -134,7 +135,8 @@ class JobFields:
     END_TIME = "end_time"
     DEADLINE = "deadline"  # ms, or "" for no scheduling deadline
     TIMEOUT_MS = "timeout_ms"
-    SEQ = "seq"  # place in line
+    SEQ = "seq"  # place in line: its sequence number less priority * PRIORITY_STEP (submit.lua)
+    PRIORITY = "prio"  # its priority (absent: 0)
     SHAPE = "shape"  # placement shape signature
     ATTEMPTS_BASE = "att_base"  # the shape's attempt count when the job joined it
     ATTEMPTS = "attempts"  # set when placed or failed
@@ -156,6 +158,30 @@ class JobFields:
     PREVIOUS = "prev"  # JSON list: the outcomes of its earlier attempts
     RETRY = "retry"  # its retry policy, "max attempts|OUTCOME,…|backoff ms"
     RUN_DEADLINE = "run_deadline"  # ms, when its runtime limit ends (set when it starts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A node held for the jobs of one shape at one priority until a time (ms): its
+    "hold" field, "priority|sig|until" (poolq/lua/hold.lua)."""
+
+    priority: int
+    sig: str
+    until_ms: int
+
+    @classmethod
+    def parse(cls, text: str) -> Hold:
+        priority, sig, until = text.split("|")
+        return cls(int(priority), sig, int(until))
+
+
+PRIORITY_STEP = 2**40  # one priority step in a place in line: above any sequence number
+
+
+def priority_of(place: int) -> int:
+    """The priority a job's place in line was made from (submit.lua: seq - priority * 2^40,
+    1 <= seq < 2^40)."""
+    return -(place // PRIORITY_STEP)
 
 
 def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -194,6 +220,7 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "runtime_limit_s": spec.get("runtime_limit_s"),
         "run_deadline": _int_or_none(fields.get(JobFields.RUN_DEADLINE)),
         "retry_policy": spec.get("retry_policy"),
+        "priority": int(fields.get(JobFields.PRIORITY) or 0),
         "attempt_number": int(fields.get(JobFields.ATTEMPT) or 1),
         "previous_attempts": [_attempt(a) for a in json.loads(fields.get(JobFields.PREVIOUS) or "[]")],
         "scheduling": {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable
 
@@ -18,7 +19,7 @@ import redis
 
 from poolq import keys, queues
 from poolq.errors import Conflict, InvalidRequest, NotFound
-from poolq.model import CPU, GPU, MEMORY, ErrorType, JobFields, JobStatus, held_devices, to_milli
+from poolq.model import CPU, GPU, MEMORY, ErrorType, Hold, JobFields, JobStatus, held_devices, to_milli
 from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import LABEL_PART, RESERVED_RESOURCE_NAMES, RESOURCE_NAME
 from poolq.store import WAKE_TTL_MS, Ending, JobStore
@@ -134,6 +135,8 @@ def describe_nodes(client: redis.Redis) -> list[dict[str, Any]]:
                 "state": fields.get("state"),
                 "alive": fields.get("state") == "live",
                 "draining": fields.get("drained", "0") != "0",
+                # Held for a waiting job that nothing has room for: lower priorities are kept off it.
+                "held_for": _held_for(fields.get("hold")),
                 "last_heartbeat": int(hb) if hb is not None else None,
                 # How the node's agent limits its jobs: {"mode": "v1"|"v2"|"none", "reason": …}
                 "enforcement": json.loads(fields.get("facts") or "{}").get("enforcement"),
@@ -147,6 +150,15 @@ def describe_nodes(client: redis.Redis) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _held_for(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    hold = Hold.parse(text)
+    if hold.until_ms <= time.time() * 1000:
+        return None
+    return {"priority": hold.priority, "until": hold.until_ms}
 
 
 def show_amounts(amounts: dict[str, int]) -> dict[str, int | float]:

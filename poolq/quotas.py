@@ -6,8 +6,10 @@ jobs may hold (resource names as placement uses them: CPU and GPU in milli-units
 memory in bytes); ``poolq:limits:<tenant>`` holds ``max_pending`` (PENDING jobs; more
 is a 429 at submit), ``rate``/``burst`` (a request token bucket per tenant; over
 it, 429 with Retry-After), ``runtime_limit_ms`` (for its jobs that name none) and
-``schedule_timeout_ms`` (for its jobs sent without X-Schedule-Timeout-Ms). A job over
-the running quota waits; a job that alone exceeds it is refused at submit.
+``schedule_timeout_ms`` (for its jobs sent without X-Schedule-Timeout-Ms),
+``default_priority`` (for its jobs that name none) and ``max_priority`` (a job above it
+is refused at submit, so that a tenant cannot jump everyone). A job over the running
+quota waits; a job that alone exceeds it is refused at submit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from poolq import keys
 from poolq.errors import TooMany
 from poolq.model import CPU, GPU, MEMORY, to_milli
 from poolq.redis_io import Scripts, redis_errors
-from poolq.schemas import MAX_SCHEDULE_TIMEOUT_MS
+from poolq.schemas import MAX_PRIORITY, MAX_SCHEDULE_TIMEOUT_MS
 
 CACHE_S = 1.0  # how long an API process trusts what it read of a tenant's rate limit
 MAX_CACHED_TENANTS = 10_000
@@ -42,6 +44,8 @@ def set_quota(
     burst: int | None = None,
     runtime_limit_s: float | None = None,
     schedule_timeout_ms: int | None = None,
+    default_priority: int | None = None,
+    max_priority: int | None = None,
 ) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
     amounts: dict[str, str] = {}
@@ -69,6 +73,14 @@ def set_quota(
         if not 0 <= schedule_timeout_ms <= MAX_SCHEDULE_TIMEOUT_MS:
             raise ValueError(f"--schedule-timeout-ms must be 0 (wait forever) to {MAX_SCHEDULE_TIMEOUT_MS}")
         limits["schedule_timeout_ms"] = str(schedule_timeout_ms)
+    for flag, value, name in (
+        ("--priority", default_priority, "default_priority"),
+        ("--max-priority", max_priority, "max_priority"),
+    ):
+        if value is not None:  # submit.lua applies both
+            if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+                raise ValueError(f"{flag} must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+            limits[name] = str(value)
     pipe = client.pipeline(transaction=True)
     if amounts:
         pipe.hset(keys.quota(tenant), mapping=amounts)

@@ -55,6 +55,7 @@ MAX_RESOURCES = 64
 MAX_SELECTOR = 64
 MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
 MAX_RUNTIME_LIMIT_S = 30 * 86_400
+MAX_PRIORITY = 1000  # priorities are integers in [-MAX_PRIORITY, MAX_PRIORITY]
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_S = 3600
 
@@ -401,6 +402,12 @@ class JobRequestSchema(_NullIsAbsent):
         metadata={"description": "stop the job (RUNTIME_LIMIT) once it has run this long, in seconds"},
     )
     retry_policy = Object(RetryPolicySchema)
+    priority = Amount(
+        -MAX_PRIORITY,
+        MAX_PRIORITY,
+        integer=True,
+        metadata={"description": "higher places first within the tenant; default: the tenant's, else 0"},
+    )
 
 
 def _check_metadata_key(key: str) -> str:

@@ -59,6 +59,7 @@ class Submitted(enum.IntEnum):
     OVER_QUOTA = 4  # the job alone asks for more than the tenant's quota
     NO_PACKAGE = 5  # the package its working_dir names was not uploaded
     INVALID = 6  # refused before submit.lua ran (counted by count_invalid)
+    OVER_PRIORITY = 7  # its priority is above the tenant's maximum
 
     @classmethod
     def label_of(cls, code: str) -> str:
@@ -101,6 +102,7 @@ class NewJob:
     package: str  # the name of the uploaded package its working_dir names, or ""
     retry: str = ""  # its retry policy as finish.lua reads it ("attempts|OUTCOME,…|backoff ms"), or ""
     runtime_limit_ms: int = 0  # its own runtime limit, or 0 (the tenant's or the node's, if any)
+    priority: int | None = None  # its own priority; None: the tenant's default, else 0
 
     @property
     def ref(self) -> str:
@@ -189,6 +191,9 @@ class JobStore:
         if "runtime_limit_s" in request:
             spec["runtime_limit_s"] = canonical_number(request["runtime_limit_s"])
             limit_ms = to_milli(request["runtime_limit_s"])
+        priority = request.get("priority")
+        if priority is not None:  # in the spec only when given, so that older requests keep their fingerprint
+            spec["priority"] = priority
         # Each is serialised once: the same text is stored and hashed (sorted keys, so
         # that equal requests give equal text).
         spec_json = _canonical(spec)
@@ -210,6 +215,7 @@ class JobStore:
             package,
             retry,
             limit_ms,
+            priority,
         )
 
     def submit(self, job: NewJob) -> bool:
@@ -309,6 +315,11 @@ class JobStore:
                         f"asks for more {resource} than the tenant's quota allows ({show_amount(resource, int(amount))} > {show_amount(resource, int(limit))})"
                     ]
                 }
+            )
+        if outcome == Submitted.OVER_PRIORITY:
+            priority, limit = detail
+            raise InvalidRequest(
+                {"priority": [f"must be at most {limit}, the tenant's maximum priority (got {priority})"]}
             )
         if wake:
             self.wake(queues.PLACEMENT)
@@ -740,6 +751,7 @@ def _submit_args(job: NewJob, default_timeout_ms: int) -> list[Any]:
         job.retry,
         job.runtime_limit_ms or "",
         default_timeout_ms,
+        "" if job.priority is None else job.priority,
     ]
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import time
 from typing import Any, Iterable, Iterator
 
-from poolq.model import CPU, GPU, MEMORY, show_amount
+from poolq.model import CPU, GPU, MEMORY, Hold, show_amount
 
 ALL = "*"  # the index of every schedulable node
 
@@ -25,6 +26,7 @@ DISPLAY_NAMES = {CPU: "CPU", MEMORY: "Memory", GPU: "GPU"}
 AFFINITY = "Affinity can't be Satisfied"
 QUOTA = "Tenant Quota Exceeded"
 NO_NODE = "No Available Node"
+HELD = "Held For Higher Priority"
 
 
 def allocate(uses: dict[str, int], amount: int) -> list[tuple[str, int]] | None:
@@ -48,6 +50,10 @@ def allocate(uses: dict[str, int], amount: int) -> list[tuple[str, int]] | None:
     return out
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 @dataclasses.dataclass
 class Node:
     id: str
@@ -57,6 +63,7 @@ class Node:
     reserved: dict[str, int]
     schedulable: bool = True  # live and not drained
     devices: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # resource -> id -> use
+    hold: Hold | None = None  # held for a waiting job of some priority (hold.lua)
 
     def free(self, resource: str) -> int:
         return self.capacity.get(resource, 0) - self.reserved.get(resource, 0)
@@ -69,6 +76,11 @@ class Node:
         if self.devices:
             return all(allocate(self.devices[r], req[r]) is not None for r in self.devices if r in req)
         return True
+
+    def held_against(self, sig: str, priority: int) -> bool:
+        """Whether the node's hold keeps a job of this shape and priority off it now."""
+        hold = self.hold
+        return hold is not None and hold.sig != sig and priority < hold.priority and hold.until_ms > now_ms()
 
     def matches(self, term: tuple[str, str | None]) -> bool:
         key, value = term
@@ -204,22 +216,23 @@ class Inventory:
 
     # -- choosing --------------------------------------------------------------
 
-    def choose(self, shape: Shape) -> Node | None:
-        """The node to place a job of this shape on, or None if none fits now.
+    def choose(self, shape: Shape, priority: int = 0) -> Node | None:
+        """The node to place a job of this shape and priority on, or None if none fits now.
 
         Pool-label terms are tried in order; a later term only when no node of an
         earlier one fits; nodes matching no term only with ``unUseAntiOtherLabels``.
+        A node held for a job of higher priority is passed over.
         """
         keys = [term_key(t) for t in shape.terms] if shape.terms else [ALL]
         if shape.terms and shape.anti:
             keys.append(ALL)
         for key in keys:
-            node = self._pick(self._index_for(key), shape)
+            node = self._pick(self._index_for(key), shape, priority)
             if node is not None:
                 return node
         return None
 
-    def _pick(self, index: _Index, shape: Shape) -> Node | None:
+    def _pick(self, index: _Index, shape: Shape, priority: int) -> Node | None:
         entries, req, nodes = index.entries, shape.req, self.nodes
         need_cpu = req.get(CPU, 0)
         start = bisect.bisect_left(entries, (need_cpu, ""))
@@ -228,17 +241,45 @@ class Inventory:
             order = range(len(entries) - 1, start - 1, -1)
         for at in order:
             node = nodes[entries[at][1]]
-            if node.fits(req) and (not shape.selector or shape.selector_ok(node)):
+            if (
+                node.fits(req)
+                and (not shape.selector or shape.selector_ok(node))
+                and (node.hold is None or not node.held_against(shape.sig, priority))
+            ):
                 return node
         return None
 
+    def to_hold(self, shape: Shape, priority: int) -> Node | None:
+        """The node to hold for a job of this shape and priority that no node has room for
+        now: one whose capacity could hold it (affinity allowing), not held by a job of the
+        same or higher priority, the one it holds already if any, else the one with the
+        largest share of the request free. None when no node could ever hold it."""
+        best, best_score = None, -1.0
+        now = now_ms()
+        for node in self.nodes.values():
+            if not node.schedulable or not shape.affinity_ok(node):
+                continue
+            if any(node.capacity.get(r, 0) < amount for r, amount in shape.req.items()):
+                continue
+            hold = node.hold
+            if hold is not None and hold.until_ms > now:
+                if hold.sig == shape.sig and hold.priority == priority:
+                    return node
+                if hold.priority >= priority:
+                    continue
+            score = sum(min(max(node.free(r), 0), a) / a for r, a in shape.req.items() if a > 0)
+            if score > best_score or (score == best_score and best is not None and node.id < best.id):
+                best, best_score = node, score
+        return best
+
     # -- explaining ------------------------------------------------------------
 
-    def reasons(self, shape: Shape) -> list[dict[str, Any]]:
+    def reasons(self, shape: Shape, priority: int = 0) -> list[dict[str, Any]]:
         """Why no schedulable node fits: one entry per distinct reason, with node counts.
 
         Each node counts once, for the first check it fails: affinity, then CPU,
-        Memory, GPU, then custom resources by name (docs/placement.md).
+        Memory, GPU, then custom resources by name, then a hold for a job of higher
+        priority (docs/placement.md).
         """
         schedulable = [n for n in self.nodes.values() if n.schedulable]
         if not schedulable:
@@ -249,12 +290,17 @@ class Inventory:
         counts: dict[tuple[int, int], int] = {}
         for node in schedulable:
             failed = _first_failure(node, shape, order)
+            if failed is None and node.hold is not None and node.held_against(shape.sig, priority):
+                failed = (len(order), 0)
             if failed is not None:
                 counts[failed] = counts.get(failed, 0) + 1
         result = []
         for (position, kind), units in sorted(counts.items()):
             if position == -1:
                 result.append({"reason": AFFINITY, "units": units, "requirement": affinity_requirement(shape)})
+                continue
+            if position == len(order):
+                result.append({"reason": HELD, "units": units, "requirement": f"priority: {priority}"})
                 continue
             resource = order[position]
             name = DISPLAY_NAMES.get(resource, resource)

@@ -29,12 +29,12 @@ from typing import Any, Callable, TypeVar
 import redis
 
 from poolq import keys, queues
-from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, JobStatus
+from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, Hold, JobStatus, priority_of
 from poolq.nodes import NodeAdmin, node_amounts, node_devices
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
 from poolq.store import WAKE_TTL_MS, JobStore, requests_text
-from worker.placement import Inventory, Node, Shape, quota_reason
+from worker.placement import Inventory, Node, Shape, now_ms, quota_reason
 
 log = logging.getLogger("poolq.placement")
 T = TypeVar("T")
@@ -64,6 +64,10 @@ class Scheduler:
         self._claims = 0
         self._placing = threading.Lock()
         self._last_round = time.monotonic()
+        self._holds: dict[str, tuple[str, int]] = {}  # sig -> (node id, priority): holds to make this round
+        # A hold outlives the longest backoff of its shape thrice: the shape fails again
+        # and extends it while it still waits.
+        self._hold_ms = int(3000 * self.settings.max_backoff_s) + 1000
 
     # -- the inventory view ----------------------------------------------------
 
@@ -215,6 +219,7 @@ class Scheduler:
         return f"{self._claim_prefix}.{self._claims:x}"
 
     def _place(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
+        self._holds.clear()
         self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed if sig in self._shapes})
         self.refresh()
         pending, unplaced = claimed, []
@@ -282,16 +287,28 @@ class Scheduler:
                 continue
             limits, usage = self._quotas.get(shape.tenant, ({}, {}))
             over_quota = quota_reason(shape.req, limits, usage)
-            node = None if over_quota else self.inventory.choose(shape)
+            priority = priority_of(seq)
+            node = None if over_quota else self.inventory.choose(shape, priority)
             if node is None:
-                failed_shapes[sig] = [over_quota] if over_quota else self.inventory.reasons(shape)
+                failed_shapes[sig] = [over_quota] if over_quota else self.inventory.reasons(shape, priority)
                 unplaced.append((job_ref, sig, seq))
+                if not over_quota:
+                    self._hold_for(shape, priority)
                 continue
             self.inventory.reserve(node, shape.req)
             for resource, amount in shape.req.items():
                 usage[resource] = usage.get(resource, 0) + amount
             decisions.append((job_ref, sig, seq, node, shape))
         return decisions, unplaced
+
+    def _hold_for(self, shape: Shape, priority: int) -> None:
+        """Hold a node for a job that fits nowhere now, so that lower-priority jobs do not
+        take the capacity it waits for (hold.lua); sent with the round's requeue."""
+        node = self.inventory.to_hold(shape, priority)
+        if node is None:
+            return
+        node.hold = Hold(priority, shape.sig, now_ms() + self._hold_ms)  # this round respects it too
+        self._holds[shape.sig] = (node.id, priority)
 
     def _reserve(self, claim_id: str, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
         """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
@@ -345,6 +362,11 @@ class Scheduler:
             return
         backoff_ms = int(self.settings.max_backoff_s * 1000)
         pipe = self.redis.pipeline(transaction=False)
+        for sig, (node_id, priority) in self._holds.items():
+            self.scripts.hold(
+                keys=[keys.node(node_id), keys.INVENTORY_LOG], args=[priority, sig, self._hold_ms], client=pipe
+            )
+        self._holds.clear()
         for sig, members in by_shape.items():
             requeue(
                 self.scripts,
@@ -367,9 +389,12 @@ class Reservation(enum.IntEnum):
     NO_CAPACITY = 3  # another worker took it first
     OVER_QUOTA = 4  # the tenant's usage grew meanwhile
     NOT_HELD = 5  # the claim no longer holds the job: the sweep gave it to another
+    NODE_HELD = 6  # the node is held for a job of higher priority (hold.lua)
 
 
-CHOOSE_AGAIN = frozenset({Reservation.NODE_UNAVAILABLE, Reservation.NO_CAPACITY, Reservation.OVER_QUOTA})
+CHOOSE_AGAIN = frozenset(
+    {Reservation.NODE_UNAVAILABLE, Reservation.NO_CAPACITY, Reservation.OVER_QUOTA, Reservation.NODE_HELD}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,6 +477,7 @@ def node_from_hash(fields: dict[str, str]) -> Node:
         reserved=reserved,
         schedulable=fields.get("state") == "live" and fields.get("drained", "0") == "0",
         devices=node_devices(fields),
+        hold=Hold.parse(fields["hold"]) if fields.get("hold") else None,
     )
 
 

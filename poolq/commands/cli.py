@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="how long the tenant's jobs may wait for placement when sent without X-Schedule-Timeout-Ms (0: forever)",
     )
+    quota_set.add_argument("--priority", type=int, help="the priority of the tenant's jobs that name none (default 0)")
+    quota_set.add_argument("--max-priority", type=int, help="the highest priority its jobs may ask for (above: 400)")
     quota_set.set_defaults(func=cmd_quota_set)
     for name, func, text in (
         ("show", cmd_quota_show, "show a tenant's limits"),
@@ -335,6 +337,8 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
             burst=args.burst,
             runtime_limit_s=args.runtime_limit_s,
             schedule_timeout_ms=args.schedule_timeout_ms,
+            default_priority=args.priority,
+            max_priority=args.max_priority,
         )
     except (ValueError, InvalidOperation) as exc:
         print(f"poolq quota set: {exc}", file=sys.stderr)

@@ -54,6 +54,9 @@ def add_commands(commands: Any) -> None:
         help="runtime_limit_s: stop it once it has run S seconds",
     )
     submit.add_argument(
+        "--priority", type=int, metavar="P", help="-1000..1000: higher places first among the tenant's jobs"
+    )
+    submit.add_argument(
         "--retries", type=int, metavar="N", help="run it up to N more times if it fails or its node is lost"
     )
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
@@ -121,6 +124,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["runtime_limit_s"] = args.timeout
     if args.retries:
         body["retry_policy"] = {"max_attempts": args.retries + 1}
+    if args.priority is not None:
+        body["priority"] = args.priority
     return body
 
 

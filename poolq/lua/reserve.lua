@@ -3,7 +3,9 @@
 -- a worker paused past its lease is fenced off), PENDING, unplaced, not being stopped
 -- and within its scheduling deadline (past it, the deadline duty fails it); the node is
 -- live (a fresh heartbeat for an agent node), not drained, and has the free capacity,
--- on its devices too (a GPU request takes specific GPUs, recorded on the job as "devs").
+-- on its devices too (a GPU request takes specific GPUs, recorded on the job as "devs"),
+-- and is not held for a job of higher priority (hold.lua); the holder placing there
+-- ends the hold.
 -- So concurrent placement workers never over-commit a node and a job is never reserved
 -- twice, whatever their caches believed.
 --
@@ -17,7 +19,7 @@
 --       values: ref, node id, seq, requests ("R=amount,R=amount")
 -- Returns per decision (worker.scheduler.Reservation): 0 reserved, 1 job gone (placed, stopped, ended), 2 node not
 -- available, 3 not enough free capacity, 4 over the tenant's quota, 5 no longer held
--- by this claim; then the node ids to wake.
+-- by this claim, 6 the node is held for a job of higher priority; then the node ids to wake.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, claim_id = tonumber(ARGV[1]), ARGV[3]
@@ -67,10 +69,12 @@ for i = 0, n - 1 do
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
-  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim')
+  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim',
+    'shape', 'prio')
   local ours = redis.call('HGET', KEYS[7], ref) == claim_id
   local code = 0
   local held = {}  -- the devices it takes: "GPU:0:1000" items
+  local ends_hold = false
   if j[2] == node_id and j[7] == claim_id then
     code = -1  -- reserved by this very claim: a retry after a lost reply
   elseif not ours then
@@ -78,12 +82,20 @@ for i = 0, n - 1 do
   elseif j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
     code = 1
   else
-    local nd = redis.call('HMGET', node, 'state', 'drained', 'kind')
+    local nd = redis.call('HMGET', node, 'state', 'drained', 'kind', 'hold')
     if nd[1] ~= 'live' or (nd[2] and nd[2] ~= '0') then
       code = 2
     elseif nd[3] == 'agent' then
       local hb = redis.call('ZSCORE', KEYS[3], node_id)
       if not hb or tonumber(hb) < now - ttl then code = 2 end
+    end
+    if code == 0 and nd[4] then
+      local p, s, untl = string.match(nd[4], '^(-?%d+)|([^|]+)|(%d+)$')
+      if s == j[8] then
+        ends_hold = true  -- its holder places here: the hold did its work
+      elseif tonumber(untl) > now and tonumber(j[9] or '0') < tonumber(p) then
+        code = 6
+      end
     end
     if code == 0 then
       for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
@@ -115,6 +127,7 @@ for i = 0, n - 1 do
       redis.call('HINCRBY', node, 'dev:' .. name .. ':' .. id, milli)
     end
     if #held > 0 then redis.call('HSET', job, 'devs', table.concat(held, ',')) end
+    if ends_hold then redis.call('HDEL', node, 'hold') end
     local attempts = tonumber(redis.call('HGET', shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
     redis.call('HSET', job, 'node', node_id, 'pool', redis.call('HGET', node, 'pool'),

@@ -15,12 +15,18 @@
 --       10 tenant, 11 package name ('' when the working_dir is not a package),
 --       12 the package's member in packages, 13 its retry policy ("attempts|OUTCOME,…|
 --       backoff ms", '' none), 14 its own runtime limit ms ('' none), 15 the service's
---       default schedule timeout ms
+--       default schedule timeout ms, 16 its priority ('' none given: the tenant's
+--       default_priority, else 0)
 -- Returns {code, wake, ...} (poolq.store.Submitted): code 0 stored, 1 the same request
 -- is already stored, 2 another request holds this id, 3 the tenant's max pending is
 -- reached {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
--- {4, 0, resource, amount, limit}, 5 its package was not uploaded; wake 1 when the
--- caller must send a wake-up. Each outcome is counted in stats under its code.
+-- {4, 0, resource, amount, limit}, 5 its package was not uploaded, 7 its priority is
+-- above the tenant's max_priority {7, 0, priority, limit}; wake 1 when the caller must
+-- send a wake-up. Each outcome is counted in stats under its code.
+--
+-- Its place in line (the score in its shape's queue, the job's "seq" field) is its
+-- sequence number less priority * 2^40: higher priority first, then oldest first
+-- (poolq.model.priority_of reads the priority back). Priority 0 places by seq alone.
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code
@@ -34,7 +40,10 @@ for name, amount in string.gmatch(ARGV[9], '([^=,]+)=(%d+)') do
   local limit = redis.call('HGET', KEYS[12], name)
   if limit and tonumber(amount) > tonumber(limit) then return {counted(4), 0, name, amount, limit} end
 end
-local max_pending, tenant_timeout = unpack(redis.call('HMGET', KEYS[15], 'max_pending', 'schedule_timeout_ms'))
+local max_pending, tenant_timeout, default_priority, max_priority = unpack(redis.call('HMGET', KEYS[15],
+  'max_pending', 'schedule_timeout_ms', 'default_priority', 'max_priority'))
+local priority = tonumber(ARGV[16]) or tonumber(default_priority) or 0
+if max_priority and priority > tonumber(max_priority) then return {counted(7), 0, priority, max_priority} end
 if max_pending then
   local pending = tonumber(redis.call('HGET', KEYS[11], 'PENDING') or '0')
   if pending >= tonumber(max_pending) then return {counted(3), 0, pending, max_pending} end
@@ -45,6 +54,7 @@ counted(0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = redis.call('INCR', KEYS[8])
+local place = string.format('%.0f', seq - priority * 1099511627776)
 local timeout = tonumber(ARGV[5]) or tonumber(tenant_timeout) or tonumber(ARGV[15])
 local deadline = ''
 if timeout > 0 then deadline = now + timeout end
@@ -52,8 +62,9 @@ redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'live', 1)  -- its spec is kept while a job of it lives
 local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
-  'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', seq,
+  'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', place,
   'shape', ARGV[3], 'att_base', base)
+if priority ~= 0 then redis.call('HSET', KEYS[1], 'prio', priority) end
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'retry', ARGV[13]) end
 if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'rt_limit', ARGV[14]) end
 if package ~= '' then  -- a package is kept while a live job uses it (package_expire.lua)
@@ -65,9 +76,9 @@ redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
 redis.call('HINCRBY', KEYS[11], 'PENDING', 1)
 redis.call('SADD', KEYS[13], ARGV[10])
-redis.call('ZADD', KEYS[4], seq, ARGV[7])
+redis.call('ZADD', KEYS[4], place, ARGV[7])
 if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then
-  redis.call('ZADD', KEYS[5], 'NX', seq, ARGV[3])
+  redis.call('ZADD', KEYS[5], 'LT', place, ARGV[3])  -- the shape is as early as its earliest job
 end
 if deadline ~= '' then redis.call('ZADD', KEYS[7], deadline, ARGV[7]) end
 if redis.call('SET', KEYS[9], '1', 'NX', 'PX', ARGV[8]) then return {0, 1} end

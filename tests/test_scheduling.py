@@ -1,0 +1,262 @@
+"""Priorities and holds (docs/scheduling.md), in-process on the real Redis.
+
+Placement runs as a placement worker runs it (``Scheduler.place_waiting``) on static
+nodes, so that each test decides when a job ends (``JobStore.finish``) and can look at
+the state in between. The rules: within a tenant, higher priority places first, then
+older; a job that no node has room for holds the node nearest to fitting it, and jobs of
+lower priority are kept off that node until it fits (no starvation by a stream of small
+jobs); jobs of the same priority are not; a tenant's default priority applies to its jobs
+that name none, and a priority above the tenant's maximum is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import redis
+
+from api_shim.app import App
+from poolq import keys
+from poolq.commands.cli import build_parser
+from poolq.commands.client import job_body
+from poolq.model import JobStatus, priority_of
+from poolq.nodes import NodeAdmin
+from poolq.quotas import set_quota
+from poolq.store import Ending, JobStore
+from tests import kit
+from tests.kit import add_node
+from tests.procs import wait_for
+from tests.wsgi import call
+from worker.duties import Duties
+from worker.placement import HELD
+from worker.scheduler import Scheduler
+
+
+def body(submission_id: str, cpus: int = 1, **fields: Any) -> dict[str, Any]:
+    return {**kit.JOB, "submission_id": submission_id, "entrypoint_num_cpus": cpus, **fields}
+
+
+def submit(app: App, submission_id: str, cpus: int = 1, tenant: str = "default", **fields: Any) -> None:
+    kit.submit(app, body(submission_id, cpus, **fields), tenant=tenant, timeout_ms=0)
+
+
+def node_of(client: redis.Redis, submission_id: str, tenant: str = "default") -> str | None:
+    return client.hget(keys.job(keys.ref(tenant, submission_id)), "node")
+
+
+def finish(store: JobStore, submission_id: str, tenant: str = "default") -> None:
+    assert store.finish(keys.ref(tenant, submission_id), JobStatus.SUCCEEDED) == Ending.MOVED
+
+
+def placed(client: redis.Redis, ids: list[str]) -> list[str]:
+    return [i for i in ids if node_of(client, i)]
+
+
+# -- priority order --------------------------------------------------------------------
+
+
+def test_higher_priority_places_first_then_oldest(app: App, store: JobStore, admin: NodeAdmin,
+                                                  redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=1, pool="default")
+    order = [("app-a", 0), ("app-b", 0), ("app-c", 10), ("app-d", -5), ("app-e", 5), ("app-f", 10)]
+    for submission_id, priority in order:
+        submit(app, submission_id, priority=priority)
+    scheduler, seen = Scheduler(store), []
+    for _ in order:
+        scheduler.place_waiting()
+        now = placed(redis_client, [i for i, _ in order if i not in seen])
+        assert len(now) == 1, f"one CPU holds one job at a time, placed {now}"
+        seen += now
+        finish(store, now[0])
+    assert seen == ["app-c", "app-f", "app-e", "app-a", "app-b", "app-d"]
+
+
+def test_priority_orders_jobs_of_different_shapes_too(app: App, store: JobStore, admin: NodeAdmin,
+                                                      redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=2, pool="default")
+    submit(app, "app-small-low", cpus=1)
+    submit(app, "app-wide-high", cpus=2, priority=1)
+    Scheduler(store).place_waiting()
+    assert placed(redis_client, ["app-small-low", "app-wide-high"]) == ["app-wide-high"]
+
+
+def test_a_job_without_priority_keeps_todays_place_in_line(app: App, store: JobStore,
+                                                           redis_client: redis.Redis) -> None:
+    submit(app, "app-plain")
+    fields = redis_client.hgetall(keys.job(keys.ref("default", "app-plain")))
+    assert "prio" not in fields and priority_of(int(fields["seq"])) == 0
+    assert int(fields["seq"]) == int(redis_client.get(keys.SEQ))
+    assert kit.record(app, "app-plain")["priority"] == 0
+
+
+# -- holds: no starvation of a large job by small ones -------------------------------------
+
+
+def test_a_large_high_priority_job_is_not_starved_by_a_stream_of_small_ones(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    small = [f"app-s{i}" for i in range(4)]
+    for submission_id in small:
+        submit(app, submission_id)
+    scheduler = Scheduler(store)
+    scheduler.place_waiting()
+    assert placed(redis_client, small) == small
+    submit(app, "app-big", cpus=4, priority=10)
+    scheduler.place_waiting()
+    assert node_of(redis_client, "app-big") is None
+    assert redis_client.hget(keys.node("n1"), "hold"), "the big job holds the node it waits for"
+    # A stream of small jobs: each one that ends makes room that a newer small job would take.
+    for round_number, submission_id in enumerate(small):
+        finish(store, submission_id)
+        newcomer = f"app-new{round_number}"
+        submit(app, newcomer)
+        scheduler.place_waiting()
+        assert node_of(redis_client, newcomer) is None, "a lower-priority job took the held capacity"
+        assert admin.check() == []
+    assert node_of(redis_client, "app-big") == "n1"
+    assert redis_client.hget(keys.node("n1"), "hold") is None, "the hold ends once its job is placed"
+    finish(store, "app-big")
+    scheduler.place_waiting()
+    assert placed(redis_client, [f"app-new{i}" for i in range(4)]) == [f"app-new{i}" for i in range(4)]
+
+
+def test_the_reservation_itself_refuses_a_held_node_whatever_the_worker_believed(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    """A worker whose view does not show the hold yet (made by another worker a moment
+    ago) is refused by reserve.lua, reads the node again, and leaves the job waiting."""
+    add_node(admin, "n1", cpus=4, pool="default")
+    scheduler = Scheduler(store)
+    scheduler.refresh()  # its view of n1: no hold
+    until = int(redis_client.time()[0]) * 1000 + 60_000
+    redis_client.hset(keys.node("n1"), "hold", f"9|another-shape|{until}")  # no inventory log entry
+    submit(app, "app-low", priority=8)
+    scheduler.place_waiting()
+    assert node_of(redis_client, "app-low") is None
+    assert [r["reason"] for r in kit.record(app, "app-low")["scheduling"]["reasons"]] == [HELD]
+    submit(app, "app-high", priority=9)  # its shape waits out the failed round's backoff first
+
+    def high_placed() -> bool:
+        Duties(store, scheduler).unblock_due(int(redis_client.time()[0]) * 1000 + 1000)
+        scheduler.place_waiting()
+        return node_of(redis_client, "app-high") == "n1"
+
+    wait_for(high_placed, timeout=kit.SETTLE_S, what="a job of the hold's own priority to be placed")
+
+
+def test_a_hold_keeps_lower_priority_off_one_node_only(app: App, store: JobStore, admin: NodeAdmin,
+                                                       redis_client: redis.Redis) -> None:
+    add_node(admin, "n-big", cpus=4, pool="default")
+    add_node(admin, "n-small", cpus=2, pool="default")
+    for i in range(5):
+        submit(app, f"app-fill{i}")
+    scheduler = Scheduler(store)
+    scheduler.place_waiting()
+    submit(app, "app-big", cpus=4, priority=1)
+    scheduler.place_waiting()
+    assert redis_client.hget(keys.node("n-big"), "hold"), "only n-big could ever hold a 4-CPU job"
+    assert redis_client.hget(keys.node("n-small"), "hold") is None
+    fillers_on_small = [f"app-fill{i}" for i in range(5) if node_of(redis_client, f"app-fill{i}") == "n-small"]
+    finish(store, fillers_on_small[0])
+    submit(app, "app-backfill")
+    scheduler.place_waiting()
+    assert node_of(redis_client, "app-backfill") == "n-small", "the node that is not held stays open"
+
+
+def test_jobs_of_the_same_priority_are_not_held_off(app: App, store: JobStore, admin: NodeAdmin,
+                                                    redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    for i in range(4):
+        submit(app, f"app-s{i}", priority=3)
+    scheduler = Scheduler(store)
+    scheduler.place_waiting()
+    submit(app, "app-big", cpus=4, priority=3)
+    scheduler.place_waiting()
+    finish(store, "app-s0")
+    submit(app, "app-peer", priority=3)
+    scheduler.place_waiting()
+    assert node_of(redis_client, "app-peer") == "n1", "equal priority backfills (docs/scheduling.md)"
+
+
+def test_a_hold_ends_by_itself_when_its_job_goes_away(app: App, store: JobStore, admin: NodeAdmin,
+                                                      redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=2, pool="default")
+    submit(app, "app-a")
+    submit(app, "app-b")
+    # Holds last three times the longest backoff and a second: 1.3 s here.
+    scheduler = Scheduler(JobStore(store.redis, dataclasses.replace(store.settings, max_backoff_s=0.1)))
+    scheduler.place_waiting()
+    submit(app, "app-big", cpus=2, priority=5)
+    scheduler.place_waiting()
+    assert redis_client.hget(keys.node("n1"), "hold")
+    assert kit.stop(app, "app-big").json == {"stopped": True}
+    finish(store, "app-a")
+    submit(app, "app-low", priority=-1)
+    scheduler.place_waiting()
+    assert node_of(redis_client, "app-low") is None, "the hold outlives its job for a while"
+
+    def low_placed() -> bool:
+        Duties(store, scheduler).unblock_due(int(redis_client.time()[0]) * 1000)  # backoffs that ended
+        scheduler.place_waiting()
+        return node_of(redis_client, "app-low") == "n1"
+
+    wait_for(low_placed, timeout=kit.SETTLE_S, what="the hold of a stopped job to end")
+
+
+# -- a tenant's default and maximum --------------------------------------------------------
+
+
+def test_a_tenant_default_priority_applies_to_jobs_that_name_none(app: App, store: JobStore,
+                                                                   redis_client: redis.Redis) -> None:
+    set_quota(redis_client, "team-a", default_priority=7)
+    submit(app, "app-defaulted", tenant="team-a")
+    submit(app, "app-own", tenant="team-a", priority=-2)
+    assert kit.record(app, "app-defaulted", tenant="team-a")["priority"] == 7
+    assert kit.record(app, "app-own", tenant="team-a")["priority"] == -2
+
+
+def test_a_priority_above_the_tenant_maximum_is_refused_naming_the_field(app: App, redis_client: redis.Redis) -> None:
+    set_quota(redis_client, "team-a", max_priority=5)
+    answer = kit.post(app, body("app-jump", priority=6), tenant="team-a")
+    assert answer.status == 400, answer.text
+    assert "priority" in answer.json["fields"]
+    assert "5" in answer.json["fields"]["priority"][0]
+    assert redis_client.exists(keys.job(keys.ref("team-a", "app-jump"))) == 0
+    assert kit.post(app, body("app-ok", priority=5), tenant="team-a").status == 200
+    set_quota(redis_client, "team-a", default_priority=9)  # a default above the maximum is refused too
+    assert kit.post(app, body("app-defaulted"), tenant="team-a").status == 400
+
+
+@pytest.mark.parametrize("value", [1001, -1001, 1.5, "high", True])
+def test_an_invalid_priority_is_a_400_naming_it(app: App, value: Any) -> None:
+    answer = kit.post(app, body("app-bad", priority=value))
+    assert answer.status == 400 and "priority" in answer.json["fields"], answer.text
+
+
+def test_quota_limits_on_priority_are_checked(redis_client: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="--max-priority"):
+        set_quota(redis_client, "team-a", max_priority=5000)
+    with pytest.raises(ValueError, match="--priority"):
+        set_quota(redis_client, "team-a", default_priority=-1001)
+
+
+def test_poolq_submit_priority_flag_sets_the_body_field() -> None:
+    args = build_parser().parse_args(["submit", "--priority", "7", "--", "true"])
+    assert job_body(args)["priority"] == 7
+    args = build_parser().parse_args(["submit", "--", "true"])
+    assert "priority" not in job_body(args)
+
+
+def test_the_node_listing_shows_a_hold(app: App, admin: NodeAdmin, store: JobStore) -> None:
+    add_node(admin, "n1", cpus=1, pool="default")
+    submit(app, "app-a")
+    scheduler = Scheduler(store)
+    scheduler.place_waiting()
+    assert call(app, "GET", "/api/nodes").json[0]["held_for"] is None
+    submit(app, "app-urgent", priority=2)
+    scheduler.place_waiting()
+    held_for = call(app, "GET", "/api/nodes").json[0]["held_for"]
+    assert held_for is not None and held_for["priority"] == 2

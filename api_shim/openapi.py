@@ -130,6 +130,9 @@ class JobRecord(Schema):
     run_deadline = fields.Integer(allow_none=True, metadata={"description": "ms: when its runtime limit ends"})
     retry_policy = fields.Dict(allow_none=True)
     priority = fields.Integer(required=True, metadata={"description": "its own, else its tenant's default, else 0"})
+    depends_on = fields.Dict(
+        allow_none=True, metadata={"description": '{"afterok": [ids], "afterany": [ids]}, as accepted'}
+    )
     attempt_number = fields.Integer(required=True)
     previous_attempts = fields.List(fields.Nested(PreviousAttempt), required=True)
     scheduling = fields.Nested(Scheduling, required=True)

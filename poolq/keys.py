@@ -7,6 +7,9 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | key | type | meaning |
 |---|---|---|
 | poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
+| poolq:job:<tenant>:<id>:dependents | set | jobs waiting on this one: each its kind (ok: afterok, any: afterany), a bar, its ref |
+| poolq:resolve | list | refs of jobs that ended with dependents waiting: resolve.lua takes them in order |
+| poolq:dependency_failed | hash | ref -> message: jobs whose afterok dependency failed, for the duties to end |
 | poolq:log:<tenant>:<id> | list | tail of the job's output in chunks, at most POOLQ_MAX_LOG_BYTES in all |
 | poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
 | poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
@@ -58,6 +61,9 @@ PREFIX = "poolq:"
 SEQ = PREFIX + "seq"
 DEADLINES = PREFIX + "deadlines"
 RETRIES = PREFIX + "retries"
+RESOLVE = PREFIX + "resolve"
+DEPENDENCY_FAILED = PREFIX + "dependency_failed"
+JOB_PREFIX = PREFIX + "job:"
 TERMINAL = PREFIX + "terminal"
 SHAPES_READY = PREFIX + "shapes:ready"
 SHAPES_BLOCKED = PREFIX + "shapes:blocked"
@@ -88,7 +94,11 @@ def split_ref(job_ref: str) -> tuple[str, str]:
 
 
 def job(job_ref: str) -> str:
-    return PREFIX + "job:" + job_ref
+    return JOB_PREFIX + job_ref
+
+
+def dependents(job_ref: str) -> str:
+    return JOB_PREFIX + job_ref + ":dependents"  # resolve.lua builds the same from JOB_PREFIX
 
 
 def log(job_ref: str) -> str:

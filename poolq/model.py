@@ -49,6 +49,7 @@ class ErrorType(str, enum.Enum):
     INVALID_REQUEST = "INVALID_REQUEST"
     STOPPED_BY_USER = "STOPPED_BY_USER"
     RUNTIME_LIMIT = "RUNTIME_LIMIT"
+    DEPENDENCY_FAILED = "DEPENDENCY_FAILED"
 
 
 # What a retry policy may retry on: outcomes of an attempt that running it again can change.
@@ -137,6 +138,7 @@ class JobFields:
     TIMEOUT_MS = "timeout_ms"
     SEQ = "seq"  # place in line: its sequence number less priority * PRIORITY_STEP (submit.lua)
     PRIORITY = "prio"  # its priority (absent: 0)
+    DEPENDENCIES_LEFT = "deps_left"  # how many of its dependencies have not ended yet (absent: none)
     SHAPE = "shape"  # placement shape signature
     ATTEMPTS_BASE = "att_base"  # the shape's attempt count when the job joined it
     ATTEMPTS = "attempts"  # set when placed or failed
@@ -175,6 +177,7 @@ class Hold:
         return cls(int(priority), sig, int(until))
 
 
+WAITING_FOR_DEPENDENCIES = "Waiting For Dependencies"  # its reason while dependencies have not ended
 PRIORITY_STEP = 2**40  # one priority step in a place in line: above any sequence number
 
 
@@ -221,6 +224,7 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "run_deadline": _int_or_none(fields.get(JobFields.RUN_DEADLINE)),
         "retry_policy": spec.get("retry_policy"),
         "priority": int(fields.get(JobFields.PRIORITY) or 0),
+        "depends_on": spec.get("depends_on"),
         "attempt_number": int(fields.get(JobFields.ATTEMPT) or 1),
         "previous_attempts": [_attempt(a) for a in json.loads(fields.get(JobFields.PREVIOUS) or "[]")],
         "scheduling": {
@@ -235,6 +239,10 @@ def scheduling_progress(fields: Mapping[str, str], shape: Mapping[str, str] | No
     """Attempts and latest reasons: frozen on the job once placed or failed, else its shape's."""
     if fields.get(JobFields.ATTEMPTS):
         return int(fields[JobFields.ATTEMPTS]), json.loads(fields.get(JobFields.REASONS) or "[]")
+    if fields.get(JobFields.DEPENDENCIES_LEFT) and fields.get(JobFields.STATUS) == JobStatus.PENDING:
+        return 0, [
+            {"reason": WAITING_FOR_DEPENDENCIES, "units": int(fields[JobFields.DEPENDENCIES_LEFT]), "requirement": None}
+        ]
     if not shape:
         return 0, []
     attempts = int(shape.get("attempts") or 0) - int(fields.get(JobFields.ATTEMPTS_BASE) or 0)
@@ -250,6 +258,8 @@ def describe(fields: Mapping[str, str], attempts: int, reasons: list[dict[str, A
             return "stop requested"
         if node:
             return f"placed on node {node} in pool {fields.get(JobFields.POOL)}; waiting for its agent to start it"
+        if fields.get(JobFields.DEPENDENCIES_LEFT):
+            return f"waiting for {fields[JobFields.DEPENDENCIES_LEFT]} of its dependencies to end"
         if attempts == 0:
             return "waiting for placement"
         summary = "; ".join(f"{r['units']} unit with [{r['reason']}]" for r in reasons)

@@ -15,7 +15,7 @@ import re
 from decimal import Decimal
 from typing import Any, Callable
 
-from marshmallow import RAISE, Schema, ValidationError, fields, pre_load
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validates_schema
 
 from poolq.model import RETRYABLE
 
@@ -55,6 +55,7 @@ MAX_RESOURCES = 64
 MAX_SELECTOR = 64
 MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
 MAX_RUNTIME_LIMIT_S = 30 * 86_400
+MAX_DEPENDENCIES = 1000  # ids in one job's depends_on, afterok and afterany together
 MAX_PRIORITY = 1000  # priorities are integers in [-MAX_PRIORITY, MAX_PRIORITY]
 MAX_ATTEMPTS = 100
 MAX_BACKOFF_S = 3600
@@ -371,6 +372,43 @@ class RetryPolicySchema(_NullIsAbsent):
     backoff_s = Amount(0, MAX_BACKOFF_S, metadata={"description": "before the 2nd attempt, doubling after; default 1"})
 
 
+class SubmissionIds(fields.Field):
+    """A list of submission ids, each as ``submission_id`` takes it (``app-`` prefixed when
+    missing); duplicates dropped, order kept."""
+
+    def __init__(self, **kwargs: Any):
+        openapi = {"type": "array", "items": {"type": "string", "pattern": SUBMISSION_ID_INPUT}}
+        super().__init__(metadata={**openapi, **kwargs.pop("metadata", {})}, **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise ValidationError("must be a list of submission ids")
+        ids: dict[str, None] = {}
+        for index, item in enumerate(value):
+            if not isinstance(item, str) or len(item) > 256:
+                raise ValidationError(f"item {index} must be a submission id")
+            try:
+                ids[normalise_submission_id(item)] = None
+            except ValidationError as exc:
+                raise ValidationError(f"item {index} {exc.messages[0]}") from exc
+        return list(ids)
+
+
+class DependsOnSchema(_NullIsAbsent):
+    """Slurm's afterok and afterany: ids of jobs of the same tenant that exist already."""
+
+    afterok = SubmissionIds(metadata={"description": "start once all of these SUCCEEDED"})
+    afterany = SubmissionIds(metadata={"description": "start once all of these ended, however"})
+
+    @validates_schema
+    def _bounded(self, data: dict[str, Any], **kwargs: Any) -> None:
+        ids = [*data.get("afterok", []), *data.get("afterany", [])]
+        if len(ids) > MAX_DEPENDENCIES:
+            raise ValidationError(f"at most {MAX_DEPENDENCIES} dependencies in all", "afterok")
+        if not ids:
+            raise ValidationError("name at least one job in afterok or afterany", "afterok")
+
+
 class JobRequestSchema(_NullIsAbsent):
     entrypoint = Text(
         required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"}
@@ -402,6 +440,7 @@ class JobRequestSchema(_NullIsAbsent):
         metadata={"description": "stop the job (RUNTIME_LIMIT) once it has run this long, in seconds"},
     )
     retry_policy = Object(RetryPolicySchema)
+    depends_on = Object(DependsOnSchema)
     priority = Amount(
         -MAX_PRIORITY,
         MAX_PRIORITY,

@@ -60,6 +60,7 @@ class Submitted(enum.IntEnum):
     NO_PACKAGE = 5  # the package its working_dir names was not uploaded
     INVALID = 6  # refused before submit.lua ran (counted by count_invalid)
     OVER_PRIORITY = 7  # its priority is above the tenant's maximum
+    NO_DEPENDENCY = 8  # a job it depends on does not exist in its tenant
 
     @classmethod
     def label_of(cls, code: str) -> str:
@@ -103,6 +104,7 @@ class NewJob:
     retry: str = ""  # its retry policy as finish.lua reads it ("attempts|OUTCOME,…|backoff ms"), or ""
     runtime_limit_ms: int = 0  # its own runtime limit, or 0 (the tenant's or the node's, if any)
     priority: int | None = None  # its own priority; None: the tenant's default, else 0
+    dependencies: str = ""  # what it waits for, as submit.lua reads it: "ok|<id>,any|<id>", or ""
 
     @property
     def ref(self) -> str:
@@ -191,6 +193,12 @@ class JobStore:
         if "runtime_limit_s" in request:
             spec["runtime_limit_s"] = canonical_number(request["runtime_limit_s"])
             limit_ms = to_milli(request["runtime_limit_s"])
+        dependencies = ""
+        if "depends_on" in request:  # an id named in both is afterok: the stricter
+            afterok = request["depends_on"].get("afterok", [])
+            afterany = [i for i in request["depends_on"].get("afterany", []) if i not in afterok]
+            spec["depends_on"] = {"afterok": afterok, "afterany": afterany}
+            dependencies = ",".join([*(f"ok|{i}" for i in afterok), *(f"any|{i}" for i in afterany)])
         priority = request.get("priority")
         if priority is not None:  # in the spec only when given, so that older requests keep their fingerprint
             spec["priority"] = priority
@@ -216,6 +224,7 @@ class JobStore:
             retry,
             limit_ms,
             priority,
+            dependencies,
         )
 
     def submit(self, job: NewJob) -> bool:
@@ -321,6 +330,10 @@ class JobStore:
             raise InvalidRequest(
                 {"priority": [f"must be at most {limit}, the tenant's maximum priority (got {priority})"]}
             )
+        if outcome == Submitted.NO_DEPENDENCY:
+            kind, submission_id = detail
+            field = "depends_on.afterok" if kind == "ok" else "depends_on.afterany"
+            raise InvalidRequest({field: [f"no job {submission_id} in tenant {job.tenant}: a dependency must exist"]})
         if wake:
             self.wake(queues.PLACEMENT)
         return outcome == Submitted.ACCEPTED
@@ -377,7 +390,6 @@ class JobStore:
         attempt: int | None = None,
     ) -> Ending:
         allowed = "," + ",".join(s.value for s in from_statuses) + ","
-        tenant = keys.split_ref(job_ref)[0]
         extra_args = [item for pair in (extra or {}).items() for item in pair]
         for _ in range(5):
             node, sig = self.redis.hmget(keys.job(job_ref), [JobFields.NODE, JobFields.SHAPE])
@@ -386,28 +398,7 @@ class JobStore:
             if expected_node is not None and node != expected_node:
                 return Ending.NOT_ALLOWED
             code, wake = self.scripts.finish(
-                keys=[
-                    keys.job(job_ref),
-                    keys.node(node),
-                    keys.node_jobs(node),
-                    keys.node_inbox(node),
-                    keys.shape_queue(sig),
-                    keys.DEADLINES,
-                    keys.CLAIMED,
-                    keys.TERMINAL,
-                    keys.INVENTORY_LOG,
-                    keys.KICK,
-                    keys.wake(queues.PLACEMENT),
-                    keys.tenant_active(tenant),
-                    keys.tenant_counts(tenant),
-                    keys.tenant_usage(tenant),
-                    keys.SUSPECTS,
-                    keys.CLAIMS,
-                    keys.shape(sig),
-                    keys.tenant_package_use(tenant),
-                    keys.PACKAGES,
-                    keys.RETRIES,
-                ],
+                keys=finish_keys(job_ref, node, sig),
                 args=[
                     job_ref,
                     node,
@@ -711,6 +702,35 @@ def _matches(fields: dict[str, str], status: JobStatus | None, pool_label: str |
     return True
 
 
+def finish_keys(job_ref: str, node: str, sig: str) -> list[str]:
+    """finish.lua's keys for a job placed on ``node`` ("" unplaced) of shape ``sig``."""
+    tenant = keys.split_ref(job_ref)[0]
+    return [
+        keys.job(job_ref),
+        keys.node(node),
+        keys.node_jobs(node),
+        keys.node_inbox(node),
+        keys.shape_queue(sig),
+        keys.DEADLINES,
+        keys.CLAIMED,
+        keys.TERMINAL,
+        keys.INVENTORY_LOG,
+        keys.KICK,
+        keys.wake(queues.PLACEMENT),
+        keys.tenant_active(tenant),
+        keys.tenant_counts(tenant),
+        keys.tenant_usage(tenant),
+        keys.SUSPECTS,
+        keys.CLAIMS,
+        keys.shape(sig),
+        keys.tenant_package_use(tenant),
+        keys.PACKAGES,
+        keys.RETRIES,
+        keys.dependents(job_ref),
+        keys.RESOLVE,
+    ]
+
+
 def _submit_keys(job: NewJob) -> list[str]:
     return [
         keys.job(job.ref),
@@ -731,6 +751,8 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.package(job.tenant, job.package),
         keys.tenant_package_use(job.tenant),
         keys.PACKAGES,
+        keys.SHAPES_IDLE,
+        keys.RESOLVE,
     ]
 
 
@@ -752,6 +774,8 @@ def _submit_args(job: NewJob, default_timeout_ms: int) -> list[Any]:
         job.runtime_limit_ms or "",
         default_timeout_ms,
         "" if job.priority is None else job.priority,
+        job.dependencies,
+        keys.JOB_PREFIX,
     ]
 
 

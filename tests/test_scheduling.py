@@ -21,7 +21,7 @@ from api_shim.app import App
 from poolq import keys
 from poolq.commands.cli import build_parser
 from poolq.commands.client import job_body
-from poolq.model import JobStatus, priority_of
+from poolq.model import ErrorType, JobStatus, priority_of
 from poolq.nodes import NodeAdmin
 from poolq.quotas import set_quota
 from poolq.store import Ending, JobStore
@@ -247,7 +247,9 @@ def test_poolq_submit_priority_flag_sets_the_body_field() -> None:
     args = build_parser().parse_args(["submit", "--priority", "7", "--", "true"])
     assert job_body(args)["priority"] == 7
     args = build_parser().parse_args(["submit", "--", "true"])
-    assert "priority" not in job_body(args)
+    assert "priority" not in job_body(args) and "depends_on" not in job_body(args)
+    args = build_parser().parse_args(["submit", "--after", "app-a", "--after", "b", "--after-any", "c", "--", "true"])
+    assert job_body(args)["depends_on"] == {"afterok": ["app-a", "b"], "afterany": ["c"]}
 
 
 def test_the_node_listing_shows_a_hold(app: App, admin: NodeAdmin, store: JobStore) -> None:
@@ -260,3 +262,130 @@ def test_the_node_listing_shows_a_hold(app: App, admin: NodeAdmin, store: JobSto
     scheduler.place_waiting()
     held_for = call(app, "GET", "/api/nodes").json[0]["held_for"]
     assert held_for is not None and held_for["priority"] == 2
+
+
+# -- dependencies ------------------------------------------------------------------------
+
+
+def resolve(store: JobStore, scheduler: Scheduler) -> None:
+    """What the duties do for dependencies (as many ticks as it takes), then a placement round."""
+    duties = Duties(store, scheduler)
+    for _ in range(10):
+        duties.resolve_dependencies(0)
+        if not store.redis.llen(keys.RESOLVE):
+            break
+    scheduler.place_waiting()
+
+
+def test_afterok_waits_for_success_and_its_deadline_starts_when_it_may_run(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    scheduler = Scheduler(store)
+    submit(app, "app-first")
+    kit.submit(app, body("app-then", depends_on={"afterok": ["first"]}), timeout_ms=5000)  # "first": app- is added
+    resolve(store, scheduler)
+    assert node_of(redis_client, "app-first") == "n1" and node_of(redis_client, "app-then") is None
+    waiting = kit.record(app, "app-then")
+    assert waiting["status"] == "PENDING" and waiting["scheduling"]["deadline"] is None
+    assert waiting["scheduling"]["reasons"] == [{"reason": "Waiting For Dependencies", "units": 1, "requirement": None}]
+    assert waiting["depends_on"] == {"afterok": ["app-first"], "afterany": []}
+    finish(store, "app-first")
+    resolve(store, scheduler)
+    assert node_of(redis_client, "app-then") == "n1"
+    record = kit.record(app, "app-then")
+    assert record["scheduling"]["deadline"] is not None and record["scheduling"]["reasons"] == []
+
+
+def test_a_failed_afterok_dependency_fails_its_dependents_down_the_chain(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    scheduler = Scheduler(store)
+    submit(app, "app-a")
+    submit(app, "app-b", depends_on={"afterok": ["app-a"]})
+    submit(app, "app-c", depends_on={"afterok": ["app-b"]})
+    submit(app, "app-cleanup", depends_on={"afterany": ["app-b"]})
+    resolve(store, scheduler)
+    ref = keys.ref("default", "app-a")
+    assert store.finish(ref, JobStatus.FAILED, error_type=ErrorType.ENTRYPOINT_FAILED, exit_code=3) == Ending.MOVED
+    for _ in range(3):
+        resolve(store, scheduler)
+    b, c = kit.record(app, "app-b"), kit.record(app, "app-c")
+    assert (b["status"], b["error_type"]) == ("FAILED", "DEPENDENCY_FAILED")
+    assert "app-a ended FAILED" in b["message"]
+    assert (c["status"], c["error_type"]) == ("FAILED", "DEPENDENCY_FAILED")
+    assert "app-b ended FAILED" in c["message"]
+    assert node_of(redis_client, "app-cleanup") == "n1", "afterany runs whatever its dependency's end"
+    assert redis_client.llen(keys.RESOLVE) == 0 and redis_client.hlen(keys.DEPENDENCY_FAILED) == 0
+
+
+def test_a_fan_in_of_a_thousand_dependencies(app: App, store: JobStore, admin: NodeAdmin,
+                                             redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=16, memory=1024 * 1024 * 1024 * 1024, pool="default")
+    scheduler = Scheduler(store)
+    ids = [f"app-part{i}" for i in range(1000)]
+    results = kit.submit_batch(app, [body(i) for i in ids], timeout_ms=0)
+    assert [r.get("submission_id") for r in results] == ids
+    submit(app, "app-merge", depends_on={"afterok": ids})
+    assert kit.record(app, "app-merge")["scheduling"]["reasons"][0]["units"] == 1000
+    for i in ids[:-1]:
+        store.finish(keys.ref("default", i), JobStatus.SUCCEEDED)
+    resolve(store, scheduler)
+    assert kit.record(app, "app-merge")["scheduling"]["reasons"][0]["units"] == 1
+    assert node_of(redis_client, "app-merge") is None
+    store.finish(keys.ref("default", ids[-1]), JobStatus.SUCCEEDED)
+    resolve(store, scheduler)
+    assert node_of(redis_client, "app-merge") == "n1"
+
+
+def test_a_dependency_that_ended_before_the_submission_resolves_at_once(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    scheduler = Scheduler(store)
+    submit(app, "app-done")
+    resolve(store, scheduler)
+    finish(store, "app-done")
+    submit(app, "app-after", depends_on={"afterok": ["app-done"]})
+    resolve(store, scheduler)
+    assert node_of(redis_client, "app-after") == "n1"
+
+
+def test_unknown_and_foreign_dependencies_are_refused_naming_the_field(app: App, redis_client: redis.Redis) -> None:
+    submit(app, "app-theirs", tenant="team-b")
+    for missing in ("app-nowhere", "app-theirs"):
+        answer = kit.post(app, body("app-orphan", depends_on={"afterok": [missing]}), tenant="team-a")
+        assert answer.status == 400, answer.text
+        assert answer.json["fields"]["depends_on.afterok"][0].startswith(f"no job {missing} in tenant team-a")
+    assert redis_client.exists(keys.job(keys.ref("team-a", "app-orphan"))) == 0
+
+
+@pytest.mark.parametrize(
+    "depends_on, field",
+    [
+        ({"afterok": "app-a"}, "depends_on.afterok"),
+        ({"afterok": ["Not An Id"]}, "depends_on.afterok"),
+        ({}, "depends_on.afterok"),
+        ({"after": ["app-a"]}, "depends_on.after"),
+        ({"afterok": [f"app-{i}" for i in range(1001)]}, "depends_on.afterok"),
+        (["app-a"], "depends_on"),
+    ],
+)
+def test_invalid_dependencies_are_a_400_naming_the_field(app: App, depends_on: Any, field: str) -> None:
+    answer = kit.post(app, body("app-bad", depends_on=depends_on))
+    assert answer.status == 400 and field in answer.json["fields"], answer.text
+
+
+def test_stopping_a_job_that_waits_for_dependencies(app: App, store: JobStore, admin: NodeAdmin,
+                                                    redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    scheduler = Scheduler(store)
+    submit(app, "app-slow")
+    submit(app, "app-next", depends_on={"afterany": ["app-slow"]})
+    assert kit.stop(app, "app-next").json == {"stopped": True}
+    finish(store, "app-slow")
+    resolve(store, scheduler)
+    assert kit.record(app, "app-next")["status"] == "STOPPED"
+    assert node_of(redis_client, "app-next") is None
+    assert admin.check() == []

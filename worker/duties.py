@@ -33,6 +33,7 @@ from worker.scheduler import Held, Scheduler, give_up_poison, requeue
 log = logging.getLogger("poolq.duties")
 
 BATCH = 500
+RESOLVE_BATCH = 1000  # dependents one resolve.lua run takes
 SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
 STALLED_S = 5.0  # a process with ready jobs and unconsumed wake-ups that placed nothing for this long
 
@@ -67,6 +68,7 @@ class Duties:
         try:
             now = now_ms(self.redis)
             for duty in (
+                self.resolve_dependencies,
                 self.expire_deadlines,
                 self.retry_due,
                 self.unblock_due,
@@ -161,6 +163,33 @@ class Duties:
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)
         return failed
+
+    def resolve_dependencies(self, now: int) -> None:
+        """The dependents of jobs that ended: put in line those whose last dependency ended,
+        end FAILED those whose afterok dependency did not succeed (resolve.lua). Ending one
+        queues its own dependents, which the next run (this one, while it lasts) resolves."""
+        queued = 0
+        for _ in range(BATCH):
+            placed_in_line, more = self.store.scripts.resolve(
+                keys=[keys.RESOLVE, keys.DEPENDENCY_FAILED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.DEADLINES],
+                args=[keys.JOB_PREFIX, keys.shape(""), RESOLVE_BATCH],
+            )
+            queued += placed_in_line
+            failed = self.redis.hscan(keys.DEPENDENCY_FAILED, count=BATCH)[1]
+            for job_ref, message in failed.items():  # finish.lua ends each once, however often it is asked
+                self.store.finish(
+                    job_ref,
+                    JobStatus.FAILED,
+                    error_type=ErrorType.DEPENDENCY_FAILED,
+                    message=message,
+                    from_statuses=[JobStatus.PENDING],
+                    expected_node="",
+                )
+                self.redis.hdel(keys.DEPENDENCY_FAILED, job_ref)
+            if not more and not failed:
+                break
+        if queued:
+            self._wake_placement()
 
     def retry_due(self, now: int) -> None:
         """Put back in line the jobs whose failed attempt's backoff has ended (retry_due.lua)."""

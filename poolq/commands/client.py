@@ -54,6 +54,12 @@ def add_commands(commands: Any) -> None:
         help="runtime_limit_s: stop it once it has run S seconds",
     )
     submit.add_argument(
+        "--after", action="append", metavar="ID", help="run only once job ID SUCCEEDED (afterok; repeatable)"
+    )
+    submit.add_argument(
+        "--after-any", action="append", metavar="ID", help="run once job ID ended, however (afterany; repeatable)"
+    )
+    submit.add_argument(
         "--priority", type=int, metavar="P", help="-1000..1000: higher places first among the tenant's jobs"
     )
     submit.add_argument(
@@ -126,6 +132,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["retry_policy"] = {"max_attempts": args.retries + 1}
     if args.priority is not None:
         body["priority"] = args.priority
+    if args.after or args.after_any:
+        body["depends_on"] = {"afterok": args.after or [], "afterany": args.after_any or []}
     return body
 
 

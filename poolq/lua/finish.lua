@@ -17,7 +17,7 @@
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
 --       12 the tenant's active index, 13 the tenant's status counts, 14 its usage,
 --       15 suspects, 16 claims, 17 shape hash, 18 the tenant's package use,
---       19 packages, 20 retries
+--       19 packages, 20 retries, 21 its dependents, 22 resolve
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -133,6 +133,7 @@ for i = 12, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[20], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])
+if redis.call('EXISTS', KEYS[21]) == 1 then redis.call('LPUSH', KEYS[22], ARGV[1]) end  -- resolve.lua
 local tenant_end = string.find(ARGV[1], ':', 1, true)
 redis.call('ZREM', KEYS[12], string.sub(ARGV[1], tenant_end + 1))
 -- The shape's spec is kept while any of its jobs lives (forget_shape.lua).

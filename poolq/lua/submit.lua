@@ -8,7 +8,8 @@
 --       6 shapes:blocked, 7 deadlines, 8 seq counter, 9 placement wake flag,
 --       10 tenant's active index, 11 tenant's status counts, 12 tenant's quota,
 --       13 tenants set, 14 stats, 15 tenant's limits, 16 the package it runs from
---       (any placeholder key when none), 17 the tenant's package use, 18 packages
+--       (any placeholder key when none), 17 the tenant's package use, 18 packages,
+--       19 shapes:idle, 20 resolve
 -- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 its schedule
 --       timeout ms ('' none given: the tenant's schedule_timeout_ms, else ARGV[15]),
 --       6 submission id, 7 job ref, 8 wake flag ttl ms, 9 requests "R=amount,...",
@@ -16,17 +17,24 @@
 --       12 the package's member in packages, 13 its retry policy ("attempts|OUTCOME,…|
 --       backoff ms", '' none), 14 its own runtime limit ms ('' none), 15 the service's
 --       default schedule timeout ms, 16 its priority ('' none given: the tenant's
---       default_priority, else 0)
+--       default_priority, else 0), 17 what it depends on ("ok|<id>,any|<id>,…", ''
+--       none), 18 the job key prefix (poolq.keys.JOB_PREFIX)
 -- Returns {code, wake, ...} (poolq.store.Submitted): code 0 stored, 1 the same request
 -- is already stored, 2 another request holds this id, 3 the tenant's max pending is
 -- reached {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
 -- {4, 0, resource, amount, limit}, 5 its package was not uploaded, 7 its priority is
--- above the tenant's max_priority {7, 0, priority, limit}; wake 1 when the caller must
+-- above the tenant's max_priority {7, 0, priority, limit}, 8 a job it depends on does not
+-- exist in its tenant {8, 0, 'ok'|'any', id}; wake 1 when the caller must
 -- send a wake-up. Each outcome is counted in stats under its code.
 --
 -- Its place in line (the score in its shape's queue, the job's "seq" field) is its
 -- sequence number less priority * 2^40: higher priority first, then oldest first
 -- (poolq.model.priority_of reads the priority back). Priority 0 places by seq alone.
+--
+-- A job with dependencies is stored but not put in line: it joins each dependency's
+-- dependents, counts them in deps_left, and gets no deadline yet; resolve.lua puts it
+-- in line (its deadline counted from then) once the last one is resolved. A dependency
+-- that has ended already is queued for resolving at once.
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code
@@ -50,6 +58,13 @@ if max_pending then
 end
 local package = ARGV[11]
 if package ~= '' and redis.call('EXISTS', KEYS[16]) == 0 then return {counted(5), 0} end
+local tenant_prefix = ARGV[18] .. ARGV[10] .. ':'
+local deps = {}
+for kind, id in string.gmatch(ARGV[17], '(%a+)|([^,]+)') do
+  local status = redis.call('HGET', tenant_prefix .. id, 'status')
+  if not status then return {counted(8), 0, kind, id} end
+  deps[#deps + 1] = {kind, ARGV[10] .. ':' .. id, status}
+end
 counted(0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,7 +72,7 @@ local seq = redis.call('INCR', KEYS[8])
 local place = string.format('%.0f', seq - priority * 1099511627776)
 local timeout = tonumber(ARGV[5]) or tonumber(tenant_timeout) or tonumber(ARGV[15])
 local deadline = ''
-if timeout > 0 then deadline = now + timeout end
+if timeout > 0 and #deps == 0 then deadline = now + timeout end
 redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
 redis.call('HINCRBY', KEYS[3], 'live', 1)  -- its spec is kept while a job of it lives
 local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
@@ -76,6 +91,17 @@ redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
 redis.call('HINCRBY', KEYS[11], 'PENDING', 1)
 redis.call('SADD', KEYS[13], ARGV[10])
+if #deps > 0 then
+  redis.call('HSET', KEYS[1], 'deps_left', #deps)
+  for _, d in ipairs(deps) do
+    redis.call('SADD', ARGV[18] .. d[2] .. ':dependents', d[1] .. '|' .. ARGV[7])
+    if d[3] == 'SUCCEEDED' or d[3] == 'FAILED' or d[3] == 'STOPPED' then redis.call('LPUSH', KEYS[20], d[2]) end
+  end
+  if not redis.call('ZSCORE', KEYS[5], ARGV[3]) and not redis.call('ZSCORE', KEYS[6], ARGV[3]) then
+    redis.call('ZADD', KEYS[19], 'NX', now, ARGV[3])  -- its shape is forgotten if it never runs
+  end
+  return {0, 0}
+end
 redis.call('ZADD', KEYS[4], place, ARGV[7])
 if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then
   redis.call('ZADD', KEYS[5], 'LT', place, ARGV[3])  -- the shape is as early as its earliest job

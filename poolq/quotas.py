@@ -7,8 +7,9 @@ memory in bytes); ``poolq:limits:<tenant>`` holds ``max_pending`` (PENDING jobs;
 is a 429 at submit), ``rate``/``burst`` (a request token bucket per tenant; over
 it, 429 with Retry-After), ``runtime_limit_ms`` (for its jobs that name none) and
 ``schedule_timeout_ms`` (for its jobs sent without X-Schedule-Timeout-Ms),
-``default_priority`` (for its jobs that name none) and ``max_priority`` (a job above it
-is refused at submit, so that a tenant cannot jump everyone). A job over the running
+``default_priority`` (for its jobs that name none), ``max_priority`` (a job above it
+is refused at submit, so that a tenant cannot jump everyone) and ``weight`` (its fair
+share of the pool against other tenants', default 1). A job over the running
 quota waits; a job that alone exceeds it is refused at submit.
 """
 
@@ -28,6 +29,7 @@ from poolq.schemas import MAX_PRIORITY, MAX_SCHEDULE_TIMEOUT_MS
 
 CACHE_S = 1.0  # how long an API process trusts what it read of a tenant's rate limit
 MAX_CACHED_TENANTS = 10_000
+MAX_WEIGHT = 1e6
 
 
 @redis_errors("the quota change")
@@ -46,6 +48,7 @@ def set_quota(
     schedule_timeout_ms: int | None = None,
     default_priority: int | None = None,
     max_priority: int | None = None,
+    weight: float | None = None,
 ) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
     amounts: dict[str, str] = {}
@@ -81,6 +84,10 @@ def set_quota(
             if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
                 raise ValueError(f"{flag} must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
             limits[name] = str(value)
+    if weight is not None:  # its share of the pool against other tenants' (claim.lua)
+        if not 0 < weight <= MAX_WEIGHT:
+            raise ValueError(f"--weight must be above 0 and at most {MAX_WEIGHT:g}")
+        limits["weight"] = repr(float(weight))
     pipe = client.pipeline(transaction=True)
     if amounts:
         pipe.hset(keys.quota(tenant), mapping=amounts)

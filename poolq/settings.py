@@ -55,6 +55,7 @@ class Settings:
     claim_lease_s: float = 30.0  # a claimed job not placed within this returns to its queue
     intake_lease_s: float = 10.0  # a poolq.submit consumer silent this long has its messages put back
     max_backoff_s: float = 2.0  # longest wait before a job that did not fit is tried again
+    fair_share_half_life_s: float = 60.0  # how fast a tenant's past CPU use stops counting against its turn
 
     # Nodes.
     enforce_resources: bool = True  # each job in its own cgroup with its limits, where the node allows it
@@ -129,6 +130,8 @@ class Settings:
             raise ConfigError("POOLQ_AUTH must be tokens or none")
         if self.placement_strategy not in ("binpack", "spread"):
             raise ConfigError("POOLQ_PLACEMENT_STRATEGY must be binpack or spread")
+        if self.fair_share_half_life_s <= 0:
+            raise ConfigError("POOLQ_FAIR_SHARE_HALF_LIFE_S must be positive")
         if not 0 <= self.schedule_timeout_ms <= 604_800_000:
             raise ConfigError("POOLQ_SCHEDULE_TIMEOUT_MS must be between 0 and 604800000")
         for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes", "max_tenant_package_bytes"):

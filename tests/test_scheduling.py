@@ -12,6 +12,7 @@ that name none, and a priority above the tenant's maximum is refused.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -24,6 +25,8 @@ from poolq.commands.client import job_body
 from poolq.model import ErrorType, JobStatus, priority_of
 from poolq.nodes import NodeAdmin
 from poolq.quotas import set_quota
+from poolq.redis_io import connect
+from poolq.settings import Settings
 from poolq.store import Ending, JobStore
 from tests import kit
 from tests.kit import add_node
@@ -389,3 +392,70 @@ def test_stopping_a_job_that_waits_for_dependencies(app: App, store: JobStore, a
     assert kit.record(app, "app-next")["status"] == "STOPPED"
     assert node_of(redis_client, "app-next") is None
     assert admin.check() == []
+
+
+# -- weighted fair share -------------------------------------------------------------------
+
+
+@pytest.mark.serial
+def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Settings, redis_client: redis.Redis) -> None:
+    """Two tenants keep a 4-CPU node saturated with 1-CPU jobs of about 0.2 s; tenant a has
+    weight 3, b weight 1. Over the run, a's jobs hold 70-80 % of the CPU-seconds."""
+    store = JobStore(connect(settings), dataclasses.replace(settings, fair_share_half_life_s=5.0))
+    admin, scheduler = NodeAdmin(store), Scheduler(store)
+    duties = Duties(store, scheduler)
+    add_node(admin, "n1", cpus=4, pool="default")
+    set_quota(redis_client, "a", weight=3)
+    set_quota(redis_client, "b", weight=1)
+    backlog = {t: [store.prepare({**kit.JOB}, tenant=t, schedule_timeout_ms=0) for _ in range(400)] for t in "ab"}
+    for jobs in backlog.values():
+        assert all(outcome is True for outcome in store.submit_many(jobs))
+    started: dict[str, float] = {}
+    used = {"a": 0.0, "b": 0.0}
+    end = time.monotonic() + 12.0
+    tick = 0
+    while time.monotonic() < end:
+        now = time.monotonic()
+        for ref, at in list(started.items()):
+            if now - at >= 0.2:
+                store.finish(ref, JobStatus.SUCCEEDED)
+                used[keys.split_ref(ref)[0]] += now - at
+                del started[ref]
+        tick += 1
+        duties.accrue_fair_share(tick * 1000)  # its clock: an accrual every loop (20 ms apart here)
+        scheduler.unblock_on_kick()
+        scheduler.round()
+        for ref in redis_client.smembers(keys.node_jobs("n1")):
+            started.setdefault(ref, time.monotonic())
+        time.sleep(0.02)
+    share = used["a"] / (used["a"] + used["b"])
+    assert 0.70 <= share <= 0.80, f"tenant a held {share:.0%} of the CPU-seconds ({used})"
+    assert admin.check() == []
+
+
+def test_a_tenant_that_used_nothing_lately_goes_first(app: App, store: JobStore, admin: NodeAdmin,
+                                                      redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=1, pool="default")
+    redis_client.hset(keys.FAIR_SHARE, mapping={"heavy": "50000", "@at": "0"})
+    submit(app, "app-heavy", tenant="heavy")
+    submit(app, "app-light", tenant="light")
+    Scheduler(store).place_waiting()
+    assert node_of(redis_client, "app-light", "light") == "n1"
+    assert node_of(redis_client, "app-heavy", "heavy") is None
+
+
+def test_past_use_decays_and_idle_tenants_are_dropped(store: JobStore, redis_client: redis.Redis) -> None:
+    half_life_ms = 1000
+    redis_client.sadd(keys.TENANTS, "t")
+    seconds, micros = redis_client.time()
+    redis_client.hset(keys.FAIR_SHARE, mapping={"t": "8000", "@at": str(seconds * 1000 + micros // 1000 - 3000)})
+    store.scripts.fair_share(keys=[keys.FAIR_SHARE, keys.tenant_usage("t")], args=[half_life_ms, "t"])
+    assert 750 <= float(redis_client.hget(keys.FAIR_SHARE, "t")) <= 1000  # three half-lives (and a little): 8000 / 8
+    redis_client.hset(keys.FAIR_SHARE, "@at", str(seconds * 1000 - 20_000))
+    store.scripts.fair_share(keys=[keys.FAIR_SHARE, keys.tenant_usage("t")], args=[half_life_ms, "t"])
+    assert redis_client.hget(keys.FAIR_SHARE, "t") is None
+
+
+def test_a_weight_must_be_positive(redis_client: redis.Redis) -> None:
+    with pytest.raises(ValueError, match="--weight"):
+        set_quota(redis_client, "team-a", weight=0)

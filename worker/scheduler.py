@@ -418,9 +418,18 @@ def claim(scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], 
             keys.TENANTS_SERVED,
             keys.CLAIMS,
             keys.claim(claim_id),
+            keys.FAIR_SHARE,
             *(keys.shape_queue(s) for s in sigs),
         ],
-        args=[batch, lease_ms, claim_id, *sigs, *tenants],
+        args=[
+            batch,
+            lease_ms,
+            claim_id,
+            keys.limits(""),
+            keys.tenant_usage("").removesuffix(":usage"),
+            *sigs,
+            *tenants,
+        ],
     )
 
 

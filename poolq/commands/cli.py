@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quota_set.add_argument("--priority", type=int, help="the priority of the tenant's jobs that name none (default 0)")
     quota_set.add_argument("--max-priority", type=int, help="the highest priority its jobs may ask for (above: 400)")
+    quota_set.add_argument("--weight", type=float, help="its share of the pool against other tenants' (default 1)")
     quota_set.set_defaults(func=cmd_quota_set)
     for name, func, text in (
         ("show", cmd_quota_show, "show a tenant's limits"),
@@ -339,6 +340,7 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
             schedule_timeout_ms=args.schedule_timeout_ms,
             default_priority=args.priority,
             max_priority=args.max_priority,
+            weight=args.weight,
         )
     except (ValueError, InvalidOperation) as exc:
         print(f"poolq quota set: {exc}", file=sys.stderr)

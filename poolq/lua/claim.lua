@@ -1,10 +1,14 @@
--- Claim waiting jobs for one placement round. Tenants take turns: the oldest job of
--- each tenant, then each tenant's next, and so on, the tenant served least recently
--- going first, so turns carry over from round to round and one tenant's backlog
--- cannot starve another's jobs. Claimed jobs leave their shape's queue for
--- poolq:claimed with a lease, and poolq:claims names the claim that holds each: only
--- that claim may reserve or requeue them (reserve.lua, requeue.lua), so a worker that
--- was paused past its lease cannot act on jobs the sweep gave to another.
+-- Claim waiting jobs for one placement round. Tenants take turns, each taking its jobs
+-- in line order, and each turn goes to the tenant with the smallest share: its decayed
+-- CPU use (poolq:fairshare, fair_share.lua) plus what its jobs hold now, over its weight
+-- (poolq:limits:<t> "weight", default 1); ties go to the one served least recently. So
+-- over time tenants use the pool in proportion to their weights, and one tenant's
+-- backlog cannot starve another's jobs (docs/scheduling.md).
+--
+-- Claimed jobs leave their shape's queue for poolq:claimed with a lease, and
+-- poolq:claims names the claim that holds each: only that claim may reserve or requeue
+-- them (reserve.lua, requeue.lua), so a worker that was paused past its lease cannot act
+-- on jobs the sweep gave to another.
 --
 -- Safe to run twice: the answer is kept under the claim's id for its lease, and a
 -- second run with the same id (a retry after a lost reply) answers it again.
@@ -13,21 +17,23 @@
 -- that if it kills the next worker too, it is known to be the one (worker/duties.py).
 --
 -- KEYS: 1 shapes:ready, 2 claimed, 3 shapes:idle, 4 suspects, 5 tenants served,
---       6 claims, 7 this claim's record, 8.. the queues of the shapes named in ARGV
--- ARGV: 1 max jobs, 2 lease ms, 3 claim id, then the m shapes' sigs (in the order of
---       their queues), then the m shapes' tenants (same order)
+--       6 claims, 7 this claim's record, 8 fairshare, 9.. the queues of the shapes
+--       named in ARGV
+-- ARGV: 1 max jobs, 2 lease ms, 3 claim id, 4 the key prefix of tenants' limits,
+--       5 of their usage, then the m shapes' sigs (in the order of their queues), then
+--       the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 local done = redis.call('GET', KEYS[7])
 if done then return cjson.decode(done) end
 local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
-local first = 8
+local first = 9
 local m = #KEYS - first + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
-  local sig, tenant = ARGV[i - first + 4], ARGV[m + i - first + 4]
+  local sig, tenant = ARGV[i - first + 6], ARGV[m + i - first + 6]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
@@ -38,18 +44,26 @@ for i = first, #KEYS do
     list[#list + 1] = {head[j], sig, tonumber(head[j + 1]), KEYS[i]}
   end
 end
-local served, oldest = {}, {}
+local served, oldest, share, weight = {}, {}, {}, {}
 for _, tenant in ipairs(tenants) do
   table.sort(per_tenant[tenant], function(a, b) return a[3] < b[3] end)
   served[tenant] = tonumber(redis.call('ZSCORE', KEYS[5], tenant) or '0')
   local list = per_tenant[tenant]
   oldest[tenant] = #list > 0 and list[1][3] or math.huge
+  weight[tenant] = tonumber(redis.call('HGET', ARGV[4] .. tenant, 'weight') or '1')
+  -- what it holds now counts as a quarter second of use: what the next accrual adds
+  -- (fair_share.lua, every 250 ms: worker.duties.FAIR_SHARE_EVERY_MS)
+  local used = tonumber(redis.call('HGET', KEYS[8], tenant) or '0')
+    + tonumber(redis.call('HGET', ARGV[5] .. tenant .. ':usage', 'CPU') or '0') / 4
+  share[tenant] = used / weight[tenant]
 end
 table.sort(tenants, function(a, b)
+  if share[a] ~= share[b] then return share[a] < share[b] end
   if served[a] ~= served[b] then return served[a] < served[b] end
   return oldest[a] < oldest[b]
 end)
-local out, taken, turn, alone = {}, 0, 1, false
+local out, taken, alone, next_of = {}, 0, false, {}
+for _, tenant in ipairs(tenants) do next_of[tenant] = 1 end
 local function take(c)
   taken = taken + 1
   redis.call('ZREM', c[4], c[1])
@@ -59,28 +73,30 @@ local function take(c)
   out[#out + 1] = c[2]
   out[#out + 1] = c[3]
 end
+-- Each turn goes to the tenant with the smallest share so far (ties: the order above),
+-- and each job it takes counts as a quarter CPU-second over its weight: with equal weights,
+-- turns go round; with weights 3 and 1, three turns to one.
 while taken < limit and not alone do
-  local any = false
+  local best
   for _, tenant in ipairs(tenants) do
-    local c = per_tenant[tenant][turn]
-    if c and taken < limit and not alone then
-      any = true
-      if redis.call('ZSCORE', KEYS[4], c[1]) then
-        if taken == 0 then  -- a suspect goes alone; otherwise it waits for a round of its own
-          redis.call('ZREM', KEYS[4], c[1])
-          take(c)
-          alone = true
-        end
-      else
-        take(c)
-      end
-    end
+    if per_tenant[tenant][next_of[tenant]] and (not best or share[tenant] < share[best]) then best = tenant end
   end
-  if not any then break end
-  turn = turn + 1
+  if not best then break end
+  local c = per_tenant[best][next_of[best]]
+  next_of[best] = next_of[best] + 1
+  share[best] = share[best] + 250 / weight[best]
+  if redis.call('ZSCORE', KEYS[4], c[1]) then
+    if taken == 0 then  -- a suspect goes alone; otherwise it waits for a round of its own
+      redis.call('ZREM', KEYS[4], c[1])
+      take(c)
+      alone = true
+    end
+  else
+    take(c)
+  end
 end
 for i = first, #KEYS do
-  local sig = ARGV[i - first + 4]
+  local sig = ARGV[i - first + 6]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then
     redis.call('ZREM', KEYS[1], sig)

@@ -21,6 +21,13 @@
 -- reached {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
 -- {4, 0, resource, amount, limit}, 5 its package was not uploaded; wake 1 when the
 -- caller must send a wake-up. Each outcome is counted in stats under its code.
+-- A status count is written as its new value, never as a delta, and never below zero:
+-- an append-only file that holds the same change twice (two redis-servers once wrote to
+-- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
+local function count(counts, status, delta)
+  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
+  redis.call('HSET', counts, status, n)
+end
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code
@@ -63,7 +70,7 @@ if package ~= '' then  -- a package is kept while a live job uses it (package_ex
 end
 redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
-redis.call('HINCRBY', KEYS[11], 'PENDING', 1)
+count(KEYS[11], 'PENDING', 1)
 redis.call('SADD', KEYS[13], ARGV[10])
 redis.call('ZADD', KEYS[4], seq, ARGV[7])
 if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then

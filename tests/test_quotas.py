@@ -307,7 +307,7 @@ def test_rate_limit_answers_429_with_retry_after_then_lets_requests_through(sett
 
     # Other tenants, and the routes outside the jobs API, are not limited.
     assert call(apps[0], "GET", "/api/jobs", headers={"X-Tenant-Id": "team-r"}).status == 200
-    assert call(apps[0], "GET", "/healthz").status == 200
+    assert call(apps[0], "GET", "/livez").status == 200
 
     time.sleep(wait + 0.2)
     again = call(apps[-1], "GET", "/api/jobs", headers={"X-Tenant-Id": "team-q"})

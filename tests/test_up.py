@@ -95,6 +95,13 @@ def session_processes(pid: int) -> list[int]:
     return found
 
 
+def open_files(pid: int) -> set[Path]:
+    try:
+        return {Path(os.readlink(fd)) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return set()
+
+
 def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     first = Up(data_dir, port, tmp_path / "up-1.log")
@@ -163,6 +170,10 @@ def test_one_stack_per_data_directory_and_a_busy_port_refused_before_anything_st
     try:
         wait_for(first.ready, timeout=START_S, what="poolq up, writing to /dev/full, to serve and register its node")
         url_before = (data_dir / "redis.url").read_text()
+        # redis-server holds the lock with it: were poolq up killed, its Redis would still
+        # keep a second stack off this append-only file until it is gone.
+        holders = [pid for pid in session_processes(first.process.pid) if open_files(pid) & {data_dir / "up.lock"}]
+        assert [Path(f"/proc/{pid}/exe").resolve().name for pid in holders] == ["redis-server"]
 
         second = poolq_cli("up", "--port", str(free_port()), env={"POOLQ_DATA_DIR": str(data_dir)})
         assert second.returncode != 0

@@ -120,16 +120,18 @@ class Supervisor:
         lock = take_lock(self.settings, self.api_url)  # first: a second start names the running stack
         try:
             check_port_free(self.settings.host, self.settings.port)
-            return self._run()
+            return self._run(lock)
         finally:
             lock.close()
 
-    def _run(self) -> int:
+    def _run(self, lock: IO[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
         env = dict(os.environ)
         if not self.settings.redis_url:
-            self.redis = EmbeddedRedis(self.settings.data_dir / "redis")
+            # redis-server holds the lock too: were `poolq up` killed, no second stack could
+            # start a second redis-server on this append-only file until this one is gone.
+            self.redis = EmbeddedRedis(self.settings.data_dir / "redis", pass_fds=(lock.fileno(),))
             url = self.redis.start()
             write_url_file(self.settings.redis_url_file, url)
             env["POOLQ_REDIS_URL"] = url

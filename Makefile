@@ -24,6 +24,8 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
+# The stack's data lives in the per-user data directory (~/.local/state/poolq, or
+# POOLQ_DATA_DIR): one stack per data directory, found by `poolq nodes …` from anywhere.
 run: $(VENV)/.installed
 	$(BIN)/poolq up
 

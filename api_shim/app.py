@@ -26,7 +26,7 @@ from poolq.store import JobStore
 
 log = logging.getLogger("poolq.api")
 
-OPEN_ROUTES = {"/healthz"}  # answered without a token
+OPEN_ROUTES = {"/healthz", "/livez"}  # answered without a token
 TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
 UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
@@ -79,6 +79,7 @@ class App:
                 Route("/api/version", {"GET": meta.version}),
                 Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),
+                Route("/livez", {"GET": meta.livez}),
                 Route("/metrics", {"GET": Metrics(self.store.redis).metrics}),
             ]
         )

@@ -55,6 +55,18 @@ PREFER = {
     "schema": {"type": "string"},
     "description": "`wait=<seconds>` (at most 60): answer once the job is placed, fails to place, or the wait ends",
 }
+_COMPONENT = {"type": "object", "properties": {"status": {"type": "string", "enum": ["ok", "unavailable", "unknown"]}}}
+HEALTH = {
+    "type": "object",
+    "required": ["status", "components"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+        "components": {
+            "type": "object",
+            "properties": {name: _COMPONENT for name in ("redis", "placement_workers", "nodes")},
+        },
+    },
+}
 ID = {"name": "submission_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -461,7 +473,19 @@ def document() -> dict[str, Any]:
         "/healthz",
         operations={
             "get": {
-                "summary": "Health",
+                "summary": "Whether the service can place jobs: Redis, placement workers, nodes",
+                "responses": {
+                    "200": _answer("Redis answers, a placement worker and a schedulable node are live", HEALTH),
+                    "503": _answer("a component is missing; `components` says which", HEALTH),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/livez",
+        operations={
+            "get": {
+                "summary": "Liveness: this API process serves and Redis answers",
                 "responses": {
                     "200": _answer("Redis answers", {"type": "object"}),
                     "503": _answer("Redis unavailable", {"type": "object"}),

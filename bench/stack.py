@@ -87,7 +87,7 @@ class Api:
     def ready(self) -> bool:
         self.child.check_alive()
         try:
-            return self.request("GET", "/healthz", timeout_s=2)[0] == 200
+            return self.request("GET", "/livez", timeout_s=2)[0] == 200
         except OSError:
             return False
 
@@ -164,7 +164,7 @@ class Stack:
         extra = {"POOLQ_API_WORKERS": str(workers)} if workers else {}
         child = self.spawn("api", [PYTHON, "-m", "poolq", "api", "--port", str(port)], self.env(**extra))
         api = Api(child, port)
-        wait_for(api.ready, 60, "the API to answer /healthz")
+        wait_for(api.ready, 60, "the API to answer /livez")
         return api
 
     def worker(self, index: int = 0) -> Child:

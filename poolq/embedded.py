@@ -56,8 +56,10 @@ class EmbeddedRedis:
         password: str | None = None,
         appendonly: bool = True,
         maxmemory: str | None = None,
+        pass_fds: tuple[int, ...] = (),
     ):
         self.directory = directory
+        self.pass_fds = pass_fds  # kept open in redis-server for its life (poolq up's lock)
         self.port = port or free_port()
         self.password = password if password is not None else secrets.token_urlsafe(24)
         self.appendonly = appendonly
@@ -99,6 +101,7 @@ class EmbeddedRedis:
         self.process = subprocess.Popen(
             [redis_server_binary(), str(config_path)],
             stdin=subprocess.DEVNULL,
+            pass_fds=self.pass_fds,
             start_new_session=True,  # Ctrl-C reaches `poolq up`, which stops Redis last
             # If its owner dies without stopping it, Redis gets SIGTERM: a clean shutdown
             # that flushes the append-only file, never an orphan server.

@@ -47,6 +47,16 @@ def parse_size(text: str) -> int:
     return int(found.group(1)) * UNITS[found.group(2)]
 
 
+def format_size(amount: int | float) -> str:
+    """Bytes as people read them, in the units ``parse_size`` takes: ``8.0Gi``, ``512.0Mi``, ``100``."""
+    value = float(amount)
+    for unit in ("Ti", "Gi", "Mi", "Ki"):
+        scale = UNITS[unit]
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{int(value)}"
+
+
 def parse_labels(text: str | None) -> dict[str, str | None]:
     """``"a,b=c"`` -> ``{"a": None, "b": "c"}``."""
     labels: dict[str, str | None] = {}

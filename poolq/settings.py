@@ -19,10 +19,22 @@ class ConfigError(Exception):
     """A POOLQ_* variable or flag has a value poolq cannot use."""
 
 
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """The per-user data directory, the same from every working directory, so that the
+    admin commands find the stack ``poolq up`` started anywhere (docs/operations.md):
+    ``$XDG_STATE_HOME/poolq``, else ``~/.local/state/poolq``."""
+    state = environ.get("XDG_STATE_HOME", "")
+    if state and Path(state).is_absolute():  # the XDG spec: a relative value is to be ignored
+        return Path(state) / "poolq"
+    home = environ.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "poolq"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     # Where things are.
-    data_dir: Path = dataclasses.field(default_factory=lambda: Path(".poolq").resolve())
+    # --data-dir, else POOLQ_DATA_DIR, else the per-user default (default_data_dir).
+    data_dir: Path = dataclasses.field(default_factory=lambda: default_data_dir(os.environ))
     redis_url: str | None = None  # None: read $data_dir/redis.url (written by `poolq up`)
     redis_timeout_s: float = 0.5  # socket connect/read timeout, two tries: a dead Redis is a 503 within ~1 s
 
@@ -92,6 +104,11 @@ class Settings:
     def redis_url_file(self) -> Path:
         return self.data_dir / "redis.url"
 
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock) by the one ``poolq up`` of this data directory; it names its PID and API."""
+        return self.data_dir / "up.lock"
+
     def resolved_redis_url(self) -> str:
         """The Redis URL every command uses: POOLQ_REDIS_URL, else the file `poolq up` wrote."""
         if self.redis_url:
@@ -100,8 +117,18 @@ class Settings:
             return self.redis_url_file.read_text().strip()
         except FileNotFoundError:
             raise ConfigError(
-                f"no Redis configured: run `poolq up` (it writes {self.redis_url_file}) or set POOLQ_REDIS_URL"
+                f"no Redis configured: no poolq up has run on the data directory {self.data_dir} "
+                f"(it writes {self.redis_url_file.name} there); start one with `poolq up`, "
+                "or name the running stack's with --data-dir or POOLQ_DATA_DIR, or set POOLQ_REDIS_URL"
             ) from None
+
+    def redis_address(self) -> str:
+        """Where Redis is, for messages: the URL without its password."""
+        try:
+            url = self.resolved_redis_url()
+        except ConfigError:
+            return "(none configured)"
+        return redact(url)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -113,6 +140,9 @@ class Settings:
                 continue
             values[field.name] = _convert(field.name, field.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("data_dir"), str):  # --data-dir
+            values["data_dir"] = Path(str(values["data_dir"])).expanduser().resolve()
+        values.setdefault("data_dir", default_data_dir(env))
         settings = cls(**values)  # type: ignore[arg-type]
         settings.validate()
         return settings
@@ -137,6 +167,15 @@ class Settings:
         for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes", "max_tenant_package_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"POOLQ_{name.upper()} must be positive")
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password: fit for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    if not (sep and at and ":" in credentials):
+        return url
+    return f"{scheme}://{credentials.partition(':')[0]}:***@{where}"
 
 
 def _convert(name: str, annotation: object, raw: str) -> object:

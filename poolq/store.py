@@ -79,6 +79,9 @@ class Ending(enum.IntEnum):
     RETRIED = 3  # the attempt ended; its retry policy runs the job again
 
 
+RECOUNT_MOST = 5000  # a recount reads this many job records at most, in one script (a few ms)
+
+
 class Purged(enum.IntEnum):
     """purge.lua's answer for one job."""
 
@@ -458,6 +461,20 @@ class JobStore:
             key_list += [keys.job(job_ref), keys.log(job_ref), keys.tenant_jobs(tenant), keys.tenant_counts(tenant)]
             args += [job_ref, submission_id]
         return [Purged(x) for x in self.scripts.purge(keys=key_list, args=args)]
+
+    @redis_errors("the recount")
+    def recount(self, tenant: str, most: int = RECOUNT_MOST) -> bool | None:
+        """Make the tenant's PENDING and RUNNING counts match its records (recount.lua),
+        for a tenant with at most ``most`` of them. True if a count was wrong, False if
+        all were right, None if not checked (too many, or they changed meanwhile)."""
+        active = keys.tenant_active(tenant)
+        ids = self.redis.zrange(active, 0, most)
+        if len(ids) > most:
+            return None
+        fixed, *_ = self.scripts.recount(
+            keys=[active, keys.tenant_counts(tenant), *(keys.job(keys.ref(tenant, i)) for i in ids)], args=ids
+        )
+        return None if fixed < 0 else bool(fixed)
 
     # -- reading ---------------------------------------------------------------
 

@@ -154,7 +154,7 @@ def agent_node(start_proc: Callable[..., Proc], placement: Placement, app: App) 
 
 @pytest.fixture
 def api_server(start_proc: Callable[..., Proc]) -> Callable[..., int]:
-    """Start a real ``poolq api`` (one server process) and return its port once /healthz answers."""
+    """Start a real ``poolq api`` (one server process) and return its port once /livez answers."""
 
     def start(env: dict[str, str] | None = None, workers: int = 1) -> int:
         port = free_port()
@@ -163,11 +163,11 @@ def api_server(start_proc: Callable[..., Proc]) -> Callable[..., int]:
         def healthy() -> bool:
             assert proc.alive(), f"poolq api exited:\n{proc.output()}"
             try:
-                return http_request(port, "GET", "/healthz", timeout=5)[0] == 200
+                return http_request(port, "GET", "/livez", timeout=5)[0] == 200
             except OSError:
                 return False
 
-        wait_for(healthy, SETTLE_S, interval=0.1, what="poolq api to answer /healthz")
+        wait_for(healthy, SETTLE_S, interval=0.1, what="poolq api to answer /livez")
         return port
 
     return start
@@ -208,7 +208,7 @@ def publish(publisher: Celery, task_id: str | None = None, **kwargs: Any) -> str
 # -- routes, methods and answers -----------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/api/jobs", "/api/nodes", "/api/pools", "/api/version", "/healthz", "/api/openapi.json"])
+@pytest.mark.parametrize("path", ["/api/jobs", "/api/nodes", "/api/pools", "/api/version", "/livez", "/api/openapi.json"])
 @pytest.mark.parametrize("slash", ["", "/"])
 def test_get_routes_answer_json_with_or_without_a_trailing_slash(app: App, path: str, slash: str) -> None:
     result = call(app, "GET", path + slash)
@@ -813,7 +813,7 @@ def test_waiting_submissions_do_not_starve_other_requests(api_server: Callable[.
 
     waiting = [i for i in ids if i not in answers]
     assert len(waiting) == max_waiters
-    health = http_request(port, "GET", "/healthz", timeout=SETTLE_S)
+    health = http_request(port, "GET", "/livez", timeout=SETTLE_S)
     polled = http_request(port, "GET", f"/api/jobs/{waiting[0]}", timeout=SETTLE_S)
     listed_page = http_request(port, "GET", "/api/jobs?limit=5", timeout=SETTLE_S)
     assert health[0] == 200 and health[2]["status"] == "ok"

@@ -1,6 +1,6 @@
 """Authentication with API tokens (docs/operations.md; docs/errors.md 401 and 403).
 
-With ``auth="tokens"`` every route but ``/healthz`` needs ``Authorization: Bearer
+With ``auth="tokens"`` every route but ``/healthz`` and ``/livez`` needs ``Authorization: Bearer
 <token>``; the tenant comes from the token. The WSGI app runs in-process against the
 session's real redis-server; the ``poolq token …`` commands and ``poolq api`` run as
 real subprocesses. Only behaviour is asserted: nothing here reads the implementation.
@@ -35,7 +35,7 @@ UNAUTHENTICATED = {"error": "authentication required: send Authorization: Bearer
 TOKEN_FORM = re.compile(r"^pq_[0-9a-f]{12}_[A-Za-z0-9_-]{43}$")
 CLI_TIMEOUT_S = 60  # a `python -m poolq` command on a busy machine
 
-# Every route and method the API serves except /healthz, with the body each needs to
+# Every route and method the API serves except /healthz and /livez, with the body each needs to
 # get past its own checks (so that a 401 can only come from the missing token).
 PROTECTED = [
     ("POST", "/api/jobs", JOB),
@@ -150,10 +150,12 @@ def test_a_valid_token_opens_every_protected_route(token_app: App, redis_client:
     assert result.status not in (401, 403, 500), (result.status, result.body)
 
 
-def test_healthz_needs_no_token(token_app: App) -> None:
-    result = call(token_app, "GET", "/healthz")
-    assert result.status == 200, result.body
-    assert result.json["status"] == "ok"
+@pytest.mark.parametrize("path", ["/healthz", "/livez"])
+def test_health_needs_no_token(token_app: App, path: str) -> None:
+    result = call(token_app, "GET", path)
+    # /livez: Redis answers; /healthz is a 503 here (no placement worker, no node), but not a 401.
+    assert result.status == (200 if path == "/livez" else 503), result.body
+    assert result.json["status"] in ("ok", "unavailable"), result.body
 
 
 def test_the_bearer_scheme_is_case_insensitive(token_app: App, redis_client: redis.Redis) -> None:
@@ -375,7 +377,7 @@ def http_get(port: int, path: str, headers: dict[str, str] | None = None) -> tup
 def serving(proc: Proc, port: int) -> bool:
     assert proc.alive(), proc.output()
     try:
-        return http_get(port, "/healthz")[0] == 200
+        return http_get(port, "/livez")[0] == 200
     except OSError:
         return False
 
@@ -387,7 +389,7 @@ def test_open_bind_without_auth_is_refused(start_proc: Any) -> None:
     output = proc.output()
     assert "refusing" in output and "--insecure-no-auth" in output and "0.0.0.0" in output, output
     with pytest.raises(OSError):
-        http_get(port, "/healthz")
+        http_get(port, "/livez")
 
 
 @pytest.mark.parametrize("auth_env", [{"POOLQ_AUTH": "none"}, {}], ids=["POOLQ_AUTH=none", "POOLQ_AUTH unset"])

@@ -50,6 +50,7 @@ ROUTES = [
     ("/api/version", "/api/version", {"GET"}),
     ("/api/openapi.json", "/api/openapi.json", {"GET"}),
     ("/healthz", "/healthz", {"GET"}),
+    ("/livez", "/livez", {"GET"}),
     ("/metrics", "/metrics", {"GET"}),
 ]
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]
@@ -115,7 +116,7 @@ def server(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory
         def up() -> bool:
             assert proc.alive(), proc.output()
             try:
-                return exchange(running, request_bytes("GET", "/healthz"), timeout=5).status == 200
+                return exchange(running, request_bytes("GET", "/livez"), timeout=5).status == 200
             except OSError:
                 return False
 
@@ -264,7 +265,7 @@ def test_a_slow_body_does_not_hold_up_other_requests(server: Server) -> None:
         sock.sendall(head + body[:1])
         for position in range(1, len(body), max(1, len(body) // 10)):
             still_serving(server)  # others are answered while this body trickles in
-            assert exchange(server, request_bytes("GET", "/healthz")).status == 200
+            assert exchange(server, request_bytes("GET", "/livez")).status == 200
             sock.sendall(body[position:position + max(1, len(body) // 10)])
             time.sleep(0.3)
         answer = read_answer(sock, time.monotonic())
@@ -290,14 +291,14 @@ def test_many_slow_bodies_do_not_hang_the_server_for_others(server: Server) -> N
             stalled.append(sock)
         time.sleep(1.0)
         try:
-            answer = exchange(server, request_bytes("GET", "/healthz"), timeout=20)
+            answer = exchange(server, request_bytes("GET", "/livez"), timeout=20)
         except OSError as exc:  # socket.timeout included
-            pytest.fail(f"with {len(stalled)} stalled uploads open, GET /healthz got no answer within 20 s ({exc!r})")
+            pytest.fail(f"with {len(stalled)} stalled uploads open, GET /livez got no answer within 20 s ({exc!r})")
         assert answer.status == 200, (answer.status, answer.body)
     finally:
         for sock in stalled:
             sock.close()
-    wait_for(lambda: exchange(server, request_bytes("GET", "/healthz"), timeout=5).status == 200, timeout=60,
+    wait_for(lambda: exchange(server, request_bytes("GET", "/livez"), timeout=5).status == 200, timeout=60,
              what="the server to serve again once the stalled uploads closed")
 
 
@@ -555,7 +556,7 @@ def cors_app(settings: Settings) -> App:
 
 
 @pytest.mark.parametrize("origin", [ALLOWED_ORIGIN, "http://localhost:3000"])
-@pytest.mark.parametrize(("method", "path"), [("GET", "/api/jobs"), ("OPTIONS", "/api/jobs"), ("GET", "/api/jobs/app-none"), ("GET", "/healthz")])
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/jobs"), ("OPTIONS", "/api/jobs"), ("GET", "/api/jobs/app-none"), ("GET", "/livez")])
 def test_cors_headers_for_a_listed_origin(cors_app: App, origin: str, method: str, path: str) -> None:
     result = call(cors_app, method, path, headers={"Origin": origin})
     assert result.status in (200, 204, 404), result.body

@@ -292,7 +292,7 @@ def test_json_log_format_for_the_api(start_proc: Any) -> None:
         assert api.alive(), api.output()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/healthz")
+            conn.request("GET", "/livez")
             return conn.getresponse().status == 200
         except OSError:
             return False

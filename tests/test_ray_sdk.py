@@ -67,7 +67,7 @@ class Stack:
 
 def _healthy(url: str) -> bool:
     try:
-        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        return requests.get(f"{url}/livez", timeout=2).status_code == 200
     except requests.RequestException:
         return False
 
@@ -102,7 +102,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     try:
         procs.append(Proc(["api", "--port", str(port), "--workers", "2"], env, base / "api.log").start())
         procs.append(Proc(["node", "--id", NODE_ID, "--cpus", "4", "--memory", "4Gi", "--resources", "NPU=4"], env, base / "node.log").start())
-        wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api to answer /healthz")
+        wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api to answer /livez")
         wait_for(lambda: _node_alive(url), START_S, 0.1, what=f"node {NODE_ID} to register")
         yield Stack(url, redis.Redis.from_url(server.url), base, procs, placement)
     finally:

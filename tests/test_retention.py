@@ -232,7 +232,7 @@ def test_redis_full_answers_503_and_keeps_every_accepted_job(small_redis: Embedd
     assert batch.json["error"].startswith("create app failed for the batch, err: "), batch.json
     invalid = call(app, "POST", "/api/jobs", {"entrypoint": ""})
     assert invalid.status == 400, invalid.body  # a bad request is still told what is wrong
-    assert call(app, "GET", "/healthz").status == 200
+    assert call(app, "GET", "/livez").status == 200
     stop = call(app, "POST", f"/api/jobs/{accepted[0]}/stop")
     assert stop.status in (200, 503), (stop.status, stop.body)
 

@@ -932,10 +932,9 @@ def test_version_shape(app: App) -> None:
     assert isinstance(answer["poolq_version"], str) and answer["poolq_version"]
 
 
-def test_healthz_is_200_json(app: App) -> None:
-    result = call(app, "GET", "/healthz")
-    assert result.status == 200
-    assert isinstance(result.json, dict)
+def test_livez_is_200_json_while_redis_answers(app: App) -> None:
+    result = call(app, "GET", "/livez")
+    assert result.status == 200 and result.json == {"status": "ok"}
 
 
 # -- no input makes a 500 ----------------------------------------------------------

@@ -45,7 +45,7 @@ def test_stopped_redis_is_a_quick_503_and_recovery_needs_no_restart(own_redis: E
     submitted, took = timed(app, "POST", "/api/jobs", body)
     assert submitted.status == 503 and took < DEADLINE_S
     assert submitted.json["error"].startswith("create app failed, submissionId:[app-while-down], err: ")
-    for path in ("/api/jobs/app-1234", "/api/jobs", "/healthz", "/api/nodes"):
+    for path in ("/api/jobs/app-1234", "/api/jobs", "/healthz", "/livez", "/api/nodes"):
         answer, took = timed(app, "GET", path)
         assert answer.status == 503 and took < DEADLINE_S, (path, answer.body)
         assert isinstance(answer.json["error"], str)
@@ -56,7 +56,7 @@ def test_stopped_redis_is_a_quick_503_and_recovery_needs_no_restart(own_redis: E
         assert call(app, "GET", "/api/jobs/app-1234").json["status"] == "PENDING"  # replayed from the AOF
         assert call(app, "POST", "/api/jobs", body).status == 200
         assert call(app, "GET", "/api/jobs/app-while-down").status == 200
-        assert call(app, "GET", "/healthz").status == 200
+        assert call(app, "GET", "/livez").status == 200
     finally:
         restarted.stop()
 
@@ -90,7 +90,7 @@ def test_a_redis_that_never_answers_is_a_503_within_2_seconds(tmp_path: Path) ->
     hole = Blackhole()
     try:
         app = App(Settings(redis_url=f"redis://127.0.0.1:{hole.port}/0", data_dir=tmp_path / "data"), waker=lambda q: None)
-        for method, path, body in (("POST", "/api/jobs", SEED_BODY), ("GET", "/api/jobs/app-1234", None), ("GET", "/healthz", None)):
+        for method, path, body in (("POST", "/api/jobs", SEED_BODY), ("GET", "/api/jobs/app-1234", None), ("GET", "/healthz", None), ("GET", "/livez", None)):
             answer, took = timed(app, method, path, body)
             assert answer.status == 503 and took < DEADLINE_S, (path, took, answer.body)
     finally:

@@ -33,15 +33,20 @@ def http(method: str, url: str, body: object = None) -> tuple[int, dict]:
 
 
 class Up:
-    """One `poolq up` in its own data directory, on a free port."""
+    """One `poolq up` on a port; its data directory by POOLQ_DATA_DIR, or ``env`` and ``cwd``."""
 
-    def __init__(self, data_dir: Path, port: int, log_path: Path):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}
-        env.update(POOLQ_DATA_DIR=str(data_dir), POOLQ_DRAIN_S="5", PYTHONUNBUFFERED="1")
-        self.log = open(log_path, "ab")
+    def __init__(self, data_dir: Path | None, port: int, log_path: Path, *, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, stdout: str | None = None):
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}
+        child_env.update(POOLQ_DRAIN_S="5", PYTHONUNBUFFERED="1", **(env or {}))
+        if data_dir is not None:
+            child_env["POOLQ_DATA_DIR"] = str(data_dir)
+        self.log_path = log_path
+        self.log = open(stdout or log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "poolq", "up", "--port", str(port), "--cpus", "2", "--memory", "2Gi"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=child_env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=cwd,
         )
         self.url = f"http://127.0.0.1:{port}"
 
@@ -90,6 +95,13 @@ def session_processes(pid: int) -> list[int]:
     return found
 
 
+def open_files(pid: int) -> set[Path]:
+    try:
+        return {Path(os.readlink(fd)) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return set()
+
+
 def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     first = Up(data_dir, port, tmp_path / "up-1.log")
@@ -109,6 +121,9 @@ def test_up_serves_runs_stops_and_keeps_jobs_across_restarts(data_dir: Path, tmp
         )
         assert record["driver_exit_code"] == 0
         assert http("GET", f"{first.url}/api/jobs/{submission_id}/logs")[1] == {"logs": "hello from poolq\n"}
+        logged = poolq_cli("logs", submission_id, "--json", "--server", first.url, env={})
+        assert logged.returncode == 0, logged.stderr
+        assert json.loads(logged.stdout) == {"logs": "hello from poolq\n", "offset": len("hello from poolq\n")}
         children = session_processes(first.process.pid)
         assert len(children) >= 4  # redis-server, api, worker, node
         assert first.interrupt() == 0
@@ -133,4 +148,88 @@ def test_commands_without_redis_say_what_to_do(tmp_path: Path) -> None:
     env["POOLQ_DATA_DIR"] = str(tmp_path / "empty")
     done = subprocess.run([sys.executable, "-m", "poolq", "nodes", "list"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "run `poolq up`" in done.stderr and "POOLQ_REDIS_URL" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr  # one line, no traceback
+    assert "`poolq up`" in done.stderr and "POOLQ_REDIS_URL" in done.stderr and "--data-dir" in done.stderr
+    assert str(tmp_path / "empty") in done.stderr
+
+
+def poolq_cli(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}
+    return subprocess.run([sys.executable, "-m", "poolq", *args], env={**clean, **env}, cwd=cwd, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def test_one_stack_per_data_directory_and_a_busy_port_refused_before_anything_starts(data_dir: Path,
+                                                                                    tmp_path: Path) -> None:
+    """The first stack writes its output to /dev/full (a full disk): it must still serve and
+    run jobs (its children never block on their logging). A second `poolq up` on its data
+    directory is refused, naming it; a third on another data directory but its port is
+    refused before it starts anything."""
+    port = free_port()
+    first = Up(data_dir, port, tmp_path / "unused.log", stdout="/dev/full")
+    try:
+        wait_for(first.ready, timeout=START_S, what="poolq up, writing to /dev/full, to serve and register its node")
+        url_before = (data_dir / "redis.url").read_text()
+        # redis-server holds the lock with it: were poolq up killed, its Redis would still
+        # keep a second stack off this append-only file until it is gone.
+        holders = [pid for pid in session_processes(first.process.pid) if open_files(pid) & {data_dir / "up.lock"}]
+        assert [Path(f"/proc/{pid}/exe").resolve().name for pid in holders] == ["redis-server"]
+
+        second = poolq_cli("up", "--port", str(free_port()), env={"POOLQ_DATA_DIR": str(data_dir)})
+        assert second.returncode != 0
+        assert second.stderr.count("\n") == 1, second.stderr
+        assert f"pid {first.process.pid}" in second.stderr and first.url in second.stderr, second.stderr
+        assert str(data_dir) in second.stderr
+        assert (data_dir / "redis.url").read_text() == url_before  # nothing of the first was touched
+
+        other = tmp_path / "other-data"
+        third = poolq_cli("up", "--port", str(port), env={"POOLQ_DATA_DIR": str(other)})
+        assert third.returncode != 0
+        assert third.stderr.count("\n") == 1 and f"127.0.0.1:{port}" in third.stderr and "--port" in third.stderr
+        assert not (other / "redis.url").exists() and not (other / "redis").exists()  # nothing started
+
+        # Its children kept working while none of their output could be written.
+        status, answer = http("POST", first.url + "/api/jobs", JOB)
+        assert status == 200, answer
+        wait_for(lambda: http("GET", f"{first.url}/api/jobs/{answer['submission_id']}")[1]["status"] == "SUCCEEDED",
+                 timeout=SETTLE_S, what="the job to succeed under a stack whose output is a full disk")
+        assert http("GET", first.url + "/healthz")[0] == 200
+        assert first.interrupt() == 0
+    finally:
+        first.kill()
+    # Once the first has stopped, its data directory can be used again.
+    again = Up(data_dir, port, tmp_path / "again.log")
+    try:
+        wait_for(again.ready, timeout=START_S, what="poolq up to start once the first stopped")
+    finally:
+        assert again.interrupt() == 0
+
+
+def test_up_says_it_is_up_once_it_serves_and_the_admin_commands_find_it_from_anywhere(tmp_path: Path) -> None:
+    """No POOLQ_DATA_DIR: `poolq up` in a checkout uses the per-user data directory, and
+    the admin commands run elsewhere find its Redis there."""
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    checkout, elsewhere = tmp_path / "checkout", tmp_path / "elsewhere"
+    checkout.mkdir()
+    elsewhere.mkdir()
+    port = free_port()
+    up = Up(None, port, tmp_path / "up.log", env=state, cwd=checkout)
+    try:
+        wait_for(lambda: "poolq is up" in (tmp_path / "up.log").read_text(), timeout=START_S, what="poolq is up")
+        # It says so once /healthz answers 200, so right after, the API serves and can place.
+        assert http("GET", up.url + "/healthz")[0] == 200
+        output = (tmp_path / "up.log").read_text()
+        assert f"API on {up.url}" in output and "try: " in output and "submit --wait" in output
+        assert not (checkout / ".poolq").exists()
+        assert (tmp_path / "state" / "poolq" / "redis.url").exists()
+
+        listed = poolq_cli("nodes", "list", "--json", env=state, cwd=elsewhere)
+        assert listed.returncode == 0, listed.stderr
+        assert [node["state"] for node in json.loads(listed.stdout)] == ["live"]
+        text = poolq_cli("nodes", "list", env=state, cwd=elsewhere)
+        assert " 2.0Gi/2.0Gi " in text.stdout, text.stdout  # memory shown human-readably
+    finally:
+        assert up.interrupt() == 0
+    down = poolq_cli("nodes", "list", env=state, cwd=elsewhere)
+    assert down.returncode == 1 and down.stderr.count("\n") == 1, down.stderr
+    assert "does not answer" in down.stderr and "no poolq up is running" in down.stderr, down.stderr

@@ -10,7 +10,8 @@ the lock:
 - declares nodes whose heartbeat expired lost, failing their jobs as NODE_LOST;
 - re-sends a placement wake-up when jobs wait and none is on its way (lost messages);
 - removes terminal jobs past their retention, oldest first, and packages no job uses;
-- puts back on the queue the messages of poolq.submit consumers that stopped.
+- puts back on the queue the messages of poolq.submit consumers that stopped;
+- forgets tenants left with no job, and recounts the others' status counts.
 """
 
 from __future__ import annotations
@@ -300,6 +301,8 @@ class Duties:
 
     def forget_idle_tenants(self, now: int) -> None:
         """Tenants with no job left (retention removed their last): nothing of them stays.
+        The others have their PENDING and RUNNING counts checked against their jobs
+        (``JobStore.recount``), so that a count that drifted is right again.
 
         Checked at most once a minute, a slice of the tenants at a time."""
         if now < self._next_tenant_check:
@@ -310,6 +313,8 @@ class Duties:
         for tenant in tenants:
             pipe.zcard(keys.tenant_jobs(tenant))
         for tenant, jobs in zip(tenants, pipe.execute()):
+            if jobs and self.store.recount(tenant):
+                log.warning("the status counts of tenant %s were off; recounted from its jobs", tenant)
             if jobs == 0:
                 self.store.scripts.forget_tenant(
                     keys=[

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import warnings
 
 from celery.signals import worker_shutting_down
 
@@ -29,7 +30,16 @@ from worker.tasks import register_node, register_placement
 log = logging.getLogger("poolq.worker")
 
 
-def run_placement_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
+def quiet_celery() -> list[str]:
+    """For a process whose output a person reads (``poolq up``): no Celery banner, no
+    line per task, no warning about root (``poolq up`` says it once). Celery's options to add."""
+    for name in ("celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="You're running the worker with superuser privileges")
+    return ["--quiet"]
+
+
+def run_placement_worker(settings: Settings, *, loglevel: str = "INFO", quiet: bool = False) -> None:
     """A Celery worker on the placement queue, plus the periodic duties and a consumer of
     the poolq.submit queue, each in a thread.
 
@@ -52,6 +62,7 @@ def run_placement_worker(settings: Settings, *, loglevel: str = "INFO") -> None:
         run_worker(
             app,
             [
+                *(quiet_celery() if quiet else []),  # Celery's own options come before the command
                 "worker",
                 "--pool=solo",
                 f"--queues={queues.PLACEMENT}",
@@ -77,6 +88,7 @@ def run_node_agent(
     capacity: dict[str, int],
     devices: dict[str, list[str]] | None = None,
     loglevel: str = "INFO",
+    quiet: bool = False,
 ) -> int:
     """A node agent: its loop and janitor in threads, a Celery worker on the node's own queue."""
     store = JobStore(connect(settings), settings, celery_waker(settings))
@@ -93,6 +105,7 @@ def run_node_agent(
         run_worker(
             app,
             [
+                *(quiet_celery() if quiet else []),  # Celery's own options come before the command
                 "worker",
                 "--pool=solo",
                 f"--queues={queues.node_queue(node_id)}",

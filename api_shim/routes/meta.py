@@ -1,9 +1,9 @@
-"""Service routes: version, health and the OpenAPI document."""
+"""Service routes: version, health (``/healthz``, ``/livez``) and the OpenAPI document."""
 
 from __future__ import annotations
 
 from api_shim.http import Request, Response
-from poolq import __version__
+from poolq import __version__, health
 from poolq.errors import Unavailable
 from poolq.store import JobStore
 
@@ -26,6 +26,14 @@ class Meta:
         return Response.json(document())
 
     def healthz(self, request: Request) -> Response:
+        """Whether the service can place jobs: Redis, live placement workers, live nodes
+        (poolq/health.py); 503 naming what is missing otherwise."""
+        report = health.check(self.store.redis, self.store.settings)
+        return Response.json(report, 200 if report["status"] == health.OK else 503)
+
+    def livez(self, request: Request) -> Response:
+        """Whether this API process serves and Redis answers: for a liveness probe or a
+        load balancer, which must not fail only because no node is there yet."""
         try:
             self.store.ping()
         except Unavailable as exc:

@@ -263,13 +263,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
     try:
         text, offset = client.logs(args.submission_id)
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write_logs(args, text, offset)
         while args.follow:
             status = client.job(args.submission_id)["status"]
             text, offset = client.logs(args.submission_id, offset)
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            if text:
+                _write_logs(args, text, offset)
             if status in TERMINAL and not text:
                 break
             if not text:
@@ -277,6 +276,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     except (ApiError, OSError) as exc:
         return _fail(exc)
     return 0
+
+
+def _write_logs(args: argparse.Namespace, text: str, offset: int) -> None:
+    """The text as it is, or with --json one object per read: ``{"logs": …, "offset": N}``,
+    N the offset to read on from (as ``GET …/logs`` answers it)."""
+    sys.stdout.write(json.dumps({"logs": text, "offset": offset}) + "\n" if args.json else text)
+    sys.stdout.flush()
 
 
 def cmd_list(args: argparse.Namespace) -> int:

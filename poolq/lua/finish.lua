@@ -30,6 +30,13 @@
 -- terminal, or from a status not listed, or deadline not reached), 2 stop flagged on a
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
 -- read again, -2 no such job.
+-- A status count is written as its new value, never as a delta, and never below zero:
+-- an append-only file that holds the same change twice (two redis-servers once wrote to
+-- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
+local function count(counts, status, delta)
+  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
+  redis.call('HSET', counts, status, n)
+end
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
   'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev')
 local status = j[1]
@@ -120,14 +127,14 @@ if again then
     redis.call('HSET', KEYS[1], 'deadline', '')
   end
   redis.call('ZADD', KEYS[20], due, ARGV[1])
-  redis.call('HINCRBY', KEYS[13], status, -1)
-  redis.call('HINCRBY', KEYS[13], 'PENDING', 1)
+  count(KEYS[13], status, -1)
+  count(KEYS[13], 'PENDING', 1)
   return {3, wake}
 end
 
 redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
-redis.call('HINCRBY', KEYS[13], status, -1)
-redis.call('HINCRBY', KEYS[13], new_status, 1)
+count(KEYS[13], status, -1)
+count(KEYS[13], new_status, 1)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
 for i = 12, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[6], ARGV[1])

@@ -35,6 +35,14 @@
 -- dependents, counts them in deps_left, and gets no deadline yet; resolve.lua puts it
 -- in line (its deadline counted from then) once the last one is resolved. A dependency
 -- that has ended already is queued for resolving at once.
+--
+-- A status count is written as its new value, never as a delta, and never below zero:
+-- an append-only file that holds the same change twice (two redis-servers once wrote to
+-- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
+local function count(counts, status, delta)
+  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
+  redis.call('HSET', counts, status, n)
+end
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code
@@ -89,7 +97,7 @@ if package ~= '' then  -- a package is kept while a live job uses it (package_ex
 end
 redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
-redis.call('HINCRBY', KEYS[11], 'PENDING', 1)
+count(KEYS[11], 'PENDING', 1)
 redis.call('SADD', KEYS[13], ARGV[10])
 if #deps > 0 then
   redis.call('HSET', KEYS[1], 'deps_left', #deps)

@@ -182,7 +182,7 @@ class Stack:
 
 def healthy(server: str) -> bool:
     try:
-        return Client(server, timeout=5).request("GET", "/healthz")[0] == 200
+        return Client(server, timeout=5).request("GET", "/livez")[0] == 200
     except (OSError, ApiError):
         return False
 

@@ -84,7 +84,7 @@ class Load:
     def poller(self) -> None:
         client = Client(self.server, timeout=30)
         while not self.stop.wait(0.1):
-            self.call(client, "health", None, "GET", "/healthz")
+            self.call(client, "health", None, "GET", "/livez")
             accepted = self.accepted()
             if accepted:
                 self.call(client, "poll", accepted[0], "GET", f"/api/jobs/{accepted[0]}")
@@ -122,7 +122,7 @@ def test_redis_restart_under_load(start_proc: Callable[..., Proc], stack: Stack,
 
     def healthy() -> bool:
         try:
-            return probe.request("GET", "/healthz")[0] == 200
+            return probe.request("GET", "/livez")[0] == 200
         except (OSError, ApiError):
             return False
 

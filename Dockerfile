@@ -5,7 +5,9 @@ COPY pyproject.toml README.md ./
 COPY poolq poolq
 COPY api_shim api_shim
 COPY worker worker
-RUN pip install --no-cache-dir . && useradd --create-home poolq && mkdir /data && chown poolq /data
+# Extra packages for one image only: docker-compose.yml's Flower service adds flower.
+ARG EXTRA_PACKAGES=""
+RUN pip install --no-cache-dir . $EXTRA_PACKAGES && useradd --create-home poolq && mkdir /data && chown poolq /data
 USER poolq
 ENV POOLQ_DATA_DIR=/data PYTHONUNBUFFERED=1
 EXPOSE 8000

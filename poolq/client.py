@@ -15,11 +15,15 @@ import http.client
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, Iterator
 from urllib.parse import quote, urlencode, urlsplit
 
+FOLLOW_MIN_S, FOLLOW_MAX_S = 0.05, 0.5  # how often follow() polls a job's output
 SUBMIT_TRIES = 4  # a 503 or a lost connection is retried, with the same ids, this many times in all
 RETRY_DELAY_S = 0.5  # doubling between tries
+
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 class ApiError(Exception):
@@ -29,6 +33,14 @@ class ApiError(Exception):
         message = body.get("error") if isinstance(body, dict) else str(body)
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.body = status, body
+
+
+class WaitTimeout(Exception):
+    """The job was not finished within the wait (``record`` is what it was then)."""
+
+    def __init__(self, record: dict[str, Any], timeout_s: float):
+        super().__init__(f"{record['submission_id']} is still {record['status']} after {timeout_s:g} s")
+        self.record = record
 
 
 class Client:
@@ -136,6 +148,18 @@ class Client:
             next_cursor = link.split("cursor=", 1)[1].split("&", 1)[0].split(">", 1)[0]
         return list(records), next_cursor
 
+    def all_jobs(self, *, status: str | None = None, page: int = 1000) -> Iterator[list[dict[str, Any]]]:
+        """Every job of the tenant, newest first, a page at a time (following the Link header)."""
+        cursor: str | None = None
+        while True:
+            records, cursor = self.jobs(status=status, limit=page, cursor=cursor)
+            yield records
+            if cursor is None:
+                return
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/nodes")[2])
+
     def stop(self, submission_id: str) -> bool:
         return bool(self.request("POST", f"/api/jobs/{quote(submission_id, safe='')}/stop")[2]["stopped"])
 
@@ -147,13 +171,43 @@ class Client:
         _, headers, body = self.request("GET", path)
         return str(body["logs"]), int(headers.get("x-log-offset", 0))
 
-    def wait(self, submission_id: str, *, poll_s: float = 0.5) -> dict[str, Any]:
-        """Poll until the job is terminal; returns its record."""
+    def wait(self, submission_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None) -> dict[str, Any]:
+        """Poll until the job is terminal; returns its record. With ``timeout_s``, raises
+        WaitTimeout (carrying the last record) if it is not terminal by then."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             record = self.job(submission_id)
-            if record["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            if record["status"] in TERMINAL:
                 return record
-            time.sleep(poll_s)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise WaitTimeout(record, timeout_s or 0.0)
+                time.sleep(min(poll_s, remaining))
+            else:
+                time.sleep(poll_s)
+
+    def follow(
+        self, submission_id: str, write: Callable[[str, int], object], *, offset: int | None = None
+    ) -> dict[str, Any]:
+        """Pass the job's output to ``write(text, next_offset)`` as it is written, until the
+        job ends; returns its final record. From ``offset`` (a byte of the whole output),
+        else from the last kept MiB. Polls at 50 ms, slowing to 0.5 s while nothing comes."""
+        text, offset = self.logs(submission_id, offset)
+        if text:
+            write(text, offset)
+        delay = FOLLOW_MIN_S
+        while True:
+            record = self.job(submission_id)  # read before the log: once terminal, the log below is all there is
+            text, offset = self.logs(submission_id, offset)
+            if text:
+                write(text, offset)
+                delay = FOLLOW_MIN_S
+            elif record["status"] in TERMINAL:
+                return record
+            else:
+                time.sleep(delay)
+                delay = min(delay * 2, FOLLOW_MAX_S)
 
 
 def with_id(body: Any) -> Any:

@@ -3,7 +3,8 @@ accepted work) and the waker that sends a wake-up to a queue.
 
 Celery carries only wake-ups ("look at Redis"); jobs live in Redis (docs/architecture.md).
 Every process builds the app from here; the worker processes register their own
-tasks on it (worker/tasks.py), the API only sends wake-ups by task name.
+tasks on it (worker/tasks.py), the API only sends wake-ups by task name. Celery's own
+tools (``celery -A poolq.celery_app …``, Flower) use one built the same way.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def create_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # A publish that fails is not retried for long: wake-ups are re-sent by the sweep.
         task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.1, "interval_max": 0.1},
-        worker_send_task_events=False,
+        # Task events (POOLQ_TASK_EVENTS) for Flower and `celery events`: the workers'
+        # received/started/succeeded, the publishers' sent. Worker heartbeats go regardless.
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         worker_hijack_root_logger=False,
         broker_pool_limit=4,
     )

@@ -84,6 +84,10 @@ class Settings:
     # Periodic duties (run inside placement workers, one at a time under a lock).
     duty_interval_s: float = 0.25
 
+    # Celery's own tools (docs/operations.md): task events for Flower and `celery events`,
+    # a few Redis PUBLISHes per wake-up; off by default.
+    task_events: bool = False
+
     @property
     def loopback(self) -> bool:
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")

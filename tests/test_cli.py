@@ -138,16 +138,17 @@ def cli_env(stack: Stack) -> dict[str, str]:
 
 
 def poolq(stack: Stack, command: str, *args: str, tenant: str | None = None, cwd: Path | None = None,
-          server: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a CLI command to its end."""
+          server: str | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a CLI command to its end (with ``stdin`` as its standard input, else none)."""
     return subprocess.run(cli_argv(stack, command, *args, tenant=tenant, server=server), cwd=cwd, env=cli_env(stack),
-                          capture_output=True, text=True, timeout=SETTLE_S * 2, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=SETTLE_S * 2,
+                          **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
 
-def start_cli(stack: Stack, command: str, *args: str, tenant: str) -> subprocess.Popen[str]:
+def start_cli(stack: Stack, command: str, *args: str, tenant: str, cwd: Path | None = None) -> subprocess.Popen[str]:
     """Start a CLI command that runs on (``wait``, ``logs --follow``) without waiting for it."""
-    return subprocess.Popen(cli_argv(stack, command, *args, tenant=tenant), env=cli_env(stack), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    return subprocess.Popen(cli_argv(stack, command, *args, tenant=tenant), cwd=cwd, env=cli_env(stack),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
 
 def submitted_id(result: subprocess.CompletedProcess[str]) -> str:
@@ -245,21 +246,73 @@ def test_submit_options_become_the_job_request(stack: Stack, tenant: str, tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("command", "exit_code", "status", "driver_exit_code"),
-    [(["echo", "fine"], 0, "SUCCEEDED", 0), (["false"], 1, "FAILED", 1), (["sh", "-c", "exit 3"], 1, "FAILED", 3)],
-    ids=["succeeds", "false", "exit-3"],
+    ("script", "exit_code", "status", "driver_exit_code"),
+    [("echo fine", 0, "SUCCEEDED", 0), ("echo bad; false", 1, "FAILED", 1), ("echo three; exit 3", 3, "FAILED", 3),
+     ("echo killed; kill -9 $$", 128 + 9, "FAILED", -9)],
+    ids=["succeeds", "false", "exit-3", "signal-9"],
 )
-def test_submit_wait_exits_by_the_jobs_outcome(stack: Stack, tenant: str, tmp_path: Path, command: list[str],
-                                              exit_code: int, status: str, driver_exit_code: int) -> None:
-    text = poolq(stack, "submit", "--wait", "--", *command, tenant=tenant, cwd=tmp_path)
+def test_submit_wait_prints_the_output_and_exits_with_the_jobs_exit_status(
+        stack: Stack, tenant: str, tmp_path: Path, script: str, exit_code: int, status: str,
+        driver_exit_code: int) -> None:
+    # One argument: the entrypoint itself, run by the node's /bin/sh -c (so $$ is the job's shell).
+    text = poolq(stack, "submit", "--wait", "--", script, tenant=tenant, cwd=tmp_path)
     assert text.returncode == exit_code, (text.stdout, text.stderr)
-    first_line = text.stdout.splitlines()[0]
-    assert re.fullmatch(rf"app-[0-9a-f-]{{36}}: {status}", first_line), text.stdout
+    assert text.stdout == script.split(";")[0].removeprefix("echo ") + "\n"  # the job's output, and only it
+    ended = re.search(r"^(app-[0-9a-f-]{36}): (\w+)", text.stderr, re.M)
+    assert ended and ended.group(2) == status, text.stderr
+    assert job(stack, ended.group(1), tenant)["driver_exit_code"] == driver_exit_code
+    if driver_exit_code:
+        assert f"(exit code {driver_exit_code})" in text.stderr
 
-    as_json = poolq(stack, "submit", "--wait", "--json", "--", *command, tenant=tenant, cwd=tmp_path)
+    as_json = poolq(stack, "submit", "--wait", "--json", "--", script, tenant=tenant, cwd=tmp_path)
     assert as_json.returncode == exit_code, as_json.stderr
-    record = json.loads(as_json.stdout)
+    record = json.loads(as_json.stdout)  # the final record, and no output
     assert (record["status"], record["driver_exit_code"]) == (status, driver_exit_code)
+
+
+def test_submit_wait_streams_the_output_as_it_is_written(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    script = "echo start; " + gated("for i in 1 2 3; do echo line $i; sleep 0.2; done")
+    printed: list[str] = []
+    with start_cli(stack, "submit", "--wait", "--id", "stream-1", "--", "sh", "-c", script, tenant=tenant,
+                   cwd=tmp_path) as proc:
+        reader = threading.Thread(target=lambda: printed.extend(iter(proc.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        wait_for(lambda: printed or proc.poll() is not None, SETTLE_S, what="the job's first line")
+        assert printed == ["start\n"], (printed, proc.poll())
+        assert job(stack, "app-stream-1", tenant)["status"] == "RUNNING"  # printed while it runs
+        (tmp_path / "go").touch()
+        proc.wait(SETTLE_S)
+        reader.join(10)
+        stderr = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.returncode == 0, stderr
+    assert "".join(printed) == "start\nline 1\nline 2\nline 3\n"
+    assert "app-stream-1: SUCCEEDED" in stderr
+
+
+def test_submit_wait_on_a_stopped_job_exits_125(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    with start_cli(stack, "submit", "--wait", "--id", "stopped-1", "--", "sleep", "60", tenant=tenant,
+                   cwd=tmp_path) as proc:
+        wait_for(lambda: http_request(stack.port, "GET", "/api/jobs/app-stopped-1", tenant)[0] == 200, SETTLE_S,
+                 what="the CLI to submit the job")
+        wait_status(stack, "app-stopped-1", tenant, "RUNNING")
+        assert poolq(stack, "stop", "app-stopped-1", tenant=tenant).returncode == 0
+        stdout, stderr = proc.communicate(timeout=SETTLE_S)
+    assert proc.returncode == 125, (stdout, stderr)
+    assert "app-stopped-1: STOPPED" in stderr
+
+
+def test_submit_wait_on_a_schedule_timeout_exits_1_explaining_queueing(stack: Stack, tenant: str,
+                                                                       tmp_path: Path) -> None:
+    too_big = ["--cpus", str(NODE_CPUS * 4), "--schedule-timeout-ms", "300"]
+    result = poolq(stack, "submit", "--wait", *too_big, "--", "true", tenant=tenant, cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "cannot be scheduled within 300 ms" in result.stderr  # the job's message
+    assert "--schedule-timeout-ms 0" in result.stderr and "Traceback" not in result.stderr
+
+    as_json = poolq(stack, "submit", "--wait", "--json", *too_big, "--", "true", tenant=tenant, cwd=tmp_path)
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["error_type"] == "SCHEDULE_TIMEOUT"
 
 
 def test_submit_refused_by_the_api_exits_1_naming_the_field(stack: Stack, tenant: str, tmp_path: Path) -> None:
@@ -306,9 +359,10 @@ def test_an_unknown_id_exits_1_with_the_apis_error(stack: Stack, tenant: str, co
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("entrypoint", "exit_code", "status"), [("true", 0, "SUCCEEDED"), ("false", 1, "FAILED")])
-def test_wait_exits_0_only_when_the_job_succeeded(stack: Stack, tenant: str, tmp_path: Path, entrypoint: str,
-                                                  exit_code: int, status: str) -> None:
+@pytest.mark.parametrize(("entrypoint", "exit_code", "status"),
+                         [("true", 0, "SUCCEEDED"), ("false", 1, "FAILED"), ("exit 3", 3, "FAILED")])
+def test_wait_exits_with_the_jobs_exit_status(stack: Stack, tenant: str, tmp_path: Path, entrypoint: str,
+                                              exit_code: int, status: str) -> None:
     submission_id = submitted_id(poolq(stack, "submit", "--", "sh", "-c", gated(entrypoint), tenant=tenant, cwd=tmp_path))
     # Started before the job can end (it waits for `go`), so that `poolq wait` really waits.
     with start_cli(stack, "wait", submission_id, tenant=tenant) as proc:
@@ -324,6 +378,22 @@ def test_wait_exits_0_only_when_the_job_succeeded(stack: Stack, tenant: str, tmp
     assert json.loads(as_json.stdout)["status"] == status
 
 
+def test_wait_timeout_exits_124_and_the_job_goes_on(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    submission_id = never_placed(stack, tenant, tmp_path)
+    result = poolq(stack, "wait", "--timeout", "0.5", submission_id, tenant=tenant)
+    assert result.returncode == 124, (result.stdout, result.stderr)
+    assert result.stdout.splitlines()[0] == f"{submission_id}: PENDING"
+    assert f"{submission_id} is still PENDING after 0.5 s" in result.stderr
+    as_json = poolq(stack, "wait", "--timeout", "0", "--json", submission_id, tenant=tenant)
+    assert as_json.returncode == 124 and json.loads(as_json.stdout)["status"] == "PENDING"
+    assert job(stack, submission_id, tenant)["status"] == "PENDING"
+
+    assert poolq(stack, "stop", submission_id, tenant=tenant).returncode == 0
+    stopped = poolq(stack, "wait", "--timeout", "60", submission_id, tenant=tenant)
+    assert stopped.returncode == 125, stopped.stderr
+    assert stopped.stdout.splitlines()[0] == f"{submission_id}: STOPPED"
+
+
 # -- logs -------------------------------------------------------------------------------
 
 
@@ -337,6 +407,23 @@ def test_logs_prints_the_jobs_output(stack: Stack, tenant: str, tmp_path: Path) 
     # stdout and stderr are two pipes: their relative order is not fixed, their content is.
     assert all(part in result.stdout for part in ("out\n", "err\n", "no newline"))
     assert len(result.stdout) == len("out\nerr\nno newline")
+
+
+def test_logs_json_gives_the_output_and_the_offset_to_read_on(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    script = "echo one; " + gated("echo two")
+    submission_id = submitted_id(poolq(stack, "submit", "--", "sh", "-c", script, tenant=tenant, cwd=tmp_path))
+    wait_for(lambda: logs(stack, submission_id, tenant) == "one\n", SETTLE_S, what="the first line")
+    first = poolq(stack, "logs", "--json", submission_id, tenant=tenant)
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == {"logs": "one\n", "offset": 4}
+
+    with start_cli(stack, "logs", "--follow", "--json", submission_id, tenant=tenant) as follower:
+        (tmp_path / "go").touch()
+        stdout, stderr = follower.communicate(timeout=SETTLE_S)
+    assert follower.returncode == 0, stderr
+    chunks = [json.loads(line) for line in stdout.splitlines()]  # one object per chunk
+    assert "".join(c["logs"] for c in chunks) == "one\ntwo\n"
+    assert chunks[-1]["offset"] == len("one\ntwo\n")
 
 
 def test_logs_follow_prints_output_as_it_comes_and_exits_when_the_job_ends(stack: Stack, tenant: str,
@@ -384,6 +471,27 @@ def test_list_filters_by_status(stack: Stack, tenant: str, tmp_path: Path) -> No
     rows = table.stdout.splitlines()[1:]  # under a header line
     assert [row.split()[:2] for row in rows] == [[ids[s], s] for s in ("PENDING", "STOPPED", "FAILED", "SUCCEEDED")]
     poolq(stack, "stop", ids["PENDING"], tenant=tenant)
+
+
+def test_list_says_when_there_are_more_pages_and_all_follows_them(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    ids = [never_placed(stack, tenant, tmp_path) for _ in range(5)][::-1]  # newest first
+    page = poolq(stack, "list", "--limit", "2", tenant=tenant)
+    assert page.returncode == 0, page.stderr
+    assert [row.split()[0] for row in page.stdout.splitlines()[1:]] == ids[:2]
+    assert "--all" in page.stderr and "Traceback" not in page.stderr
+
+    every = poolq(stack, "list", "--all", "--limit", "2", tenant=tenant)  # three pages of at most 2
+    assert every.returncode == 0, every.stderr
+    lines = every.stdout.splitlines()
+    assert lines[0].startswith("SUBMISSION ID") and [row.split()[0] for row in lines[1:]] == ids
+    assert every.stderr == ""
+    as_json = poolq(stack, "list", "--all", "--limit", "2", "--json", tenant=tenant)
+    assert [r["submission_id"] for r in json.loads(as_json.stdout)] == ids
+
+    whole = poolq(stack, "list", "--limit", "5", tenant=tenant)  # exactly one page: nothing more to say
+    assert len(whole.stdout.splitlines()) == 6 and whole.stderr == ""
+    for submission_id in ids:
+        poolq(stack, "stop", submission_id, tenant=tenant)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
@@ -443,21 +551,24 @@ def test_submit_file_reports_refused_lines_and_accepts_the_rest(stack: Stack, te
     result = poolq(stack, "submit", "--file", str(path), *NEVER_PLACED, *(["--json"] if as_json else []),
                    tenant=tenant, cwd=tmp_path)
     assert result.returncode == 1, (result.stdout, result.stderr)
-    if as_json:
-        summary = json.loads(result.stdout)
-        assert summary["accepted"] == 3
-        assert [r["line"] for r in summary["refused"]] == [2, 4]
-        assert "runtime_env" in summary["refused"][1]["fields"]
-    else:
-        out = result.stdout.splitlines()
-        assert out[0] == "accepted 3, refused 2"
-        refused = {int(m.group(1)): line for line in out[1:] if (m := re.match(r"\s*line (\d+):", line))}
-        assert sorted(refused) == [2, 4]
-        assert "runtime_env" in refused[4]
-
     stored = all_jobs(stack, tenant)
     assert sorted(r["entrypoint"] for r in stored) == ["echo 3", "true", "true"]
-    assert "app-file-6" in {r["submission_id"] for r in stored}
+    by_entry = {r["submission_id"]: r["entrypoint"] for r in stored}
+    if as_json:
+        answers = [json.loads(line) for line in result.stdout.splitlines()]  # one per non-blank line, in order
+        assert [a["line"] for a in answers] == [1, 2, 3, 4, 6]
+        accepted = [a["submission_id"] for a in answers if "submission_id" in a]
+        assert "not a JSON job body" in answers[1]["error"] and "runtime_env" in answers[3]["fields"]
+        assert set(answers[1]) == {"line", "error"}
+    else:
+        accepted = result.stdout.splitlines()  # the accepted ids, one a line, in order
+        refused = {int(m.group(1)): line for line in result.stderr.splitlines()
+                   if (m := re.match(r"poolq: line (\d+):", line))}
+        assert sorted(refused) == [2, 4]
+        assert "runtime_env" in refused[4]
+        assert "poolq: accepted 3, refused 2" in result.stderr
+    assert [by_entry[i] for i in accepted] == ["true", "echo 3", "true"]
+    assert accepted[2] == "app-file-6"
 
 
 def test_submit_file_numbers_refused_lines_across_batches(stack: Stack, tenant: str, tmp_path: Path) -> None:
@@ -471,9 +582,10 @@ def test_submit_file_numbers_refused_lines_across_batches(stack: Stack, tenant: 
 
     result = poolq(stack, "submit", "--file", str(path), "--json", *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["accepted"] == 1196
-    assert [r["line"] for r in summary["refused"]] == [1, 1000, 1001, 1200]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == list(range(1, 1201))
+    assert [a["line"] for a in answers if "error" in a] == [1, 1000, 1001, 1200]
+    assert sum(1 for a in answers if "submission_id" in a) == 1196
     assert len(all_jobs(stack, tenant)) == 1196
 
 
@@ -486,9 +598,9 @@ def test_submit_file_refuses_a_line_that_is_not_utf8_and_sends_the_others(stack:
     result = poolq(stack, "submit", "--file", str(path), "--json", *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["accepted"] == 2
-    assert [r["line"] for r in summary["refused"]] == [2]
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [("submission_id" in a, a["line"]) for a in answers] == [(True, 1), (False, 2), (True, 3)]
+    assert "UTF-8" in answers[1]["error"]
     assert len(all_jobs(stack, tenant)) == 2
 
 
@@ -499,12 +611,68 @@ def test_submit_file_of_2500_lines_is_accepted_whole(stack: Stack, tenant: str, 
 
     result = poolq(stack, "submit", "--file", str(path), *NEVER_PLACED, tenant=tenant, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout, result.stderr)
-    assert result.stdout.splitlines() == ["accepted 2500, refused 0"]
+    assert "poolq: accepted 2500, refused 0" in result.stderr
+    assert "SCHEDULE_TIMEOUT" not in result.stderr  # sent with no deadline: nothing to warn of
 
     stored = all_jobs(stack, tenant)
     assert len(stored) == len({r["submission_id"] for r in stored}) == 2500
+    assert result.stdout.splitlines() == [r["submission_id"] for r in stored][::-1]  # in the order of the lines
     assert sorted(r["entrypoint"] for r in stored) == sorted(f"echo {i}" for i in range(2500))
     assert {r["pool_label"] for r in stored} == {"nowhere"}
+
+
+def test_submit_file_reads_standard_input(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    lines = "".join(json.dumps({"entrypoint": f"echo {i}", "runtime_env": {"working_dir": str(tmp_path)}}) + "\n"
+                    for i in range(3))
+    result = poolq(stack, "submit", "--file", "-", "--json", *NEVER_PLACED, tenant=tenant, cwd=tmp_path, stdin=lines)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["line"] for a in answers] == [1, 2, 3]
+    stored = {r["submission_id"]: r["entrypoint"] for r in all_jobs(stack, tenant)}
+    assert [stored[a["submission_id"]] for a in answers] == ["echo 0", "echo 1", "echo 2"]
+
+
+@pytest.mark.parametrize("source", ["empty-file", "blank-file", "empty-stdin"])
+def test_submit_file_refuses_an_empty_input(stack: Stack, tenant: str, tmp_path: Path, source: str) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n  \n" if source == "blank-file" else "")
+    given = "-" if source == "empty-stdin" else str(path)
+    result = poolq(stack, "submit", "--file", given, tenant=tenant, cwd=tmp_path, stdin="" if given == "-" else None)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.startswith("poolq: no jobs in") and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_submit_file_explains_queueing_when_the_jobs_would_time_out(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    """More CPUs asked for than the nodes have free, with the default deadline: one line
+    pointing at --schedule-timeout-ms 0. Not with a deadline of 0, nor when they fit."""
+    one_cpu = json.dumps({"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)}})
+    many = tmp_path / "many.jsonl"
+    many.write_text((one_cpu + "\n") * (NODE_CPUS * 3))
+    unplaceable = ["--label", "nowhere"]  # they must not run; they end SCHEDULE_TIMEOUT after 18 s
+
+    warned = poolq(stack, "submit", "--file", str(many), *unplaceable, tenant=tenant, cwd=tmp_path)
+    assert warned.returncode == 0, warned.stderr
+    hint = [line for line in warned.stderr.splitlines() if "SCHEDULE_TIMEOUT" in line]
+    assert len(hint) == 1 and "--schedule-timeout-ms 0" in hint[0], warned.stderr
+    assert f"ask for {NODE_CPUS * 3} CPUs" in hint[0] and "within 18 s" in hint[0]
+
+    queued = poolq(stack, "submit", "--file", str(many), *unplaceable, "--schedule-timeout-ms", "0", tenant=tenant,
+                   cwd=tmp_path)
+    assert queued.returncode == 0 and "SCHEDULE_TIMEOUT" not in queued.stderr, queued.stderr
+
+    few = tmp_path / "few.jsonl"
+    few.write_text(json.dumps({"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)},
+                               "entrypoint_num_cpus": 0.5}) + "\n")
+    fits = poolq(stack, "submit", "--file", str(few), *unplaceable, tenant=tenant, cwd=tmp_path)
+    assert fits.returncode == 0 and "SCHEDULE_TIMEOUT" not in fits.stderr, fits.stderr
+
+    # The tenant's own default of no deadline counts too.
+    quota = subprocess.run([sys.executable, "-m", "poolq", "quota", "set", tenant, "--schedule-timeout-ms", "0"],
+                           env=cli_env(stack), capture_output=True, text=True, timeout=SETTLE_S)
+    assert quota.returncode == 0, quota.stderr
+    by_default = poolq(stack, "submit", "--file", str(many), *unplaceable, tenant=tenant, cwd=tmp_path)
+    assert by_default.returncode == 0 and "SCHEDULE_TIMEOUT" not in by_default.stderr, by_default.stderr
 
 
 # -- the server ---------------------------------------------------------------------------
@@ -515,6 +683,15 @@ def test_an_unreachable_server_is_a_one_line_error(stack: Stack, tmp_path: Path,
     result = poolq(stack, *command, server=f"http://127.0.0.1:{free_port()}", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith("poolq: ") and "Traceback" not in result.stderr
+
+
+def test_submit_file_takes_no_command(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"entrypoint": "true", "runtime_env": {"working_dir": str(tmp_path)}}) + "\n")
+    for extra in (["--", "echo", "hi"], ["--wait"]):
+        result = poolq(stack, "submit", "--file", str(path), *extra, tenant=tenant, cwd=tmp_path)
+        assert result.returncode == 1 and result.stderr.startswith("poolq: --file"), result.stderr
+    assert all_jobs(stack, tenant) == []
 
 
 def test_a_missing_jobs_file_is_a_one_line_error(stack: Stack, tenant: str, tmp_path: Path) -> None:

@@ -49,6 +49,21 @@ def test_api_is_safe_as_published():
         assert api["environment"].get("POOLQ_AUTH") == "tokens"
 
 
+def test_flower_runs_on_poolqs_celery_app_and_sees_task_events():
+    """Flower runs `celery -A poolq.celery_app flower` (tests/test_celery_tools.py checks that
+    app against live workers) in the poolq image with flower added, on the poolq services'
+    Redis; the services send task events, and its port (no authentication) is loopback only."""
+    flower = SERVICES["flower"]
+    assert flower["command"][:4] == ["celery", "-A", "poolq.celery_app", "flower"]
+    assert flower["build"]["context"] == "." and flower["build"]["args"]["EXTRA_PACKAGES"].startswith("flower")
+    assert "ARG EXTRA_PACKAGES" in (ROOT / "Dockerfile").read_text()
+    assert flower["image"] != COMPOSE["x-poolq"]["image"]  # the services' image stays without flower
+    assert flower["environment"]["POOLQ_REDIS_URL"] == POOLQ_SERVICES["worker"]["environment"]["POOLQ_REDIS_URL"]
+    assert flower["ports"] and all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
+    for name in ("api", "worker", "node"):
+        assert POOLQ_SERVICES[name]["environment"].get("POOLQ_TASK_EVENTS") == "1", name
+
+
 def test_redis_persists_and_never_evicts():
     command = SERVICES["redis"]["command"]
     assert "--appendonly yes" in command and "--maxmemory-policy noeviction" in command

@@ -19,7 +19,14 @@ from typing import Any, Callable
 from poolq.settings import ConfigError, Settings
 
 LIMITS = (  # poolq:limits:<tenant>
-    "max_pending", "rate", "burst", "runtime_limit_ms", "schedule_timeout_ms", "default_priority", "max_priority", "weight"
+    "max_pending",
+    "rate",
+    "burst",
+    "runtime_limit_ms",
+    "schedule_timeout_ms",
+    "default_priority",
+    "max_priority",
+    "weight",
 )
 
 

@@ -1,24 +1,48 @@
 """``poolq submit|status|wait|logs|list|stop|delete``: the API from a shell.
 
 Every command takes ``--server`` (POOLQ_SERVER, default http://127.0.0.1:8000),
-``--token`` (POOLQ_TOKEN), ``--tenant`` and ``--json``.
+``--token`` (POOLQ_TOKEN), ``--tenant`` and ``--json``. What a user reads goes to
+stdout (ids, records, a job's output); progress, refusals and advice go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
-from poolq.client import ApiError, Client
+from poolq.client import ApiError, Client, WaitTimeout
 
 BATCH = 1000
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+LIST_PAGE = 1000  # jobs per request of `poolq list --all`
+
+# Exit codes of `poolq submit --wait` and `poolq wait` (beyond 0, the job's own code, and
+# 1): two that jobs rarely use, after timeout(1), which exits 124 when its time is up.
+EXIT_WAIT_TIMEOUT = 124
+EXIT_STOPPED = 125
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+def exit_codes(heading: str, *, with_timeout: bool) -> str:
+    """The exit statuses of a command that waits for a job, for its --help."""
+    rows = [
+        ("0", "the job SUCCEEDED"),
+        ("N", "it FAILED with exit code N (killed by signal S: 128+S, as a shell reports it)"),
+        (
+            "1",
+            "it FAILED without an exit code (e.g. SCHEDULE_TIMEOUT: not placed within its\n"
+            "         deadline; the message is on stderr), or the command failed",
+        ),
+        (str(EXIT_WAIT_TIMEOUT), "--timeout S passed before it ended (the job goes on)") if with_timeout else None,
+        (str(EXIT_STOPPED), "it was STOPPED"),
+        (str(EXIT_INTERRUPTED), "interrupted (Ctrl-C) while waiting (the job goes on)"),
+    ]
+    return heading + "\n" + "\n".join(f"  {code:<6} {text}" for code, text in filter(None, rows))
 
 
 def add_commands(commands: Any) -> None:
@@ -29,7 +53,11 @@ def add_commands(commands: Any) -> None:
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     submit = commands.add_parser(
-        "submit", parents=[common], help="submit a job: poolq submit [options] -- command args…"
+        "submit",
+        parents=[common],
+        help="submit a job: poolq submit [options] -- command args…",
+        epilog=exit_codes("exit status with --wait:", with_timeout=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     submit.add_argument("--label", help="X-Pool-Label: ordered pool-label terms")
     submit.add_argument("--working-dir", help="working directory on the node (default: the current directory)")
@@ -44,7 +72,9 @@ def add_commands(commands: Any) -> None:
         "--timeout-ms",
         "--schedule-timeout-ms",
         type=int,
-        help="X-Schedule-Timeout-Ms: how long it may wait to be placed",
+        metavar="MS",
+        help="X-Schedule-Timeout-Ms: how long it may wait to be placed before it ends SCHEDULE_TIMEOUT "
+        "(default: the tenant's, else 18000; 0: wait in line as long as it takes)",
     )
     submit.add_argument(
         "--timeout",
@@ -65,27 +95,52 @@ def add_commands(commands: Any) -> None:
     submit.add_argument(
         "--retries", type=int, metavar="N", help="run it up to N more times if it fails or its node is lost"
     )
-    submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it SUCCEEDED")
-    submit.add_argument("--file", type=Path, help="JSON lines, one job body per line, sent in batches of 1,000")
+    submit.add_argument(
+        "--wait",
+        action="store_true",
+        help="print the job's output as it is written and exit with its exit status (below); "
+        "with --json, print its final record instead",
+    )
+    submit.add_argument(
+        "--file",
+        metavar="PATH",
+        help="JSON lines, one job body per line (- for standard input), sent in batches of 1,000; "
+        "prints the accepted ids, one a line (--json: one object per line)",
+    )
     submit.add_argument("entrypoint", nargs=argparse.REMAINDER)
     submit.set_defaults(func=cmd_submit)
 
     for name, func, text in (
         ("status", cmd_status, "show a job's status and message"),
-        ("wait", cmd_wait, "wait for a job to end; exit 0 if it SUCCEEDED, 1 otherwise"),
         ("stop", cmd_stop, "stop a job"),
         ("delete", cmd_delete, "delete a finished job"),
     ):
         action = commands.add_parser(name, parents=[common], help=text)
         action.add_argument("submission_id")
         action.set_defaults(func=func)
+    wait = commands.add_parser(
+        "wait",
+        parents=[common],
+        help="wait for a job to end; exit with its exit status",
+        epilog=exit_codes("exit status:", with_timeout=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wait.add_argument("submission_id")
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help=f"give up after S seconds (exit {EXIT_WAIT_TIMEOUT}; the job goes on)",
+    )
+    wait.set_defaults(func=cmd_wait)
     logs = commands.add_parser("logs", parents=[common], help="print a job's output")
     logs.add_argument("submission_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
     listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
     listing.add_argument("--status", choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=int, help="jobs to show (default 50, at most 1000); with --all, per request")
+    listing.add_argument("--all", action="store_true", help="every job, following the pages")
     listing.set_defaults(func=cmd_list)
 
 
@@ -139,6 +194,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     if args.file:
+        if args.wait or [a for a in args.entrypoint if a != "--"]:
+            return _fail(ValueError("--file takes its jobs from the file: give no command and no --wait with it"))
         return submit_file(args)
     client = _client(args)
     try:
@@ -148,71 +205,210 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         print(json.dumps({"submission_id": submission_id}) if args.json else submission_id)
         return 0
-    record = client.wait(submission_id)
-    _show(record, args.json)
-    return 0 if record["status"] == "SUCCEEDED" else 1
+    try:
+        if args.json:
+            record = client.wait(submission_id)
+        else:
+            print(f"poolq: submitted {submission_id}; its output follows", file=sys.stderr)
+            record = client.follow(submission_id, _write, offset=0)
+    except (ApiError, OSError) as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return _interrupted(submission_id)
+    return _ended(record, args.json)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, Any]]:
+def _write(text: str, offset: int = 0) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def exit_status(record: dict[str, Any]) -> int:
+    """The exit status of `submit --wait` and `wait` for a finished job (see exit_codes)."""
+    if record["status"] == "SUCCEEDED":
+        return 0
+    if record["status"] == "STOPPED":
+        return EXIT_STOPPED
+    code = record.get("driver_exit_code")
+    if not code:
+        return 1
+    return 128 - code if code < 0 else (code & 0xFF or 1)
+
+
+def _ended(record: dict[str, Any], as_json: bool) -> int:
+    """Show how a waited-for job ended (the record on stdout with --json, else a status
+    line on stderr) and return its exit status."""
+    if as_json:
+        print(json.dumps(record))
+    else:
+        code = record.get("driver_exit_code")
+        print(
+            f"{record['submission_id']}: {record['status']}" + (f" (exit code {code})" if code else ""), file=sys.stderr
+        )
+        if record["status"] != "SUCCEEDED" and record.get("message"):
+            print(record["message"].rstrip("\n"), file=sys.stderr)
+    if record.get("error_type") == "SCHEDULE_TIMEOUT":
+        print(QUEUE_HINT, file=sys.stderr)
+    return exit_status(record)
+
+
+QUEUE_HINT = (
+    "poolq: to let a job wait in line for as long as it takes, submit it with --schedule-timeout-ms 0 "
+    "(or have the operator set the tenant's default: poolq quota set TENANT --schedule-timeout-ms 0)"
+)
+
+
+def _interrupted(submission_id: str) -> int:
+    print(f"\npoolq: stopped waiting; {submission_id} goes on (poolq stop {submission_id} stops it)", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _lines(handle: BinaryIO) -> Iterator[tuple[int, Any]]:
     """(line number, job body or the error that line has) for each non-blank line."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, 1):
-            if raw.strip():
-                try:
-                    yield number, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    yield number, ValueError("not UTF-8")
-                except json.JSONDecodeError as exc:
-                    yield number, exc
+    for number, raw in enumerate(handle, 1):
+        if raw.strip():
+            try:
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, ValueError("not UTF-8")
+            except json.JSONDecodeError as exc:
+                yield number, exc
 
 
 def submit_file(args: argparse.Namespace) -> int:
-    """Send a JSON-lines file in batches, with a progress bar and a summary of refusals."""
+    """Send JSON lines in batches: accepted ids (or one object per line) on stdout, in the
+    order of the lines; a progress bar, the refusals and a summary on stderr."""
     from tqdm import tqdm
 
     client = _client(args)
+    name = "standard input" if args.file == "-" else args.file
     try:
-        with open(args.file, "rb") as handle:
-            total = sum(1 for line in handle if line.strip())
+        if args.file == "-":
+            handle, total = sys.stdin.buffer, None
+        else:
+            with open(args.file, "rb") as counted:
+                total = sum(1 for line in counted if line.strip())
+            if not total:
+                return _fail(ValueError(f"no jobs in {name}: it is empty (one JSON job body per line)"))
+            handle = open(args.file, "rb")
     except OSError as exc:
         return _fail(exc)
-    accepted, refused = 0, []
-    batch: list[tuple[int, Any]] = []
-    with tqdm(total=total, unit="job", disable=args.json or None, file=sys.stderr) as progress:
+    report = _FileReport(args.json)
+    pending: list[tuple[int, Any]] = []  # lines in order, bodies and unreadable lines alike
+    bodies = 0  # of them, bodies to send
+    with handle, tqdm(total=total, unit="job", disable=args.json or None, file=sys.stderr) as progress:
 
         def send() -> None:
-            nonlocal accepted
-            bodies = [body for _, body in batch]
+            nonlocal bodies
+            valid = [(number, body) for number, body in pending if not isinstance(body, Exception)]
             try:
-                results = client.submit_batch(bodies, pool_label=args.label, timeout_ms=args.timeout_ms)
-            except ApiError as exc:
-                results = [{"error": str(exc)}] * len(batch)
-            for (number, _), result in zip(batch, results):
-                if "submission_id" in result:
-                    accepted += 1
+                results = client.submit_batch([b for _, b in valid], pool_label=args.label, timeout_ms=args.timeout_ms)
+            except ApiError as exc:  # the whole batch refused (e.g. 429, 413): say so on each line
+                results = [{"error": str(exc)}] * len(valid)
+            answers = dict(zip((n for n, _ in valid), zip((b for _, b in valid), results)))
+            for number, body in pending:
+                if isinstance(body, Exception):
+                    report.refused(number, {"error": f"not a JSON job body: {body}"})
                 else:
-                    refused.append((number, result))
-            progress.update(len(batch))
-            batch.clear()
+                    report.answered(number, *answers[number])
+            progress.update(len(pending))
+            pending.clear()
+            bodies = 0
 
-        for number, body in _lines(args.file):
-            if isinstance(body, Exception):
-                refused.append((number, {"error": f"not a JSON job body: {body}"}))
-                progress.update(1)
-                continue
-            batch.append((number, body))
-            if len(batch) == BATCH:
+        try:
+            for number, body in _lines(handle):
+                pending.append((number, body))
+                bodies += not isinstance(body, Exception)
+                if bodies == BATCH:
+                    send()
+            if pending:
                 send()
-        if batch:
-            send()
-    if args.json:
-        print(json.dumps({"accepted": accepted, "refused": [{"line": n, **r} for n, r in refused]}))
-    else:
-        print(f"accepted {accepted}, refused {len(refused)}")
-        for number, result in refused:
-            detail = "; ".join(f"{p}: {', '.join(m)}" for p, m in (result.get("fields") or {}).items())
-            print(f"  line {number}: {result.get('error')}" + (f" ({detail})" if detail else ""))
-    return 0 if not refused else 1
+        except (OSError, http.client.HTTPException) as exc:
+            line = f" (lines {pending[0][0]} on: not sent, or not confirmed)" if pending else ""
+            return _fail(OSError(f"{exc}{line}"))
+    if not report.lines:
+        return _fail(ValueError(f"no jobs in {name}: it is empty (one JSON job body per line)"))
+    if not args.json:
+        print(f"poolq: accepted {report.accepted}, refused {len(report.refusals)}", file=sys.stderr)
+    if report.accepted and args.timeout_ms is None:
+        hint = _queueing_hint(client, report)
+        if hint:
+            print(hint, file=sys.stderr)
+    return 0 if not report.refusals else 1
+
+
+class _FileReport:
+    """What `submit --file` prints for each line, and what it learns for the queueing hint."""
+
+    def __init__(self, as_json: bool):
+        from tqdm import tqdm
+
+        self.say = tqdm.write  # a line to stdout or stderr, clear of a progress bar on a terminal
+        self.as_json = as_json
+        self.lines = self.accepted = 0
+        self.refusals: list[int] = []
+        self.cpus = 0.0  # asked for by the accepted jobs that say
+        self.default_cpus_id: str | None = None  # an accepted job that does not say
+        self.defaulted = 0
+        self.first_id: str | None = None
+
+    def answered(self, number: int, body: Any, result: dict[str, Any]) -> None:
+        if "submission_id" not in result:
+            self.refused(number, result)
+            return
+        self.lines += 1
+        self.accepted += 1
+        submission_id = result["submission_id"]
+        self.first_id = self.first_id or submission_id
+        cpus = body.get("entrypoint_num_cpus") if isinstance(body, dict) else None
+        if isinstance(cpus, (int, float)) and not isinstance(cpus, bool):
+            self.cpus += cpus
+        else:
+            self.defaulted += 1
+            self.default_cpus_id = self.default_cpus_id or submission_id
+        self.say(json.dumps({"line": number, "submission_id": submission_id}) if self.as_json else submission_id)
+
+    def refused(self, number: int, result: dict[str, Any]) -> None:
+        self.lines += 1
+        self.refusals.append(number)
+        if self.as_json:
+            self.say(json.dumps({"line": number, "error": result.get("error"), **_fields(result)}))
+            return
+        detail = "; ".join(f"{p}: {', '.join(m)}" for p, m in (result.get("fields") or {}).items())
+        self.say(f"poolq: line {number}: {result.get('error')}" + (f" ({detail})" if detail else ""), file=sys.stderr)
+
+
+def _fields(result: dict[str, Any]) -> dict[str, Any]:
+    return {"fields": result["fields"]} if result.get("fields") else {}
+
+
+def _queueing_hint(client: Client, report: _FileReport) -> str | None:
+    """One line when the accepted jobs ask for more CPUs than the live nodes have free and
+    have a scheduling deadline: those not placed in time will end SCHEDULE_TIMEOUT.
+
+    Costs two requests: a job's record (its deadline, and the server's default CPUs)
+    and the nodes. Free CPUs are counted over every live node, whatever the jobs' pool
+    label, so the hint errs towards silence. Any error here only drops the hint.
+    """
+    try:
+        record = client.job(report.default_cpus_id or report.first_id or "")
+        nodes = client.nodes()
+    except (ApiError, OSError, http.client.HTTPException):
+        return None
+    deadline = (record.get("scheduling") or {}).get("deadline")
+    if deadline is None:  # no deadline: they wait in line already
+        return None
+    cpus = report.cpus + report.defaulted * float(record["entrypoint_num_cpus"] if report.default_cpus_id else 0)
+    free = sum(float(n["free"].get("CPU", 0)) for n in nodes if n.get("alive") and not n.get("draining"))
+    if cpus <= free:
+        return None
+    seconds = max(0, deadline - record["submit_time"]) / 1000
+    return (
+        f"poolq: these {report.accepted} jobs ask for {cpus:g} CPUs and the live nodes have {free:g} free; "
+        f"a job not placed within {seconds:g} s ends SCHEDULE_TIMEOUT. To queue them instead, send them "
+        "with --schedule-timeout-ms 0 (or have the operator set the tenant's default: "
+        "poolq quota set TENANT --schedule-timeout-ms 0)"
+    )
 
 
 def _show(record: dict[str, Any], as_json: bool) -> None:
@@ -234,11 +430,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     try:
-        record = _client(args).wait(args.submission_id)
+        record = _client(args).wait(args.submission_id, timeout_s=args.timeout)
+    except WaitTimeout as exc:
+        _show(exc.record, args.json)
+        print(f"poolq: {exc}; it goes on", file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT
     except (ApiError, OSError) as exc:
         return _fail(exc)
+    except KeyboardInterrupt:
+        return _interrupted(args.submission_id)
     _show(record, args.json)
-    return 0 if record["status"] == "SUCCEEDED" else 1
+    if record.get("error_type") == "SCHEDULE_TIMEOUT":
+        print(QUEUE_HINT, file=sys.stderr)
+    return exit_status(record)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -260,42 +464,55 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    """The job's output as is; with --json an object ``{"logs", "offset"}`` (one per chunk
+    with --follow), where ``offset`` is what ``?offset=`` takes to read on."""
     client = _client(args)
+
+    def write(text: str, offset: int) -> None:
+        _write(json.dumps({"logs": text, "offset": offset}) + "\n" if args.json else text)
+
     try:
-        text, offset = client.logs(args.submission_id)
-        _write_logs(args, text, offset)
-        while args.follow:
-            status = client.job(args.submission_id)["status"]
-            text, offset = client.logs(args.submission_id, offset)
-            if text:
-                _write_logs(args, text, offset)
-            if status in TERMINAL and not text:
-                break
-            if not text:
-                time.sleep(0.5)
+        if args.follow:
+            client.follow(args.submission_id, write)
+        else:
+            write(*client.logs(args.submission_id))
     except (ApiError, OSError) as exc:
         return _fail(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0
 
 
-def _write_logs(args: argparse.Namespace, text: str, offset: int) -> None:
-    """The text as it is, or with --json one object per read: ``{"logs": …, "offset": N}``,
-    N the offset to read on from (as ``GET …/logs`` answers it)."""
-    sys.stdout.write(json.dumps({"logs": text, "offset": offset}) + "\n" if args.json else text)
-    sys.stdout.flush()
-
-
 def cmd_list(args: argparse.Namespace) -> int:
+    """A page of jobs (saying on stderr when there are more), or with --all every page."""
+    client = _client(args)
+    limit = args.limit or (LIST_PAGE if args.all else 50)
+    shown: list[dict[str, Any]] = []
+    more = False
     try:
-        records, _ = _client(args).jobs(status=args.status, limit=args.limit)
+        if args.all:
+            for page in client.all_jobs(status=args.status, page=limit):
+                shown += page
+                if not args.json:
+                    _rows(page, header=len(shown) == len(page))
+        else:
+            shown, cursor = client.jobs(status=args.status, limit=limit)
+            more = cursor is not None
+            if not args.json:
+                _rows(shown, header=True)
     except (ApiError, OSError) as exc:
         return _fail(exc)
     if args.json:
-        print(json.dumps(records))
-        return 0
-    print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'NODE':<16} ENTRYPOINT")
+        print(json.dumps(shown))
+    if more:
+        print(f"poolq: more jobs than these {len(shown)}: --all lists them all", file=sys.stderr)
+    return 0
+
+
+def _rows(records: list[dict[str, Any]], *, header: bool) -> None:
+    if header:
+        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'NODE':<16} ENTRYPOINT")
     for record in records:
         print(
             f"{record['submission_id']:<44} {record['status']:<10} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
         )
-    return 0

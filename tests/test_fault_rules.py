@@ -332,17 +332,18 @@ def test_a_stop_sent_twice_answers_as_the_first(app: App, store: JobStore) -> No
     job_ref = "default:app-stop2"
     token = "tok-1"
     args = [job_ref, "", "STOPPED", "STOPPED_BY_USER", "stopped by user request", "", ",PENDING,RUNNING,", 2000,
-            "stop", token, ""]
+            "stop", token, "", "1000"]
     tenant = "default"
     sig = store.redis.hget(keys.job(job_ref), "shape")
     finish_keys = [
         keys.job(job_ref), keys.node(""), keys.node_jobs(""), keys.node_inbox(""), keys.shape_queue(sig),
         keys.DEADLINES, keys.CLAIMED, keys.TERMINAL, keys.INVENTORY_LOG, keys.KICK, keys.wake("poolq.placement"),
         keys.tenant_active(tenant), keys.tenant_counts(tenant), keys.tenant_usage(tenant), keys.SUSPECTS,
-        keys.CLAIMS, keys.shape(sig), keys.tenant_package_use(tenant), keys.PACKAGES, keys.RETRIES,
+        keys.CLAIMS, keys.shape(sig), keys.tenant_package_use(tenant), keys.PACKAGES, keys.RETRIES, keys.STATS,
     ]
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1  # the retry: still "stopped"
-    other = [*args[:-2], "tok-2", ""]
+    other = [*args[:-3], "tok-2", "", "1000"]
     assert store.scripts.finish(keys=finish_keys, args=other)[0] == 0  # another request: already ended
     assert store.redis.hget(keys.tenant_counts(tenant), "STOPPED") == "1"
+    assert store.redis.hget(keys.STATS, "completed:STOPPED:STOPPED_BY_USER") == "1"  # counted once, for three runs

@@ -18,6 +18,7 @@ import bisect
 import logging
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -28,6 +29,7 @@ log = logging.getLogger("poolq.api")
 # The bounds (ms) of the latency buckets: a request held by `Prefer: wait=60`, or a
 # slow upload, takes a minute or more.
 LATENCY_BUCKETS_MS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000)
+BOUNDS_S = tuple(le / 1000 for le in LATENCY_BUCKETS_MS)
 FLUSH_S = 1.0
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 UNMATCHED = "unmatched"
@@ -39,22 +41,21 @@ class RequestMetrics:
 
     def __init__(self, client: redis.Redis):
         self.redis = client
-        self._pending: dict[str, int] = {}  # field of poolq:stats:http -> what to add
+        # (method, route, status, bucket index) -> [requests, seconds]: a request costs one
+        # dictionary update here; the Redis fields are spelled out once a second.
+        self._pending: dict[tuple[str, str, int, int], list[Any]] = {}
         self._lock = threading.Lock()
         self._flusher: threading.Thread | None = None
 
     def record(self, method: str, route: str, status: int, seconds: float) -> None:
-        series = f"{method if method in METHODS else 'other'};{route}"
-        ms = seconds * 1000
-        index = bisect.bisect_left(LATENCY_BUCKETS_MS, ms)
-        bucket = str(LATENCY_BUCKETS_MS[index]) if index < len(LATENCY_BUCKETS_MS) else "inf"
-        fields = (f"n;{series};{status}", f"le;{series};{bucket}")
+        key = (method, route, status, bisect.bisect_left(BOUNDS_S, seconds))
         with self._lock:
-            pending = self._pending
-            for field in fields:
-                pending[field] = pending.get(field, 0) + 1
-            total = f"sum_us;{series}"
-            pending[total] = pending.get(total, 0) + int(seconds * 1_000_000)
+            entry = self._pending.get(key)
+            if entry is None:
+                self._pending[key] = [1, seconds]
+            else:
+                entry[0] += 1
+                entry[1] += seconds
             if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_while_busy, name="poolq-request-metrics", daemon=True
@@ -77,13 +78,23 @@ class RequestMetrics:
                     return
             self._write(batch)
 
-    def _write(self, batch: dict[str, int]) -> None:
+    def _write(self, batch: dict[tuple[str, str, int, int], list[Any]]) -> None:
         if not batch:
             return
+        fields: dict[str, int] = {}
+        for (method, route, status, index), (count, seconds) in batch.items():
+            series = f"{method if method in METHODS else 'other'};{route}"
+            bucket = str(LATENCY_BUCKETS_MS[index]) if index < len(LATENCY_BUCKETS_MS) else "inf"
+            for field, amount in (
+                (f"n;{series};{status}", count),
+                (f"le;{series};{bucket}", count),
+                (f"sum_us;{series}", round(seconds * 1_000_000)),
+            ):
+                fields[field] = fields.get(field, 0) + amount
         pipe = self.redis.pipeline(transaction=False)
-        for field, amount in batch.items():
+        for field, amount in fields.items():
             pipe.hincrby(keys.HTTP_STATS, field, amount)
         try:
             pipe.execute()
         except redis.RedisError as exc:
-            log.debug("request metrics not written (%d counters dropped): %s", len(batch), exc)
+            log.debug("request metrics not written (%d counters dropped): %s", len(fields), exc)

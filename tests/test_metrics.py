@@ -378,6 +378,8 @@ def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, p
     assert metrics.value("poolq_jobs", status="FAILED") == 3
     assert metrics.value("poolq_queue_depth") == 0
     assert metrics.value("poolq_placement_latency_seconds_count") == 0  # nothing was placed
+    assert metrics.labelled("poolq_jobs_completed_total") == {(("error_type", "SCHEDULE_TIMEOUT"), ("status", "FAILED")): 3}
+    assert metrics.labelled("poolq_job_run_duration_seconds_count") == {}  # none of them ran
 
 
 # -- node liveness ---------------------------------------------------------------------------

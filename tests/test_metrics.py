@@ -292,6 +292,43 @@ def test_api_processes_add_their_counts_to_one_figure(settings: Settings) -> Non
     assert scrape(second).value("poolq_api_request_duration_seconds_count", method="GET", route="/api/version") == 5
 
 
+def test_a_server_with_two_workers_counts_every_request(start_proc: Any, redis_client: redis.Redis) -> None:
+    """``poolq api --workers 2``: each request counted once, whichever process served it."""
+    import http.client
+
+    port = free_port()
+    api = start_proc(["api", "--port", str(port), "--workers", "2"])
+
+    def get(path: str) -> tuple[int, bytes]:
+        assert api.alive(), api.output()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a new connection each: any worker
+        try:
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
+
+    def serving() -> bool:
+        try:
+            return get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(serving, timeout=60, interval=0.2, what="poolq api to serve")
+    for _ in range(40):
+        assert get("/api/jobs/app-none")[0] == 404
+
+    def counted() -> float | None:
+        status, body = get("/metrics")
+        assert status == 200, body
+        return Metrics(body.decode()).value("poolq_api_requests_total", method="GET",
+                                           route="/api/jobs/{submission_id}", status="404")
+
+    wait_for(lambda: counted() == 40, timeout=SETTLE_S, what="all 40 requests to be counted")
+    assert counted() == 40  # and not more: no flush is counted twice
+
+
 # -- how long jobs ran, and how they ended --------------------------------------------------
 
 

@@ -209,9 +209,9 @@ def _answer(description: str, schema: Any = None, headers: dict[str, Any] | None
 def _errors(*codes: int, schema: Any = "ErrorBody") -> dict[str, Any]:
     text = {
         400: "invalid request (fields name each problem)",
-        404: "not found in the caller's tenant",
         401: "with POOLQ_AUTH=tokens: no valid bearer token (missing, unknown, malformed or revoked)",
         403: "with POOLQ_AUTH=tokens: X-Tenant-Id names another tenant than the token's",
+        404: "not found in the caller's tenant",
         409: "conflict",
         413: "body too large",
         415: "Content-Type must be application/json",

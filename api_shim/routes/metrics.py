@@ -93,18 +93,18 @@ class RedisCollector:
         per_bucket: dict[tuple[str, str], dict[str, float]] = {}
         sums: dict[tuple[str, str], float] = {}
         for field, value in sorted(stats.items()):
-            kind, method, route, *rest = field.split(";")
-            if kind == "n":
-                requests.add_metric([method, route, rest[0]], float(value))
-            elif kind == "le":
-                per_bucket.setdefault((method, route), {})[rest[0]] = float(value)
-            elif kind == "sum_us":
-                sums[(method, route)] = float(value) / 1_000_000
+            kind, *series, last = field.split(";")  # (api_shim.request_metrics spells them)
+            if kind == "n" and len(series) == 2:
+                requests.add_metric([*series, last], float(value))
+            elif kind == "le" and len(series) == 2:
+                per_bucket.setdefault((series[0], series[1]), {})[last] = float(value)
+            elif kind == "sum_us" and len(series) == 1:
+                sums[(series[0], last)] = float(value) / 1_000_000
         latency = HistogramMetricFamily(
             "poolq_api_request_duration_seconds", "API request latency, by method and route", labels=["method", "route"]
         )
-        for series, buckets in sorted(per_bucket.items()):
-            latency.add_metric(list(series), _cumulative(buckets, LATENCY_BUCKETS_MS), sum_value=sums.get(series, 0.0))
+        for pair, buckets in sorted(per_bucket.items()):
+            latency.add_metric(list(pair), _cumulative(buckets, LATENCY_BUCKETS_MS), sum_value=sums.get(pair, 0.0))
         yield from (requests, latency)
 
     def _placement(self, stats: dict[str, str]) -> Iterator[Any]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from marshmallow import ValidationError
 
 from api_shim.http import HTTPError, Request, Response, Route, Router
+from api_shim.request_metrics import UNMATCHED, RequestMetrics
 from api_shim.routes.jobs import Jobs
 from api_shim.routes.meta import Meta
 from api_shim.routes.metrics import Metrics
@@ -57,8 +59,11 @@ class App:
         # Connections are made on first use, so each server process dials Redis itself.
         self.store = store or JobStore(connect(settings), settings, waker or celery_waker(settings))
         # Its own client, quick to give up: the check lets requests through when Redis
-        # does not answer, and must not spend the request's 2 s finding that out.
-        self.limiter = RateLimiter(connect(settings, timeout_s=0.25, retries=0), self.store.scripts)
+        # does not answer, and must not spend the request's 2 s finding that out. The
+        # request counts share it: a lost flush is dropped, not sent twice.
+        quick = connect(settings, timeout_s=0.25, retries=0)
+        self.limiter = RateLimiter(quick, self.store.scripts)
+        self.request_metrics = RequestMetrics(quick)
         # Requests reading their body at once, per process: the rest of the server's
         # threads stay free for everything else (see Request.read_body).
         self.body_readers = threading.BoundedSemaphore(max(1, settings.api_threads - settings.max_waiters - 2))
@@ -80,13 +85,17 @@ class App:
                 Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),
                 Route("/livez", {"GET": meta.livez}),
-                Route("/metrics", {"GET": Metrics(self.store.redis).metrics}),
+                Route("/metrics", {"GET": Metrics(self.store.redis, self.request_metrics.flush).metrics}),
             ]
         )
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.perf_counter()
         request = Request(environ, self.body_readers)
         response = self.handle(request)
+        self.request_metrics.record(
+            request.method, request.route or UNMATCHED, response.status, time.perf_counter() - started
+        )
         headers = response.headers
         origin = environ.get("HTTP_ORIGIN")
         if origin and origin in self.settings.cors_origins:
@@ -100,6 +109,7 @@ class App:
         if found is None:
             return error_response(HTTPError(404, f"no route for {request.path}"))
         route, params = found
+        request.route = route.template
         if request.method == "OPTIONS":
             return Response(204, headers=[("Allow", route.allow), *self._preflight(request, route)])
         handler = route.handlers.get(request.method)

@@ -51,12 +51,13 @@ class Request:
     ``tenant_or_400`` answers for the routes that need a tenant.
     """
 
-    __slots__ = ("environ", "method", "path", "params", "tenant", "tenant_problem", "_body_readers", "_query")
+    __slots__ = ("environ", "method", "path", "route", "params", "tenant", "tenant_problem", "_body_readers", "_query")
 
     def __init__(self, environ: dict[str, Any], body_readers: threading.BoundedSemaphore):
         self.environ = environ
         self.method: str = environ["REQUEST_METHOD"].upper()
         self.path: str = environ.get("PATH_INFO") or "/"
+        self.route: str | None = None  # the template of the route that matched its path
         self.params: dict[str, str] = {}
         self.tenant: str | None = None
         self.tenant_problem: list[str] = []  # what is wrong with X-Tenant-Id, when tenant is None

@@ -69,6 +69,25 @@ HEALTH = {
 }
 ID = {"name": "submission_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
+# Authentication (docs/api.md, "Authentication and tenants"): with POOLQ_AUTH=tokens every
+# route but /healthz needs a bearer token; without, none does, hence the `{}` alternative.
+# The routes a tenant's request rate limits (api_shim.app.TENANT_ROUTES) may answer 429.
+BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "an API token (`poolq token create TENANT`), bound to its tenant. Required only when the "
+    "server runs with POOLQ_AUTH=tokens (the default on any address but loopback): each operation's security "
+    "also lists `{}`, no authentication, which is how a server with POOLQ_AUTH=none answers.",
+}
+OPEN_PATHS = {"/healthz"}
+RATE_LIMITED = ("/api/jobs", "/api/packages")
+RETRY_AFTER = {
+    "Retry-After": {
+        "schema": {"type": "integer", "minimum": 1},
+        "description": "seconds until the tenant's request rate allows another request (sent with a rate-limit 429)",
+    }
+}
+
 
 class ErrorBody(Schema):
     error = fields.String(required=True)
@@ -207,16 +226,40 @@ def _answer(description: str, schema: Any = None, headers: dict[str, Any] | None
     return answer
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+def _errors(*codes: int, schema: Any = "ErrorBody") -> dict[str, Any]:
     text = {
         400: "invalid request (fields name each problem)",
+        401: "with POOLQ_AUTH=tokens: no valid bearer token (missing, unknown, malformed or revoked)",
+        403: "with POOLQ_AUTH=tokens: X-Tenant-Id names another tenant than the token's",
         404: "not found in the caller's tenant",
         409: "conflict",
         413: "body too large",
         415: "Content-Type must be application/json",
+        429: "a tenant limit: its request rate (with Retry-After) or, for a submission, its max pending jobs",
         503: "Redis unavailable",
     }
-    return {str(code): _answer(text[code], "ErrorBody") for code in codes}
+    headers: dict[int, dict[str, Any]] = {
+        401: {
+            "WWW-Authenticate": {"required": True, "schema": {"type": "string"}, "description": 'Bearer realm="poolq"'}
+        },
+        429: RETRY_AFTER,
+    }
+    return {str(code): _answer(text[code], schema, headers.get(code)) for code in codes}
+
+
+def _secure(paths: dict[str, Any]) -> None:
+    """Every operation but the open ones: the bearer token, and the 401, 403 (and on the
+    rate-limited routes 429) that come with it. Runs on the finished document."""
+    error_body = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, operations in paths.items():
+        for operation in operations.values():
+            if path in OPEN_PATHS:
+                operation["security"] = []
+                continue
+            operation["security"] = [{"bearerAuth": []}, {}]
+            codes = (401, 403, 429) if path.startswith(RATE_LIMITED) else (401, 403)
+            operation["responses"].update(_errors(*codes, schema=error_body))
+            operation["responses"] = dict(sorted(operation["responses"].items()))
 
 
 def _obj(schema_fields: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +299,7 @@ def document() -> dict[str, Any]:
         ("Pool", Pool),
     ):
         spec.components.schema(name, schema=schema)
+    spec.components.security_scheme("bearerAuth", BEARER)
     etag = {"ETag": {"schema": {"type": "string"}}}
     spec.path(
         "/api/jobs",
@@ -493,4 +537,6 @@ def document() -> dict[str, Any]:
             }
         },
     )
-    return spec.to_dict()
+    doc = spec.to_dict()
+    _secure(doc["paths"])
+    return doc

@@ -43,7 +43,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:inventory:log | stream | node ids whose state changed; placement caches follow it |
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
-| poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement latency buckets, schedule_failures:<reason> |
+| poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement_le:<ms> (cumulative), placement_count, placement_sum_ms, schedule_failures:<reason>, run_le:<status>:<ms or inf> (one bucket per run), run_sum_ms:<status>, completed:<status>:<error_type>, retried:<error_type> |
+| poolq:stats:http | hash | API requests, added to by every API process about once a second: n;<method>;<route>;<status>, sum_us;<method>;<route>, le;<method>;<route>;<ms> (<route> the route template) (one bucket per request) |
 | poolq:pkg:<tenant>:<name> | string | a tenant's uploaded working_dir package (zip bytes) |
 | poolq:packages | zset | "<tenant>:<name>" -> ms of last use: removed after retention unless a live job uses it |
 | poolq:tenant:<tenant>:pkgsize | hash | package name -> bytes, for the tenant's package budget |
@@ -79,6 +80,7 @@ NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"
 STATS = PREFIX + "stats"
+HTTP_STATS = PREFIX + "stats:http"
 TOKENS = PREFIX + "tokens"
 TENANTS = PREFIX + "tenants"
 PACKAGES = PREFIX + "packages"

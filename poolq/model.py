@@ -19,8 +19,12 @@ MEMORY = "memory"
 GPU = "GPU"
 
 # How long from submission to reservation, for /metrics: reserve.lua counts each
-# placement in the buckets it falls in (ms).
-PLACEMENT_LATENCY_BUCKETS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 60000)
+# placement in the buckets it falls in (ms). A job sent with X-Schedule-Timeout-Ms: 0
+# may wait in line for hours, so the buckets go on past a minute.
+PLACEMENT_LATENCY_BUCKETS_MS = (10, 50, 100, 500, 1000, 5000, 10000, 60000, 300000, 600000, 3600000)
+# How long a job's attempt ran (RUNNING to its end), for /metrics: finish.lua counts
+# each run in the one bucket it falls in (ms), the scrape adds them up.
+RUN_DURATION_BUCKETS_MS = (100, 1000, 10000, 60000, 300000, 600000, 1800000, 3600000, 21600000, 86400000)
 
 
 class JobStatus(str, enum.Enum):

@@ -27,6 +27,7 @@ from poolq.model import (
     GPU,
     MEMORY,
     RETRY_ON_DEFAULT,
+    RUN_DURATION_BUCKETS_MS,
     ErrorType,
     JobFields,
     JobStatus,
@@ -47,6 +48,7 @@ log = logging.getLogger("poolq.store")
 
 WAKE_TTL_MS = 2000  # a wake-up lost with its message is re-sent by the sweep after this
 LIST_SCAN = 5000  # records a filtered listing reads at most per page
+RUN_BUCKETS = ",".join(map(str, RUN_DURATION_BUCKETS_MS))  # finish.lua's ARGV[12]
 
 
 class Submitted(enum.IntEnum):
@@ -414,6 +416,7 @@ class JobStore:
                     mode,
                     token,
                     "" if attempt is None else attempt,
+                    RUN_BUCKETS,
                     *extra_args,
                 ],
             )
@@ -743,6 +746,7 @@ def finish_keys(job_ref: str, node: str, sig: str) -> list[str]:
         keys.tenant_package_use(tenant),
         keys.PACKAGES,
         keys.RETRIES,
+        keys.STATS,
         keys.dependents(job_ref),
         keys.RESOLVE,
     ]

@@ -333,10 +333,11 @@ def test_a_stop_sent_twice_answers_as_the_first(app: App, store: JobStore) -> No
     job_ref = "default:app-stop2"
     token = "tok-1"
     args = [job_ref, "", "STOPPED", "STOPPED_BY_USER", "stopped by user request", "", ",PENDING,RUNNING,", 2000,
-            "stop", token, ""]
+            "stop", token, "", "1000"]
     finish_keys = store_finish_keys(job_ref, "", store.redis.hget(keys.job(job_ref), "shape") or "")
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1  # the retry: still "stopped"
-    other = [*args[:-2], "tok-2", ""]
+    other = [*args[:-3], "tok-2", "", "1000"]
     assert store.scripts.finish(keys=finish_keys, args=other)[0] == 0  # another request: already ended
     assert store.redis.hget(keys.tenant_counts("default"), "STOPPED") == "1"
+    assert store.redis.hget(keys.STATS, "completed:STOPPED:STOPPED_BY_USER") == "1"  # counted once, for three runs

@@ -18,7 +18,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_shim.app import App
-from poolq import tokens
+from api_shim.routes import metrics as metrics_route
+from poolq import keys, tokens
 from poolq.embedded import free_port
 from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
@@ -68,11 +69,17 @@ def accepted(app: App, body: Any = JOB, tenant: str = "default", label: str | No
 def test_metrics_is_prometheus_text_with_every_family(app: App) -> None:
     metrics = scrape(app)
     expected = {
+        "poolq_api_requests": "counter",
+        "poolq_api_request_duration_seconds": "histogram",
         "poolq_submissions": "counter",
         "poolq_scheduling_failures": "counter",
         "poolq_placement_latency_seconds": "histogram",
+        "poolq_job_run_duration_seconds": "histogram",
+        "poolq_jobs_completed": "counter",
+        "poolq_job_retries": "counter",
         "poolq_jobs": "gauge",
         "poolq_queue_depth": "gauge",
+        "poolq_queue_waiting": "gauge",
         "poolq_nodes": "gauge",
         "poolq_pool_capacity": "gauge",
         "poolq_pool_reserved": "gauge",
@@ -203,6 +210,191 @@ def test_placement_latency_counts_placed_jobs_and_pools_show_capacity_and_reserv
     assert scrape(app).value("poolq_placement_latency_seconds_count") == 4
 
 
+def test_placement_latency_buckets_go_past_a_minute_and_stay_cumulative(app: App, redis_client: redis.Redis) -> None:
+    # Counters kept before the buckets past 60 s existed: placements up to 60 s, and one
+    # slower (in +Inf only). A bucket that did not exist then is shown at least as high
+    # as the one below it, so the histogram stays well formed across the upgrade.
+    redis_client.hset(keys.STATS, mapping={"placement_le:10000": 4, "placement_le:60000": 5,
+                                           "placement_count": 6, "placement_sum_ms": 200_000})
+    buckets = {s.labels["le"]: s.value for s in scrape(app).samples if s.name == "poolq_placement_latency_seconds_bucket"}
+    assert {le: buckets[le] for le in ("10.0", "60.0", "300.0", "600.0", "3600.0", "+Inf")} == {
+        "10.0": 4, "60.0": 5, "300.0": 5, "600.0": 5, "3600.0": 5, "+Inf": 6}, buckets
+
+
+# -- API requests by route and status, with latency --------------------------------------
+
+
+def own_redis_app(settings: Settings, db: int) -> App:
+    """An App on a Redis database of its own, emptied: the request counts of the Apps of
+    earlier tests, flushed up to a second after their last request, cannot land in it."""
+    url = settings.resolved_redis_url().rsplit("/", 1)[0] + f"/{db}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return App(dataclasses.replace(settings, redis_url=url))
+
+
+def test_api_requests_are_counted_by_route_template_and_status_with_latency(settings: Settings) -> None:
+    app = own_redis_app(settings, 7)
+    ids = [accepted(app, tenant="t-http") for _ in range(3)]
+    assert submit(app, {"runtime_env": {"working_dir": "/tmp"}}).status == 400
+    for submission_id in ids[:2]:
+        assert call(app, "GET", f"/api/jobs/{submission_id}", headers={"X-Tenant-Id": "t-http"}).status == 200
+    assert call(app, "GET", f"/api/jobs/{ids[2]}/", headers={"X-Tenant-Id": "t-http"}).status == 200  # trailing slash
+    assert call(app, "GET", "/api/jobs/app-none").status == 404
+    assert call(app, "GET", "/no/such/path").status == 404
+    assert call(app, "BREW", "/api/jobs").status == 405
+    # Held for its whole second (no placement worker): a request that cannot be fast.
+    held = kit.post(app, headers={"Prefer": "wait=1"})
+    assert held.status == 200, held.body
+
+    metrics = scrape(app)
+    counted = {tuple(v for _, v in sorted(k)): n for k, n in metrics.labelled("poolq_api_requests_total").items()}
+    assert counted == {
+        ("POST", "/api/jobs", "200"): 4,
+        ("POST", "/api/jobs", "400"): 1,
+        ("GET", "/api/jobs/{submission_id}", "200"): 3,
+        ("GET", "/api/jobs/{submission_id}", "404"): 1,
+        ("GET", "unmatched", "404"): 1,
+        ("other", "/api/jobs", "405"): 1,
+    }, counted
+
+    series = {"method": "POST", "route": "/api/jobs"}
+    assert metrics.value("poolq_api_request_duration_seconds_count", **series) == 5
+    buckets = {s.labels["le"]: s.value for s in metrics.samples
+               if s.name == "poolq_api_request_duration_seconds_bucket" and s.labels["route"] == "/api/jobs"
+               and s.labels["method"] == "POST"}
+    ordered = sorted(buckets.items(), key=lambda kv: float(kv[0]))
+    assert all(a[1] <= b[1] for a, b in zip(ordered, ordered[1:])), ordered  # cumulative
+    assert ordered[-2][0] == "600.0" and buckets["+Inf"] == 5, ordered
+    assert buckets["0.5"] <= 4, buckets  # the held request took a second at least
+    total = metrics.value("poolq_api_request_duration_seconds_sum", **series)
+    assert total is not None and 1 <= total <= 5 * SETTLE_S, total
+
+    # The scrape counts itself, once it has answered.
+    assert scrape(app).value("poolq_api_requests_total", method="GET", route="/metrics", status="200") == 1
+
+
+def test_api_processes_add_their_counts_to_one_figure(settings: Settings) -> None:
+    """Two Apps on one Redis, as two API processes: either one's /metrics shows the sum,
+    the other's counts arriving within about a second, without a request to it."""
+    first = own_redis_app(settings, 8)
+    second = App(first.settings)
+    for _ in range(2):
+        assert call(first, "GET", "/api/version").status == 200
+    for _ in range(3):
+        assert call(second, "GET", "/api/version").status == 200
+
+    def counted() -> float | None:
+        return scrape(first).value("poolq_api_requests_total", method="GET", route="/api/version", status="200")
+
+    wait_for(lambda: counted() == 5, timeout=SETTLE_S, what="the second process's counts to be flushed")
+    assert scrape(second).value("poolq_api_request_duration_seconds_count", method="GET", route="/api/version") == 5
+
+
+def test_a_server_with_two_workers_counts_every_request(start_proc: Any, redis_client: redis.Redis) -> None:
+    """``poolq api --workers 2``: each request counted once, whichever process served it."""
+    import http.client
+
+    port = free_port()
+    api = start_proc(["api", "--port", str(port), "--workers", "2"])
+
+    def get(path: str) -> tuple[int, bytes]:
+        assert api.alive(), api.output()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a new connection each: any worker
+        try:
+            conn.request("GET", path)
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
+
+    def serving() -> bool:
+        try:
+            return get("/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_for(serving, timeout=60, interval=0.2, what="poolq api to serve")
+    for _ in range(40):
+        assert get("/api/jobs/app-none")[0] == 404
+
+    def counted() -> float | None:
+        status, body = get("/metrics")
+        assert status == 200, body
+        return Metrics(body.decode()).value("poolq_api_requests_total", method="GET",
+                                           route="/api/jobs/{submission_id}", status="404")
+
+    wait_for(lambda: counted() == 40, timeout=SETTLE_S, what="all 40 requests to be counted")
+    assert counted() == 40  # and not more: no flush is counted twice
+
+
+# -- how long jobs ran, and how they ended --------------------------------------------------
+
+
+AGENT_ENV = {"POOLQ_STOP_GRACE_S": "1", "POOLQ_DRAIN_S": "1", "POOLQ_HEARTBEAT_S": "0.5"}
+
+
+def test_job_runs_and_completions_by_outcome(app: App, placement: Placement, start_proc: Any) -> None:
+    node = start_proc(["node", "--id", "n1", "--cpus", "4", "--memory", "4Gi"], env=AGENT_ENV, name="node-n1")
+    wait_for(lambda: any(n["node_id"] == "n1" and n["alive"] for n in call(app, "GET", "/api/nodes").json) or not node.alive(),
+             SETTLE_S, what="node agent n1 to register")
+    assert node.alive(), node.output()
+    succeeded = [accepted(app, {**JOB, "entrypoint": "true"}), accepted(app, {**JOB, "entrypoint": "sleep 1.2"})]
+    failed = accepted(app, {**JOB, "entrypoint": "exit 3"})
+    retried = accepted(app, {**JOB, "entrypoint": "exit 4", "retry_policy": {"max_attempts": 2, "backoff_s": 0}})
+    stopped_running = accepted(app, {**JOB, "entrypoint": "sleep 60"})
+    kit.wait_status(app, stopped_running, "RUNNING")
+    assert kit.stop(app, stopped_running).json == {"stopped": True}
+    stopped_pending = accepted(app, {**JOB, "entrypoint_num_cpus": 16})  # fits no node: never runs
+    assert kit.stop(app, stopped_pending).json == {"stopped": True}
+    for submission_id in [*succeeded, failed, retried, stopped_running, stopped_pending]:
+        kit.wait_record(app, submission_id, lambda r: r["status"] in ("SUCCEEDED", "FAILED", "STOPPED"),
+                        what=f"{submission_id} to end")
+    assert record(app, retried)["attempt_number"] == 2
+
+    metrics = scrape(app)
+    completed = {(dict(k)["status"], dict(k)["error_type"]): v for k, v in metrics.labelled("poolq_jobs_completed_total").items()}
+    assert completed == {("SUCCEEDED", ""): 2, ("FAILED", "ENTRYPOINT_FAILED"): 2, ("STOPPED", "STOPPED_BY_USER"): 2}, completed
+    assert metrics.labelled("poolq_job_retries_total") == {(("error_type", "ENTRYPOINT_FAILED"),): 1}
+    # Runs: both successes, the failure, both attempts of the retried job, the stopped
+    # running job; the job stopped while it waited never ran.
+    counts = {status: metrics.value("poolq_job_run_duration_seconds_count", status=status)
+              for status in ("SUCCEEDED", "FAILED", "STOPPED")}
+    assert counts == {"SUCCEEDED": 2, "FAILED": 3, "STOPPED": 1}, counts
+    buckets = {s.labels["le"]: s.value for s in metrics.samples
+               if s.name == "poolq_job_run_duration_seconds_bucket" and s.labels["status"] == "SUCCEEDED"}
+    assert buckets["0.1"] <= 1 and buckets["+Inf"] == 2, buckets  # `sleep 1.2` ran past 0.1 s
+    assert "86400.0" in buckets and "3600.0" in buckets, buckets
+    total = metrics.value("poolq_job_run_duration_seconds_sum", status="SUCCEEDED")
+    assert total is not None and 1.2 <= total <= 2 * SETTLE_S, total
+
+
+# -- jobs in line by pool label and tenant -------------------------------------------------
+
+
+def test_jobs_in_line_by_pool_label_and_tenant(app: App, monkeypatch: Any) -> None:
+    for tenant, label, jobs in (("t1", None, 3), ("t1", "pool=p1", 2), ("t2", "pool=p1", 1),
+                                ("t2", "gpu,zone=a,unUseAntiOtherLabels", 1), ("t3", None, 1), ("t4", None, 1)):
+        for _ in range(jobs):
+            accepted(app, tenant=tenant, label=label)
+    # Two shapes of one tenant and label (other amounts) count together.
+    last = accepted(app, {**JOB, "entrypoint_num_cpus": 2}, tenant="t1")
+
+    def waiting() -> dict[tuple[str, str], float]:
+        return {(dict(k)["pool_label"], dict(k)["tenant"]): v for k, v in scrape(app).labelled("poolq_queue_waiting").items()}
+
+    assert waiting() == {("", "t1"): 4, ("pool=p1", "t1"): 2, ("pool=p1", "t2"): 1,
+                         ("gpu,zone=a,unUseAntiOtherLabels", "t2"): 1, ("", "t3"): 1, ("", "t4"): 1}
+    assert scrape(app).value("poolq_queue_depth") == 10
+    assert kit.stop(app, last, tenant="t1").json == {"stopped": True}
+    assert waiting()[("", "t1")] == 3
+
+    # Bounded: the largest pairs, the rest summed under (other), which no tenant can be.
+    monkeypatch.setattr(metrics_route, "MAX_QUEUE_SERIES", 2)
+    assert waiting() == {("", "t1"): 3, ("pool=p1", "t1"): 2, ("(other)", "(other)"): 4}
+
+
 # -- scheduling failures by reason ----------------------------------------------------------
 
 
@@ -223,6 +415,8 @@ def test_scheduling_failures_are_counted_by_reason(app: App, admin: NodeAdmin, p
     assert metrics.value("poolq_jobs", status="FAILED") == 3
     assert metrics.value("poolq_queue_depth") == 0
     assert metrics.value("poolq_placement_latency_seconds_count") == 0  # nothing was placed
+    assert metrics.labelled("poolq_jobs_completed_total") == {(("error_type", "SCHEDULE_TIMEOUT"), ("status", "FAILED")): 3}
+    assert metrics.labelled("poolq_job_run_duration_seconds_count") == {}  # none of them ran
 
 
 # -- node liveness ---------------------------------------------------------------------------

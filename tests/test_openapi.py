@@ -45,6 +45,7 @@ from schemathesis.checks import (
     use_after_free,
 )
 
+from api_shim.app import OPEN_ROUTES, TENANT_ROUTES
 from api_shim.openapi import document
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.schemas import JobRequestSchema, RuntimeEnvSchema
@@ -162,6 +163,26 @@ def test_document_covers_every_route(app: Any) -> None:
                     # Every error is JSON {"error": ...} (docs/api.md).
                     schema = answer["content"]["application/json"]["schema"]
                     assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, code, schema)
+
+
+def test_document_declares_the_bearer_token_where_the_app_asks_for_it() -> None:
+    doc = _doc()
+    scheme = doc["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer") and "POOLQ_AUTH=tokens" in scheme["description"]
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path in OPEN_ROUTES:  # api_shim.app: answered without a token
+                assert op["security"] == [] and not {"401", "403"} & set(op["responses"]), (method, path)
+                continue
+            # Required only when tokens are on: `{}` is the alternative of no authentication.
+            assert op["security"] == [{"bearerAuth": []}, {}], (method, path, op.get("security"))
+            answers = op["responses"]
+            assert {"401", "403"} <= set(answers), (method, path, sorted(answers))
+            assert answers["401"]["headers"]["WWW-Authenticate"]["required"] is True, (method, path)
+            rate_limited = path.startswith(TENANT_ROUTES)  # api_shim.app: the routes RateLimiter checks
+            assert ("429" in answers) == rate_limited, (method, path, sorted(answers))
+            if rate_limited:
+                assert answers["429"]["headers"]["Retry-After"]["schema"]["type"] == "integer", (method, path)
 
 
 def _prop(doc: dict[str, Any], component: str, name: str) -> dict[str, Any]:
@@ -474,6 +495,92 @@ def test_schemathesis_live(case: Any, live_api: LiveAPI) -> None:
         # here): an answer, not a server error. The body is still checked against its schema.
         excluded.append(not_a_server_error)
     case.call_and_validate(base_url=live_api.url, checks=ALL_CHECKS, excluded_checks=excluded, timeout=20)
+
+
+# -- a live API with tokens: its 401, 403 and 429 answers are the documented ones -------------
+
+
+@dataclass
+class TokensAPI:
+    url: str
+    token: str  # tenant team-a
+    slow_token: str  # tenant slow, over its request rate
+
+
+def _poolq(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "poolq", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def tokens_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokensAPI]:
+    """``poolq api`` with POOLQ_AUTH=tokens on a Redis of its own; tenant ``slow`` may
+    send one request per thousand seconds, and has sent it."""
+    base = tmp_path_factory.mktemp("openapi_tokens")
+    server = EmbeddedRedis(base / "redis", appendonly=False)
+    server.start()
+    env = {"POOLQ_REDIS_URL": server.url, "POOLQ_DATA_DIR": str(base / "data"), "POOLQ_AUTH": "tokens"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = Proc(["api", "--port", str(port)], env, base / "api.log").start()
+    try:
+        wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api (tokens) to answer /healthz")
+        token, slow = _poolq(env, "token", "create", "team-a"), _poolq(env, "token", "create", "slow")
+        _poolq(env, "quota", "set", "slow", "--rate", "0.001", "--burst", "1")
+        first = requests.get(f"{url}/api/jobs", headers={"Authorization": f"Bearer {slow}"}, timeout=10)
+        assert first.status_code == 200, first.text  # the one request its bucket held
+        yield TokensAPI(url, token, slow)
+    finally:
+        proc.stop()
+        server.stop()
+
+
+def _operations() -> list[tuple[str, str]]:
+    return [(method.upper(), path) for path, ops in _doc()["paths"].items() for method in ops
+            if method in HTTP_METHODS and path not in OPEN_ROUTES]
+
+
+def _case(method: str, path: str, headers: dict[str, str]) -> Any:
+    """A request the document allows, but for its credentials."""
+    operation = SCHEMA[path][method]
+    params = {name: value for name, value in (("submission_id", "app-st-none"), ("protocol", "gcs"),
+                                                 ("name", "_ray_pkg_0123456789abcdef.zip")) if "{" + name + "}" in path}
+    bodies: dict[tuple[str, str], tuple[Any, str]] = {
+        ("POST", "/api/jobs"): (_job(), "application/json"),
+        ("POST", "/api/jobs/batch"): ({"jobs": [_job()]}, "application/json"),
+        ("PUT", "/api/packages/{protocol}/{name}"): (b"PK\x05\x06" + b"\0" * 18, "application/octet-stream"),
+    }
+    if (method, path) in bodies:
+        body, media_type = bodies[(method, path)]
+        return operation.Case(path_parameters=params, headers=headers, body=body, media_type=media_type)
+    return operation.Case(path_parameters=params, headers=headers)
+
+
+CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance,
+               response_headers_conformance, response_schema_conformance]
+
+
+@pytest.mark.xdist_group("openapi-tokens")
+@pytest.mark.processes
+@pytest.mark.parametrize(("method", "path"), _operations(), ids=[f"{m} {p}" for m, p in _operations()])
+def test_live_auth_and_rate_answers_conform(tokens_api: TokensAPI, method: str, path: str) -> None:
+    def sent(headers: dict[str, str], expected: int) -> Any:  # schemathesis's Response: headers lowercase, in lists
+        case = _case(method, path, headers)
+        answer = case.call(base_url=tokens_api.url, timeout=20)
+        assert answer.status_code == expected, (headers, answer.status_code, answer.text[:300])
+        case.validate_response(answer, checks=CONFORMANCE)
+        assert isinstance(answer.json()["error"], str), answer.text[:300]
+        return answer
+
+    for headers in ({}, {"Authorization": "Bearer pq_000000000000_" + "x" * 43}, {"Authorization": "Basic dXNlcg=="}):
+        refused = sent(headers, 401)
+        assert refused.headers["www-authenticate"] == ['Bearer realm="poolq"']
+    sent({"Authorization": f"Bearer {tokens_api.token}", "X-Tenant-Id": "team-b"}, 403)
+    if path.startswith(TENANT_ROUTES):
+        limited = sent({"Authorization": f"Bearer {tokens_api.slow_token}"}, 429)
+        assert int(limited.headers["retry-after"][0]) >= 1, limited.headers
 
 
 # -- requests a generator seldom makes: still never a 500, always JSON ----------------------------

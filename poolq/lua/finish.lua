@@ -11,13 +11,15 @@
 -- the attempt's processes are gone first (docs/faults.md, "Fencing").
 --
 -- Safe to run twice: a terminal job is left alone (answer 0), and a stop request
--- carries a token, so that its retry answers as the first run did.
+-- carries a token, so that its retry answers as the first run did. The counters for
+-- /metrics (an attempt's run time, how jobs ended) are added to only on the way that
+-- moves the job, so a second run, which moves nothing, counts nothing.
 --
 -- KEYS: 1 job, 2 node hash, 3 node jobs, 4 node inbox, 5 shape queue, 6 deadlines,
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
 --       12 the tenant's active index, 13 the tenant's status counts, 14 its usage,
 --       15 suspects, 16 claims, 17 shape hash, 18 the tenant's package use,
---       19 packages, 20 retries, 21 its dependents, 22 resolve
+--       19 packages, 20 retries, 21 stats, 22 its dependents, 23 resolve
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -25,7 +27,8 @@
 --       deadline has passed), 'stop' (a stop request: flag it, end it if PENDING,
 --       leave a RUNNING job to its agent), 10 the stop request's token (mode 'stop'),
 --       11 the attempt the caller ends ('' any: an attempt that ended already is not
---       ended again by a late call for it), 12.. extra field/value pairs to set
+--       ended again by a late call for it), 12 the run duration buckets ("100,1000,…"
+--       ms: poolq.model.RUN_DURATION_BUCKETS_MS), 13.. extra field/value pairs to set
 -- Returns {code, wake} (poolq.store.Ending): code 1 moved, 0 not allowed (already
 -- terminal, or from a status not listed, or deadline not reached), 2 stop flagged on a
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
@@ -91,6 +94,16 @@ if node ~= '' and res ~= '' then
   redis.call('SET', KEYS[10], '1')
   if redis.call('SET', KEYS[11], '1', 'NX', 'PX', ARGV[8]) then wake = 1 end
 end
+-- An attempt that ran: its run time, in the one bucket it falls in (the scrape adds up).
+if status == 'RUNNING' and j[10] and j[10] ~= '' then
+  local ran = math.max(0, now - tonumber(j[10]))
+  local bucket = 'inf'
+  for le in string.gmatch(ARGV[12], '%d+') do
+    if ran <= tonumber(le) then bucket = le break end
+  end
+  redis.call('HINCRBY', KEYS[21], 'run_le:' .. new_status .. ':' .. bucket, 1)
+  redis.call('HINCRBY', KEYS[21], 'run_sum_ms:' .. new_status, ran)
+end
 if node ~= '' then
   redis.call('SREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
@@ -115,7 +128,7 @@ if again then
     'att_base', redis.call('HGET', KEYS[17], 'attempts') or '0',
     'message', 'attempt ' .. attempt .. ' ended ' .. error_type .. ' (' .. message .. '); attempt ' .. next_attempt
       .. ' waits for placement')
-  for i = 12, #ARGV, 2 do
+  for i = 13, #ARGV, 2 do
     if ARGV[i] ~= 'attempts' and ARGV[i] ~= 'reasons' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   end
   -- Its scheduling deadline counts again from when it may be placed.
@@ -129,18 +142,20 @@ if again then
   redis.call('ZADD', KEYS[20], due, ARGV[1])
   count(KEYS[13], status, -1)
   count(KEYS[13], 'PENDING', 1)
+  redis.call('HINCRBY', KEYS[21], 'retried:' .. error_type, 1)
   return {3, wake}
 end
 
 redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
 count(KEYS[13], status, -1)
 count(KEYS[13], new_status, 1)
+redis.call('HINCRBY', KEYS[21], 'completed:' .. new_status .. ':' .. error_type, 1)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
-for i = 12, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[20], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])
-if redis.call('EXISTS', KEYS[21]) == 1 then redis.call('LPUSH', KEYS[22], ARGV[1]) end  -- resolve.lua
+if redis.call('EXISTS', KEYS[22]) == 1 then redis.call('LPUSH', KEYS[23], ARGV[1]) end  -- resolve.lua
 local tenant_end = string.find(ARGV[1], ':', 1, true)
 redis.call('ZREM', KEYS[12], string.sub(ARGV[1], tenant_end + 1))
 -- The shape's spec is kept while any of its jobs lives (forget_shape.lua).

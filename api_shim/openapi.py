@@ -70,7 +70,7 @@ HEALTH = {
 ID = {"name": "submission_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 # Authentication (docs/api.md, "Authentication and tenants"): with POOLQ_AUTH=tokens every
-# route but /healthz needs a bearer token; without, none does, hence the `{}` alternative.
+# route but /healthz and /livez need a bearer token; without, none does, hence the `{}` alternative.
 # The routes a tenant's request rate limits (api_shim.app.TENANT_ROUTES) may answer 429.
 BEARER = {
     "type": "http",
@@ -79,7 +79,7 @@ BEARER = {
     "server runs with POOLQ_AUTH=tokens (the default on any address but loopback): each operation's security "
     "also lists `{}`, no authentication, which is how a server with POOLQ_AUTH=none answers.",
 }
-OPEN_PATHS = {"/healthz"}
+OPEN_PATHS = {"/healthz", "/livez"}
 RATE_LIMITED = ("/api/jobs", "/api/packages")
 RETRY_AFTER = {
     "Retry-After": {

@@ -33,7 +33,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:claim:<id> | string | a claim's answer, kept for its lease, so that a retried claim answers the same |
 | poolq:suspects | zset | ref -> ms: jobs claimed by a worker that died; each is next claimed alone |
 | poolq:tenants:served | zset | tenant -> ms of its last placement: who goes first in a round |
-| poolq:fairshare | hash | tenant -> its decayed use of CPU (milli-CPU-seconds, half-life POOLQ_FAIR_SHARE_HALF_LIFE_S); "@at" -> ms of the last accrual |
+| poolq:fairshare | hash | tenant -> its decayed use of CPU (milli-CPU-seconds, half-life POOLQ_FAIR_SHARE_HALF_LIFE_S) as of "<tenant>@" (ms) |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
 | poolq:nodes | set | node ids |
 | poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R>, hold |

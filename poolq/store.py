@@ -417,6 +417,7 @@ class JobStore:
                     token,
                     "" if attempt is None else attempt,
                     RUN_BUCKETS,
+                    int(self.settings.fair_share_half_life_s * 1000),
                     *extra_args,
                 ],
             )
@@ -749,6 +750,7 @@ def finish_keys(job_ref: str, node: str, sig: str) -> list[str]:
         keys.STATS,
         keys.dependents(job_ref),
         keys.RESOLVE,
+        keys.FAIR_SHARE,
     ]
 
 

@@ -18,7 +18,6 @@ import redis
 from api_shim.app import App
 from poolq import keys
 from poolq.errors import Conflict
-from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS
 from poolq.nodes import NodeAdmin, capacity_of
 from poolq.quotas import set_quota
 from poolq.settings import Settings
@@ -28,8 +27,9 @@ from tests import kit
 from tests.kit import GiB, add_node
 from tests.wsgi import call
 from worker.duties import Duties
-from worker.scheduler import Scheduler
+from worker.scheduler import Decision, Scheduler
 from worker.scheduler import claim as claim_script
+from worker.scheduler import reserve as reserve_script
 
 
 def body(submission_id: str, **fields: Any) -> dict[str, Any]:
@@ -53,33 +53,14 @@ def job_fields(client: redis.Redis, submission_id: str, tenant: str = "default")
 
 def claim(store: JobStore, claim_id: str, sigs: list[str], tenants: list[str], lease_ms: int = 30_000) -> list[Any]:
     """claim.lua, called as Scheduler.round calls it."""
-    return list(claim_script(store.scripts, claim_id, sigs, tenants, 256, lease_ms))
+    return list(claim_script(store.scripts, claim_id, sigs, tenants, 256, lease_ms, 60_000))
 
 
 def reserve(store: JobStore, claim_id: str, job_ref: str, node_id: str, seq: int, requests: str) -> int:
     """reserve.lua for one decision, as Scheduler._reserve calls it; returns its code."""
-    tenant = keys.split_ref(job_ref)[0]
     sig = store.redis.hget(keys.job(job_ref), "shape") or ""
-    results, _ = store.scripts.reserve(
-        keys=[
-            keys.CLAIMED,
-            keys.INVENTORY_LOG,
-            keys.HEARTBEATS,
-            keys.DEADLINES,
-            keys.STATS,
-            keys.TENANTS_SERVED,
-            keys.CLAIMS,
-            keys.job(job_ref),
-            keys.node(node_id),
-            keys.node_jobs(node_id),
-            keys.node_inbox(node_id),
-            keys.shape(sig),
-            keys.wake(f"poolq.node.{node_id}"),
-            keys.tenant_usage(tenant),
-            keys.quota(tenant),
-        ],
-        args=[15_000, 2000, claim_id, ",".join(map(str, PLACEMENT_LATENCY_BUCKETS_MS)), job_ref, node_id, seq, requests],
-    )
+    decision = Decision(job_ref, sig, node_id, keys.split_ref(job_ref)[0], seq, requests)
+    results, _ = reserve_script(store.scripts, claim_id, [decision], store.settings)
     return int(results[0])
 
 
@@ -333,11 +314,11 @@ def test_a_stop_sent_twice_answers_as_the_first(app: App, store: JobStore) -> No
     job_ref = "default:app-stop2"
     token = "tok-1"
     args = [job_ref, "", "STOPPED", "STOPPED_BY_USER", "stopped by user request", "", ",PENDING,RUNNING,", 2000,
-            "stop", token, "", "1000"]
+            "stop", token, "", "1000", 60_000]
     finish_keys = store_finish_keys(job_ref, "", store.redis.hget(keys.job(job_ref), "shape") or "")
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1
     assert store.scripts.finish(keys=finish_keys, args=args)[0] == 1  # the retry: still "stopped"
-    other = [*args[:-3], "tok-2", "", "1000"]
+    other = [*args[:-4], "tok-2", "", "1000", 60_000]
     assert store.scripts.finish(keys=finish_keys, args=other)[0] == 0  # another request: already ended
     assert store.redis.hget(keys.tenant_counts("default"), "STOPPED") == "1"
     assert store.redis.hget(keys.STATS, "completed:STOPPED:STOPPED_BY_USER") == "1"  # counted once, for three runs

@@ -403,7 +403,6 @@ def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Setti
     weight 3, b weight 1. Over the run, a's jobs hold 70-80 % of the CPU-seconds."""
     store = JobStore(connect(settings), dataclasses.replace(settings, fair_share_half_life_s=5.0))
     admin, scheduler = NodeAdmin(store), Scheduler(store)
-    duties = Duties(store, scheduler)
     add_node(admin, "n1", cpus=4, pool="default")
     set_quota(redis_client, "a", weight=3)
     set_quota(redis_client, "b", weight=1)
@@ -413,7 +412,6 @@ def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Setti
     started: dict[str, float] = {}
     used = {"a": 0.0, "b": 0.0}
     end = time.monotonic() + 12.0
-    tick = 0
     while time.monotonic() < end:
         now = time.monotonic()
         for ref, at in list(started.items()):
@@ -421,8 +419,6 @@ def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Setti
                 store.finish(ref, JobStatus.SUCCEEDED)
                 used[keys.split_ref(ref)[0]] += now - at
                 del started[ref]
-        tick += 1
-        duties.accrue_fair_share(tick * 1000)  # its clock: an accrual every loop (20 ms apart here)
         scheduler.unblock_on_kick()
         scheduler.round()
         for ref in redis_client.smembers(keys.node_jobs("n1")):
@@ -433,27 +429,31 @@ def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Setti
     assert admin.check() == []
 
 
-def test_a_tenant_that_used_nothing_lately_goes_first(app: App, store: JobStore, admin: NodeAdmin,
-                                                      redis_client: redis.Redis) -> None:
+def test_a_tenant_that_used_less_lately_goes_first(app: App, store: JobStore, admin: NodeAdmin,
+                                                   redis_client: redis.Redis) -> None:
     add_node(admin, "n1", cpus=1, pool="default")
-    redis_client.hset(keys.FAIR_SHARE, mapping={"heavy": "50000", "@at": "0"})
+    seconds, micros = redis_client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    # heavy used 50 CPU-seconds just now; old used 400 five half-lives ago: 12.5 left
+    redis_client.hset(keys.FAIR_SHARE, mapping={"heavy": "50000", "heavy@": str(now_ms),
+                                                "old": "400000", "old@": str(now_ms - 300_000)})
     submit(app, "app-heavy", tenant="heavy")
-    submit(app, "app-light", tenant="light")
+    submit(app, "app-old", tenant="old")
     Scheduler(store).place_waiting()
-    assert node_of(redis_client, "app-light", "light") == "n1"
+    assert node_of(redis_client, "app-old", "old") == "n1", "past use decays by its half-life (60 s)"
     assert node_of(redis_client, "app-heavy", "heavy") is None
 
 
-def test_past_use_decays_and_idle_tenants_are_dropped(store: JobStore, redis_client: redis.Redis) -> None:
-    half_life_ms = 1000
-    redis_client.sadd(keys.TENANTS, "t")
-    seconds, micros = redis_client.time()
-    redis_client.hset(keys.FAIR_SHARE, mapping={"t": "8000", "@at": str(seconds * 1000 + micros // 1000 - 3000)})
-    store.scripts.fair_share(keys=[keys.FAIR_SHARE, keys.tenant_usage("t")], args=[half_life_ms, "t"])
-    assert 750 <= float(redis_client.hget(keys.FAIR_SHARE, "t")) <= 1000  # three half-lives (and a little): 8000 / 8
-    redis_client.hset(keys.FAIR_SHARE, "@at", str(seconds * 1000 - 20_000))
-    store.scripts.fair_share(keys=[keys.FAIR_SHARE, keys.tenant_usage("t")], args=[half_life_ms, "t"])
-    assert redis_client.hget(keys.FAIR_SHARE, "t") is None
+def test_use_is_charged_exactly_when_what_a_tenant_holds_changes(app: App, store: JobStore, admin: NodeAdmin,
+                                                                 redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=4, pool="default")
+    submit(app, "app-two", cpus=2, tenant="t")
+    Scheduler(store).place_waiting()
+    assert float(redis_client.hget(keys.FAIR_SHARE, "t")) == 0.0  # nothing held before it
+    time.sleep(0.5)
+    finish(store, "app-two", tenant="t")
+    used = float(redis_client.hget(keys.FAIR_SHARE, "t"))
+    assert 900 <= used <= 1500, used  # 2 CPUs for about half a second, in milli-CPU-seconds
 
 
 def test_a_weight_must_be_positive(redis_client: redis.Redis) -> None:

@@ -35,7 +35,6 @@ log = logging.getLogger("poolq.duties")
 
 BATCH = 500
 RESOLVE_BATCH = 1000  # dependents one resolve.lua run takes
-FAIR_SHARE_EVERY_MS = 250  # claim.lua counts what a tenant holds now as this much use
 SHAPE_IDLE_MS = 3_600_000  # a claimed job holds its lease for seconds, never this long
 STALLED_S = 5.0  # a process with ready jobs and unconsumed wake-ups that placed nothing for this long
 
@@ -57,7 +56,6 @@ class Duties:
         self.scheduler = scheduler
         self.intake = intake
         self._next_tenant_check = 0
-        self._next_fair_share = 0
         self._tenant_cursor = 0
         self._intake_silent = False
 
@@ -71,7 +69,6 @@ class Duties:
         try:
             now = now_ms(self.redis)
             for duty in (
-                self.accrue_fair_share,
                 self.resolve_dependencies,
                 self.expire_deadlines,
                 self.retry_due,
@@ -167,17 +164,6 @@ class Duties:
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)
         return failed
-
-    def accrue_fair_share(self, now: int) -> None:
-        """Charge each tenant for the CPU its jobs hold, decayed (fair_share.lua), every 250 ms."""
-        if now < self._next_fair_share:
-            return
-        self._next_fair_share = now + FAIR_SHARE_EVERY_MS
-        tenants = sorted(self.redis.smembers(keys.TENANTS))
-        self.store.scripts.fair_share(
-            keys=[keys.FAIR_SHARE, *(keys.tenant_usage(t) for t in tenants)],
-            args=[int(self.settings.fair_share_half_life_s * 1000), *tenants],
-        )
 
     def resolve_dependencies(self, now: int) -> None:
         """The dependents of jobs that ended: put in line those whose last dependency ended,

@@ -170,9 +170,9 @@ class Scheduler:
         # giving up would leave the jobs to the lease, which outlasts default deadlines.
         tenants = [self._shapes[s].tenant for s in sigs]
         lease_ms = int(self.settings.claim_lease_s * 1000)
-        flat = self._until_answered(
-            lambda: claim(self.scripts, claim_id, sigs, tenants, self.settings.placement_batch, lease_ms)
-        )
+        half_life_ms = int(self.settings.fair_share_half_life_s * 1000)
+        batch = self.settings.placement_batch
+        flat = self._until_answered(lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms))
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
             return 0
@@ -312,30 +312,11 @@ class Scheduler:
 
     def _reserve(self, claim_id: str, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
         """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
-        key_list = [
-            keys.CLAIMED,
-            keys.INVENTORY_LOG,
-            keys.HEARTBEATS,
-            keys.DEADLINES,
-            keys.STATS,
-            keys.TENANTS_SERVED,
-            keys.CLAIMS,
+        items = [
+            Decision(job_ref, sig, node.id, shape.tenant, seq, requests_text(shape.req))
+            for job_ref, sig, seq, node, shape in decisions
         ]
-        buckets = ",".join(str(le) for le in PLACEMENT_LATENCY_BUCKETS_MS)
-        args: list[Any] = [int(self.settings.node_ttl_s * 1000), WAKE_TTL_MS, claim_id, buckets]
-        for job_ref, sig, seq, node, shape in decisions:
-            key_list += [
-                keys.job(job_ref),
-                keys.node(node.id),
-                keys.node_jobs(node.id),
-                keys.node_inbox(node.id),
-                keys.shape(sig),
-                keys.wake(queues.node_queue(node.id)),
-                keys.tenant_usage(shape.tenant),
-                keys.quota(shape.tenant),
-            ]
-            args += [job_ref, node.id, seq, requests_text(shape.req)]
-        results, wake = self.scripts.reserve(keys=key_list, args=args)
+        results, wake = reserve(self.scripts, claim_id, items, self.settings)
         for node_id in wake:
             self.store.wake(queues.node_queue(node_id))
         outcomes = [Reservation(code) for code in results]
@@ -407,7 +388,51 @@ class Held:
     lost: bool = False
 
 
-def claim(scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], batch: int, lease_ms: int) -> Any:
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One job to reserve on one node, as reserve.lua takes it."""
+
+    job_ref: str
+    sig: str
+    node_id: str
+    tenant: str
+    seq: int
+    requests: str  # "CPU=1000,memory=134217728"
+
+
+def reserve(scripts: Scripts, claim_id: str, decisions: list[Decision], settings: Settings) -> Any:
+    """reserve.lua for a round's decisions: per decision its code (Reservation), then the nodes to wake."""
+    key_list = [
+        keys.CLAIMED,
+        keys.INVENTORY_LOG,
+        keys.HEARTBEATS,
+        keys.DEADLINES,
+        keys.STATS,
+        keys.TENANTS_SERVED,
+        keys.CLAIMS,
+        keys.FAIR_SHARE,
+    ]
+    buckets = ",".join(str(le) for le in PLACEMENT_LATENCY_BUCKETS_MS)
+    half_life_ms = int(settings.fair_share_half_life_s * 1000)
+    args: list[Any] = [int(settings.node_ttl_s * 1000), WAKE_TTL_MS, claim_id, buckets, half_life_ms]
+    for d in decisions:
+        key_list += [
+            keys.job(d.job_ref),
+            keys.node(d.node_id),
+            keys.node_jobs(d.node_id),
+            keys.node_inbox(d.node_id),
+            keys.shape(d.sig),
+            keys.wake(queues.node_queue(d.node_id)),
+            keys.tenant_usage(d.tenant),
+            keys.quota(d.tenant),
+        ]
+        args += [d.job_ref, d.node_id, d.seq, d.requests]
+    return scripts.reserve(keys=key_list, args=args)
+
+
+def claim(
+    scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], batch: int, lease_ms: int, half_life_ms: int
+) -> Any:
     """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id."""
     return scripts.claim(
         keys=[
@@ -427,6 +452,7 @@ def claim(scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], 
             claim_id,
             keys.limits(""),
             keys.tenant_usage("").removesuffix(":usage"),
+            half_life_ms,
             *sigs,
             *tenants,
         ],

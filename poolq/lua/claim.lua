@@ -1,6 +1,6 @@
 -- Claim waiting jobs for one placement round. Tenants take turns, each taking its jobs
 -- in line order, and each turn goes to the tenant with the smallest share: its decayed
--- CPU use (poolq:fairshare, fair_share.lua) plus what its jobs hold now, over its weight
+-- CPU use (poolq:fairshare, kept by reserve.lua and finish.lua), over its weight
 -- (poolq:limits:<t> "weight", default 1); ties go to the one served least recently. So
 -- over time tenants use the pool in proportion to their weights, and one tenant's
 -- backlog cannot starve another's jobs (docs/scheduling.md).
@@ -20,7 +20,7 @@
 --       6 claims, 7 this claim's record, 8 fairshare, 9.. the queues of the shapes
 --       named in ARGV
 -- ARGV: 1 max jobs, 2 lease ms, 3 claim id, 4 the key prefix of tenants' limits,
---       5 of their usage, then the m shapes' sigs (in the order of their queues), then
+--       5 of their usage, 6 the fair-share half-life ms, then the m shapes' sigs (in the order of their queues), then
 --       the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 local done = redis.call('GET', KEYS[7])
@@ -33,7 +33,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
-  local sig, tenant = ARGV[i - first + 6], ARGV[m + i - first + 6]
+  local sig, tenant = ARGV[i - first + 7], ARGV[m + i - first + 7]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
@@ -51,10 +51,12 @@ for _, tenant in ipairs(tenants) do
   local list = per_tenant[tenant]
   oldest[tenant] = #list > 0 and list[1][3] or math.huge
   weight[tenant] = tonumber(redis.call('HGET', ARGV[4] .. tenant, 'weight') or '1')
-  -- what it holds now counts as a quarter second of use: what the next accrual adds
-  -- (fair_share.lua, every 250 ms: worker.duties.FAIR_SHARE_EVERY_MS)
-  local used = tonumber(redis.call('HGET', KEYS[8], tenant) or '0')
-    + tonumber(redis.call('HGET', ARGV[5] .. tenant .. ':usage', 'CPU') or '0') / 4
+  -- its use as of its last change (reserve.lua, finish.lua), decayed to now, plus what
+  -- it has held since; what it holds now counts as a quarter second more
+  local f = redis.call('HMGET', KEYS[8], tenant, tenant .. '@')
+  local dt = math.max(now - tonumber(f[2] or now), 0)
+  local holds = tonumber(redis.call('HGET', ARGV[5] .. tenant .. ':usage', 'CPU') or '0')
+  local used = tonumber(f[1] or '0') * 2 ^ (-dt / tonumber(ARGV[6])) + holds * (dt + 250) / 1000
   share[tenant] = used / weight[tenant]
 end
 table.sort(tenants, function(a, b)
@@ -96,7 +98,7 @@ while taken < limit and not alone do
   end
 end
 for i = first, #KEYS do
-  local sig = ARGV[i - first + 6]
+  local sig = ARGV[i - first + 7]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then
     redis.call('ZREM', KEYS[1], sig)

@@ -19,7 +19,7 @@
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
 --       12 the tenant's active index, 13 the tenant's status counts, 14 its usage,
 --       15 suspects, 16 claims, 17 shape hash, 18 the tenant's package use,
---       19 packages, 20 retries, 21 stats, 22 its dependents, 23 resolve
+--       19 packages, 20 retries, 21 stats, 22 its dependents, 23 resolve, 24 fairshare
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -28,7 +28,8 @@
 --       leave a RUNNING job to its agent), 10 the stop request's token (mode 'stop'),
 --       11 the attempt the caller ends ('' any: an attempt that ended already is not
 --       ended again by a late call for it), 12 the run duration buckets ("100,1000,…"
---       ms: poolq.model.RUN_DURATION_BUCKETS_MS), 13.. extra field/value pairs to set
+--       ms: poolq.model.RUN_DURATION_BUCKETS_MS), 13 the fair-share half-life ms,
+--       14.. extra field/value pairs to set
 -- Returns {code, wake} (poolq.store.Ending): code 1 moved, 0 not allowed (already
 -- terminal, or from a status not listed, or deadline not reached), 2 stop flagged on a
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
@@ -39,6 +40,15 @@
 local function count(counts, status, delta)
   local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
   redis.call('HSET', counts, status, n)
+end
+-- Fair share (docs/scheduling.md): a tenant's decayed CPU use is kept exactly, as of
+-- its last change: before what it holds changes, what it held since is charged.
+local function settle(fairshare, tenant, usage, now, half_life)
+  local f = redis.call('HMGET', fairshare, tenant, tenant .. '@')
+  local dt = math.max(now - tonumber(f[2] or now), 0)
+  local used = tonumber(f[1] or '0') * 2 ^ (-dt / half_life)
+    + tonumber(redis.call('HGET', usage, 'CPU') or '0') * dt / 1000
+  redis.call('HSET', fairshare, tenant, string.format('%.1f', used), tenant .. '@', now)
 end
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
   'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev')
@@ -82,6 +92,7 @@ end
 local wake = 0
 local res = j[3] or ''
 if node ~= '' and res ~= '' then
+  settle(KEYS[24], string.sub(ARGV[1], 1, string.find(ARGV[1], ':', 1, true) - 1), KEYS[14], now, tonumber(ARGV[13]))
   for name, amount in string.gmatch(res, '([^=,]+)=(%d+)') do
     redis.call('HINCRBY', KEYS[2], 'res:' .. name, '-' .. amount)
     redis.call('HINCRBY', KEYS[14], name, '-' .. amount)
@@ -128,7 +139,7 @@ if again then
     'att_base', redis.call('HGET', KEYS[17], 'attempts') or '0',
     'message', 'attempt ' .. attempt .. ' ended ' .. error_type .. ' (' .. message .. '); attempt ' .. next_attempt
       .. ' waits for placement')
-  for i = 13, #ARGV, 2 do
+  for i = 14, #ARGV, 2 do
     if ARGV[i] ~= 'attempts' and ARGV[i] ~= 'reasons' then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   end
   -- Its scheduling deadline counts again from when it may be placed.
@@ -151,7 +162,7 @@ count(KEYS[13], status, -1)
 count(KEYS[13], new_status, 1)
 redis.call('HINCRBY', KEYS[21], 'completed:' .. new_status .. ':' .. error_type, 1)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
-for i = 13, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[20], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])

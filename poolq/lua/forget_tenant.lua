@@ -12,7 +12,7 @@ for _, count in ipairs(redis.call('HVALS', KEYS[3])) do
 end
 redis.call('SREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1], ARGV[1] .. '@')
 redis.call('DEL', KEYS[3], KEYS[4], KEYS[5], KEYS[6])
 for i = 2, #ARGV do redis.call('HDEL', KEYS[7], 'submissions:' .. ARGV[1] .. ':' .. ARGV[i]) end
 return 1

@@ -12,10 +12,11 @@
 -- Safe to run twice: a job this claim already reserved on that node answers 0 again.
 --
 -- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats, 6 tenants served,
---       7 claims, then per decision 8 keys: job, node, node jobs, node inbox, shape,
+--       7 claims, 8 fairshare, then per decision 8 keys: job, node, node jobs, node inbox, shape,
 --       node wake flag, the tenant's usage, the tenant's quota
 -- ARGV: 1 node ttl ms, 2 wake ttl ms, 3 claim id, 4 the placement latency buckets
---       ("10,50,…" ms: poolq.model.PLACEMENT_LATENCY_BUCKETS_MS), then per decision 4
+--       ("10,50,…" ms: poolq.model.PLACEMENT_LATENCY_BUCKETS_MS), 5 the fair-share
+--       half-life ms, then per decision 4
 --       values: ref, node id, seq, requests ("R=amount,R=amount")
 -- Returns per decision (worker.scheduler.Reservation): 0 reserved, 1 job gone (placed, stopped, ended), 2 node not
 -- available, 3 not enough free capacity, 4 over the tenant's quota, 5 no longer held
@@ -26,7 +27,7 @@ local ttl, claim_id = tonumber(ARGV[1]), ARGV[3]
 local results, wake = {}, {}
 local buckets = {}
 for le in string.gmatch(ARGV[4], '%d+') do buckets[#buckets + 1] = le end
-local first = 7
+local first = 8
 local n = (#KEYS - first) / 8
 -- Which devices of a resource a request takes (worker.placement.allocate forecasts the
 -- same): whole units take the first free devices, a fraction shares the fullest device
@@ -59,13 +60,23 @@ local function allocate(node, name, amount)
   return out
 end
 
+-- Fair share (docs/scheduling.md): a tenant's decayed CPU use is kept exactly, as of
+-- its last change: before what it holds changes, what it held since is charged.
+local function settle(fairshare, tenant, usage, now, half_life)
+  local f = redis.call('HMGET', fairshare, tenant, tenant .. '@')
+  local dt = math.max(now - tonumber(f[2] or now), 0)
+  local used = tonumber(f[1] or '0') * 2 ^ (-dt / half_life)
+    + tonumber(redis.call('HGET', usage, 'CPU') or '0') * dt / 1000
+  redis.call('HSET', fairshare, tenant, string.format('%.1f', used), tenant .. '@', now)
+end
+
 local function wake_node(node, wake_flag, node_id)
   if redis.call('HGET', node, 'kind') == 'agent' and redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then
     wake[#wake + 1] = node_id
   end
 end
 for i = 0, n - 1 do
-  local k, a = first + i * 8, 4 + i * 4
+  local k, a = first + i * 8, 5 + i * 4
   local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
   local usage, quota = KEYS[k+7], KEYS[k+8]
   local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
@@ -118,6 +129,7 @@ for i = 0, n - 1 do
     end
   end
   if code == 0 then
+    settle(KEYS[8], string.sub(ref, 1, string.find(ref, ':', 1, true) - 1), usage, now, tonumber(ARGV[5]))
     for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
       redis.call('HINCRBY', node, 'res:' .. name, amount)
       redis.call('HINCRBY', usage, name, amount)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sys
 import threading
 from typing import Any, Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
 from api_shim.app import App
+from api_shim.http import HTTPError
 from api_shim.tail import LogTails
 from api_shim.threads import AppThreads
 
@@ -28,9 +30,17 @@ from api_shim.threads import AppThreads
 # without holding a thread; a larger or chunked one is streamed to the app as it reads
 # (so that its size limits refuse it before it is all received).
 EAGER_BODY = 64 * 1024
-EAGER_BODY_WAIT_S = 30.0  # a client that stalls mid-body gets a 408 rather than a coroutine kept forever
-BODY_CHUNK_WAIT_S = 30.0  # the same for a streamed body, per chunk
+BODY_WAIT_S = (
+    30.0  # a body that stops arriving this long (the whole small one, or a streamed one's next chunk) is a 408
+)
 BODYLESS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))
+BODY_STALLED = "the request body stopped arriving before its end"
+STALLED_BODY = json.dumps({"error": BODY_STALLED}).encode()
+STALLED_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(STALLED_BODY)).encode()),
+    (b"connection", b"close"),
+]
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -43,6 +53,8 @@ class Front:
         self.app = app
         self.threads = AppThreads(app.settings.api_threads)
         self.tails = LogTails(app, self.threads)
+        self.body_wait_s = BODY_WAIT_S
+        self.eager_body = min(EAGER_BODY, app.settings.max_body)  # a larger body is refused before it is read
         self.base_environ: dict[str, Any] = {
             "GATEWAY_INTERFACE": "CGI/1.1",
             "SCRIPT_NAME": "",
@@ -68,15 +80,15 @@ class Front:
             environ["wsgi.input"] = io.BytesIO(b"")
         else:
             length = environ.get("CONTENT_LENGTH", "")
-            if length.isdigit() and int(length) <= EAGER_BODY and "HTTP_TRANSFER_ENCODING" not in environ:
-                body = await _read_body(receive, int(length))
-                if body is None:  # the client stalled or left mid-body: no request to answer
-                    await send({"type": "http.response.start", "status": 408, "headers": [(b"connection", b"close")]})
-                    await send({"type": "http.response.body", "body": b""})
+            if length.isdigit() and int(length) <= self.eager_body and "HTTP_TRANSFER_ENCODING" not in environ:
+                body = await _read_body(receive, int(length), self.body_wait_s)
+                if body is None:  # the client stalled or left mid-body
+                    await send({"type": "http.response.start", "status": 408, "headers": STALLED_HEADERS})
+                    await send({"type": "http.response.body", "body": STALLED_BODY})
                     return
                 environ["wsgi.input"] = io.BytesIO(body)
             else:
-                environ["wsgi.input"] = StreamedBody(receive, asyncio.get_running_loop())
+                environ["wsgi.input"] = StreamedBody(receive, asyncio.get_running_loop(), self.body_wait_s)
         status, headers, body = await self.threads.call(self.call_app, environ)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -133,12 +145,12 @@ def _header_text(value: bytes) -> str:
     return text if all(" " <= char <= "~" or char == "\t" for char in text) else ""
 
 
-async def _read_body(receive: Receive, length: int) -> bytes | None:
+async def _read_body(receive: Receive, length: int, wait_s: float) -> bytes | None:
     """A small body announced by Content-Length, whole; None if the client stalls or leaves."""
     parts: list[bytes] = []
     received = 0
     try:
-        async with asyncio.timeout(EAGER_BODY_WAIT_S):
+        async with asyncio.timeout(wait_s):
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
@@ -155,12 +167,14 @@ async def _read_body(receive: Receive, length: int) -> bytes | None:
 
 class StreamedBody(io.RawIOBase):
     """``wsgi.input`` for a body that is still arriving: each read, on an app thread,
-    waits on the event loop for the next chunk (at most BODY_CHUNK_WAIT_S). A client
-    that stalls or leaves ends the body there; the app then finds it short."""
+    waits on the event loop for the next chunk (at most BODY_WAIT_S). A client
+    that stalls or leaves mid-body gets a 408, the answer the app makes of the HTTPError
+    a read raises then."""
 
-    def __init__(self, receive: Receive, loop: asyncio.AbstractEventLoop):
+    def __init__(self, receive: Receive, loop: asyncio.AbstractEventLoop, wait_s: float):
         self._receive = receive
         self._loop = loop
+        self._wait_s = wait_s
         self._pending = b""
         self._done = False
         self._lock = threading.Lock()
@@ -186,18 +200,19 @@ class StreamedBody(io.RawIOBase):
             return None
         future = asyncio.run_coroutine_threadsafe(self._chunk(), self._loop)
         try:
-            chunk = future.result(BODY_CHUNK_WAIT_S)
-        except Exception:  # timed out (the client stalled) or the loop is gone
+            chunk = future.result(self._wait_s)
+        except Exception as exc:  # timed out (the client stalled), or the loop is gone
             future.cancel()
-            chunk = None
+            self._done = True
+            raise HTTPError(408, BODY_STALLED, [("Connection", "close")]) from exc
         if chunk is None:
             self._done = True
         return chunk
 
     async def _chunk(self) -> bytes | None:
         message = await self._receive()
-        if message["type"] != "http.request":
-            return None
+        if message["type"] != "http.request":  # the client left
+            raise ConnectionError("the client left")
         if not message.get("more_body", False):
             self._done = True
         return bytes(message.get("body", b"")) or (None if self._done else b"")

@@ -54,6 +54,7 @@ class LogTails:
         self.threads = threads
         self.limit = app.settings.max_log_tails
         self.max_poll_s = max(FIRST_POLL_S, app.settings.log_tail_poll_s)
+        self.send_timeout_s = SEND_TIMEOUT_S
         self.open = 0
 
     async def serve(self, environ: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -74,7 +75,7 @@ class LogTails:
             await send({"type": "websocket.accept"})
             code = await self.follow(receive, send, tenant, submission_id)
         except TimeoutError:
-            log.info("log tail of %s ended: the client took no output for %g s", submission_id, SEND_TIMEOUT_S)
+            log.info("log tail of %s ended: the client took no output for %g s", submission_id, self.send_timeout_s)
             code = NORMAL_CLOSE
         except Exception:  # a bug: log it whole, close as a server error
             log.exception("log tail of %s failed", submission_id)
@@ -105,7 +106,7 @@ class LogTails:
                     unavailable_since = None
                 text = read.data.decode("utf-8", "replace")
                 for start in range(0, len(text), FRAME_CHARS):
-                    async with asyncio.timeout(SEND_TIMEOUT_S):
+                    async with asyncio.timeout(self.send_timeout_s):
                         await send({"type": "websocket.send", "text": text[start : start + FRAME_CHARS]})
                 if read.ended:
                     return NORMAL_CLOSE

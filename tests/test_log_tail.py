@@ -18,7 +18,7 @@ import pytest
 from api_shim.app import App
 from api_shim.front import Front
 from api_shim.http import WEBSOCKET
-from poolq import keys
+from poolq import keys, tokens
 from poolq.errors import NotFound
 from poolq.settings import Settings
 from poolq.store import JobStore
@@ -275,5 +275,29 @@ def test_a_client_that_takes_nothing_is_dropped(front: Front) -> None:
         await asyncio.wait_for(tail, STEP_S)  # the send timed out: the tail ended, its slot is free
         assert (await connection.next_sent()) == {"type": "websocket.close", "code": 1000}
         assert front.tails.open == 0
+
+    asyncio.run(scenario())
+
+
+def test_with_tokens_the_handshake_needs_the_token_of_the_jobs_tenant(settings: Settings, redis_client: Any) -> None:
+    front = Front(App(dataclasses.replace(settings, auth="tokens", api_threads=2)))
+    token_a, token_b = tokens.create(redis_client, "team-a"), tokens.create(redis_client, "team-b")
+    submit(front.app, {**JOB, "submission_id": "app-guarded"}, headers={"Authorization": f"Bearer {token_a}"})
+
+    async def handshake(token: str | None) -> dict[str, Any]:
+        headers = {"authorization": f"Bearer {token}".encode()} if token else {}
+        connection = Connection({"type": "websocket.connect"})
+        path = "/api/jobs/app-guarded/logs/tail"
+        task = asyncio.ensure_future(front(scope("websocket", path, headers), connection.receive, connection.send))
+        first = await connection.next_sent()
+        connection.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(task, STEP_S)
+        return first
+
+    async def scenario() -> None:
+        missing = await handshake(None)
+        assert missing["status"] == 401 and (b"WWW-Authenticate", b'Bearer realm="poolq"') in missing["headers"]
+        assert (await handshake(token_b))["status"] == 404  # another tenant's job
+        assert (await handshake(token_a)) == {"type": "websocket.accept"}
 
     asyncio.run(scenario())

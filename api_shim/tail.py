@@ -120,8 +120,9 @@ class LogTails:
 
 async def _client_gone(receive: Receive) -> None:
     """Returns when the client closes or goes away; what it sends before is ignored."""
-    while (await receive())["type"] != "websocket.disconnect":
-        pass
+    with contextlib.suppress(Exception):  # the server's transport failed: gone as well
+        while (await receive())["type"] != "websocket.disconnect":
+            pass
 
 
 async def _refuse(send: Send, answer: tuple[int, list[tuple[str, str]], bytes]) -> None:

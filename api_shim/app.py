@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from marshmallow import ValidationError
 
-from api_shim.http import HTTPError, Request, Response, Route, Router
+from api_shim.http import WEBSOCKET, HTTPError, Request, Response, Route, Router
 from api_shim.request_metrics import UNMATCHED, RequestMetrics
 from api_shim.routes.jobs import Jobs
 from api_shim.routes.meta import Meta
@@ -30,6 +30,7 @@ log = logging.getLogger("poolq.api")
 
 OPEN_ROUTES = {"/healthz", "/livez"}  # answered without a token
 TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
+TAIL_ROUTE = "/api/jobs/{submission_id}/logs/tail"  # a WebSocket (api_shim/tail.py)
 UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
 REASONS = {
@@ -41,11 +42,14 @@ REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     409: "Conflict",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    426: "Upgrade Required",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    501: "Not Implemented",
     503: "Service Unavailable",
 }
 
@@ -70,7 +74,7 @@ class App:
         jobs = Jobs(self.store, settings)
         packages = Packages(self.store, settings)
         nodes = Nodes(self.store.redis)
-        meta = Meta(self.store)
+        meta = Meta(self.store, settings)
         self.router = Router(
             [
                 Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),
@@ -78,6 +82,7 @@ class App:
                 Route("/api/jobs/{submission_id}", {"GET": jobs.get, "DELETE": jobs.delete}),
                 Route("/api/jobs/{submission_id}/stop", {"POST": jobs.stop}),
                 Route("/api/jobs/{submission_id}/logs", {"GET": jobs.logs}),
+                Route(TAIL_ROUTE, {"GET": jobs.tail}),
                 Route("/api/packages/{protocol}/{name}", {"GET": packages.head, "PUT": packages.put}),
                 Route("/api/nodes", {"GET": nodes.list_nodes}),
                 Route("/api/pools", {"GET": nodes.list_pools}),
@@ -131,6 +136,23 @@ class App:
         except Exception:  # a bug: log it whole, answer without details
             log.exception("unhandled error for %s %s", request.method, request.path)
             return Response.json({"error": "internal error"}, 500)
+
+    def tail_handshake(
+        self, environ: dict[str, Any]
+    ) -> tuple[tuple[int, list[tuple[str, str]], bytes], tuple[str, str] | None]:
+        """Judge a log tail's WebSocket handshake (api_shim/tail.py) as the request it is,
+        through the same checks as every request. Returns the answer to refuse it with,
+        and on success the tenant and job to follow instead."""
+        request = Request({**environ, WEBSOCKET: True}, self.body_readers)
+        found = self.router.match(request.path)
+        if found is None or found[0].template != TAIL_ROUTE:
+            response = error_response(HTTPError(404, f"no log tail at {request.path}"))
+        else:
+            response = self.handle(request)
+            if response.status == 200 and request.tenant is not None:
+                return (200, [], b""), (request.tenant, request.params["submission_id"])
+        headers = [*response.headers, ("Content-Length", str(len(response.body)))]
+        return (response.status, headers, response.body), None
 
     def tenant_from_header(self, request: Request) -> None:
         """Tokens off: the tenant X-Tenant-Id names (absent or empty: ``default``)."""

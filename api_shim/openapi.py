@@ -235,6 +235,8 @@ def _errors(*codes: int, schema: Any = "ErrorBody") -> dict[str, Any]:
         409: "conflict",
         413: "body too large",
         415: "Content-Type must be application/json",
+        426: "this route is a WebSocket: send Upgrade: websocket",
+        501: "this server does not serve WebSockets (POOLQ_API_WEBSOCKETS=0)",
         429: "a tenant limit: its request rate (with Retry-After) or, for a submission, its max pending jobs",
         503: "Redis unavailable",
     }
@@ -415,6 +417,26 @@ def document() -> dict[str, Any]:
                         {"X-Log-Offset": {"schema": {"type": "integer"}, "description": "offset after this output"}},
                     ),
                     **_errors(400, 404, 503),
+                },
+            }
+        },
+    )
+    spec.path(
+        "/api/jobs/{submission_id}/logs/tail",
+        operations={
+            "get": {
+                "summary": "Follow the job's output over a WebSocket (Ray's log tail)",
+                "description": (
+                    "Send a WebSocket upgrade. The server sends the job's output from the start as text "
+                    "frames, then new output as it is written, and closes normally (1000) once the job "
+                    "has ended and everything was sent. A refused handshake is answered with the status "
+                    "the same request to /logs would get, without a body; a request without an upgrade "
+                    "is 426 (501 when the server does not serve WebSockets)."
+                ),
+                "parameters": [TENANT, ID],
+                "responses": {
+                    "101": {"description": "switching to the WebSocket"},
+                    **_errors(400, 404, 426, 501, 503),
                 },
             }
         },

@@ -23,14 +23,21 @@ def serve(settings: Settings, *, workers: int | None = None, threads: int | None
     if settings.redis_url:
         os.environ["POOLQ_REDIS_URL"] = settings.redis_url
     os.environ["POOLQ_DATA_DIR"] = str(settings.data_dir)
+    if threads:
+        os.environ["POOLQ_API_THREADS"] = str(threads)
+    if settings.api_websockets:
+        # ASGI: the app's threads are Front's own (api_shim/front.py); granian's one runs the loop.
+        target, interface, blocking = "api_shim.asgi:application", Interfaces.ASGINL, 1
+    else:
+        target, interface, blocking = "api_shim.wsgi:application", Interfaces.WSGI, threads or settings.api_threads
     Granian(
-        "api_shim.wsgi:application",
+        target,
         address=settings.host,
         port=settings.port,
-        interface=Interfaces.WSGI,
+        interface=interface,
         workers=workers or settings.api_workers,
-        blocking_threads=threads or settings.api_threads,
-        websockets=False,
+        blocking_threads=blocking,
+        websockets=settings.api_websockets,
         log_access=False,
         log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,

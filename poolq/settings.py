@@ -42,7 +42,12 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_workers: int = 2
-    api_threads: int = 16  # per API process (granian's WSGI threads)
+    api_threads: int = 16  # per API process: threads running the WSGI app
+    # Serve Ray's log-tail WebSocket (granian's RSGI interface in front of the WSGI app);
+    # off: granian's plain WSGI interface, and /api/version says Ray's CLI cannot tail.
+    api_websockets: bool = True
+    max_log_tails: int = 64  # per API process: WebSocket log tails open at once
+    log_tail_poll_s: float = 0.5  # longest a tail waits between looks at Redis (it starts at 0.05 s)
     max_waiters: int = 8  # per API process: submissions waiting with `Prefer: wait`
     max_body: int = 1 * MiB
     max_batch_body: int = 16 * MiB

@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
 import redis
 from marshmallow import ValidationError
@@ -28,6 +28,7 @@ from poolq.model import (
     MEMORY,
     RETRY_ON_DEFAULT,
     RUN_DURATION_BUCKETS_MS,
+    TERMINAL_STATUSES,
     ErrorType,
     JobFields,
     JobStatus,
@@ -114,6 +115,14 @@ class NewJob:
     @property
     def ref(self) -> str:
         return keys.ref(self.tenant, self.submission_id)
+
+
+class LogRead(NamedTuple):
+    """A follower's read of a job's output (``JobStore.log_since``)."""
+
+    data: bytes  # the new output, whole UTF-8 characters unless the job has ended
+    offset: int  # where the next read starts, in the job's whole output
+    ended: bool  # the job is terminal: nothing follows this read
 
 
 class JobStore:
@@ -583,6 +592,39 @@ class JobStore:
         base, data = int(base_raw or 0), b"".join(chunks)
         begin, end = utf8_bounds(data, 0 if offset is None else offset - base)
         return data[begin:end].decode("utf-8", "replace"), base + end
+
+    @redis_errors("the log read")
+    def log_since(self, tenant: str, submission_id: str, offset: int) -> LogRead:
+        """What a follower of the job's output has not seen yet: the output kept from
+        ``offset`` on. A look that finds nothing new costs one HMGET; new output is read
+        from the end of the tail, a few chunks at a time, so following a job costs what
+        it writes, not what the tail holds. Once the job has ended, the last read ends on
+        whatever bytes are left, whole characters or not, and ``ended`` says so."""
+        job_key, log_key = keys.job(keys.ref(tenant, submission_id)), keys.log(keys.ref(tenant, submission_id))
+        status, base_raw, length_raw = self.raw.hmget(
+            job_key, [JobFields.STATUS, JobFields.LOG_BASE, JobFields.LOG_LEN]
+        )
+        if status is None:
+            raise NotFound(f"not found app, submissionId: {submission_id}")
+        if int(base_raw or 0) + int(length_raw or 0) <= offset and status.decode() not in TERMINAL_STATUSES:
+            return LogRead(b"", offset, False)
+        count = 8
+        while True:
+            pipe = self.raw.pipeline(transaction=True)  # the chunks and the fields that place them, at one moment
+            pipe.hmget(job_key, [JobFields.STATUS, JobFields.LOG_BASE, JobFields.LOG_LEN])
+            pipe.llen(log_key)
+            pipe.lrange(log_key, -count, -1)
+            (status, base_raw, length_raw), chunks_kept, chunks = pipe.execute()
+            if status is None:
+                raise NotFound(f"not found app, submissionId: {submission_id}")
+            end = int(base_raw or 0) + int(length_raw or 0)
+            data = b"".join(chunks)
+            if end - len(data) <= offset or len(chunks) >= chunks_kept:
+                break
+            count *= 4
+        ended = status.decode() in TERMINAL_STATUSES
+        begin, stop = utf8_bounds(data, offset - (end - len(data)), whole_end=not ended)
+        return LogRead(data[begin:stop], end - len(data) + stop, ended)
 
     @redis_errors("the wait")
     def wait_placed(self, job_ref: str, timeout_s: float) -> str | None:

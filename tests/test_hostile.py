@@ -44,6 +44,7 @@ ROUTES = [
     ("/api/jobs/app-x", "/api/jobs/{submission_id}", {"GET", "DELETE"}),
     ("/api/jobs/app-x/stop", "/api/jobs/{submission_id}/stop", {"POST"}),
     ("/api/jobs/app-x/logs", "/api/jobs/{submission_id}/logs", {"GET"}),
+    ("/api/jobs/app-x/logs/tail", "/api/jobs/{submission_id}/logs/tail", {"GET"}),
     (PACKAGE, "/api/packages/{protocol}/{name}", {"GET", "PUT"}),
     ("/api/nodes", "/api/nodes", {"GET"}),
     ("/api/pools", "/api/pools", {"GET"}),

@@ -13,10 +13,13 @@ address is given with ``http://`` (without a scheme Ray looks for a Ray cluster)
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import zipfile
@@ -34,7 +37,7 @@ from tests.kit import SETTLE_S, START_S, TERMINAL_STATUSES, Placement
 from tests.procs import Proc, wait_for
 
 pytest.importorskip("pydantic")
-pytest.importorskip("aiohttp")
+aiohttp = pytest.importorskip("aiohttp")
 job_submission = pytest.importorskip("ray.job_submission")
 JobSubmissionClient = job_submission.JobSubmissionClient
 JobStatus = job_submission.JobStatus
@@ -60,6 +63,7 @@ class Stack:
     base: Path
     procs: list[Proc]
     placement: Placement
+    env: dict[str, str]
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.args[0]} ---\n{p.output()[-4000:]}" for p in self.procs)
@@ -104,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         procs.append(Proc(["node", "--id", NODE_ID, "--cpus", "4", "--memory", "4Gi", "--resources", "NPU=4"], env, base / "node.log").start())
         wait_for(lambda: _healthy(url), START_S, 0.1, what="poolq api to answer /livez")
         wait_for(lambda: _node_alive(url), START_S, 0.1, what=f"node {NODE_ID} to register")
-        yield Stack(url, redis.Redis.from_url(server.url), base, procs, placement)
+        yield Stack(url, redis.Redis.from_url(server.url), base, procs, placement, env)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -177,9 +181,10 @@ def package_keys(stack: Stack) -> list[bytes]:
 
 
 def test_version_handshake(stack: Stack, client: RecordingClient) -> None:
-    # The constructor's two GET /api/version passed (ray_version >= 2.0); the CLI's level is 0.
+    # The constructor's two GET /api/version passed (ray_version >= 2.0); the CLI's level
+    # is 4, so `ray job submit` and `ray job logs --follow` tail over the WebSocket.
     assert client.requests_sent[:2] == [("GET", "/api/version"), ("GET", "/api/version")]
-    assert client.get_version() == "0"
+    assert client.get_version() == "4"
 
 
 def test_submit_uploads_working_dir_and_runs(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
@@ -446,9 +451,12 @@ def test_cli_submit_status_logs_list_delete(stack: Stack, client: RecordingClien
     assert submitted.returncode == 0, _describe(submitted)
     out = submitted.stdout + submitted.stderr
     assert f"Job '{sid}' submitted successfully" in out, _describe(submitted)
-    assert "Tailing logs is not enabled" in out, _describe(submitted)  # version "0": no websocket
+    # The CLI followed the job's output to its end, then reported its status.
+    assert f"payload: {payload}" in submitted.stdout, _describe(submitted)
+    assert f"Job '{sid}' succeeded" in out, _describe(submitted)
+    assert "Tailing logs is not enabled" not in out, _describe(submitted)
 
-    wait_job(client, sid, JobStatus.SUCCEEDED, stack=stack)
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED
     info = client.get_job_info(sid)
     assert info.entrypoint == "python main.py 'x y'"
     assert info.metadata == {"via": "cli"}
@@ -464,10 +472,10 @@ def test_cli_submit_status_logs_list_delete(stack: Stack, client: RecordingClien
     assert "argv: x y" in logs.stdout, _describe(logs)
     assert "greeting: from-cli" in logs.stdout, _describe(logs)
 
-    # --follow: with version "0" the CLI says it cannot tail and exits 0.
+    # --follow of a finished job: everything it wrote, then the server closes the tail.
     followed = ray_job(stack, "logs", "--follow", sid)
     assert followed.returncode == 0, _describe(followed)
-    assert "Tailing logs is not enabled" in followed.stdout + followed.stderr, _describe(followed)
+    assert f"payload: {payload}" in followed.stdout and "greeting: from-cli" in followed.stdout, _describe(followed)
 
     listed = ray_job(stack, "list")
     assert listed.returncode == 0, _describe(listed)
@@ -504,3 +512,184 @@ def test_cli_submit_without_working_dir_is_refused(stack: Stack) -> None:
     assert result.returncode != 0, _describe(result)
     out = result.stdout + result.stderr
     assert "400" in out and "working_dir" in out, _describe(result)
+
+
+# -- following logs: the WebSocket tail (docs/api.md, "Following a job's output") ----
+
+
+def gated_project(directory: Path) -> tuple[Path, Path]:
+    """A job that prints a line, waits until the test opens its gate, then prints another:
+    what a follower receives before the gate opens was sent while the job ran. Without
+    the gate within 60 s it exits 1."""
+    directory.mkdir(parents=True, exist_ok=True)
+    gate = directory.parent / f"{directory.name}.gate"
+    (directory / "main.py").write_text(
+        "import os, sys, time\n"
+        "print('first line', flush=True)\n"
+        "deadline = time.time() + 60\n"
+        "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "print('second line', flush=True)\n"
+        "sys.exit(0 if os.path.exists(sys.argv[1]) else 1)\n"
+    )
+    return directory, gate
+
+
+def test_cli_submit_prints_the_output_and_exits_0(stack: Stack, tmp_path: Path) -> None:
+    payload = f"follow-{uuid.uuid4().hex[:8]}"
+    workdir = project(tmp_path / "follow", payload)
+    submitted = ray_job(stack, "submit", "--working-dir", str(workdir), "--", "python", "main.py", "a", "b")
+    assert submitted.returncode == 0, _describe(submitted)
+    assert f"payload: {payload}\nargv: a b\n" in submitted.stdout, _describe(submitted)
+    assert "Tailing logs until the job exits" in submitted.stdout + submitted.stderr, _describe(submitted)
+    assert "succeeded" in submitted.stdout + submitted.stderr, _describe(submitted)
+    assert "close code 1006" not in submitted.stderr, _describe(submitted)  # a normal close, not an abnormal one
+
+
+def test_cli_submit_of_a_failing_job_exits_non_zero(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
+    workdir = tmp_path / "fails"
+    workdir.mkdir()
+    (workdir / "fail.py").write_text("import sys\nprint('about to fail', flush=True)\nsys.exit(3)\n")
+    sid = f"app-clifail-{uuid.uuid4().hex[:10]}"
+    submitted = ray_job(stack, "submit", "--working-dir", str(workdir), "--submission-id", sid, "--", "python", "fail.py")
+    assert submitted.returncode != 0, _describe(submitted)
+    assert "about to fail" in submitted.stdout, _describe(submitted)
+    assert f"Job '{sid}' failed" in submitted.stdout + submitted.stderr, _describe(submitted)
+    info = client.get_job_info(sid)
+    assert info.status == JobStatus.FAILED and info.driver_exit_code == 3
+
+
+def test_tail_job_logs_yields_output_as_it_is_written(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
+    workdir, gate = gated_project(tmp_path / "gated")
+    sid = client.submit_job(entrypoint=f"python main.py {gate}", runtime_env={"working_dir": str(workdir)})
+    status_when_first_line_arrived: list[Any] = []
+
+    async def follow() -> list[str]:
+        chunks: list[str] = []
+        async for chunk in client.tail_job_logs(sid):
+            chunks.append(chunk)
+            if "first line" in "".join(chunks) and not gate.exists():
+                status_when_first_line_arrived.append(client.get_job_status(sid))
+                gate.touch()  # only now can the job write its second line and end
+        return chunks
+
+    chunks = asyncio.run(asyncio.wait_for(follow(), CLI_TIMEOUT_S))
+    assert status_when_first_line_arrived == [JobStatus.RUNNING], chunks
+    text = "".join(chunks)
+    assert text == "first line\nsecond line\n", chunks
+    # The iterator ended because the server closed the tail at the job's end.
+    assert client.get_job_status(sid) == JobStatus.SUCCEEDED
+
+
+def test_cli_logs_follow_follows_a_running_job(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
+    workdir, gate = gated_project(tmp_path / "followcli")
+    sid = client.submit_job(entrypoint=f"python main.py {gate}", runtime_env={"working_dir": str(workdir)})
+    wait_job(client, sid, JobStatus.RUNNING, stack=stack)
+    env = {k: v for k, v in os.environ.items() if k not in RAY_ENV_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    follower = subprocess.Popen([RAY_CLI, "job", "logs", "--address", stack.url, "--follow", sid], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in follower.stdout or []], daemon=True)
+    reader.start()
+    try:
+        seen: list[str] = []
+        while "first line\n" not in seen:
+            seen.append(lines.get(timeout=CLI_TIMEOUT_S))
+        assert client.get_job_status(sid) == JobStatus.RUNNING  # printed while the job runs
+        gate.touch()
+        assert follower.wait(timeout=CLI_TIMEOUT_S) == 0, follower.stderr.read() if follower.stderr else ""
+        reader.join(timeout=10)
+        while not lines.empty():
+            seen.append(lines.get())
+        assert "second line\n" in seen, seen
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+
+
+def _upgrade_headers(tenant: str | None = None) -> dict[str, str]:
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    if tenant:
+        headers["X-Tenant-Id"] = tenant
+    return headers
+
+
+def test_tail_of_another_tenants_job_is_refused(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
+    workdir = project(tmp_path / "teamb", "team b's")
+    team_b = JobSubmissionClient(stack.url, headers={"X-Tenant-Id": "team-b"})
+    sid = team_b.submit_job(entrypoint="python main.py", runtime_env={"working_dir": str(workdir)})
+
+    async def tail(follower: Any) -> str:
+        return "".join([chunk async for chunk in follower.tail_job_logs(sid)])
+
+    # Its own tenant follows it to the end...
+    assert "payload: team b's" in asyncio.run(asyncio.wait_for(tail(team_b), CLI_TIMEOUT_S))
+    # ...the default tenant is refused at the handshake, as GET .../logs would be (404),
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        asyncio.run(asyncio.wait_for(tail(client), CLI_TIMEOUT_S))
+    assert refused.value.status == 404
+    # with the same JSON answer.
+    answer = requests.get(f"{stack.url}/api/jobs/{sid}/logs/tail", headers=_upgrade_headers(), timeout=10)
+    assert answer.status_code == 404
+    assert answer.json() == requests.get(f"{stack.url}/api/jobs/{sid}/logs", timeout=10).json()
+    assert "not found" in answer.json()["error"]
+    # An unknown job is refused alike, and a GET without an upgrade is told what the route is.
+    unknown = requests.get(f"{stack.url}/api/jobs/app-nope-{uuid.uuid4().hex[:6]}/logs/tail",
+                           headers=_upgrade_headers("team-b"), timeout=10)
+    assert unknown.status_code == 404
+    plain = requests.get(f"{stack.url}/api/jobs/{sid}/logs/tail", headers={"X-Tenant-Id": "team-b"}, timeout=10)
+    assert plain.status_code == 426 and "WebSocket" in plain.json()["error"]
+
+
+def test_tails_per_process_are_capped(stack: Stack, client: RecordingClient, tmp_path: Path) -> None:
+    # An API process of its own on the module's Redis, allowed one tail at a time.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**stack.env, "POOLQ_MAX_LOG_TAILS": "1"}
+    api = Proc(["api", "--port", str(port), "--workers", "1"], env, stack.base / "api-capped.log").start()
+    workdir, gate = gated_project(tmp_path / "capped")
+    sid = client.submit_job(entrypoint=f"python main.py {gate}", runtime_env={"working_dir": str(workdir)})
+    try:
+        wait_for(lambda: _healthy(url), START_S, 0.1, what="the capped API to answer")
+
+        async def first_line(tail: aiohttp.ClientWebSocketResponse) -> None:
+            text = ""
+            while text != "first line\n":  # however the output was cut into frames
+                text += (await tail.receive()).data
+                assert "first line\n".startswith(text), text
+
+        async def scenario() -> None:
+            async with aiohttp.ClientSession() as session:
+                first = await session.ws_connect(f"{url}/api/jobs/{sid}/logs/tail")
+                await first_line(first)
+                # The one tail is open: the next handshake is a 503 that says why.
+                second = await session.get(f"{url}/api/jobs/{sid}/logs/tail", headers=_upgrade_headers())
+                assert second.status == 503 and second.headers["Retry-After"] == "1"
+                assert "too many log tails" in (await second.json())["error"]
+                await first.close()
+
+                # Once the client has left, its slot is free again.
+                async def reopened() -> aiohttp.ClientWebSocketResponse:
+                    while True:
+                        try:
+                            return await session.ws_connect(f"{url}/api/jobs/{sid}/logs/tail")
+                        except aiohttp.WSServerHandshakeError as exc:
+                            assert exc.status == 503
+                            await asyncio.sleep(0.1)
+
+                third = await asyncio.wait_for(reopened(), SETTLE_S)
+                await first_line(third)
+                gate.touch()
+                rest = [message async for message in third]
+                assert all(m.type == aiohttp.WSMsgType.TEXT for m in rest), rest
+                assert "".join(m.data for m in rest) == "second line\n"
+                assert third.close_code == 1000
+
+        asyncio.run(asyncio.wait_for(scenario(), CLI_TIMEOUT_S))
+    finally:
+        gate.touch()
+        api.stop()
+    wait_job(client, sid, JobStatus.SUCCEEDED, stack=stack)

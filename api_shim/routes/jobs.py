@@ -1,4 +1,4 @@
-"""/api/jobs: submit (one or a batch), poll, list, stop, delete, logs."""
+"""/api/jobs: submit (one or a batch), poll, list, stop, delete, logs, the log tail's handshake."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from typing import Any
 from urllib.parse import urlencode
 
-from api_shim.http import JSON, HTTPError, Request, Response, is_digits
+from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, is_digits
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import check_headers, parse_json
@@ -18,6 +18,10 @@ MAX_BATCH = 1000
 MAX_IDS = 100
 MAX_LIMIT = 1000
 MAX_WAIT_S = 60.0
+TAIL_OFF = (
+    "this server does not serve log tails over WebSocket (POOLQ_API_WEBSOCKETS=0): "
+    "follow a job with GET /api/jobs/{id}/logs?offset=N"
+)
 
 
 class Jobs:
@@ -153,6 +157,15 @@ class Jobs:
             offset = int(offset_text)
         text, next_offset = self.store.logs(request.tenant_or_400(), request.params["submission_id"], offset)
         return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
+
+    def tail(self, request: Request) -> Response:
+        """The log tail's handshake: a job the tenant can see, over a WebSocket (api_shim/tail.py)."""
+        self.store.read(request.tenant_or_400(), request.params["submission_id"])
+        if request.environ.get(WEBSOCKET):
+            return Response(200)
+        if not self.settings.api_websockets:
+            raise HTTPError(501, TAIL_OFF)
+        raise HTTPError(426, "this route is a WebSocket: connect with Upgrade: websocket", [("Upgrade", "websocket")])
 
 
 def prefer_wait(header: str | None) -> float | None:

@@ -5,20 +5,27 @@ from __future__ import annotations
 from api_shim.http import Request, Response
 from poolq import __version__, health
 from poolq.errors import Unavailable
+from poolq.settings import Settings
 from poolq.store import JobStore
 
-# The Jobs SDK protocol level. Ray's CLI tails logs over a WebSocket only above 0,
-# which a WSGI app cannot serve; at 0 it skips the tail with a warning (docs/api.md).
-JOBS_API_VERSION = "0"
+# The Jobs API protocol level, as Ray numbers it (ray/dashboard/modules/version.py):
+# 1 log streaming, 2 submission_id and list answers, 3 entrypoint resources, 4 DELETE.
+# Ray's CLI follows logs over the WebSocket only above 0, so a server that does not serve
+# it (POOLQ_API_WEBSOCKETS=0) answers 0, and the CLI skips the tail with a warning.
+JOBS_API_VERSION = "4"
+JOBS_API_VERSION_NO_TAIL = "0"
 RAY_API_LEVEL = "2.9.0"
 
 
 class Meta:
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, settings: Settings):
         self.store = store
+        self.jobs_api_version = JOBS_API_VERSION if settings.api_websockets else JOBS_API_VERSION_NO_TAIL
 
     def version(self, request: Request) -> Response:
-        return Response.json({"version": JOBS_API_VERSION, "ray_version": RAY_API_LEVEL, "poolq_version": __version__})
+        return Response.json(
+            {"version": self.jobs_api_version, "ray_version": RAY_API_LEVEL, "poolq_version": __version__}
+        )
 
     def openapi(self, request: Request) -> Response:
         from api_shim.openapi import document

@@ -311,7 +311,7 @@ def test_a_server_with_two_workers_counts_every_request(start_proc: Any, redis_c
 
     def serving() -> bool:
         try:
-            return get("/healthz")[0] == 200
+            return get("/livez")[0] == 200
         except OSError:
             return False
 

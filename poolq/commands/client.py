@@ -511,8 +511,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _rows(records: list[dict[str, Any]], *, header: bool) -> None:
     if header:
-        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'NODE':<16} ENTRYPOINT")
+        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'PRIO':>5} {'NODE':<16} ENTRYPOINT")
     for record in records:
         print(
-            f"{record['submission_id']:<44} {record['status']:<10} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
+            f"{record['submission_id']:<44} {record['status']:<10} {record.get('priority', 0):>5} "
+            f"{record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
         )

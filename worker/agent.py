@@ -148,6 +148,7 @@ class JobRun(threading.Thread):
         self.stop_requested = threading.Event()
         self.shutdown = False  # the agent is shutting down: end as NODE_SHUTDOWN
         self.fenced: str | None = None  # the agent's lease ran out: why; the job is killed
+        self._spawning = threading.Lock()  # a fence and the start of the process: one, then the other
         self.process: subprocess.Popen[bytes] | None = None
         self.cgroup: JobCgroup | None = None
         self.disk_full: str | None = None  # the job's log could not be written: why
@@ -241,20 +242,35 @@ class JobRun(threading.Thread):
         except CgroupError as exc:
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the node could not limit the job: {exc}")
             return
-        try:
-            self.process = subprocess.Popen(
-                cgroup.wrap(["/bin/sh", "-c", spec["entrypoint"]]),
-                cwd=workdir,
-                env=job_environment(spec, venv, agent.node_id, agent.job_devices(fields.get(JobFields.DEVICES) or "")),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # its own process group, signalled as one
-            )
-        except OSError as exc:
+        with self._spawning:
+            # The lease, by the clock, not only by the flag the agent's loop sets: a pause
+            # (SIGSTOP) between start.lua and here can outlive the lease, and on waking this
+            # thread may get here before the loop notices. A job whose node may have been
+            # declared lost meanwhile must not start at all.
+            lost = self.fenced or agent.lease_lost()
+            if not lost:
+                try:
+                    self.process = subprocess.Popen(
+                        cgroup.wrap(["/bin/sh", "-c", spec["entrypoint"]]),
+                        cwd=workdir,
+                        env=job_environment(
+                            spec, venv, agent.node_id, agent.job_devices(fields.get(JobFields.DEVICES) or "")
+                        ),
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,  # its own process group, signalled as one
+                    )
+                except OSError as exc:
+                    agent.give_back(cgroup)
+                    message = f"the entrypoint could not be started: {exc}"
+                    self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, message)
+                    return
+        if lost:
             agent.give_back(cgroup)
-            self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the entrypoint could not be started: {exc}")
+            self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, lost)
             return
+        assert self.process is not None
         try:
             agent.guardian.watch(self.process.pid)
             stderr_tail = self._capture(log_path)
@@ -306,7 +322,8 @@ class JobRun(threading.Thread):
 
     def fence(self, reason: str) -> None:
         """The agent's lease ran out: kill the job now (its capacity is being given away)."""
-        self.fenced = reason
+        with self._spawning:  # not between the lease check and the start: before, or after
+            self.fenced = reason
         self._kill(signal.SIGKILL)
 
     def _kill(self, sig: int) -> None:
@@ -581,6 +598,13 @@ class Agent:
         else:
             self.fence(f"node {self.node_id} was declared lost (or another agent registered it)")
 
+    def lease_lost(self) -> str | None:
+        """Why the lease is gone, by the clock (the last heartbeat Redis accepted is older
+        than the fence), or None while it holds."""
+        if boottime() - self.last_beat > self.settings.fence_s:
+            return f"no heartbeat reached Redis for {self.settings.fence_s:g} s"
+        return None
+
     def fence(self, reason: str) -> None:
         """Give up the lease: kill every job now; register again once they have exited."""
         if self.fenced:
@@ -627,8 +651,9 @@ class Agent:
             self.wake.wait(0.5)
             self.wake.clear()
             try:
-                if not self.fenced and boottime() - self.last_beat > self.settings.fence_s:
-                    self.fence(f"no heartbeat reached Redis for {self.settings.fence_s:g} s")
+                lost = None if self.fenced else self.lease_lost()
+                if lost:
+                    self.fence(lost)
                 if self.fenced:
                     self.recover_from_fence()
                     continue

@@ -248,6 +248,7 @@ class JobRun(threading.Thread):
             # thread may get here before the loop notices. A job whose node may have been
             # declared lost meanwhile must not start at all.
             lost = self.fenced or agent.lease_lost()
+            not_started = ""
             if not lost:
                 try:
                     self.process = subprocess.Popen(
@@ -262,15 +263,15 @@ class JobRun(threading.Thread):
                         start_new_session=True,  # its own process group, signalled as one
                     )
                 except OSError as exc:
-                    agent.give_back(cgroup)
-                    message = f"the entrypoint could not be started: {exc}"
-                    self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, message)
-                    return
-        if lost:
+                    not_started = f"the entrypoint could not be started: {exc}"
+        # Ended outside the lock: ending may wait for Redis, and a fence must not wait on it.
+        if lost or self.process is None:
             agent.give_back(cgroup)
-            self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, lost)
+            if lost:
+                self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, lost)
+            else:
+                self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, not_started)
             return
-        assert self.process is not None
         try:
             agent.guardian.watch(self.process.pid)
             stderr_tail = self._capture(log_path)

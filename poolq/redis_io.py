@@ -76,7 +76,12 @@ def now_ms(client: redis.Redis) -> int:
 
 
 class Scripts:
-    """Every ``poolq/lua/*.lua`` file as a callable ``Script`` attribute of the same name."""
+    """Every ``poolq/lua/*.lua`` file as a callable ``Script`` attribute of the same name.
+
+    A line ``--! include lib/<name>.lua`` is replaced by that file of ``poolq/lua/lib/``:
+    the helpers several scripts share (a status count, a tenant's fair-share use) are
+    written once.
+    """
 
     def __init__(self, client: redis.Redis):
         for path in sorted(LUA_DIR.glob("*.lua")):
@@ -88,4 +93,11 @@ class Scripts:
 
 @functools.cache
 def _source(path: Path) -> str:
-    return path.read_text()
+    lines = path.read_text().splitlines(keepends=True)
+    return "".join(
+        (LUA_DIR / line.removeprefix(INCLUDE).strip()).read_text() if line.startswith(INCLUDE) else line
+        for line in lines
+    )
+
+
+INCLUDE = "--! include "

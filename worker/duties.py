@@ -171,12 +171,13 @@ class Duties:
         queues its own dependents, which the next run (this one, while it lasts) resolves."""
         queued = 0
         for _ in range(BATCH):
-            placed_in_line, more = self.store.scripts.resolve(
+            placed_in_line, more, to_fail = self.store.scripts.resolve(
                 keys=[keys.RESOLVE, keys.DEPENDENCY_FAILED, keys.SHAPES_READY, keys.SHAPES_BLOCKED, keys.DEADLINES],
                 args=[keys.JOB_PREFIX, keys.shape(""), RESOLVE_BATCH],
             )
             queued += placed_in_line
-            failed = self.redis.hscan(keys.DEPENDENCY_FAILED, count=BATCH)[1]
+            # (read only when there are some: an idle tick costs one round trip)
+            failed = self.redis.hscan(keys.DEPENDENCY_FAILED, count=BATCH)[1] if to_fail else {}
             for job_ref, message in failed.items():  # finish.lua ends each once, however often it is asked
                 self.store.finish(
                     job_ref,

@@ -23,6 +23,7 @@
 --       5 of their usage, 6 the fair-share half-life ms, then the m shapes' sigs (in the order of their queues), then
 --       the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
+--! include lib/fair_share.lua
 local done = redis.call('GET', KEYS[7])
 if done then return cjson.decode(done) end
 local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
@@ -51,13 +52,9 @@ for _, tenant in ipairs(tenants) do
   local list = per_tenant[tenant]
   oldest[tenant] = #list > 0 and list[1][3] or math.huge
   weight[tenant] = tonumber(redis.call('HGET', ARGV[4] .. tenant, 'weight') or '1')
-  -- its use as of its last change (reserve.lua, finish.lua), decayed to now, plus what
-  -- it has held since; what it holds now counts as a quarter second more
-  local f = redis.call('HMGET', KEYS[8], tenant, tenant .. '@')
-  local dt = math.max(now - tonumber(f[2] or now), 0)
-  local holds = tonumber(redis.call('HGET', ARGV[5] .. tenant .. ':usage', 'CPU') or '0')
-  local used = tonumber(f[1] or '0') * 2 ^ (-dt / tonumber(ARGV[6])) + holds * (dt + 250) / 1000
-  share[tenant] = used / weight[tenant]
+  -- its use up to now; what it holds now counts as a quarter second more
+  local used, holds = fair_share_use(KEYS[8], tenant, ARGV[5] .. tenant .. ':usage', now, tonumber(ARGV[6]))
+  share[tenant] = (used + holds * 0.25) / weight[tenant]
 end
 table.sort(tenants, function(a, b)
   if share[a] ~= share[b] then return share[a] < share[b] end

@@ -34,22 +34,8 @@
 -- terminal, or from a status not listed, or deadline not reached), 2 stop flagged on a
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
 -- read again, -2 no such job.
--- A status count is written as its new value, never as a delta, and never below zero:
--- an append-only file that holds the same change twice (two redis-servers once wrote to
--- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
-local function count(counts, status, delta)
-  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
-  redis.call('HSET', counts, status, n)
-end
--- Fair share (docs/scheduling.md): a tenant's decayed CPU use is kept exactly, as of
--- its last change: before what it holds changes, what it held since is charged.
-local function settle(fairshare, tenant, usage, now, half_life)
-  local f = redis.call('HMGET', fairshare, tenant, tenant .. '@')
-  local dt = math.max(now - tonumber(f[2] or now), 0)
-  local used = tonumber(f[1] or '0') * 2 ^ (-dt / half_life)
-    + tonumber(redis.call('HGET', usage, 'CPU') or '0') * dt / 1000
-  redis.call('HSET', fairshare, tenant, string.format('%.1f', used), tenant .. '@', now)
-end
+--! include lib/counts.lua
+--! include lib/fair_share.lua
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
   'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev')
 local status = j[1]

@@ -4,13 +4,7 @@
 -- KEYS: 1 terminal, then per job 4 keys: job hash, log, tenant index, tenant's status counts
 -- ARGV: per job 2 values: ref, submission id
 -- Returns per job: 1 removed, 0 not terminal, -1 no such job.
--- A status count is written as its new value, never as a delta, and never below zero:
--- an append-only file that holds the same change twice (two redis-servers once wrote to
--- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
-local function count(counts, status, delta)
-  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
-  redis.call('HSET', counts, status, n)
-end
+--! include lib/counts.lua
 local out = {}
 for i = 0, (#KEYS - 1) / 4 - 1 do
   local job, logkey, index, counts = KEYS[2 + i * 4], KEYS[3 + i * 4], KEYS[4 + i * 4], KEYS[5 + i * 4]

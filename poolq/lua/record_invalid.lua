@@ -6,13 +6,7 @@
 --       6 tenants set
 -- ARGV: 1 spec JSON, 2 message, 3 submission id, 4 ref, 5 tenant
 -- Returns 1 recorded, 0 the id was taken.
--- A status count is written as its new value, never as a delta, and never below zero:
--- an append-only file that holds the same change twice (two redis-servers once wrote to
--- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
-local function count(counts, status, delta)
-  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
-  redis.call('HSET', counts, status, n)
-end
+--! include lib/counts.lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

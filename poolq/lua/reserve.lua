@@ -24,7 +24,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl, claim_id = tonumber(ARGV[1]), ARGV[3]
-local results, wake = {}, {}
+local results, wake, settled = {}, {}, {}
 local buckets = {}
 for le in string.gmatch(ARGV[4], '%d+') do buckets[#buckets + 1] = le end
 local first = 8
@@ -60,15 +60,7 @@ local function allocate(node, name, amount)
   return out
 end
 
--- Fair share (docs/scheduling.md): a tenant's decayed CPU use is kept exactly, as of
--- its last change: before what it holds changes, what it held since is charged.
-local function settle(fairshare, tenant, usage, now, half_life)
-  local f = redis.call('HMGET', fairshare, tenant, tenant .. '@')
-  local dt = math.max(now - tonumber(f[2] or now), 0)
-  local used = tonumber(f[1] or '0') * 2 ^ (-dt / half_life)
-    + tonumber(redis.call('HGET', usage, 'CPU') or '0') * dt / 1000
-  redis.call('HSET', fairshare, tenant, string.format('%.1f', used), tenant .. '@', now)
-end
+--! include lib/fair_share.lua
 
 local function wake_node(node, wake_flag, node_id)
   if redis.call('HGET', node, 'kind') == 'agent' and redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then
@@ -129,7 +121,11 @@ for i = 0, n - 1 do
     end
   end
   if code == 0 then
-    settle(KEYS[8], string.sub(ref, 1, string.find(ref, ':', 1, true) - 1), usage, now, tonumber(ARGV[5]))
+    local tenant = string.sub(ref, 1, string.find(ref, ':', 1, true) - 1)
+    if not settled[tenant] then  -- once a run: later decisions of the run are at the same time
+      settle(KEYS[8], tenant, usage, now, tonumber(ARGV[5]))
+      settled[tenant] = true
+    end
     for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
       redis.call('HINCRBY', node, 'res:' .. name, amount)
       redis.call('HINCRBY', usage, name, amount)

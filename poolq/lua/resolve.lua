@@ -15,9 +15,9 @@
 -- KEYS: 1 resolve, 2 dependency failed, 3 shapes:ready, 4 shapes:blocked, 5 deadlines
 -- ARGV: 1 the job key prefix (poolq.keys.JOB_PREFIX), 2 the shape key prefix, 3 most
 --       dependents to take in one run
--- Returns {dependents put in line, 1 if poolq:resolve has more}.
+-- Returns {dependents put in line, 1 if poolq:resolve has more, jobs marked to fail}.
 local ended = redis.call('LINDEX', KEYS[1], -1)
-if not ended then return {0, 0} end
+if not ended then return {0, 0, redis.call('HLEN', KEYS[2])} end
 local prefix = ARGV[1]
 local status = redis.call('HGET', prefix .. ended, 'status')
 local id = string.sub(ended, string.find(ended, ':', 1, true) + 1)
@@ -48,4 +48,4 @@ for _, member in ipairs(redis.call('SPOP', set, tonumber(ARGV[3]))) do
   end
 end
 if redis.call('SCARD', set) == 0 then redis.call('RPOP', KEYS[1]) end
-return {queued, redis.call('LLEN', KEYS[1]) > 0 and 1 or 0}
+return {queued, redis.call('LLEN', KEYS[1]) > 0 and 1 or 0, redis.call('HLEN', KEYS[2])}

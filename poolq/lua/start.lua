@@ -12,13 +12,7 @@
 --       limit ms ('' none)
 -- Returns {code, ms left of its runtime limit (0: no limit), attempt}: code 1 started,
 -- 0 skip, 2 a stop was requested (the agent ends it STOPPED). (worker.agent.Started)
--- A status count is written as its new value, never as a delta, and never below zero:
--- an append-only file that holds the same change twice (two redis-servers once wrote to
--- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
-local function count(counts, status, delta)
-  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
-  redis.call('HSET', counts, status, n)
-end
+--! include lib/counts.lua
 redis.call('ZREM', KEYS[2], ARGV[1])
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop', 'runner', 'run_deadline', 'attempt', 'rt_limit')
 local attempt = tonumber(j[6] or '1')

@@ -36,13 +36,7 @@
 -- in line (its deadline counted from then) once the last one is resolved. A dependency
 -- that has ended already is queued for resolving at once.
 --
--- A status count is written as its new value, never as a delta, and never below zero:
--- an append-only file that holds the same change twice (two redis-servers once wrote to
--- one) replays to a count that is off, never to a negative one (recount.lua repairs it).
-local function count(counts, status, delta)
-  local n = math.max(tonumber(redis.call('HGET', counts, status) or '0') + delta, 0)
-  redis.call('HSET', counts, status, n)
-end
+--! include lib/counts.lua
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code

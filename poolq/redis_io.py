@@ -7,6 +7,7 @@ must answer 503 within 2 s (docs/api.md) rather than wait on a socket.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -101,3 +102,8 @@ def _source(path: Path) -> str:
 
 
 INCLUDE = "--! include "
+
+
+def script_sha(name: str) -> str:
+    """The SHA1 Redis knows script ``name`` by (EVALSHA), its includes put in place."""
+    return hashlib.sha1(_source(LUA_DIR / f"{name}.lua").encode()).hexdigest()

@@ -10,7 +10,6 @@ stored" for a stored job; a lost reply to the queue consumer's move lost the mes
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from pathlib import Path
@@ -20,14 +19,14 @@ import pytest
 from celery import Celery
 
 from poolq.nodes import capacity_of
-from poolq.redis_io import LUA_DIR
+from poolq.redis_io import script_sha
 from tests.faults.conftest import Jobs, Stack
 from tests.faults.relay import Relay
 from tests.procs import wait_for
 
 
 def sha(script: str) -> str:
-    return hashlib.sha1((LUA_DIR / f"{script}.lua").read_text().encode()).hexdigest()
+    return script_sha(script)
 
 
 @pytest.fixture

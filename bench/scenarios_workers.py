@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import statistics
+import subprocess
 import time
+from collections.abc import Callable
 
 from bench.figures import ScenarioResult, Target
 from bench.loadgen import percentile
@@ -15,6 +19,7 @@ from poolq import keys
 from poolq.model import JobStatus
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
+from worker.cgroups import CgroupPool, Cgroups
 
 MiB = 1024 * 1024
 TERMINAL = {s.value for s in JobStatus if s.terminal}
@@ -228,6 +233,62 @@ def e2e(ctx: Context) -> None:
             "RUNNING (seen while building this benchmark)"
         )
         result.note(f"latency: single POST /api/jobs {describe(spec)}; each record's end_time − submit_time")
+    cgroup_costs(result, 100 if ctx.quick else 500)
+
+
+def cgroup_costs(result: ScenarioResult, rounds: int) -> None:
+    """What a job's cgroup costs its node agent, measured here in this process (medians)."""
+    found = Cgroups.detect(parent_name=f"poolq-bench-{os.getpid()}")
+    if found.mode == "none":
+        result.note(f"cgroup costs: not measured, {found.reason}")
+        return
+    limits = {"memory_bytes": 1 << 30, "cpu_milli": 1000, "pids_max": 4096}
+    pool = CgroupPool(found)
+
+    def median_ms(step: Callable[[int], object]) -> float:
+        times = []
+        for i in range(rounds):
+            began = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - began) * 1000)
+        return statistics.median(times)
+
+    def spawn(argv: list[str]) -> None:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+
+    def take_and_give_back(i: int, *, other_limits: bool) -> None:
+        pids_max = 64 + i % 2 if other_limits else 64
+        pool.give_back(pool.take(**{**limits, "pids_max": pids_max}))
+
+    kept = pool.take(**limits)
+    try:
+        figures = (
+            ("cgroup.create", "job cgroup created + removed", lambda i: found.create(f"c-{i}", **limits).remove()),
+            (
+                "cgroup.same",
+                "kept cgroup taken + given back, same limits",
+                lambda i: take_and_give_back(i, other_limits=False),
+            ),
+            (
+                "cgroup.other",
+                "kept cgroup taken + given back, limits rewritten",
+                lambda i: take_and_give_back(i, other_limits=True),
+            ),
+            ("cgroup.join", "`true` started in a cgroup, less started bare", lambda i: spawn(kept.wrap(["/bin/true"]))),
+        )
+        bare = median_ms(lambda i: spawn(["/bin/true"]))
+        for key, label, step in figures:
+            value = median_ms(step)
+            result.add(key, value - bare if key == "cgroup.join" else value, label=label, unit="ms")
+    finally:
+        pool.give_back(kept)
+        pool.close()
+        for parent in set(found.dirs.values()):
+            parent.rmdir()
+    result.note(
+        f"cgroup costs ({found.mode}): medians of {rounds}, measured in the benchmark's process with the "
+        "node agent's code (worker/cgroups.py); a node agent keeps up to 64 emptied job cgroups for the next jobs"
+    )
 
 
 # -- memory ----------------------------------------------------------------------

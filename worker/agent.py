@@ -41,6 +41,7 @@ import redis
 from poolq import keys, queues
 from poolq.errors import Unavailable
 from poolq.model import (
+    CPU,
     DEVICE_VARIABLES,
     ErrorType,
     JobFields,
@@ -54,7 +55,7 @@ from poolq.model import (
 from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
 from poolq.store import JobStore
-from worker.cgroups import CgroupError, Cgroups, JobCgroup
+from worker.cgroups import CgroupError, CgroupPool, Cgroups, JobCgroup
 from worker.guardian import boottime
 from worker.joblog import TAIL_SUFFIX, DiskFull, JobLog, prune
 from worker.runtime_env import HIDDEN_ENV_PREFIX, RuntimeEnvs, SetupFailed, safe_dir
@@ -150,7 +151,8 @@ class JobRun(threading.Thread):
         self.fenced: str | None = None  # the agent's lease ran out: why; the job is killed
         self._spawning = threading.Lock()  # a fence and the start of the process: one, then the other
         self.process: subprocess.Popen[bytes] | None = None
-        self.cgroup: JobCgroup | None = None
+        self.cgroup: JobCgroup | None = None  # None again once given back: it may be another job's then
+        self._cgroup_lock = threading.Lock()  # a kill through the cgroup, and giving it back: one, then the other
         self.disk_full: str | None = None  # the job's log could not be written: why
         self.limit_at: float | None = None  # monotonic time its runtime limit ends
         self.timed_out = False
@@ -238,7 +240,7 @@ class JobRun(threading.Thread):
         log_path = agent.log_path(self.job_ref, self.attempt)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            cgroup = self.cgroup = agent.job_cgroup(self.job_ref, self.attempt, spec)
+            cgroup = self.cgroup = agent.job_cgroup(spec)
         except CgroupError as exc:
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, f"the node could not limit the job: {exc}")
             return
@@ -266,7 +268,7 @@ class JobRun(threading.Thread):
                     not_started = f"the entrypoint could not be started: {exc}"
         # Ended outside the lock: ending may wait for Redis, and a fence must not wait on it.
         if lost or self.process is None:
-            agent.give_back(cgroup)
+            self._give_back_cgroup()
             if lost:
                 self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, lost)
             else:
@@ -281,7 +283,7 @@ class JobRun(threading.Thread):
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
         out_of_memory = cgroup.oom_killed(code)
-        agent.give_back(cgroup)
+        self._give_back_cgroup(reusable=not out_of_memory)
         if out_of_memory and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):
             limit = spec["entrypoint_memory"]
             self._finish(
@@ -332,11 +334,19 @@ class JobRun(threading.Thread):
         if self.process is None:
             return
         _kill_group(self.process.pid, sig)
-        if sig == signal.SIGKILL and self.cgroup is not None:
-            try:
-                self.cgroup.kill()
-            except CgroupError as exc:
-                log.error("job %s: %s", self.job_ref, exc)
+        if sig == signal.SIGKILL:
+            with self._cgroup_lock:
+                if self.cgroup is not None:
+                    try:
+                        self.cgroup.kill()
+                    except CgroupError as exc:
+                        log.error("job %s: %s", self.job_ref, exc)
+
+    def _give_back_cgroup(self, *, reusable: bool = True) -> None:
+        with self._cgroup_lock:
+            cgroup, self.cgroup = self.cgroup, None
+        if cgroup is not None:
+            self.agent.give_back(cgroup, reusable=reusable)
 
     def _capture(self, log_path: Path) -> str:
         """Copy stdout and stderr, interleaved, to the log file and the Redis tail; stop on request."""
@@ -555,6 +565,11 @@ class Agent:
             stale = self.cgroups.remove_stale()
             if stale:
                 log.warning("killed what was left in %d job cgroups of an earlier agent", len(stale))
+            try:
+                self.cgroups.weigh(capacity.get(CPU, 0))
+            except OSError as exc:
+                log.warning("node %s could not weigh its jobs' CPU share: %s", node_id, exc)
+        self.cgroup_pool = CgroupPool(self.cgroups)
         self.guardian = Guardian(self.settings.fence_s, self.cgroups)
         self._next_reconcile = 0.0
 
@@ -732,21 +747,20 @@ class Agent:
                 del self.running[run.job_ref]
         self.wake.set()
 
-    def job_cgroup(self, job_ref: str, attempt: int, spec: dict[str, Any]) -> JobCgroup:
-        """A new cgroup with the job's limits: its memory, its CPUs as a CPU quota, a
+    def job_cgroup(self, spec: dict[str, Any]) -> JobCgroup:
+        """An empty cgroup with the job's limits: its memory, its CPUs as a CPU quota, a
         process limit (one without directories when the node does not enforce)."""
         pids = self.settings.job_pids_max
-        return self.cgroups.fresh(
-            cgroup_name(f"{job_ref}:{attempt}"),
+        return self.cgroup_pool.take(
             memory_bytes=int(spec["entrypoint_memory"]),
             cpu_milli=to_milli(Decimal(str(spec["entrypoint_num_cpus"]))),
             pids_max=pids if pids > 0 else None,
         )
 
-    def give_back(self, cgroup: JobCgroup) -> None:
-        """A job ended: kill what is left of it and remove its cgroup."""
+    def give_back(self, cgroup: JobCgroup, *, reusable: bool = True) -> None:
+        """A job ended: kill what is left of it; its cgroup is kept for a later job or removed."""
         try:
-            cgroup.remove()
+            self.cgroup_pool.give_back(cgroup, reusable=reusable)
         except CgroupError as exc:
             log.error("%s", exc)
 
@@ -829,4 +843,8 @@ class Agent:
         self.stopping.set()
         # Only this incarnation's node: a new agent may have registered the id meanwhile.
         self.admin.remove(self.node_id, incarnation=self.incarnation)
+        try:
+            self.cgroup_pool.close()
+        except CgroupError as exc:
+            log.error("%s", exc)
         self.guardian.close()

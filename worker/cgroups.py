@@ -1,8 +1,10 @@
 """Each job in cgroups of its own: memory, CPU and process-count limits, and a kill that misses nothing.
 
 The node agent detects once, at start, what the machine offers (``Cgroups.detect``), then per job
-creates a cgroup with the job's limits, starts the entrypoint through ``JobCgroup.wrap`` (which moves
-the job's first process into it before it execs anything), and in the end kills and removes it.
+takes a cgroup from its ``CgroupPool`` with the job's limits written into it, starts the entrypoint
+through ``JobCgroup.wrap`` (which moves the job's first process into it before it execs anything),
+and in the end kills what is left and gives the emptied cgroup back for the next job. Creating and removing
+a cgroup costs the kernel far more than rewriting an empty one's limits (docs/running.md).
 
 Layout, always beneath the agent's own cgroup, never directly at a hierarchy's root:
 
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 _JOIN_SCRIPT = (
     f'for f do shift; [ "$f" = -- ] && exec "$@"; echo $$ > "$f" || exit {JOIN_FAILED}; done; exit {JOIN_FAILED}'
 )
+POOL_SIZE = 64  # emptied cgroups an agent keeps for its next jobs
 
 
 class CgroupError(Exception):
@@ -76,7 +81,7 @@ class JobCgroup:
         found: set[int] = set()
         for d in self._unique_dirs():
             try:
-                found.update(int(line) for line in (d / "cgroup.procs").read_text().split())
+                found.update(int(pid) for pid in _read(d / "cgroup.procs").split())
             except FileNotFoundError:
                 pass
         return sorted(found)
@@ -126,7 +131,7 @@ class JobCgroup:
     def _frozen(self) -> bool:
         if self.mode == "v2":
             return _keyed(self.dirs["memory"] / "cgroup.events").get("frozen") == 1
-        return (self.dirs["freezer"] / "freezer.state").read_text().strip() == "FROZEN"
+        return _read(self.dirs["freezer"] / "freezer.state").strip() == "FROZEN"
 
     def oom_killed(self, returncode: int | None = None) -> bool:
         """Whether the kernel killed a process of this job for exceeding its memory limit.
@@ -144,16 +149,26 @@ class JobCgroup:
         # Older kernels only count how often usage hit the limit (failcnt). Reaching the limit alone
         # is not fatal (the kernel first reclaims); reaching it and dying of SIGKILL, which only the
         # OOM killer or a stop sends, is the best evidence left.
-        hit_limit = int((memory / "memory.failcnt").read_text()) > 0
+        hit_limit = int(_read(memory / "memory.failcnt")) > 0
         return hit_limit and returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
 
     def cpu_usage_s(self) -> float | None:
-        """CPU time (user + system) the job's processes have used, in seconds; None when not measured."""
+        """CPU time (user + system) the cgroup's processes have used since it was created, in
+        seconds (a pooled cgroup's count includes its earlier jobs); None when not measured."""
         if self.mode == "v2":
             return _keyed(self.dirs["cpu"] / "cpu.stat")["usage_usec"] / 1e6
         if "cpuacct" in self.dirs:
-            return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+            return int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
         return None
+
+    def set_limits(self, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> None:
+        """Write the limits (None: unlimited) into this cgroup, new or emptied; raises OSError.
+
+        CPU is a CFS quota of ``cpu_milli`` thousandths of a core per 100 ms period (at least 1 ms);
+        memory is a hard limit with swap disabled where the kernel accounts for swap."""
+        _check_limits(memory_bytes, cpu_milli, pids_max)
+        for path, setting in _limits(self, memory_bytes, cpu_milli, pids_max):
+            _write(path, setting)
 
     def remove(self) -> None:
         """Kill what is left, then delete the cgroup in every hierarchy. Already removed is fine."""
@@ -202,32 +217,29 @@ class Cgroups:
             hint = "" if os.geteuid() == 0 else f" (the agent runs as uid {os.geteuid()}, not root)"
             return cls("none", f"cgroups unusable: {exc}{hint}")
 
+    def weigh(self, cpu_milli: int) -> None:
+        """Give the parent of the job cgroups the CPU weight of the cores the node offers jobs
+        (``_weight``); raises OSError."""
+        if self.mode != "none":
+            name = "cpu.shares" if self.mode == "v1" else "cpu.weight"
+            _write(self.dirs["cpu"] / name, _weight(self.mode, cpu_milli))
+
     def describe(self) -> dict[str, str | None]:
         """For the node record."""
         return {"mode": self.mode, "reason": self.reason}
 
     def create(self, name: str, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
-        """A new, empty cgroup for a job, with its limits (None: unlimited); raises CgroupError.
-
-        CPU is a CFS quota of ``cpu_milli`` thousandths of a core per 100 ms period (at least 1 ms);
-        memory is a hard limit with swap disabled where the kernel accounts for swap."""
+        """A new, empty cgroup for a job, with its limits (``JobCgroup.set_limits``); raises CgroupError."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"invalid cgroup name {name!r}: letters, digits, '-' and '_', at most 100")
-        for label, value, least in (
-            ("memory_bytes", memory_bytes, 1),
-            ("cpu_milli", cpu_milli, 0),
-            ("pids_max", pids_max, 1),
-        ):
-            if value is not None and value < least:
-                raise ValueError(f"{label} must be at least {least}, not {value}")
         job = JobCgroup(name, self.mode, {controller: parent / name for controller, parent in self.dirs.items()})
+        _check_limits(memory_bytes, cpu_milli, pids_max)
         created: list[Path] = []
         try:
             for d in job._unique_dirs():
                 d.mkdir()
                 created.append(d)
-            for path, setting in _limits(job, memory_bytes, cpu_milli, pids_max):
-                _write(path, setting)
+            job.set_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
         except OSError as exc:
             for d in reversed(created):  # empty: nothing can have joined it yet
                 with contextlib.suppress(OSError):
@@ -236,8 +248,8 @@ class Cgroups:
         return job
 
     def fresh(self, name: str, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
-        """``create``, after removing a cgroup of that name left by a run that was not
-        cleaned up (an agent killed, the same job run again here)."""
+        """``create``, after removing a cgroup of that name that an agent killed before it could
+        clean up left behind."""
         dirs = {controller: parent / name for controller, parent in self.dirs.items() if (parent / name).is_dir()}
         if dirs:
             JobCgroup(name, self.mode, dirs).remove()
@@ -262,29 +274,131 @@ class Cgroups:
         return [job.name for job in stale]
 
 
+Limits = tuple[int | None, int | None, int | None]  # memory_bytes, cpu_milli, pids_max
+
+
+class CgroupPool:
+    """One agent's job cgroups: each job takes one with its limits, and gives it back empty, to be
+    kept (at most ``size``) for a later job instead of removed.
+
+    A kept cgroup is one whose processes are all gone (``JobCgroup.kill``) and whose kernel never
+    killed one of them for memory (its OOM count stays 0, so ``oom_killed`` speaks only of the job
+    in it). A job gets a kept cgroup that carries its limits already where there is one (a batch
+    of jobs of one shape: no write at all), else one whose limits are written over, else a new
+    one. Of its last job nothing remains but the page cache charged to it, which the kernel
+    reclaims as the next job needs."""
+
+    def __init__(self, cgroups: Cgroups, size: int = POOL_SIZE) -> None:
+        self.cgroups = cgroups
+        self.size = size if cgroups.mode != "none" else 0
+        self._kept: dict[Limits, list[JobCgroup]] = {}  # by the limits they carry
+        self._carrying: dict[str, Limits] = {}  # taken: name -> its limits
+        self._lock = threading.Lock()
+        self._names = itertools.count(1)
+        self._counts_oom_kills: bool | None = None  # found at the first give_back
+
+    def take(self, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
+        """An empty cgroup with these limits; raises CgroupError."""
+        limits = (memory_bytes, cpu_milli, pids_max)
+        with self._lock:
+            same = self._kept.get(limits)
+            other = same or next(iter(self._kept.values()), None)
+            job = other.pop() if other else None
+            self._kept = {carried: jobs for carried, jobs in self._kept.items() if jobs}
+        if job is not None and other is not same:
+            try:
+                job.set_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
+            except OSError:  # v1 refuses a memory limit below what it cannot reclaim: start afresh
+                job.remove()
+                job = None
+        if job is None:
+            name = f"job-{next(self._names)}"
+            job = self.cgroups.fresh(name, memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
+        with self._lock:
+            self._carrying[job.name] = limits
+        return job
+
+    def give_back(self, job: JobCgroup, *, reusable: bool = True) -> None:
+        """A job ended: kill what is left in its cgroup, then keep it or remove it; raises CgroupError.
+
+        Give ``reusable=False`` when the job was killed for memory (``oom_killed``)."""
+        with self._lock:
+            limits = self._carrying.pop(job.name, None)
+        job.kill()
+        if reusable and limits is not None and self._oom_kills_counted(job):
+            with self._lock:
+                if sum(map(len, self._kept.values())) < self.size:
+                    self._kept.setdefault(limits, []).append(job)
+                    return
+        job.remove()
+
+    def close(self) -> None:
+        """Remove the kept cgroups (the agent is shutting down)."""
+        with self._lock:
+            kept, self._kept = self._kept, {}
+        for jobs in kept.values():
+            for job in jobs:
+                job.remove()
+
+    def _oom_kills_counted(self, job: JobCgroup) -> bool:
+        """Whether the kernel counts OOM kills (v2, v1 since Linux 4.13). Older ones leave only
+        memory.failcnt, which a stopped job's SIGKILL could later be mistaken by: keep nothing."""
+        if self._counts_oom_kills is None:
+            memory = job.dirs.get("memory")
+            self._counts_oom_kills = job.mode == "v2" or (
+                memory is not None and "oom_kill" in _keyed(memory / "memory.oom_control")
+            )
+        return self._counts_oom_kills
+
+
+def _weight(mode: Mode, cpu_milli: int | None) -> str:
+    """A cgroup's CPU weight for ``cpu_milli`` thousandths of a core (None: the kernel's default),
+    that of as many busy processes as it has cores, as Kubernetes weighs its pods: under contention
+    the kernel shares CPU by weight, and a default weight would count a job's, or all jobs',
+    cgroup as one process among the machine's others."""
+    if mode == "v1":  # cpu.shares: 1024 a process, 2 to 262144
+        return "1024" if cpu_milli is None else str(min(max(cpu_milli * 1024 // 1000, 2), 262_144))
+    return "100" if cpu_milli is None else str(min(max(cpu_milli * 100 // 1000, 1), 10_000))  # cpu.weight
+
+
+def _check_limits(memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> None:
+    for label, value, least in (
+        ("memory_bytes", memory_bytes, 1),
+        ("cpu_milli", cpu_milli, 0),
+        ("pids_max", pids_max, 1),
+    ):
+        if value is not None and value < least:
+            raise ValueError(f"{label} must be at least {least}, not {value}")
+
+
 def _limits(
     job: JobCgroup, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None
 ) -> list[tuple[Path, str]]:
-    """The (file, value) writes that set a fresh cgroup's limits, in order; a new cgroup is unlimited."""
+    """The (file, value) writes that set every limit, in an order the kernel accepts from any
+    earlier limits: a pooled cgroup keeps its last job's until they are written over."""
     d, writes = job.dirs, []
-    quota = None if cpu_milli is None else max(MIN_CFS_QUOTA_US, cpu_milli * CFS_PERIOD_US // 1000)
+    quota = -1 if cpu_milli is None else max(MIN_CFS_QUOTA_US, cpu_milli * CFS_PERIOD_US // 1000)
     if job.mode == "v2":
-        if memory_bytes is not None:
-            writes.append((d["memory"] / "memory.max", str(memory_bytes)))
-            if (d["memory"] / "memory.swap.max").exists():
-                writes.append((d["memory"] / "memory.swap.max", "0"))
-        if quota is not None:
-            writes.append((d["cpu"] / "cpu.max", f"{quota} {CFS_PERIOD_US}"))
+        writes.append((d["memory"] / "memory.max", "max" if memory_bytes is None else str(memory_bytes)))
+        if (d["memory"] / "memory.swap.max").exists():
+            writes.append((d["memory"] / "memory.swap.max", "max" if memory_bytes is None else "0"))
+        writes.append((d["cpu"] / "cpu.max", f"{'max' if quota < 0 else quota} {CFS_PERIOD_US}"))
+        writes.append((d["cpu"] / "cpu.weight", _weight("v2", cpu_milli)))
     elif job.mode == "v1":
-        if memory_bytes is not None:
-            writes.append((d["memory"] / "memory.limit_in_bytes", str(memory_bytes)))
-            if (d["memory"] / "memory.memsw.limit_in_bytes").exists():  # memory + swap = memory: no swap
-                writes.append((d["memory"] / "memory.memsw.limit_in_bytes", str(memory_bytes)))
-        if quota is not None:
-            writes.append((d["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US)))
-            writes.append((d["cpu"] / "cpu.cfs_quota_us", str(quota)))
-    if pids_max is not None and job.mode != "none":
-        writes.append((d["pids"] / "pids.max", str(pids_max)))
+        # memory + swap may never be below memory: lift it first, then set memory, then it (no swap).
+        memsw = d["memory"] / "memory.memsw.limit_in_bytes"
+        limit = "-1" if memory_bytes is None else str(memory_bytes)
+        swap_accounted = memsw.exists()
+        if swap_accounted:
+            writes.append((memsw, "-1"))
+        writes.append((d["memory"] / "memory.limit_in_bytes", limit))
+        if swap_accounted and memory_bytes is not None:
+            writes.append((memsw, limit))
+        writes.append((d["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US)))
+        writes.append((d["cpu"] / "cpu.cfs_quota_us", str(quota)))
+        writes.append((d["cpu"] / "cpu.shares", _weight("v1", cpu_milli)))
+    if job.mode != "none":
+        writes.append((d["pids"] / "pids.max", "max" if pids_max is None else str(pids_max)))
     return writes
 
 
@@ -413,9 +527,22 @@ def _write(path: Path, value: str) -> None:
         os.close(fd)
 
 
+def _read(path: Path) -> str:
+    """A cgroup file's text, read with bare system calls: a job's start and end read several,
+    and ``Path.read_text`` costs three times as much."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
+
+
 def _keyed(path: Path) -> dict[str, int]:
     """A cgroup file of "key value" lines (memory.events, cpu.stat, memory.oom_control)."""
-    return {key: int(value) for key, value in (line.split() for line in path.read_text().splitlines() if line)}
+    return {key: int(value) for key, value in (line.split() for line in _read(path).splitlines() if line)}
 
 
 def _until(done: Callable[[], bool], timeout_s: float) -> bool:

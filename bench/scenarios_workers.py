@@ -14,12 +14,12 @@ from bench.figures import ScenarioResult, Target
 from bench.loadgen import percentile
 from bench.records import RawRedis, make_template, write_clones
 from bench.scenarios import SEED_BODY, Context, check_statuses, describe, run_load, settle, submit_batches
-from bench.stack import Api, BenchError, Child, Stack, children_of, rss_bytes, wait_for
+from bench.stack import Api, BenchError, Child, Stack, children_of, cpu_seconds, rss_bytes, wait_for
 from poolq import keys
 from poolq.model import JobStatus
 from poolq.nodes import capacity_of
 from poolq.settings import Settings
-from worker.cgroups import CgroupPool, Cgroups
+from worker.cgroups import CgroupPool, Cgroups, JobCgroup
 
 MiB = 1024 * 1024
 TERMINAL = {s.value for s in JobStatus if s.terminal}
@@ -171,8 +171,12 @@ def e2e(ctx: Context) -> None:
         stack.wait_ready([worker])
         # Each job in its cgroups (this machine allows it), then the same on a node told not to
         # enforce: the difference is what enforcement costs a job (docs/running.md).
-        stack.node("bench-plain", "--pool", "plain", "--cpus", "64", "--memory", "1Ti", "--no-enforce")
-        stack.node("bench-node", "--pool", "default", "--cpus", "64", "--memory", "1Ti")
+        agents = {
+            "pool=plain": stack.node(
+                "bench-plain", "--pool", "plain", "--cpus", "64", "--memory", "1Ti", "--no-enforce"
+            ),
+            "pool=default": stack.node("bench-node", "--pool", "default", "--cpus", "64", "--memory", "1Ti"),
+        }
         # 1 CPU a job: at most 64 run at once on the node, far more than `true` jobs need to reach
         # 100/s. (With 0.3 CPU, 213 at once, the agent's Redis pool runs out: see the note.)
         body = {"entrypoint": "true", "runtime_env": {"working_dir": str(stack.root)}, "entrypoint_num_cpus": 1}
@@ -182,8 +186,17 @@ def e2e(ctx: Context) -> None:
                 ("rate.plain", "jobs finished/s (SUCCEEDED), without cgroups (--no-enforce)", "pool=plain"),
             ):
                 tenant = f"e2e-{key}-{run}"
+                agent_pid = agents[pool].pid
+                cpu_before = cpu_seconds(agent_pid)
                 ids = submit_batches(api, [body] * jobs, {"X-Tenant-Id": tenant, "X-Pool-Label": pool})
                 rows = wait_terminal(stack, tenant, ids, 30 + jobs / 20)
+                result.add(
+                    key.replace("rate", "agent_cpu"),
+                    (cpu_seconds(agent_pid) - cpu_before) * 1000 / jobs,
+                    label="node agent's CPU a job, its jobs' processes included"
+                    + (" (--no-enforce)" if key == "rate.plain" else ", each in its cgroups"),
+                    unit="ms",
+                )
                 note_failures(result, "throughput", rows)
                 first = min(int(row[1] or 0) for row in rows)
                 last = max(int(row[2] or 0) for row in rows)
@@ -253,8 +266,10 @@ def cgroup_costs(result: ScenarioResult, rounds: int) -> None:
             times.append((time.perf_counter() - began) * 1000)
         return statistics.median(times)
 
-    def spawn(argv: list[str]) -> None:
-        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+    def spawn(argv: list[str], where: JobCgroup | None = None) -> None:
+        start = subprocess.Popen if where is None else where.popen
+        if start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL).wait() != 0:
+            raise BenchError(f"{argv} failed")
 
     def take_and_give_back(i: int, *, other_limits: bool) -> None:
         pids_max = 64 + i % 2 if other_limits else 64
@@ -274,7 +289,7 @@ def cgroup_costs(result: ScenarioResult, rounds: int) -> None:
                 "kept cgroup taken + given back, limits rewritten",
                 lambda i: take_and_give_back(i, other_limits=True),
             ),
-            ("cgroup.join", "`true` started in a cgroup, less started bare", lambda i: spawn(kept.wrap(["/bin/true"]))),
+            ("cgroup.join", "`true` started in a cgroup, less started bare", lambda i: spawn(["/bin/true"], kept)),
         )
         bare = median_ms(lambda i: spawn(["/bin/true"]))
         for key, label, step in figures:

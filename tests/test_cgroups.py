@@ -53,11 +53,11 @@ def cgroups() -> Iterator[Cgroups]:
 
 @pytest.fixture
 def spawn(cgroups: Cgroups) -> Iterator[Spawn]:
-    """Start ``argv`` in a job's cgroup the way the agent does: wrapped, in a session of its own."""
+    """Start ``argv`` in a job's cgroup the way the agent does, in a session of its own."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(job: JobCgroup, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(job.wrap(argv), start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+        process = job.popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
         started.append(process)
         return process
 
@@ -109,6 +109,12 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     except FileNotFoundError:
         return []
+
+
+def cpu_time_s(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parent_pid(pid: int) -> int:
@@ -197,9 +203,11 @@ def test_operator_opt_out_gives_a_job_cgroup_that_does_nothing() -> None:
     found = Cgroups.detect(enabled=False, parent_name=parent_name())
     assert found.describe() == {"mode": "none", "reason": "turned off by the operator"}
     job = found.create("job-1", memory_bytes=1 << 20, cpu_milli=100, pids_max=5)
-    argv = ["/bin/sh", "-c", "echo hi"]
-    assert job.wrap(argv) == argv
-    assert job.pids() == [] and job.oom_killed() is False and job.cpu_usage_s() is None
+    hello = job.popen(["/bin/sh", "-c", "echo hi; cat /proc/self/cgroup"], stdout=subprocess.PIPE)
+    out, _ = hello.communicate(timeout=10)
+    assert hello.returncode == 0 and out.decode().splitlines()[0] == "hi"
+    assert out.decode().splitlines()[1:] == Path("/proc/self/cgroup").read_text().splitlines()  # where the caller is
+    assert job.pids() == [] and job.oom_killed() is False
     job.kill()
     job.remove()
 
@@ -217,11 +225,13 @@ def test_names_and_limits_are_checked() -> None:
 # -- limits ---------------------------------------------------------------------------------------
 
 
-def test_limits_are_written(cgroups: Cgroups) -> None:
+def test_limits_are_written(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("limited", memory_bytes=128 << 20, cpu_milli=500, pids_max=20)
     assert control(job, "memory", "memory.limit_in_bytes", "memory.max") == str(128 << 20)
     assert control(job, "pids", "pids.max", "pids.max") == "20"
-    if job.mode == "v1":
+    if job.mode == "v1":  # the quota once the job has started (popen), not while the agent's thread is in
+        assert control(job, "cpu", "cpu.cfs_quota_us", "") == "-1"
+        spawn(job, ["sleep", "1000"])
         assert control(job, "cpu", "cpu.cfs_quota_us", "") == "50000"
         assert control(job, "cpu", "cpu.cfs_period_us", "") == str(CFS_PERIOD_US)
         if (job.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():  # memory + swap = memory: no swap
@@ -241,11 +251,12 @@ def test_limits_are_written(cgroups: Cgroups) -> None:
     assert all(d.is_dir() for d in job.dirs.values())
     assert control(job, "pids", "pids.max", "pids.max") == "20"
     tiny = cgroups.create("tiny", memory_bytes=None, cpu_milli=1, pids_max=None)
+    spawn(tiny, ["true"]).wait(10)
     assert control(tiny, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] == str(MIN_CFS_QUOTA_US)
     assert control(tiny, "pids", "pids.max", "pids.max") == "max"
 
 
-def test_wrap_joins_before_exec_and_passes_argv_verbatim(cgroups: Cgroups, spawn: Spawn) -> None:
+def test_popen_starts_the_process_inside_and_passes_argv_verbatim(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("join", memory_bytes=None, cpu_milli=None, pids_max=None)
     args = ["a b", "$(touch /tmp/poolq-injected)", "--", "'\"", "", "*", "x\ny", "; exit 3"]
     probe = "import json, sys; print(json.dumps([open('/proc/self/cgroup').read(), sys.argv[1:]]))"
@@ -264,13 +275,29 @@ def test_wrap_joins_before_exec_and_passes_argv_verbatim(cgroups: Cgroups, spawn
         assert joined[controller if job.mode == "v1" else ""] == "/" + d.relative_to(mount).as_posix()
 
 
-def test_wrap_exits_125_when_it_cannot_join(cgroups: Cgroups, spawn: Spawn) -> None:
+def test_a_cgroup_that_cannot_be_joined_runs_nothing(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("gone", memory_bytes=None, cpu_milli=None, pids_max=None)
     job.remove()
-    process = spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = process.communicate(timeout=10)
-    assert process.returncode == JOIN_FAILED and out == b""
-    assert b"poolq-join" in err
+    before = Path("/proc/thread-self/cgroup").read_text()
+    if job.mode == "v1":  # the calling thread could not join: nothing is started
+        with pytest.raises(CgroupError, match="could not join"):
+            spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE)
+    else:  # the first process could not: it exits before exec
+        process = spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = process.communicate(timeout=10)
+        assert process.returncode == JOIN_FAILED and out == b""
+        assert b"poolq-join" in err
+    assert Path("/proc/thread-self/cgroup").read_text() == before
+
+
+def test_the_starting_thread_is_back_in_its_own_cgroup_and_never_killed(cgroups: Cgroups, spawn: Spawn) -> None:
+    job = cgroups.create("starter", memory_bytes=None, cpu_milli=None, pids_max=None)
+    before = Path("/proc/thread-self/cgroup").read_text()
+    process = spawn(job, ["sleep", "1000"])
+    assert Path("/proc/thread-self/cgroup").read_text() == before
+    assert job.pids() == [process.pid] and job.pids(spare=process.pid) == []
+    job.kill()
+    assert process.wait(10) == -signal.SIGKILL
 
 
 def test_memory_limit_kills_the_job_not_its_neighbour(cgroups: Cgroups, spawn: Spawn) -> None:
@@ -287,12 +314,11 @@ def test_memory_limit_kills_the_job_not_its_neighbour(cgroups: Cgroups, spawn: S
 @pytest.mark.serial
 def test_cpu_quota_gives_about_half_a_core(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("spin", memory_bytes=None, cpu_milli=500, pids_max=None)
-    spawn(job, [sys.executable, "-c", "while True: pass"])
+    spinner = spawn(job, [sys.executable, "-c", "while True: pass"])
     time.sleep(0.3)  # past the interpreter's start
-    used, began = job.cpu_usage_s(), time.monotonic()
+    used, began = cpu_time_s(spinner.pid), time.monotonic()
     time.sleep(2.5)
-    used_after, ended = job.cpu_usage_s(), time.monotonic()
-    assert used is not None and used_after is not None, "no CPU accounting (cpuacct) for the job"
+    used_after, ended = cpu_time_s(spinner.pid), time.monotonic()
     cores = (used_after - used) / (ended - began)
     print(f"CPU-bound job limited to 500 milli-CPU used {cores:.3f} cores")
     assert 0.3 <= cores <= 0.7
@@ -391,15 +417,18 @@ def memory_limit(job: JobCgroup) -> int:
 def test_a_pooled_cgroup_is_emptied_then_reused_with_the_next_jobs_limits(cgroups: Cgroups, spawn: Spawn) -> None:
     pool = CgroupPool(cgroups, size=2)
     first = pool.take(memory_bytes=128 << 20, cpu_milli=500, pids_max=20)
-    process = spawn(first, ["/bin/sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo started"], stdout=subprocess.PIPE)
+    process = spawn(
+        first, ["/bin/sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & echo started"], stdout=subprocess.PIPE
+    )
     process.communicate(timeout=10)
     wait_for(lambda: len(first.pids()) == 1)  # the setsid child outlived the job's shell
     left = first.pids()
     pool.give_back(first)
     assert all(dead(pid) for pid in left) and first.pids() == []
+    assert first.mode == "v2" or control(first, "cpu", "cpu.cfs_quota_us", "") == "-1"  # v1: lifted when kept
     # Taken again, unlimited: every limit of the first job is written over.
     second = pool.take(memory_bytes=None, cpu_milli=None, pids_max=None)
-    assert second == first
+    assert second.name == first.name
     assert memory_limit(second) == -1
     assert control(second, "pids", "pids.max", "pids.max") == "max"
     assert control(second, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] in ("-1", "max")
@@ -408,10 +437,10 @@ def test_a_pooled_cgroup_is_emptied_then_reused_with_the_next_jobs_limits(cgroup
     pool.give_back(second)
     pool.give_back(other)
     # A job of a shape seen before gets the cgroup that carries its limits, not the last one kept.
-    assert pool.take(memory_bytes=None, cpu_milli=None, pids_max=None) == second
+    assert pool.take(memory_bytes=None, cpu_milli=None, pids_max=None).name == second.name
     # And a new shape one whose limits are lowered (v1: memory + swap follows memory down).
     third = pool.take(memory_bytes=32 << 20, cpu_milli=100, pids_max=3)
-    assert third == other and memory_limit(third) == 32 << 20
+    assert third.name == other.name and memory_limit(third) == 32 << 20
     assert control(third, "pids", "pids.max", "pids.max") == "3"
     if third.mode == "v1" and (third.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():
         assert control(third, "memory", "memory.memsw.limit_in_bytes", "") == str(32 << 20)
@@ -439,7 +468,7 @@ def test_the_pool_removes_a_cgroup_the_oom_killer_acted_in_and_keeps_at_most_its
     pool.give_back(b)  # the pool is full: removed
     assert [d.is_dir() for d in a.dirs.values()] == [True] * len(a.dirs)
     assert not any(d.exists() for d in b.dirs.values())
-    assert pool.take(memory_bytes=None, cpu_milli=None, pids_max=None) == a
+    assert pool.take(memory_bytes=None, cpu_milli=None, pids_max=None).name == a.name
 
 
 def test_a_node_without_cgroups_keeps_none() -> None:
@@ -447,4 +476,4 @@ def test_a_node_without_cgroups_keeps_none() -> None:
     assert pool.size == 0
     job = pool.take(memory_bytes=1 << 20, cpu_milli=100, pids_max=5)
     pool.give_back(job)
-    assert job.mode == "none" and job.dirs == {} and job.wrap(["true"]) == ["true"]
+    assert job.mode == "none" and job.dirs == {} and job.popen(["true"]).wait(10) == 0

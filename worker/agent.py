@@ -253,8 +253,8 @@ class JobRun(threading.Thread):
             not_started = ""
             if not lost:
                 try:
-                    self.process = subprocess.Popen(
-                        cgroup.wrap(["/bin/sh", "-c", spec["entrypoint"]]),
+                    self.process = cgroup.popen(
+                        ["/bin/sh", "-c", spec["entrypoint"]],
                         cwd=workdir,
                         env=job_environment(
                             spec, venv, agent.node_id, agent.job_devices(fields.get(JobFields.DEVICES) or "")
@@ -278,8 +278,11 @@ class JobRun(threading.Thread):
             agent.guardian.watch(self.process.pid)
             stderr_tail = self._capture(log_path)
         finally:
-            self._kill(signal.SIGKILL)  # whatever it left behind, setsid children included
+            # Its group, then (once the job's process is reaped, so that the cgroup no longer
+            # lists it exiting) whatever it left behind in its cgroup: setsid children included.
+            _kill_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
+            self._kill_cgroup()
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
         out_of_memory = cgroup.oom_killed(code)
@@ -335,12 +338,15 @@ class JobRun(threading.Thread):
             return
         _kill_group(self.process.pid, sig)
         if sig == signal.SIGKILL:
-            with self._cgroup_lock:
-                if self.cgroup is not None:
-                    try:
-                        self.cgroup.kill()
-                    except CgroupError as exc:
-                        log.error("job %s: %s", self.job_ref, exc)
+            self._kill_cgroup()
+
+    def _kill_cgroup(self) -> None:
+        with self._cgroup_lock:
+            if self.cgroup is not None:
+                try:
+                    self.cgroup.kill()
+                except CgroupError as exc:
+                    log.error("job %s: %s", self.job_ref, exc)
 
     def _give_back_cgroup(self, *, reusable: bool = True) -> None:
         with self._cgroup_lock:

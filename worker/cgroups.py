@@ -2,50 +2,51 @@
 
 The node agent detects once, at start, what the machine offers (``Cgroups.detect``), then per job
 takes a cgroup from its ``CgroupPool`` with the job's limits written into it, starts the entrypoint
-through ``JobCgroup.wrap`` (which moves the job's first process into it before it execs anything),
-and in the end kills what is left and gives the emptied cgroup back for the next job. Creating and removing
+with ``JobCgroup.popen`` (the job's first process is born in it), and in the end kills what is left and gives the emptied cgroup back for the next job. Creating and removing
 a cgroup costs the kernel far more than rewriting an empty one's limits (docs/running.md).
 
 Layout, always beneath the agent's own cgroup, never directly at a hierarchy's root:
 
     v2    <mount>/<agent's cgroup>/<parent_name>/<job>          one directory; memory, cpu, pids
     v1    <mount>/<hierarchy>/<agent's cgroup>/<parent_name>/<job>
-          for hierarchy in memory, cpu, pids (required) and freezer, cpuacct (when mounted)
+          for hierarchy in memory, cpu, pids (required) and freezer (when mounted)
 
-Mode "none" (no usable cgroups, or turned off) gives a ``JobCgroup`` without directories: ``wrap``
-returns the argv unchanged and every other method does nothing, so the agent needs no branch.
+Mode "none" (no usable cgroups, or turned off) gives a ``JobCgroup`` without directories: ``popen``
+starts the argv as it is and every other method does nothing, so the agent needs no branch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 Mode = Literal["v1", "v2", "none"]
 
 CFS_PERIOD_US = 100_000
 MIN_CFS_QUOTA_US = 1_000  # the kernel refuses less
-JOIN_FAILED = 125  # exit status of a wrapped job whose first process could not join its cgroup
+JOIN_FAILED = 125  # exit status of a v2 job whose first process could not join its cgroup
 KILL_TIMEOUT_S = 5.0  # a process stuck in uninterruptible sleep outlives SIGKILL; give up after this
 RMDIR_TIMEOUT_S = 1.0  # rmdir is EBUSY until the kernel has finished the killed processes' exit
 
 V2_CONTROLLERS = ("memory", "cpu", "pids")
 V1_REQUIRED = ("memory", "cpu", "pids")
-V1_OPTIONAL = ("freezer", "cpuacct")  # freezer: a kill that no fork escapes; cpuacct: CPU time used
+V1_OPTIONAL = ("freezer",)  # a kill that no fork escapes
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
-# The wrapped job's first process: write its own pid into each cgroup.procs file given before "--",
+# A v2 job's first process: write its own pid into each cgroup.procs file given before "--",
 # then exec the argv after it. Paths and argv arrive as arguments, never inside the script.
 _JOIN_SCRIPT = (
     f'for f do shift; [ "$f" = -- ] && exec "$@"; echo $$ > "$f" || exit {JOIN_FAILED}; done; exit {JOIN_FAILED}'
@@ -59,53 +60,94 @@ class CgroupError(Exception):
 
 @dataclass(frozen=True)
 class JobCgroup:
-    """One job's cgroup: ``dirs`` maps each controller (v1: hierarchy) to its directory."""
+    """One job's cgroup: ``dirs`` maps each controller (v1: hierarchy) to its directory.
+
+    ``cpu_milli`` is its CPU limit. On v1 the quota is written only once ``popen`` has started
+    the job and its thread has left (see there), and lifted again when the cgroup is given back."""
 
     name: str
     mode: Mode
     dirs: Mapping[str, Path] = field(default_factory=dict)
+    cpu_milli: int | None = None
 
-    def wrap(self, argv: list[str]) -> list[str]:
-        """An argv that joins this cgroup, then execs ``argv``; it exits 125 if it could not join.
+    def popen(self, argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen(argv, **options)`` with the process born in this cgroup, so that
+        nothing it forks is ever outside; raises CgroupError if it could not join, OSError if
+        ``argv`` could not be started.
 
-        It costs one ``/bin/sh`` exec, and needs no ``preexec_fn`` (unsafe in a threaded agent)."""
+        v1 lets a single thread change cgroups: the calling thread joins this cgroup, forks the
+        process there, and goes back; then the CPU quota is written, so that the agent's thread,
+        which holds the interpreter's lock at times, is never throttled by a job's quota (one a
+        job that ended this period may have used up). v2 moves whole processes only: there the
+        first process is a shell that joins, then execs ``argv`` (one exec more; it exits 125 if
+        it could not join). Neither needs ``preexec_fn``, which is unsafe in a threaded agent."""
         if not argv:
             raise ValueError("argv must not be empty")
+        if self.mode != "v1":
+            return subprocess.Popen(self._wrap(argv), **options)
+        tid = str(threading.get_native_id())
+        joined: list[Path] = []
+        try:
+            for d in self._unique_dirs():
+                _write(d / "tasks", tid)
+                joined.append(d)
+            return subprocess.Popen(argv, **options)
+        except OSError as exc:
+            if len(joined) < len(self._unique_dirs()):
+                raise CgroupError(f"cgroup {self.name}: could not join it: {exc}") from exc
+            raise
+        finally:
+            # Back where detection found the agent: <own cgroup>/<parent>/<job>. Should this fail,
+            # the thread stays until it ends (a job's thread ends with its job); pids() never
+            # names the agent, so no kill of this cgroup reaches it meanwhile.
+            for d in joined:
+                with contextlib.suppress(OSError):
+                    _write(d.parent.parent / "tasks", tid)
+            if self.cpu_milli is not None and len(joined) == len(self._unique_dirs()):
+                _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(_quota(self.cpu_milli)))
+
+    def _wrap(self, argv: list[str]) -> list[str]:
         procs = [str(d / "cgroup.procs") for d in self._unique_dirs()]
         if not procs:
             return list(argv)
         return ["/bin/sh", "-c", _JOIN_SCRIPT, "poolq-join", *procs, "--", *argv]
 
-    def pids(self) -> list[int]:
-        """Every process in the cgroup, however far it has left the job's process group or session."""
+    def pids(self, spare: int | None = None) -> list[int]:
+        """Every process in the cgroup, however far it has left the job's process group or
+        session; never this process (a v1 agent's thread is in it while it starts a job), nor
+        ``spare``."""
         found: set[int] = set()
         for d in self._unique_dirs():
             try:
                 found.update(int(pid) for pid in _read(d / "cgroup.procs").split())
             except FileNotFoundError:
                 pass
+        found.discard(os.getpid())
+        if spare is not None:
+            found.discard(spare)
         return sorted(found)
 
-    def kill(self) -> None:
-        """SIGKILL every process in the cgroup and wait until none is left (at most KILL_TIMEOUT_S)."""
+    def kill(self, spare: int | None = None) -> None:
+        """SIGKILL every process in the cgroup (but ``spare``, see ``pids``) and wait until none is
+        left (at most KILL_TIMEOUT_S)."""
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while left := self.pids():
+        while left := self.pids(spare):
             if time.monotonic() >= deadline:
                 raise CgroupError(f"cgroup {self.name}: {len(left)} processes survived SIGKILL: {left[:10]}")
-            self._kill_once()
-            _until(lambda: not self.pids(), 0.2)
+            self._kill_once(spare)
+            _until(lambda: not self.pids(spare), 0.2)
 
-    def _kill_once(self) -> None:
+    def _kill_once(self, spare: int | None) -> None:
         if self.mode == "v2" and (self.dirs["memory"] / "cgroup.kill").exists():
             _write(self.dirs["memory"] / "cgroup.kill", "1")  # the kernel kills them all, forks included
-            return
+            return  # (no agent thread is ever in a v2 job cgroup: see popen)
         # Frozen processes can neither fork nor exit, so the list read is complete and no pid in it
         # is reused by an unrelated process before the signal lands. Without a freezer (v1 with no
         # freezer hierarchy), a fork may slip through (the next round catches it) and the reuse race
         # remains, as with any kill by pid.
         frozen = self._freeze(True)
         try:
-            for pid in self.pids():
+            for pid in self.pids(spare):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -152,23 +194,25 @@ class JobCgroup:
         hit_limit = int(_read(memory / "memory.failcnt")) > 0
         return hit_limit and returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
 
-    def cpu_usage_s(self) -> float | None:
-        """CPU time (user + system) the cgroup's processes have used since it was created, in
-        seconds (a pooled cgroup's count includes its earlier jobs); None when not measured."""
-        if self.mode == "v2":
-            return _keyed(self.dirs["cpu"] / "cpu.stat")["usage_usec"] / 1e6
-        if "cpuacct" in self.dirs:
-            return int(_read(self.dirs["cpuacct"] / "cpuacct.usage")) / 1e9
-        return None
-
-    def set_limits(self, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> None:
-        """Write the limits (None: unlimited) into this cgroup, new or emptied; raises OSError.
+    def with_limits(self, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
+        """This cgroup, new or emptied, with the limits (None: unlimited) written; raises OSError.
 
         CPU is a CFS quota of ``cpu_milli`` thousandths of a core per 100 ms period (at least 1 ms);
         memory is a hard limit with swap disabled where the kernel accounts for swap."""
         _check_limits(memory_bytes, cpu_milli, pids_max)
         for path, setting in _limits(self, memory_bytes, cpu_milli, pids_max):
             _write(path, setting)
+        return dataclasses.replace(self, cpu_milli=cpu_milli)
+
+    def emptied(self) -> None:
+        """Kill what is left in it, so that it can be kept for another job (v1: its quota lifted,
+        see ``popen``); raises CgroupError."""
+        self.kill()
+        if self.mode == "v1" and self.cpu_milli is not None:
+            try:
+                _write(self.dirs["cpu"] / "cpu.cfs_quota_us", "-1")
+            except OSError as exc:
+                raise CgroupError(f"cgroup {self.name}: could not lift its CPU quota: {exc}") from exc
 
     def remove(self) -> None:
         """Kill what is left, then delete the cgroup in every hierarchy. Already removed is fine."""
@@ -239,7 +283,7 @@ class Cgroups:
             for d in job._unique_dirs():
                 d.mkdir()
                 created.append(d)
-            job.set_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
+            job = job.with_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
         except OSError as exc:
             for d in reversed(created):  # empty: nothing can have joined it yet
                 with contextlib.suppress(OSError):
@@ -307,7 +351,7 @@ class CgroupPool:
             self._kept = {carried: jobs for carried, jobs in self._kept.items() if jobs}
         if job is not None and other is not same:
             try:
-                job.set_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
+                job = job.with_limits(memory_bytes=memory_bytes, cpu_milli=cpu_milli, pids_max=pids_max)
             except OSError:  # v1 refuses a memory limit below what it cannot reclaim: start afresh
                 job.remove()
                 job = None
@@ -324,7 +368,7 @@ class CgroupPool:
         Give ``reusable=False`` when the job was killed for memory (``oom_killed``)."""
         with self._lock:
             limits = self._carrying.pop(job.name, None)
-        job.kill()
+        job.emptied()
         if reusable and limits is not None and self._oom_kills_counted(job):
             with self._lock:
                 if sum(map(len, self._kept.values())) < self.size:
@@ -349,6 +393,10 @@ class CgroupPool:
                 memory is not None and "oom_kill" in _keyed(memory / "memory.oom_control")
             )
         return self._counts_oom_kills
+
+
+def _quota(cpu_milli: int) -> int:
+    return max(MIN_CFS_QUOTA_US, cpu_milli * CFS_PERIOD_US // 1000)
 
 
 def _weight(mode: Mode, cpu_milli: int | None) -> str:
@@ -377,7 +425,7 @@ def _limits(
     """The (file, value) writes that set every limit, in an order the kernel accepts from any
     earlier limits: a pooled cgroup keeps its last job's until they are written over."""
     d, writes = job.dirs, []
-    quota = -1 if cpu_milli is None else max(MIN_CFS_QUOTA_US, cpu_milli * CFS_PERIOD_US // 1000)
+    quota = -1 if cpu_milli is None else _quota(cpu_milli)
     if job.mode == "v2":
         writes.append((d["memory"] / "memory.max", "max" if memory_bytes is None else str(memory_bytes)))
         if (d["memory"] / "memory.swap.max").exists():
@@ -395,7 +443,7 @@ def _limits(
         if swap_accounted and memory_bytes is not None:
             writes.append((memsw, limit))
         writes.append((d["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US)))
-        writes.append((d["cpu"] / "cpu.cfs_quota_us", str(quota)))
+        writes.append((d["cpu"] / "cpu.cfs_quota_us", "-1"))  # until popen has started the job
         writes.append((d["cpu"] / "cpu.shares", _weight("v1", cpu_milli)))
     if job.mode != "none":
         writes.append((d["pids"] / "pids.max", "max" if pids_max is None else str(pids_max)))

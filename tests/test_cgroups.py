@@ -107,7 +107,7 @@ def subdirs(cgroup: Path) -> list[str]:
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone meanwhile (a read of a dying one is ESRCH)
         return []
 
 

@@ -46,6 +46,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "e2e": scenarios_workers.e2e,
     "list": scenarios.list_jobs,
     "memory": scenarios_workers.memory,
+    "fair_share": scenarios_workers.fair_share,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

@@ -1,4 +1,4 @@
-"""Scenarios that need placement workers or node agents: place, e2e, memory."""
+"""Scenarios that need placement workers or node agents: place, e2e, memory, fair_share."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bench.figures import ScenarioResult, Target
 from bench.loadgen import percentile
 from bench.records import RawRedis, make_template, write_clones
 from bench.scenarios import SEED_BODY, Context, check_statuses, describe, run_load, settle, submit_batches
-from bench.stack import Api, BenchError, Child, Stack, children_of, cpu_seconds, rss_bytes, wait_for
+from bench.stack import PYTHON, Api, BenchError, Child, Stack, children_of, cpu_seconds, rss_bytes, wait_for
 from poolq import keys
 from poolq.model import JobStatus
 from poolq.nodes import capacity_of
@@ -427,3 +427,75 @@ def _cmdline(pid: int) -> str:
             return handle.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+# -- fair share ------------------------------------------------------------------
+
+
+def fair_share(ctx: Context) -> None:
+    """Two tenants with weights 3 and 1 keep one node saturated: their shares of its CPU-seconds."""
+    result = ctx.result("fair_share")
+    window_s = 10.0 if ctx.quick else 30.0
+    job_s, cpus = 0.2, 4
+    backlog = int(window_s * cpus / job_s)  # each tenant alone could fill the window
+    with Stack("fair_share") as stack:
+        stack.start_redis()
+        api = stack.api()
+        worker = stack.worker()
+        stack.wait_ready([worker])
+        stack.node("fs-node", "--pool", "default", "--cpus", str(cpus), "--memory", "64Gi")
+        weights = {"heavy": 3, "light": 1}
+        for run in range(ctx.runs):
+            tenants = {name: f"fs-{name}-{run}" for name in weights}
+            for name, tenant in tenants.items():
+                done = subprocess.run(
+                    [PYTHON, "-m", "poolq", "quota", "set", tenant, "--weight", str(weights[name])],
+                    env=stack.env(),
+                    capture_output=True,
+                    text=True,
+                )
+                if done.returncode != 0:
+                    raise BenchError(f"poolq quota set {tenant}: {done.stderr.strip()}")
+            body = {
+                "entrypoint": f"sleep {job_s}",
+                "runtime_env": {"working_dir": str(stack.root)},
+                "entrypoint_num_cpus": 1,
+            }
+            ids = {
+                name: submit_batches(api, [body] * backlog, {"X-Tenant-Id": tenant, "X-Pool-Label": "pool=default"})
+                for name, tenant in tenants.items()
+            }
+            rows = {name: wait_terminal(stack, tenants[name], ids[name], 60 + 2 * window_s) for name in weights}
+            for name in weights:
+                note_failures(result, "fair share", rows[name])
+            spans = {
+                name: [
+                    (int(start), int(end))
+                    for start, end in statuses(stack, tenants[name], ids[name], "start_time", "end_time")
+                    if start and end
+                ]
+                for name in weights
+            }
+            # The window: from the first start, as long as both tenants still had jobs waiting.
+            first = min(start for runs in spans.values() for start, _ in runs)
+            until = min(max(start for start, _ in runs) for runs in spans.values())
+            used = {
+                name: sum(max(0, min(end, until) - max(start, first)) for start, end in runs)
+                for name, runs in spans.items()
+            }
+            total = sum(used.values()) or 1
+            for name, weight in weights.items():
+                result.add(
+                    f"share.{name}",
+                    100 * used[name] / total,
+                    label=f"tenant of weight {weight}: share of the node's CPU-seconds",
+                    unit="%",
+                    target=Target(">=", 70) if name == "heavy" else None,
+                )
+            result.add("window", (until - first) / 1000, label="saturated window measured", unit="s")
+    result.note(
+        f"each tenant submits {backlog:,} `sleep {job_s}` jobs of 1 CPU at once to one {cpus}-CPU node; "
+        "a tenant's share is its jobs' CPU-seconds (start_time to end_time, 1 CPU each) inside the window "
+        "from the first start to the last start of the tenant that ran out first; weights 3 and 1 ask "
+        "for 75 % and 25 % (docs/scheduling.md)"
+    )

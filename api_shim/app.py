@@ -31,6 +31,10 @@ log = logging.getLogger("poolq.api")
 OPEN_ROUTES = {"/healthz", "/livez"}  # answered without a token
 TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
 TAIL_ROUTE = "/api/jobs/{submission_id}/logs/tail"  # a WebSocket (api_shim/tail.py)
+BAD_TICKET = (
+    "this log tail's ticket is missing, altered or expired: open the tail at the API, "
+    "GET /api/jobs/{id}/logs/tail, which redirects here with a new one"
+)
 UNAUTHENTICATED = "authentication required: send Authorization: Bearer <token>"
 
 REASONS = {
@@ -124,7 +128,9 @@ class App:
             )
         request.params = params
         try:
-            if self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
+            if request.environ.get(WEBSOCKET):  # a tail's handshake at the server of tails
+                self.tenant_from_ticket(request)
+            elif self.settings.auth_mode == "tokens" and route.template not in OPEN_ROUTES:
                 self.authenticate(request)
             else:
                 self.tenant_from_header(request)
@@ -153,6 +159,16 @@ class App:
                 return (200, [], b""), (request.tenant, request.params["submission_id"])
         headers = [*response.headers, ("Content-Length", str(len(response.body)))]
         return (response.status, headers, response.body), None
+
+    def tenant_from_ticket(self, request: Request) -> None:
+        """The tenant of the ticket the API's redirect gave (poolq/tokens.py): the server of
+        tails believes nothing else, since clients drop Authorization across the redirect."""
+        query = {name: request.query(name) or "" for name in ("tenant", "expires", "ticket")}
+        key = tokens.tail_key(self.store.redis)
+        tenant = tokens.ticket_tenant(key, query, request.params["submission_id"], time.time())
+        if tenant is None:
+            raise HTTPError(403, BAD_TICKET)
+        request.tenant = tenant
 
     def tenant_from_header(self, request: Request) -> None:
         """Tokens off: the tenant X-Tenant-Id names (absent or empty: ``default``)."""

@@ -18,7 +18,7 @@ from poolq.errors import InvalidRequest, PoolqError
 JSON = "application/json"
 BUSY_READING = "too many request bodies are being received at once; retry"
 BODY_SLOT_WAIT_S = 2.0
-WEBSOCKET = "poolq.websocket"  # in the environ of a WebSocket handshake (api_shim/front.py)
+WEBSOCKET = "poolq.websocket"  # in the environ of a handshake at the server of tails (api_shim/front.py)
 
 
 class HTTPError(PoolqError):

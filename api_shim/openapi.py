@@ -427,16 +427,22 @@ def document() -> dict[str, Any]:
             "get": {
                 "summary": "Follow the job's output over a WebSocket (Ray's log tail)",
                 "description": (
-                    "Send a WebSocket upgrade. The server sends the job's output from the start as text "
-                    "frames, then new output as it is written, and closes normally (1000) once the job "
-                    "has ended and everything was sent. A refused handshake is answered with the status "
-                    "the same request to /logs would get, without a body; a request without an upgrade "
-                    "is 426 (501 when the server does not serve WebSockets)."
+                    "Send a WebSocket upgrade. The API judges it as the same request to /logs, then "
+                    "redirects it (307) to the server of tails with a ticket for 60 s; there the server "
+                    "sends the job's output from the start as text frames, then new output as it is "
+                    "written, and closes normally (1000) once the job has ended and everything was sent. "
+                    "A refused handshake is answered with the status and body the same request to /logs "
+                    "would get; a request without an upgrade is 426 (501 when the server does not serve "
+                    "WebSockets); at the server of tails, a missing, altered or expired ticket is 403."
                 ),
                 "parameters": [TENANT, ID],
                 "responses": {
-                    "101": {"description": "switching to the WebSocket"},
-                    **_errors(400, 404, 426, 501, 503),
+                    "307": {
+                        "description": "judged: follow the Location, the server of tails with a ticket",
+                        "headers": {"Location": {"schema": {"type": "string"}}},
+                    },
+                    "101": {"description": "at the server of tails: switching to the WebSocket"},
+                    **_errors(400, 403, 404, 426, 501, 503),
                 },
             }
         },

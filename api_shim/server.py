@@ -1,20 +1,32 @@
-"""Serve the WSGI app with granian, the faster server measured (BENCHMARKS.md).
+"""Serve the WSGI app with granian, the faster server measured (BENCHMARKS.md), and, beside
+it on a port of its own, the server of log tails (api_shim/front.py).
 
 Each worker process imports ``api_shim.wsgi:application``, which builds the App from
 the POOLQ_* environment, so the settings this process resolved are passed down as
 environment variables. Connections are kept alive; WSGI calls run on a pool of
 ``POOLQ_API_THREADS`` threads per process.
+
+The server of tails runs in a child process (granian's ASGI interface, one worker), started
+first and stopped last; it also ends by itself when this process is gone (kill -9).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
+import socket
+import threading
+import time
 
 from granian import Granian
 from granian.constants import Interfaces
 
 from poolq.logconfig import granian_log_config
 from poolq.settings import Settings
+
+TAIL_WORKERS = 1  # tails are few and mostly wait; POOLQ_MAX_LOG_TAILS bounds them per worker
+TAILS_START_S = 30.0
 
 
 def serve(settings: Settings, *, workers: int | None = None, threads: int | None = None) -> None:
@@ -25,20 +37,73 @@ def serve(settings: Settings, *, workers: int | None = None, threads: int | None
     os.environ["POOLQ_DATA_DIR"] = str(settings.data_dir)
     if threads:
         os.environ["POOLQ_API_THREADS"] = str(threads)
+    tails = None
     if settings.api_websockets:
-        # ASGI: the app's threads are Front's own (api_shim/front.py); granian's one runs the loop.
-        target, interface, blocking = "api_shim.asgi:application", Interfaces.ASGINL, 1
-    else:
-        target, interface, blocking = "api_shim.wsgi:application", Interfaces.WSGI, threads or settings.api_threads
+        port = settings.api_tail_port or free_port(settings.host)
+        os.environ["POOLQ_API_TAIL_PORT"] = str(port)  # the workers redirect tails there
+        spawn = multiprocessing.get_context("spawn")
+        tails = spawn.Process(target=serve_tails, args=(settings.host, port, os.getpid()), name="poolq-api-tails")
+        tails.start()
+        wait_listening(settings.host, port, tails)  # once the API answers, so do tails
+    try:
+        Granian(
+            "api_shim.wsgi:application",
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.WSGI,
+            workers=workers or settings.api_workers,
+            blocking_threads=threads or settings.api_threads,
+            log_access=False,
+            log_dictconfig=granian_log_config(),
+            respawn_failed_workers=True,
+        ).serve()
+    finally:
+        if tails is not None:
+            tails.terminate()
+            tails.join(10)
+
+
+def serve_tails(host: str, port: int, parent: int) -> None:
+    """The server of tails (a child process of ``serve``'s)."""
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)  # granian stops its worker and returns
+
+    threading.Thread(target=watch_parent, name="poolq-tails-parent", daemon=True).start()
     Granian(
-        target,
-        address=settings.host,
-        port=settings.port,
-        interface=interface,
-        workers=workers or settings.api_workers,
-        blocking_threads=blocking,
-        websockets=settings.api_websockets,
+        "api_shim.asgi:application",
+        address=host,
+        port=port,
+        interface=Interfaces.ASGINL,
+        workers=TAIL_WORKERS,
+        blocking_threads=1,  # the event loop's; the app's threads are Front's own
+        websockets=True,
         log_access=False,
         log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,
     ).serve()
+
+
+def wait_listening(host: str, port: int, tails: multiprocessing.process.BaseProcess) -> None:
+    """Return once the server of tails accepts connections; exit if it could not start."""
+    deadline = time.monotonic() + TAILS_START_S
+    while time.monotonic() < deadline and tails.is_alive():
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    tails.terminate()
+    raise SystemExit(
+        f"poolq api: the server of log tails did not start on {host}:{port} (POOLQ_API_TAIL_PORT); see above"
+    )
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now, chosen by the kernel."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

@@ -54,6 +54,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:intake:delayed | zset | message -> ms when it goes back on the queue (its tenant was full) |
 | poolq:tokens | set | ids of API tokens |
 | poolq:token:<id> | hash | an API token: tenant, digest (SHA-256 of the token), created |
+| poolq:tailkey | string | the key that signs log-tail tickets (poolq/tokens.py), random, made once |
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ CLAIMS = PREFIX + "claims"
 SUSPECTS = PREFIX + "suspects"
 TENANTS_SERVED = PREFIX + "tenants:served"
 FAIR_SHARE = PREFIX + "fairshare"
+TAIL_KEY = PREFIX + "tailkey"
 KICK = PREFIX + "kick"
 NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"

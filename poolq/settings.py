@@ -43,9 +43,12 @@ class Settings:
     port: int = 8000
     api_workers: int = 2
     api_threads: int = 16  # per API process: threads running the WSGI app
-    # Serve Ray's log-tail WebSocket (granian's RSGI interface in front of the WSGI app);
-    # off: granian's plain WSGI interface, and /api/version says Ray's CLI cannot tail.
+    # Serve Ray's log-tail WebSocket: `poolq api` runs a small server for it beside the WSGI
+    # app, which redirects a tail's handshake there (api_shim/server.py). Off: no tail, and
+    # /api/version says Ray's CLI cannot tail.
     api_websockets: bool = True
+    api_tail_port: int = 0  # the tail server's port; 0: a free one, chosen when `poolq api` starts
+    api_tail_url: str = ""  # where clients reach it, e.g. http://logs.example.com:8001; empty: this host
     max_log_tails: int = 64  # per API process: WebSocket log tails open at once
     log_tail_poll_s: float = 0.5  # longest a tail waits between looks at Redis (it starts at 0.05 s)
     max_waiters: int = 8  # per API process: submissions waiting with `Prefer: wait`
@@ -92,6 +95,11 @@ class Settings:
     # Celery's own tools (docs/operations.md): task events for Flower and `celery events`,
     # a few Redis PUBLISHes per wake-up; off by default.
     task_events: bool = False
+
+    @property
+    def serves_tails(self) -> bool:
+        """Whether log tails are served beside the app: `poolq api` says on which port."""
+        return self.api_websockets and self.api_tail_port > 0
 
     @property
     def loopback(self) -> bool:

@@ -74,3 +74,42 @@ def tenant_of(client: redis.Redis, token: str) -> str | None:
     if not hmac.compare_digest(digest or "", _digest(token)):
         return None
     return tenant
+
+
+# -- log-tail tickets --------------------------------------------------------------------
+#
+# The API redirects a log tail's WebSocket handshake, once judged, to the port that serves
+# tails, with a ticket in the query that says which tenant may follow which job until when.
+# Clients do not carry an Authorization header across that redirect (aiohttp drops it for
+# another origin), so the ticket is what the tail server believes.
+
+TICKET_S = 60  # how long a ticket opens its tail; the redirect is followed at once
+
+
+@redis_errors("the log-tail signing key")
+def tail_key(client: redis.Redis) -> bytes:
+    """The key that signs tickets: random, made by the first API process that needs it."""
+    key = client.get(keys.TAIL_KEY)
+    if key is None:
+        client.set(keys.TAIL_KEY, secrets.token_hex(32), nx=True)
+        key = client.get(keys.TAIL_KEY)
+    return bytes.fromhex(key or "")
+
+
+def _signature(key: bytes, tenant: str, submission_id: str, expires: int) -> str:
+    return hmac.new(key, f"{tenant}\n{submission_id}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def tail_ticket(key: bytes, tenant: str, submission_id: str, now: float) -> dict[str, str]:
+    """The query parameters of a ticket for ``tenant`` to follow ``submission_id``."""
+    expires = int(now) + TICKET_S
+    return {"tenant": tenant, "expires": str(expires), "ticket": _signature(key, tenant, submission_id, expires)}
+
+
+def ticket_tenant(key: bytes, query: dict[str, str], submission_id: str, now: float) -> str | None:
+    """The tenant a ticket names, if it is this job's, unexpired and signed with ``key``."""
+    tenant, expires, signature = query.get("tenant", ""), query.get("expires", ""), query.get("ticket", "")
+    if not (TENANT.fullmatch(tenant) and expires.isdigit() and int(expires) >= now and key):
+        return None
+    expected = _signature(key, tenant, submission_id, int(expires))
+    return tenant if hmac.compare_digest(expected, signature) else None

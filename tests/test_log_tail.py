@@ -1,8 +1,9 @@
-"""The log tail and the ASGI front, in-process, on a real Redis (docs/api.md).
+"""The log tail, its redirect and the server of tails, in-process, on a real Redis (docs/api.md).
 
-``JobStore.log_since`` reads what a follower has not seen; ``api_shim.front.Front`` is
-driven the way granian drives an ASGI app, one connection's ``receive`` and ``send`` at a
-time, around the real WSGI ``App``. What only a socket shows, Ray's own CLI and SDK over
+``JobStore.log_since`` reads what a follower has not seen; the WSGI ``App`` redirects a
+tail's handshake with a ticket; ``api_shim.front.Front``, the server of tails, is driven
+the way granian drives an ASGI app, one connection's ``receive`` and ``send`` at a time,
+around the real ``App``. What only a socket shows, Ray's own CLI and SDK over
 a live server, is in tests/test_ray_sdk.py.
 """
 
@@ -11,7 +12,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
@@ -19,10 +26,12 @@ from api_shim.app import App
 from api_shim.front import Front
 from api_shim.http import WEBSOCKET
 from poolq import keys, tokens
+from poolq.embedded import EmbeddedRedis, free_port
 from poolq.errors import NotFound
 from poolq.settings import Settings
 from poolq.store import JobStore
-from tests.kit import JOB, submit
+from tests.kit import JOB, START_S, submit
+from tests.procs import Proc, wait_for
 from tests.wsgi import call
 
 STEP_S = 10.0  # a functional deadline: each awaited step happens well within it
@@ -81,30 +90,60 @@ def test_log_since_of_a_job_that_does_not_exist(app: App, store: JobStore) -> No
 # -- the route, as the WSGI app answers it ---------------------------------------------------
 
 
-def test_the_tail_route_over_plain_http(app: App, settings: Settings) -> None:
-    submit(app, {**JOB, "submission_id": "app-tail-plain"})
-    plain = call(app, "GET", "/api/jobs/app-tail-plain/logs/tail")
+def test_the_api_redirects_a_tail_to_the_server_of_tails_with_a_ticket(app: App, settings: Settings) -> None:
+    served = App(dataclasses.replace(settings, api_tail_port=8001))  # as `poolq api` passes it down
+    submit(served, {**JOB, "submission_id": "app-tail-plain"})
+    plain = call(served, "GET", "/api/jobs/app-tail-plain/logs/tail")
     assert plain.status == 426 and plain.headers["Upgrade"] == "websocket"
     assert "WebSocket" in plain.json["error"]
-    other = call(app, "GET", "/api/jobs/app-tail-plain/logs/tail", headers={"X-Tenant-Id": "team-b"})
-    assert other.status == 404 and other.json == call(app, "GET", "/api/jobs/app-tail-plain/logs", headers={"X-Tenant-Id": "team-b"}).json
-    assert call(app, "GET", "/api/version").json["version"] == "4"
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Host": "poolq.example:8000"}
+    redirect = call(served, "GET", "/api/jobs/app-tail-plain/logs/tail", headers=upgrade)
+    assert redirect.status == 307
+    location = urlsplit(redirect.headers["Location"])
+    assert (location.scheme, location.hostname, location.port) == ("http", "poolq.example", 8001)
+    assert location.path == "/api/jobs/app-tail-plain/logs/tail"
+    query = {name: values[0] for name, values in parse_qs(location.query).items()}
+    key = tokens.tail_key(served.store.redis)
+    assert tokens.ticket_tenant(key, query, "app-tail-plain", time.time()) == "default"
+    assert tokens.ticket_tenant(key, query, "app-tail-other", time.time()) is None  # this job's only
+    assert tokens.ticket_tenant(key, query, "app-tail-plain", time.time() + tokens.TICKET_S + 1) is None
+    v6 = call(served, "GET", "/api/jobs/app-tail-plain/logs/tail", headers={**upgrade, "Host": "[::1]:8000"})
+    assert urlsplit(v6.headers["Location"]).netloc == "[::1]:8001"
+    odd = call(served, "GET", "/api/jobs/app-tail-plain/logs/tail", headers={**upgrade, "Host": "a/b@c"})
+    assert urlsplit(odd.headers["Location"]).hostname != "c"  # not a host: the server's own name instead
+    other = call(served, "GET", "/api/jobs/app-tail-plain/logs/tail", headers={**upgrade, "X-Tenant-Id": "team-b"})
+    assert other.status == 404  # judged before any redirect, as GET .../logs is
+    assert other.json == call(served, "GET", "/api/jobs/app-tail-plain/logs", headers={"X-Tenant-Id": "team-b"}).json
+    assert call(served, "GET", "/api/version").json["version"] == "4"
+    elsewhere = App(dataclasses.replace(settings, api_tail_port=8001, api_tail_url="https://logs.example/"))
+    moved = call(elsewhere, "GET", "/api/jobs/app-tail-plain/logs/tail", headers=upgrade)
+    assert moved.headers["Location"].startswith("https://logs.example/api/jobs/app-tail-plain/logs/tail?")
 
-    plain_wsgi = App(dataclasses.replace(settings, api_websockets=False))
-    off = call(plain_wsgi, "GET", "/api/jobs/app-tail-plain/logs/tail")
-    assert off.status == 501 and "POOLQ_API_WEBSOCKETS=0" in off.json["error"]
-    assert call(plain_wsgi, "GET", "/api/version").json["version"] == "0"  # Ray's CLI does not try
+    # A WSGI server other than `poolq api` (no tail port), or tails turned off: no tail.
+    for plain_wsgi in (app, App(dataclasses.replace(settings, api_websockets=False, api_tail_port=8001))):
+        off = call(plain_wsgi, "GET", "/api/jobs/app-tail-plain/logs/tail", headers=upgrade)
+        assert off.status == 501 and "POOLQ_API_WEBSOCKETS=0" in off.json["error"]
+        assert call(plain_wsgi, "GET", "/api/version").json["version"] == "0"  # Ray's CLI does not try
 
 
-def test_the_handshake_is_judged_as_the_logs_route(app: App) -> None:
+def test_the_handshake_is_judged_as_the_logs_route_with_the_tickets_tenant(app: App) -> None:
     submit(app, {**JOB, "submission_id": "app-tail-judge"})
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/jobs/app-tail-judge/logs/tail", "QUERY_STRING": ""}
+    path = "/api/jobs/app-tail-judge/logs/tail"
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": ticket_query(app, "app-tail-judge")}
     assert app.tail_handshake(environ)[1] == ("default", "app-tail-judge")
-    refused, target = app.tail_handshake({**environ, "HTTP_X_TENANT_ID": "bad tenant!"})
-    assert target is None and refused[0] == 400
+    # The ticket makes the tenant: a header naming another changes nothing.
+    assert app.tail_handshake({**environ, "HTTP_X_TENANT_ID": "team-b"})[1] == ("default", "app-tail-judge")
+    for query in ("", ticket_query(app, "app-tail-judge").replace("tenant=default", "tenant=team-b"),
+                  ticket_query(app, "app-tail-other")):
+        refused, target = app.tail_handshake({**environ, "QUERY_STRING": query})
+        assert target is None and refused[0] == 403 and b"ticket" in refused[2]
     refused, target = app.tail_handshake({**environ, "PATH_INFO": "/api/jobs/app-tail-judge/logs"})
     assert target is None and refused[0] == 404  # only the tail route opens a tail
     assert WEBSOCKET not in environ  # the caller's environ is left as it was
+
+
+def ticket_query(app: App, submission_id: str, tenant: str = "default") -> str:
+    return urlencode(tokens.tail_ticket(tokens.tail_key(app.store.redis), tenant, submission_id, time.time()))
 
 
 # -- the ASGI front, driven as granian drives it ------------------------------------------------
@@ -132,7 +171,7 @@ class Connection:
         return await asyncio.wait_for(self.sent.get(), STEP_S)
 
 
-def scope(kind: str, path: str, headers: dict[str, bytes] | None = None, method: str = "GET") -> dict[str, Any]:
+def scope(kind: str, path: str, headers: dict[str, bytes] | None = None, method: str = "GET", query: str = "") -> dict[str, Any]:
     return {
         "type": kind,
         "http_version": "1.1",
@@ -142,7 +181,7 @@ def scope(kind: str, path: str, headers: dict[str, bytes] | None = None, method:
         "method": method,
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "headers": [(name.lower().encode(), value) for name, value in (headers or {}).items()],
     }
 
@@ -152,50 +191,22 @@ def front(settings: Settings) -> Front:
     return Front(App(dataclasses.replace(settings, api_threads=4, max_log_tails=1, log_tail_poll_s=0.05)))
 
 
-async def http(front: Front, method: str, path: str, body: bytes = b"", **headers: bytes) -> tuple[int, dict[str, str], bytes]:
-    if body:
-        headers = {"content-type": b"application/json", "content-length": str(len(body)).encode(), **headers}
-    connection = Connection({"type": "http.request", "body": body, "more_body": False})
-    await asyncio.wait_for(front(scope("http", path, headers, method), connection.receive, connection.send), STEP_S)
-    start, answer = await connection.next_sent(), await connection.next_sent()
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, answer["body"]
-
-
-def test_http_through_the_front_is_the_wsgi_app(front: Front) -> None:
+def test_plain_http_at_the_server_of_tails_is_a_404(front: Front) -> None:
     async def scenario() -> None:
-        status, _, body = await http(front, "POST", "/api/jobs", json.dumps({**JOB, "submission_id": "app-front"}).encode())
-        assert status == 200 and json.loads(body)["submission_id"] == "app-front"
-        status, headers, body = await http(front, "GET", "/api/jobs/app-front")
-        assert (status, body) == (200, call(front.app, "GET", "/api/jobs/app-front").body)
-        assert headers["ETag"] and headers["Content-Length"] == str(len(body))
-        status, _, body = await http(front, "HEAD", "/api/jobs/app-front")
-        assert status == 200 and body == b""
-        # A header value that is not visible ASCII reaches the app as "", as under granian's WSGI.
-        status, _, body = await http(front, "POST", "/api/jobs", json.dumps(JOB).encode(), **{"x-pool-label": "é".encode()})
-        assert status == 400 and json.loads(body) == call(front.app, "POST", "/api/jobs", JOB, headers={"X-Pool-Label": ""}).json
+        connection = Connection({"type": "http.request", "body": b"", "more_body": False})
+        await asyncio.wait_for(front(scope("http", "/api/jobs"), connection.receive, connection.send), STEP_S)
+        start, answer = await connection.next_sent(), await connection.next_sent()
+        assert start["status"] == 404 and "only log tails" in json.loads(answer["body"])["error"]
 
     asyncio.run(scenario())
 
 
-def test_a_body_that_stops_arriving_is_a_408(front: Front) -> None:
-    front.body_wait_s = 0.2
-
-    async def scenario() -> None:
-        for length in (10, 1 << 20):  # read before the app runs, and streamed to it
-            headers = {"content-type": b"application/json", "content-length": str(length).encode()}
-            connection = Connection({"type": "http.request", "body": b"{", "more_body": True})  # then nothing
-            await asyncio.wait_for(front(scope("http", "/api/jobs", headers, "POST"), connection.receive, connection.send), STEP_S)
-            start, answer = await connection.next_sent(), await connection.next_sent()
-            assert start["status"] == 408, (length, start)
-            assert json.loads(answer["body"]) == {"error": "the request body stopped arriving before its end"}
-
-    asyncio.run(scenario())
-
-
-async def open_tail(front: Front, submission_id: str, connection: Connection, tenant: bytes | None = None) -> asyncio.Task[None]:
-    headers = {"x-tenant-id": tenant} if tenant else {}
+async def open_tail(front: Front, submission_id: str, connection: Connection, tenant: str = "default") -> asyncio.Task[None]:
+    """A tail's handshake at the server of tails, with the ticket the API's redirect gives ``tenant``."""
+    query = await asyncio.to_thread(ticket_query, front.app, submission_id, tenant)
     connection.incoming.put_nowait({"type": "websocket.connect"})
-    return asyncio.ensure_future(front(scope("websocket", f"/api/jobs/{submission_id}/logs/tail", headers), connection.receive, connection.send))
+    path = f"/api/jobs/{submission_id}/logs/tail"
+    return asyncio.ensure_future(front(scope("websocket", path, query=query), connection.receive, connection.send))
 
 
 def test_a_tail_sends_the_output_then_follows_it_until_the_job_ends(front: Front) -> None:
@@ -230,7 +241,7 @@ def test_a_tail_of_another_tenants_job_is_refused_with_the_logs_answer(front: Fr
         assert connection.sent.empty() and front.tails.open == 0  # never accepted
 
         mine = Connection()
-        task = await open_tail(front, "app-theirs", mine, tenant=b"team-b")
+        task = await open_tail(front, "app-theirs", mine, tenant="team-b")
         assert (await mine.next_sent()) == {"type": "websocket.accept"}
         mine.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
         await asyncio.wait_for(task, STEP_S)
@@ -279,25 +290,67 @@ def test_a_client_that_takes_nothing_is_dropped(front: Front) -> None:
     asyncio.run(scenario())
 
 
-def test_with_tokens_the_handshake_needs_the_token_of_the_jobs_tenant(settings: Settings, redis_client: Any) -> None:
+def test_with_tokens_the_server_of_tails_believes_the_ticket_alone(settings: Settings, redis_client: Any) -> None:
     front = Front(App(dataclasses.replace(settings, auth="tokens", api_threads=2)))
-    token_a, token_b = tokens.create(redis_client, "team-a"), tokens.create(redis_client, "team-b")
+    token_a = tokens.create(redis_client, "team-a")
     submit(front.app, {**JOB, "submission_id": "app-guarded"}, headers={"Authorization": f"Bearer {token_a}"})
 
-    async def handshake(token: str | None) -> dict[str, Any]:
+    async def handshake(query: str, token: str | None = None) -> dict[str, Any]:
         headers = {"authorization": f"Bearer {token}".encode()} if token else {}
         connection = Connection({"type": "websocket.connect"})
         path = "/api/jobs/app-guarded/logs/tail"
-        task = asyncio.ensure_future(front(scope("websocket", path, headers), connection.receive, connection.send))
+        task = asyncio.ensure_future(front(scope("websocket", path, headers, query=query), connection.receive, connection.send))
         first = await connection.next_sent()
         connection.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
         await asyncio.wait_for(task, STEP_S)
         return first
 
     async def scenario() -> None:
-        missing = await handshake(None)
-        assert missing["status"] == 401 and (b"WWW-Authenticate", b'Bearer realm="poolq"') in missing["headers"]
-        assert (await handshake(token_b))["status"] == 404  # another tenant's job
-        assert (await handshake(token_a)) == {"type": "websocket.accept"}
+        assert (await handshake("", token=token_a))["status"] == 403  # a token is not a ticket
+        theirs = await asyncio.to_thread(ticket_query, front.app, "app-guarded", "team-b")
+        assert (await handshake(theirs))["status"] == 404  # a ticket of another tenant: not its job
+        mine = await asyncio.to_thread(ticket_query, front.app, "app-guarded", "team-a")
+        assert (await handshake(mine)) == {"type": "websocket.accept"}  # no Authorization: the ticket is enough
 
     asyncio.run(scenario())
+
+
+# -- the server of tails beside `poolq api` ------------------------------------------------------
+
+
+def _tail_port(port: int, submission_id: str) -> int:
+    """Where the API at ``port`` redirects a tail of ``submission_id`` (raw HTTP, not followed)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            f"GET /api/jobs/{submission_id}/logs/tail HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode()
+        )
+        head = sock.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 307"), head
+    location = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("location:"))
+    return int(urlsplit(location).port or 0)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.processes
+def test_the_server_of_tails_lives_and_dies_with_poolq_api(redis_server: EmbeddedRedis, tmp_path: Path, app: App) -> None:
+    submit(app, {**JOB, "submission_id": "app-tail-life"})
+    env = {"POOLQ_REDIS_URL": redis_server.url, "POOLQ_DATA_DIR": str(tmp_path / "data")}
+    for ending in (signal.SIGTERM, signal.SIGKILL):
+        port = free_port()
+        api = Proc(["api", "--port", str(port), "--workers", "1"], env, tmp_path / f"api-{ending}.log").start()
+        try:
+            wait_for(lambda p=port: _accepts(p), START_S, 0.1, what="poolq api to listen")
+            tail_port = _tail_port(port, "app-tail-life")
+            assert tail_port != port and _accepts(tail_port)  # listening before the API answered
+            os.kill(api.pid, ending)  # the api process only, as kill -9 would
+            wait_for(lambda p=tail_port: not _accepts(p), 15, 0.1, what=f"the server of tails to end after {ending!r}")
+        finally:
+            api.stop()

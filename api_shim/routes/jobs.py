@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
+import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, is_digits
+from poolq import tokens
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import check_headers, parse_json
@@ -19,9 +22,10 @@ MAX_IDS = 100
 MAX_LIMIT = 1000
 MAX_WAIT_S = 60.0
 TAIL_OFF = (
-    "this server does not serve log tails over WebSocket (POOLQ_API_WEBSOCKETS=0): "
+    "this server does not serve log tails over WebSocket (POOLQ_API_WEBSOCKETS=0, or not run by `poolq api`): "
     "follow a job with GET /api/jobs/{id}/logs?offset=N"
 )
+HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")  # a name, IPv4 or a bracketed IPv6
 
 
 class Jobs:
@@ -159,13 +163,33 @@ class Jobs:
         return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
 
     def tail(self, request: Request) -> Response:
-        """The log tail's handshake: a job the tenant can see, over a WebSocket (api_shim/tail.py)."""
-        self.store.read(request.tenant_or_400(), request.params["submission_id"])
+        """The log tail's handshake, for a job the tenant can see (api_shim/tail.py): here a
+        redirect, with a ticket, to the server of tails; there, where the ticket made the
+        tenant, the go-ahead."""
+        tenant, submission_id = request.tenant_or_400(), request.params["submission_id"]
+        self.store.read(tenant, submission_id)
         if request.environ.get(WEBSOCKET):
             return Response(200)
-        if not self.settings.api_websockets:
+        if not self.settings.serves_tails:
             raise HTTPError(501, TAIL_OFF)
-        raise HTTPError(426, "this route is a WebSocket: connect with Upgrade: websocket", [("Upgrade", "websocket")])
+        if (request.header("Upgrade") or "").lower() != "websocket":
+            raise HTTPError(
+                426, "this route is a WebSocket: connect with Upgrade: websocket", [("Upgrade", "websocket")]
+            )
+        ticket = tokens.tail_ticket(tokens.tail_key(self.store.redis), tenant, submission_id, time.time())
+        location = f"{self.tail_server(request)}{quote(request.path)}?{urlencode(ticket)}"
+        return Response(307, headers=[("Location", location), ("Content-Length", "0")])
+
+    def tail_server(self, request: Request) -> str:
+        """Where the client reaches the server of tails: POOLQ_API_TAIL_URL, else the host it
+        reached this API by, at the tail server's port."""
+        if self.settings.api_tail_url:
+            return self.settings.api_tail_url.rstrip("/")
+        given = request.header("Host") or ""
+        host = given.partition("]")[0] + "]" if given.startswith("[") else given.partition(":")[0]  # no port
+        if not HOST.fullmatch(host):
+            host = request.environ.get("SERVER_NAME", "127.0.0.1")
+        return f"{request.environ.get('wsgi.url_scheme', 'http')}://{host}:{self.settings.api_tail_port}"
 
 
 def prefer_wait(header: str | None) -> float | None:

@@ -11,7 +11,8 @@ from poolq.store import JobStore
 # The Jobs API protocol level, as Ray numbers it (ray/dashboard/modules/version.py):
 # 1 log streaming, 2 submission_id and list answers, 3 entrypoint resources, 4 DELETE.
 # Ray's CLI follows logs over the WebSocket only above 0, so a server that does not serve
-# it (POOLQ_API_WEBSOCKETS=0) answers 0, and the CLI skips the tail with a warning.
+# it (POOLQ_API_WEBSOCKETS=0, or a WSGI server other than `poolq api`) answers 0, and the
+# CLI skips the tail with a warning.
 JOBS_API_VERSION = "4"
 JOBS_API_VERSION_NO_TAIL = "0"
 RAY_API_LEVEL = "2.9.0"
@@ -20,7 +21,7 @@ RAY_API_LEVEL = "2.9.0"
 class Meta:
     def __init__(self, store: JobStore, settings: Settings):
         self.store = store
-        self.jobs_api_version = JOBS_API_VERSION if settings.api_websockets else JOBS_API_VERSION_NO_TAIL
+        self.jobs_api_version = JOBS_API_VERSION if settings.serves_tails else JOBS_API_VERSION_NO_TAIL
 
     def version(self, request: Request) -> Response:
         return Response.json(

@@ -80,6 +80,30 @@ def test_a_fork_bomb_stops_at_the_process_limit(app: Any, placement: Any, node: 
     assert forked < 20, f"{forked} background processes in a job limited to 20"
 
 
+# A job's look at its own memory cgroup: its path, and the limit in it (v1 or v2).
+OWN_MEMORY_CGROUP = (
+    "python3 -c \"import re; t = open('/proc/self/cgroup').read(); "
+    "v1 = re.search(r'^\\d+:[^:]*\\bmemory\\b[^:]*:(.*)$', t, re.M); "
+    "path, name = (('/sys/fs/cgroup/memory' + v1[1], 'memory.limit_in_bytes') if v1 "
+    "else ('/sys/fs/cgroup' + re.search(r'^0::(.*)$', t, re.M)[1], 'memory.max')); "
+    "print(path, open(path + '/' + name).read().strip())\""
+)
+
+
+def test_the_next_job_runs_in_the_cgroup_the_last_left_with_its_own_limits(
+    app: Any, placement: Any, node: Any, tmp_path: Path
+) -> None:
+    node("n1", "--cpus", "2", "--memory", "4Gi")
+    seen = []
+    for memory in (128 * kit.MiB, 256 * kit.MiB, 128 * kit.MiB):  # one at a time: each gets the kept cgroup
+        submission_id = kit.submit(app, job(tmp_path, OWN_MEMORY_CGROUP, entrypoint_memory=memory), timeout_ms=0)
+        kit.wait_status(app, submission_id, "SUCCEEDED")
+        path, limit = call(app, "GET", f"/api/jobs/{submission_id}/logs").json["logs"].split()
+        seen.append((path, int(limit)))
+    assert [limit for _, limit in seen] == [128 * kit.MiB, 256 * kit.MiB, 128 * kit.MiB]
+    assert seen[0][0] == seen[1][0] == seen[2][0], seen  # one kept cgroup, its limits written over
+
+
 def test_without_usable_cgroups_the_job_runs_unenforced_and_the_node_says_why(
     app: Any, placement: Any, node: Any, tmp_path: Path
 ) -> None:

@@ -164,6 +164,7 @@ class JobRecord(Schema):
     depends_on = fields.Dict(
         allow_none=True, metadata={"description": '{"afterok": [ids], "afterany": [ids]}, as accepted'}
     )
+    gang_id = fields.String(allow_none=True, metadata={"description": "the gang it was placed with, all or none"})
     attempt_number = fields.Integer(required=True)
     previous_attempts = fields.List(fields.Nested(PreviousAttempt), required=True)
     scheduling = fields.Nested(Scheduling, required=True)

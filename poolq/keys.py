@@ -9,6 +9,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
 | poolq:job:<tenant>:<id>:dependents | set | jobs waiting on this one: each its kind (ok: afterok, any: afterany), a bar, its ref |
 | poolq:resolve | list | refs of jobs that ended with dependents waiting: resolve.lua takes them in order |
+| poolq:gangs:broken | set | sigs of gang shapes a member of which ended before the gang was placed: the duties end the others |
 | poolq:dependency_failed | hash | ref -> message: jobs whose afterok dependency failed, for the duties to end |
 | poolq:log:<tenant>:<id> | list | tail of the job's output in chunks, at most POOLQ_MAX_LOG_BYTES in all |
 | poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
@@ -66,6 +67,7 @@ DEADLINES = PREFIX + "deadlines"
 RETRIES = PREFIX + "retries"
 RESOLVE = PREFIX + "resolve"
 DEPENDENCY_FAILED = PREFIX + "dependency_failed"
+GANGS_BROKEN = PREFIX + "gangs:broken"
 JOB_PREFIX = PREFIX + "job:"
 TERMINAL = PREFIX + "terminal"
 SHAPES_READY = PREFIX + "shapes:ready"

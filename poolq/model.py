@@ -164,6 +164,7 @@ class JobFields:
     PREVIOUS = "prev"  # JSON list: the outcomes of its earlier attempts
     RETRY = "retry"  # its retry policy, "max attempts|OUTCOME,…|backoff ms"
     RUN_DEADLINE = "run_deadline"  # ms, when its runtime limit ends (set when it starts)
+    GANG = "gang"  # the id of the gang it is a member of (absent: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,7 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "retry_policy": spec.get("retry_policy"),
         "priority": int(fields.get(JobFields.PRIORITY) or 0),
         "depends_on": spec.get("depends_on"),
+        "gang_id": spec.get("gang_id"),
         "attempt_number": int(fields.get(JobFields.ATTEMPT) or 1),
         "previous_attempts": [_attempt(a) for a in json.loads(fields.get(JobFields.PREVIOUS) or "[]")],
         "scheduling": {

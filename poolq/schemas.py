@@ -26,6 +26,7 @@ SUBMISSION_ID = re.compile(r"^app-[a-z0-9-]{1,60}$")
 PACKAGE_NAME = re.compile(r"^_ray_pkg_[A-Za-z0-9_.-]{1,128}\.zip$")  # what Ray's SDK uploads
 SUBMISSION_ID_INPUT = "^(?:app-[a-z0-9-]{1,60}|(?!app-)[a-z0-9-]{1,60})$"  # as given, before app- is prefixed
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+GANG_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 RESERVED_RESOURCE_NAMES = {"cpu", "memory", "gpu"}
 UNUSE_ANTI_OTHER_LABELS = "unUseAntiOtherLabels"
 
@@ -447,6 +448,28 @@ class JobRequestSchema(_NullIsAbsent):
         integer=True,
         metadata={"description": "higher places first within the tenant; default: the tenant's, else 0"},
     )
+    gang_id = Text(
+        pattern=GANG_ID,
+        pattern_hint="[A-Za-z0-9._-]{1,64}",
+        metadata={
+            "pattern": GANG_ID.pattern,
+            "description": "the items of one batch with this id are placed all or none (docs/scheduling.md)",
+        },
+    )
+
+    @validates_schema
+    def _gang_alone(self, data: dict[str, Any], **kwargs: Any) -> None:
+        # A member that waited for other jobs, or ran again alone after failing, would
+        # be placed without its gang: the gang's all-or-nothing would not hold.
+        if "gang_id" in data:
+            if "depends_on" in data:
+                raise ValidationError(
+                    "a gang member cannot wait for other jobs: the gang is placed at once", "depends_on"
+                )
+            if "retry_policy" in data:
+                raise ValidationError(
+                    "a gang member cannot be retried alone: its gang is placed all or none", "retry_policy"
+                )
 
 
 def _check_metadata_key(key: str) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections import defaultdict
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple
 
@@ -64,6 +65,7 @@ class Submitted(enum.IntEnum):
     INVALID = 6  # refused before submit.lua ran (counted by count_invalid)
     OVER_PRIORITY = 7  # its priority is above the tenant's maximum
     NO_DEPENDENCY = 8  # a job it depends on does not exist in its tenant
+    GANG_INCOMPLETE = 9  # a gang's last member found another member missing: the gang is not formed
 
     @classmethod
     def label_of(cls, code: str) -> str:
@@ -111,6 +113,9 @@ class NewJob:
     runtime_limit_ms: int = 0  # its own runtime limit, or 0 (the tenant's or the node's, if any)
     priority: int | None = None  # its own priority; None: the tenant's default, else 0
     dependencies: str = ""  # what it waits for, as submit.lua reads it: "ok|<id>,any|<id>", or ""
+    gang_id: str = ""  # the gang it belongs to, or ""
+    gang_role: str = ""  # "member", or "lead" for the gang's last item, which forms it (form_gangs)
+    gang_members: tuple[str, ...] = ()  # the lead's: refs of the gang's other members
 
     @property
     def ref(self) -> str:
@@ -216,6 +221,9 @@ class JobStore:
         priority = request.get("priority")
         if priority is not None:  # in the spec only when given, so that older requests keep their fingerprint
             spec["priority"] = priority
+        gang_id = request.get("gang_id", "")
+        if gang_id:
+            spec["gang_id"] = gang_id
         # Each is serialised once: the same text is stored and hashed (sorted keys, so
         # that equal requests give equal text).
         spec_json = _canonical(spec)
@@ -239,6 +247,7 @@ class JobStore:
             limit_ms,
             priority,
             dependencies,
+            gang_id,
         )
 
     def submit(self, job: NewJob) -> bool:
@@ -246,6 +255,11 @@ class JobStore:
         already stored (an idempotent retry); Conflict if another request holds the id;
         Unavailable in the contract's words (``create app failed, submissionId:[…]``),
         saying when the outcome is unknown."""
+        if job.gang_id:  # a gang of one: placed as a gang, alone
+            (formed,) = form_gangs([job])
+            if isinstance(formed, PoolqError):
+                raise formed
+            job = formed
         try:
             answer = self._submit_script(job)
         except Unavailable as exc:
@@ -276,7 +290,42 @@ class JobStore:
                 outcomes.append(self._outcome(job, *answer))
             except (Conflict, InvalidRequest, TooMany) as exc:
                 outcomes.append(exc)
+        self._unform_gangs(jobs, outcomes)
         return outcomes
+
+    def _unform_gangs(self, jobs: list[NewJob], outcomes: list[bool | PoolqError]) -> None:
+        """A gang whose last member (its lead) was refused is not formed: its members stored
+        by this request (or an earlier one like it) wait in no line. They are ended and
+        removed, so that their ids are free again, and each answers the lead's refusal."""
+        refused = {
+            job.gang_id: outcome
+            for job, outcome in zip(jobs, outcomes)
+            if job.gang_role == "lead" and isinstance(outcome, PoolqError) and not isinstance(outcome, Unavailable)
+        }
+        if not refused:
+            return
+        for position, job in enumerate(jobs):
+            if job.gang_role != "member" or job.gang_id not in refused or isinstance(outcomes[position], PoolqError):
+                continue
+            cause = refused[job.gang_id]
+            outcomes[position] = InvalidRequest(
+                {"gang_id": [f"gang {job.gang_id} was not formed, so this member was not stored: {cause}"]}
+            )
+            try:
+                fields = self.redis.hmget(keys.job(job.ref), [JobFields.SHAPE, JobFields.STATUS, JobFields.NODE])
+                if fields[0] != job.shape_sig or self.redis.hexists(keys.shape(job.shape_sig), "spec"):
+                    continue  # another request's, or a gang formed meanwhile: not this request's to undo
+                self.finish(
+                    job.ref,
+                    JobStatus.FAILED,
+                    error_type=ErrorType.INVALID_REQUEST,
+                    message=f"gang {job.gang_id} was not formed: {cause}",
+                    from_statuses=[JobStatus.PENDING],
+                    expected_node="",
+                )
+                self.purge([job.ref])
+            except (redis.RedisError, Unavailable):
+                log.warning("could not remove %s, a member of gang %s that was not formed", job.ref, job.gang_id)
 
     @redis_errors("the submissions")
     def _submit_pipeline(self, jobs: list[NewJob]) -> list[Any]:
@@ -343,6 +392,12 @@ class JobStore:
             priority, limit = detail
             raise InvalidRequest(
                 {"priority": [f"must be at most {limit}, the tenant's maximum priority (got {priority})"]}
+            )
+        if outcome == Submitted.GANG_INCOMPLETE:
+            (position,) = detail
+            missing = keys.split_ref(job.gang_members[int(position) - 1])[1]
+            raise InvalidRequest(
+                {"gang_id": [f"gang {job.gang_id} is missing {missing}: every member must be accepted in one batch"]}
             )
         if outcome == Submitted.NO_DEPENDENCY:
             kind, submission_id = detail
@@ -705,6 +760,58 @@ def build_shape(
     }
 
 
+def form_gangs(jobs: list[NewJob], broken: frozenset[str] = frozenset()) -> list[NewJob | PoolqError]:
+    """Give the members of each gang (the jobs of one batch with one ``gang_id``) their
+    gang's shape: one line entry for the whole gang, its last member, the *lead*, whose
+    submit.lua checks that every other member was stored and puts the gang in line.
+    Gangs named in ``broken`` (one of their items was invalid), and gangs whose members
+    disagree on their priority or repeat an id, are refused whole."""
+    positions: dict[str, list[int]] = defaultdict(list)
+    for position, job in enumerate(jobs):
+        if job.gang_id:
+            positions[job.gang_id].append(position)
+    out: list[NewJob | PoolqError] = list(jobs)
+    for gang, where in positions.items():
+        members = [jobs[i] for i in where]
+        error = None
+        if gang in broken:
+            error = InvalidRequest({"gang_id": [f"gang {gang} is not formed: another of its items is invalid"]})
+        elif len({m.priority for m in members}) > 1:
+            error = InvalidRequest({"priority": [f"every member of gang {gang} must have the same priority"]})
+        elif len({m.submission_id for m in members}) < len(members):
+            error = InvalidRequest({"gang_id": [f"gang {gang} names one submission_id twice"]})
+        if error is not None:
+            for i in where:
+                out[i] = error
+            continue
+        total: dict[str, int] = {}
+        for m in members:
+            for resource, amount in m.shape["req"].items():
+                total[resource] = total.get(resource, 0) + amount
+        spec = {
+            "tenant": members[0].tenant,
+            "req": total,
+            "show": {},
+            "terms": [],
+            "anti": False,
+            "selector": {},
+            "gang": gang,
+            "members": [[m.ref, m.shape] for m in members],
+        }
+        spec_json = _canonical(spec)
+        sig = _digest(spec_json)[:24]
+        for i in where[:-1]:
+            out[i] = dataclasses.replace(jobs[i], shape_sig=sig, shape_json="", gang_role="member")
+        out[where[-1]] = dataclasses.replace(
+            jobs[where[-1]],
+            shape_sig=sig,
+            shape_json=spec_json,
+            gang_role="lead",
+            gang_members=tuple(m.ref for m in members[:-1]),
+        )
+    return out
+
+
 def _submission_id(
     request: dict[str, Any], default_id: Callable[[], str] | None
 ) -> tuple[str | None, dict[str, list[str]]]:
@@ -793,6 +900,7 @@ def finish_keys(job_ref: str, node: str, sig: str) -> list[str]:
         keys.dependents(job_ref),
         keys.RESOLVE,
         keys.FAIR_SHARE,
+        keys.GANGS_BROKEN,
     ]
 
 
@@ -818,6 +926,7 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.PACKAGES,
         keys.SHAPES_IDLE,
         keys.RESOLVE,
+        *(keys.job(member) for member in job.gang_members),
     ]
 
 
@@ -841,6 +950,8 @@ def _submit_args(job: NewJob, default_timeout_ms: int) -> list[Any]:
         "" if job.priority is None else job.priority,
         job.dependencies,
         keys.JOB_PREFIX,
+        job.gang_role,
+        job.gang_id,
     ]
 
 

@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 import redis
 
 from poolq import keys, packages, queues
-from poolq.model import ErrorType, JobFields, JobStatus, scheduling_progress
+from poolq.model import TERMINAL_STATUSES, ErrorType, JobFields, JobStatus, scheduling_progress
 from poolq.redis_io import now_ms
 from poolq.store import WAKE_TTL_MS, Ending, JobStore, Submitted
 from worker.intake import Intake, return_taken
@@ -71,6 +71,7 @@ class Duties:
             for duty in (
                 self.resolve_dependencies,
                 self.expire_deadlines,
+                self.end_broken_gangs,
                 self.retry_due,
                 self.unblock_due,
                 self.recover_claims,
@@ -164,6 +165,36 @@ class Duties:
             if not moved and self.redis.hget(keys.job(job_ref), JobFields.STATUS) != JobStatus.PENDING:
                 self.redis.zrem(keys.DEADLINES, job_ref)
         return failed
+
+    def end_broken_gangs(self, now: int) -> None:
+        """A gang one member of which ended before the gang was placed can never be placed
+        whole: end its other waiting members as that member ended (finish.lua names the
+        gang in poolq:gangs:broken in the step that ends the member)."""
+        sigs = self.redis.srandmember(keys.GANGS_BROKEN, BATCH)
+        for sig in sigs or []:
+            spec = self.redis.hget(keys.shape(sig), "spec")
+            members = [ref for ref, _ in json.loads(spec)["members"]] if spec else []
+            pipe = self.redis.pipeline(transaction=False)
+            for ref in members:
+                pipe.hmget(keys.job(ref), [JobFields.STATUS, JobFields.NODE, JobFields.ERROR_TYPE, JobFields.MESSAGE])
+            states = dict(zip(members, pipe.execute())) if members else {}
+            ended = [(r, s) for r, s in states.items() if s[0] in TERMINAL_STATUSES and not s[1]]
+            if ended:
+                first, (status, _, error_type, message) = ended[0]
+                gang = json.loads(spec or "{}").get("gang", "")
+                for ref, state in states.items():
+                    if state[0] != JobStatus.PENDING or state[1]:
+                        continue
+                    self.store.finish(
+                        ref,
+                        JobStatus(status),
+                        error_type=ErrorType(error_type) if error_type else None,
+                        message=f"gang {gang}: member {keys.split_ref(first)[1]} ended {status} before the gang "
+                        f"was placed ({message})",
+                        from_statuses=[JobStatus.PENDING],
+                        expected_node="",
+                    )
+            self.redis.srem(keys.GANGS_BROKEN, sig)
 
     def resolve_dependencies(self, now: int) -> None:
         """The dependents of jobs that ended: put in line those whose last dependency ended,

@@ -134,13 +134,16 @@ def _eta_ms(eta: Any) -> int | None:
 def prepare(store: JobStore, message: Message) -> NewJob:
     """Validate a message's job like an HTTP submission; InvalidRequest names what is wrong."""
     kwargs = message.kwargs
-    return store.prepare(
+    job = store.prepare(
         kwargs.get("body"),
         tenant=_text_or_none(kwargs.get("tenant_id"), "tenant_id"),
         pool_label=_text_or_none(kwargs.get("pool_label"), "pool_label"),
         schedule_timeout_ms=_text_or_none(kwargs.get("schedule_timeout_ms"), "schedule_timeout_ms", allow_int=True),
         default_id=lambda: id_from_message(message.message_id),
     )
+    if job.gang_id:  # messages come one by one: a gang would be placed in parts, or never
+        raise InvalidRequest({"gang_id": ["a gang is formed from one request: send it to POST /api/jobs/batch"]})
+    return job
 
 
 def _text_or_none(value: Any, name: str, allow_int: bool = False) -> str | None:

@@ -27,6 +27,7 @@ AFFINITY = "Affinity can't be Satisfied"
 QUOTA = "Tenant Quota Exceeded"
 NO_NODE = "No Available Node"
 HELD = "Held For Higher Priority"
+GANG = "Gang Not Placeable Whole"  # first of a gang's reasons; units: the members that fitted
 
 
 def allocate(uses: dict[str, int], amount: int) -> list[tuple[str, int]] | None:
@@ -107,9 +108,12 @@ class Shape:
     terms: tuple[tuple[str, str | None], ...]
     anti: bool
     selector: dict[str, str]
+    gang: str = ""  # a gang's shape: its id; req is its members' requests together
+    members: tuple[tuple[str, Shape], ...] = ()  # a gang's: each member's ref and shape, in batch order
 
     @classmethod
     def from_spec(cls, sig: str, spec: dict[str, Any]) -> Shape:
+        members = tuple((ref, cls.from_spec(sig, member)) for ref, member in spec.get("members") or ())
         return cls(
             sig=sig,
             tenant=spec["tenant"],
@@ -118,6 +122,8 @@ class Shape:
             terms=tuple((k, v) for k, v in spec["terms"]),
             anti=bool(spec["anti"]),
             selector=spec["selector"],
+            gang=spec.get("gang", ""),
+            members=members,
         )
 
     def selector_ok(self, node: Node) -> bool:
@@ -170,16 +176,53 @@ class Inventory:
         if node is not None:
             self._unindex(node)
 
-    def reserve(self, node: Node, req: dict[str, int]) -> None:
-        """Apply a reservation locally, as the Redis step will."""
+    def reserve(self, node: Node, req: dict[str, int]) -> list[tuple[str, str, int]]:
+        """Apply a reservation locally, as the Redis step will; returns the devices it took
+        (resource, device, milli-units), for ``unreserve``."""
         self._unindex(node)
+        taken = []
         for resource, amount in req.items():
             node.reserved[resource] = node.reserved.get(resource, 0) + amount
             uses = node.devices.get(resource)
             if uses is not None:
                 for device, milli in allocate(uses, amount) or []:
                     uses[device] += milli
+                    taken.append((resource, device, milli))
         self._index(node)
+        return taken
+
+    def unreserve(self, node: Node, req: dict[str, int], devices: list[tuple[str, str, int]]) -> None:
+        """Undo a local ``reserve`` (a gang that did not fit whole)."""
+        self._unindex(node)
+        for resource, amount in req.items():
+            node.reserved[resource] = node.reserved.get(resource, 0) - amount
+        for resource, device, milli in devices:
+            node.devices[resource][device] -= milli
+        self._index(node)
+
+    def choose_gang(self, gang: Shape, priority: int = 0) -> tuple[list[tuple[str, Node]], list[dict[str, Any]]]:
+        """Nodes for every member of a gang, applied to the view, or none: ([(ref, node)], [])
+        or ([], the reasons).
+
+        Members are chosen one by one as single jobs are, largest request first (a greedy
+        packing), each seeing the reservations of those before it. When one does not fit,
+        the reasons are a line for the gang (its units: how many members fitted) and the
+        reasons of the member that did not, with those before it in place; then they are
+        undone."""
+        order = sorted(
+            gang.members, key=lambda m: (-m[1].req.get(CPU, 0), -m[1].req.get(MEMORY, 0), -sum(m[1].req.values()))
+        )
+        chosen: list[tuple[str, Node, dict[str, int], list[tuple[str, str, int]]]] = []
+        for ref, member in order:
+            node = self.choose(member, priority)
+            if node is None:
+                line = {"reason": GANG, "units": len(chosen), "requirement": f"gang {gang.gang}: {len(order)} members"}
+                reasons = [line, *self.reasons(member, priority)]
+                for _, taken_node, req, devices in reversed(chosen):
+                    self.unreserve(taken_node, req, devices)
+                return [], reasons
+            chosen.append((ref, node, member.req, self.reserve(node, member.req)))
+        return [(ref, node) for ref, node, _, _ in chosen], []
 
     def _index(self, node: Node) -> None:
         if not node.schedulable:

@@ -278,8 +278,9 @@ class Scheduler:
 
     def _choose(
         self, jobs: list[tuple[str, str, int]], failed_shapes: dict[str, list[dict[str, Any]]]
-    ) -> tuple[list[tuple[str, str, int, Node, Shape]], list[tuple[str, str, int]]]:
-        decisions, unplaced = [], []
+    ) -> tuple[list[Choice], list[tuple[str, str, int]]]:
+        decisions: list[Choice] = []
+        unplaced = []
         for job_ref, sig, seq in jobs:
             shape = self._shapes.get(sig)
             if shape is None or sig in failed_shapes:
@@ -288,6 +289,17 @@ class Scheduler:
             limits, usage = self._quotas.get(shape.tenant, ({}, {}))
             over_quota = quota_reason(shape.req, limits, usage)
             priority = priority_of(seq)
+            if shape.members:  # a gang: every member chosen in the view, or none
+                placed, reasons = self.inventory.choose_gang(shape, priority) if not over_quota else ([], [over_quota])
+                if not placed:
+                    failed_shapes[sig] = reasons
+                    unplaced.append((job_ref, sig, seq))
+                    continue
+                member_shapes = dict(shape.members)
+                decisions += [Choice(ref, sig, seq, node, member_shapes[ref], job_ref) for ref, node in placed]
+                for resource, amount in shape.req.items():
+                    usage[resource] = usage.get(resource, 0) + amount
+                continue
             node = None if over_quota else self.inventory.choose(shape, priority)
             if node is None:
                 failed_shapes[sig] = [over_quota] if over_quota else self.inventory.reasons(shape, priority)
@@ -298,7 +310,7 @@ class Scheduler:
             self.inventory.reserve(node, shape.req)
             for resource, amount in shape.req.items():
                 usage[resource] = usage.get(resource, 0) + amount
-            decisions.append((job_ref, sig, seq, node, shape))
+            decisions.append(Choice(job_ref, sig, seq, node, shape))
         return decisions, unplaced
 
     def _hold_for(self, shape: Shape, priority: int) -> None:
@@ -310,11 +322,12 @@ class Scheduler:
         node.hold = Hold(priority, shape.sig, now_ms() + self._hold_ms)  # this round respects it too
         self._holds[shape.sig] = (node.id, priority)
 
-    def _reserve(self, claim_id: str, decisions: list[tuple[str, str, int, Node, Shape]]) -> list[tuple[str, str, int]]:
-        """Reserve in Redis; returns the jobs to choose again (their node was taken)."""
+    def _reserve(self, claim_id: str, decisions: list[Choice]) -> list[tuple[str, str, int]]:
+        """Reserve in Redis; returns the jobs to choose again (their node was taken): for a
+        gang, its lead, once."""
         items = [
-            Decision(job_ref, sig, node.id, shape.tenant, seq, requests_text(shape.req))
-            for job_ref, sig, seq, node, shape in decisions
+            Decision(c.job_ref, c.sig, c.node.id, c.shape.tenant, c.seq, requests_text(c.shape.req), c.gang_lead)
+            for c in decisions
         ]
         results, wake = reserve(self.scripts, claim_id, items, self.settings)
         for node_id in wake:
@@ -323,10 +336,12 @@ class Scheduler:
         refused = [(d, code) for d, code in zip(decisions, outcomes) if code != Reservation.RESERVED]
         if refused:
             # The local view reserved these too: read the true state of their nodes and tenants.
-            self._reload_nodes({d[3].id for d, _ in refused})
+            self._reload_nodes({c.node.id for c, _ in refused})
             self._load_quotas(set(self._quotas))
             log.debug("%d reservations refused; choosing again where the job still waits", len(refused))
-        return [(d[0], d[1], d[2]) for d, code in refused if code in CHOOSE_AGAIN]
+        return [
+            (c.job_ref, c.sig, c.seq) for c, code in refused if code in CHOOSE_AGAIN and c.gang_lead in ("", c.job_ref)
+        ]
 
     def _requeue(
         self,
@@ -389,6 +404,18 @@ class Held:
 
 
 @dataclasses.dataclass(frozen=True)
+class Choice:
+    """A node chosen in the view for a claimed job, or for a member of a claimed gang."""
+
+    job_ref: str
+    sig: str
+    seq: int
+    node: Node
+    shape: Shape  # the job's; a gang member's own
+    gang_lead: str = ""  # a gang member's: the ref of its gang's lead, the claimed one
+
+
+@dataclasses.dataclass(frozen=True)
 class Decision:
     """One job to reserve on one node, as reserve.lua takes it."""
 
@@ -398,6 +425,7 @@ class Decision:
     tenant: str
     seq: int
     requests: str  # "CPU=1000,memory=134217728"
+    gang_lead: str = ""  # a gang's members are reserved together, all or none, under their lead's claim
 
 
 def reserve(scripts: Scripts, claim_id: str, decisions: list[Decision], settings: Settings) -> Any:
@@ -426,7 +454,7 @@ def reserve(scripts: Scripts, claim_id: str, decisions: list[Decision], settings
             keys.tenant_usage(d.tenant),
             keys.quota(d.tenant),
         ]
-        args += [d.job_ref, d.node_id, d.seq, d.requests]
+        args += [d.job_ref, d.node_id, d.seq, d.requests, d.gang_lead]
     return scripts.reserve(keys=key_list, args=args)
 
 

@@ -15,7 +15,7 @@ from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import check_headers, parse_json
 from poolq.settings import Settings
-from poolq.store import JobStore
+from poolq.store import JobStore, NewJob, form_gangs
 
 MAX_BATCH = 1000
 MAX_IDS = 100
@@ -79,6 +79,7 @@ class Jobs:
             raise InvalidRequest(header_errors)
         results: list[dict[str, Any]] = []
         valid = []
+        broken: set[str] = set()
         for item in body["jobs"]:
             try:
                 job = self.store.prepare(
@@ -90,9 +91,16 @@ class Jobs:
             except InvalidRequest as exc:
                 results.append({"error": str(exc), "fields": exc.fields})
                 self.store.count_invalid(request.tenant_as_given())
+                if isinstance(item, dict) and isinstance(item.get("gang_id"), str):
+                    broken.add(item["gang_id"])  # its gang cannot be formed whole
                 continue
             valid.append((len(results), job))
             results.append({})
+        formed = form_gangs([job for _, job in valid], frozenset(broken))
+        for (position, _), job_or_error in zip(valid, formed):
+            if isinstance(job_or_error, PoolqError):
+                results[position] = {"error": str(job_or_error), "fields": getattr(job_or_error, "fields", {})}
+        valid = [(position, job) for (position, _), job in zip(valid, formed) if isinstance(job, NewJob)]
         outcomes = self.store.submit_many(job for _, job in valid)
         unknown = [outcome for outcome in outcomes if isinstance(outcome, Unavailable)]
         if unknown and len(unknown) == len(outcomes):

@@ -320,7 +320,14 @@ def submit_file(args: argparse.Namespace) -> int:
                 pending.append((number, body))
                 bodies += not isinstance(body, Exception)
                 if bodies == BATCH:
+                    # A gang is placed from one batch: the consecutive lines of the gang
+                    # the batch ends with go with the next one (unless they fill it).
+                    carried = _trailing_gang(pending)
+                    rest = pending[len(pending) - carried :] if carried < len(pending) else []
+                    del pending[len(pending) - len(rest) :]
                     send()
+                    pending.extend(rest)
+                    bodies = sum(not isinstance(b, Exception) for _, b in rest)
             if pending:
                 send()
         except (OSError, http.client.HTTPException) as exc:
@@ -335,6 +342,27 @@ def submit_file(args: argparse.Namespace) -> int:
         if hint:
             print(hint, file=sys.stderr)
     return 0 if not report.refusals else 1
+
+
+def _trailing_gang(lines: list[tuple[int, Any]]) -> int:
+    """How many lines at the end of a batch are members of the gang its last line is of."""
+
+    def gang(body: Any) -> Any:
+        return body.get("gang_id") if isinstance(body, dict) else None
+
+    last = gang(lines[-1][1])
+    if not last:
+        return 0
+    count = run = 0
+    for _, body in reversed(lines):
+        if isinstance(body, Exception):  # not a body: it goes where the gang's lines around it go
+            count += 1
+            continue
+        if gang(body) != last:
+            break
+        count += 1
+        run = count
+    return run
 
 
 class _FileReport:
@@ -511,9 +539,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _rows(records: list[dict[str, Any]], *, header: bool) -> None:
     if header:
-        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'PRIO':>5} {'NODE':<16} ENTRYPOINT")
+        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'PRIO':>5} {'GANG':<16} {'NODE':<16} ENTRYPOINT")
     for record in records:
         print(
             f"{record['submission_id']:<44} {record['status']:<10} {record.get('priority', 0):>5} "
-            f"{record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
+            f"{record.get('gang_id') or '-':<16} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
         )

@@ -19,7 +19,8 @@
 --       7 claimed, 8 terminal, 9 inventory log, 10 kick, 11 placement wake flag,
 --       12 the tenant's active index, 13 the tenant's status counts, 14 its usage,
 --       15 suspects, 16 claims, 17 shape hash, 18 the tenant's package use,
---       19 packages, 20 retries, 21 stats, 22 its dependents, 23 resolve, 24 fairshare
+--       19 packages, 20 retries, 21 stats, 22 its dependents, 23 resolve, 24 fairshare,
+--       25 broken gangs
 --       (node keys may be any placeholder key when the caller saw no node)
 -- ARGV: 1 ref, 2 node id the caller saw ('' = unplaced), 3 status, 4 error_type,
 --       5 message, 6 exit code ('' = none), 7 statuses it may move from (",A,B,"),
@@ -34,10 +35,14 @@
 -- terminal, or from a status not listed, or deadline not reached), 2 stop flagged on a
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
 -- read again, -2 no such job.
+--
+-- A gang member that ends before its gang was placed leaves the gang unable to place
+-- whole: its shape joins the broken gangs, whose other members the duties end the same
+-- way (worker/duties.py), in the same step that ends it, so that none is forgotten.
 --! include lib/counts.lua
 --! include lib/fair_share.lua
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
-  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev')
+  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev', 'gang', 'shape')
 local status = j[1]
 if not status then return {-2, 0} end
 if ARGV[9] == 'stop' and j[4] == ARGV[10] then  -- this stop request already ran
@@ -153,6 +158,7 @@ redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[20], ARGV[1])
 redis.call('ZADD', KEYS[8], now, ARGV[1])
 if redis.call('EXISTS', KEYS[22]) == 1 then redis.call('LPUSH', KEYS[23], ARGV[1]) end  -- resolve.lua
+if j[15] and j[15] ~= '' and node == '' and j[16] then redis.call('SADD', KEYS[25], j[16]) end
 local tenant_end = string.find(ARGV[1], ':', 1, true)
 redis.call('ZREM', KEYS[12], string.sub(ARGV[1], tenant_end + 1))
 -- The shape's spec is kept while any of its jobs lives (forget_shape.lua).

@@ -9,6 +9,9 @@
 -- So concurrent placement workers never over-commit a node and a job is never reserved
 -- twice, whatever their caches believed.
 --
+-- The members of a gang (docs/scheduling.md, "Gangs") come as consecutive decisions
+-- naming their lead, the one job the claim holds: they are reserved all or none.
+--
 -- Safe to run twice: a job this claim already reserved on that node answers 0 again.
 --
 -- KEYS: 1 claimed, 2 inventory log, 3 heartbeats, 4 deadlines, 5 stats, 6 tenants served,
@@ -16,8 +19,8 @@
 --       node wake flag, the tenant's usage, the tenant's quota
 -- ARGV: 1 node ttl ms, 2 wake ttl ms, 3 claim id, 4 the placement latency buckets
 --       ("10,50,…" ms: poolq.model.PLACEMENT_LATENCY_BUCKETS_MS), 5 the fair-share
---       half-life ms, then per decision 4
---       values: ref, node id, seq, requests ("R=amount,R=amount")
+--       half-life ms, then per decision 5
+--       values: ref, node id, seq, requests ("R=amount,R=amount"), the gang's lead ('' none)
 -- Returns per decision (worker.scheduler.Reservation): 0 reserved, 1 job gone (placed, stopped, ended), 2 node not
 -- available, 3 not enough free capacity, 4 over the tenant's quota, 5 no longer held
 -- by this claim, 6 the node is held for a job of higher priority; then the node ids to wake.
@@ -33,12 +36,13 @@ local n = (#KEYS - first) / 8
 -- same): whole units take the first free devices, a fraction shares the fullest device
 -- it fits on. A list of {id, milli}, {} when the node has no devices of it, nil when
 -- they cannot hold it.
-local function allocate(node, name, amount)
+local function allocate(node, name, amount, pending)
   local ids = redis.call('HGET', node, 'devices:' .. name)
   if not ids then return {} end
   local devices = {}
   for id in string.gmatch(ids, '[^,]+') do
-    devices[#devices + 1] = {id, tonumber(redis.call('HGET', node, 'dev:' .. name .. ':' .. id) or '0')}
+    local field = 'dev:' .. name .. ':' .. id
+    devices[#devices + 1] = {id, tonumber(redis.call('HGET', node, field) or '0') + (pending[node .. '|' .. field] or 0)}
   end
   local whole, fraction = math.floor(amount / 1000), amount % 1000
   local out, taken = {}, {}
@@ -67,29 +71,38 @@ local function wake_node(node, wake_flag, node_id)
     wake[#wake + 1] = node_id
   end
 end
-for i = 0, n - 1 do
-  local k, a = first + i * 8, 5 + i * 4
-  local job, node, node_jobs, inbox, shape, wake_flag = KEYS[k+1], KEYS[k+2], KEYS[k+3], KEYS[k+4], KEYS[k+5], KEYS[k+6]
-  local usage, quota = KEYS[k+7], KEYS[k+8]
-  local ref, node_id, seq, requests = ARGV[a+1], ARGV[a+2], ARGV[a+3], ARGV[a+4]
-  local j = redis.call('HMGET', job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim',
+local function decision(i)
+  local k, a = first + i * 8, 5 + i * 5
+  return {job = KEYS[k+1], node = KEYS[k+2], node_jobs = KEYS[k+3], inbox = KEYS[k+4], shape = KEYS[k+5],
+    wake_flag = KEYS[k+6], usage = KEYS[k+7], quota = KEYS[k+8], ref = ARGV[a+1], node_id = ARGV[a+2],
+    seq = ARGV[a+3], requests = ARGV[a+4], lead = ARGV[a+5]}
+end
+-- Check one decision: its code (-1: this claim reserved it already), and what a
+-- reservation takes. The amounts of a gang's members checked before it count as taken
+-- (pending: "key|field" -> amount), so that members sharing a node or a quota fit together.
+local function check(d, pending)
+  local j = redis.call('HMGET', d.job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim',
     'shape', 'prio')
-  local ours = redis.call('HGET', KEYS[7], ref) == claim_id
+  local claimed_by = d.lead ~= '' and d.lead or d.ref
+  local ours = redis.call('HGET', KEYS[7], claimed_by) == claim_id
   local code = 0
   local held = {}  -- the devices it takes: "GPU:0:1000" items
   local ends_hold = false
-  if j[2] == node_id and j[7] == claim_id then
+  local function taken(key, field)
+    return tonumber(redis.call('HGET', key, field) or '0') + (pending[key .. '|' .. field] or 0)
+  end
+  if j[2] == d.node_id and j[7] == claim_id then
     code = -1  -- reserved by this very claim: a retry after a lost reply
   elseif not ours then
     code = 5
   elseif j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
     code = 1
   else
-    local nd = redis.call('HMGET', node, 'state', 'drained', 'kind', 'hold')
+    local nd = redis.call('HMGET', d.node, 'state', 'drained', 'kind', 'hold')
     if nd[1] ~= 'live' or (nd[2] and nd[2] ~= '0') then
       code = 2
     elseif nd[3] == 'agent' then
-      local hb = redis.call('ZSCORE', KEYS[3], node_id)
+      local hb = redis.call('ZSCORE', KEYS[3], d.node_id)
       if not hb or tonumber(hb) < now - ttl then code = 2 end
     end
     if code == 0 and nd[4] then
@@ -101,66 +114,110 @@ for i = 0, n - 1 do
       end
     end
     if code == 0 then
-      for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
-        local cap = tonumber(redis.call('HGET', node, 'cap:' .. name) or '0')
-        local used = tonumber(redis.call('HGET', node, 'res:' .. name) or '0')
-        if cap - used < tonumber(amount) then code = 3 break end
-        local devices = allocate(node, name, tonumber(amount))
+      for name, amount in string.gmatch(d.requests, '([^=,]+)=(%d+)') do
+        local cap = tonumber(redis.call('HGET', d.node, 'cap:' .. name) or '0')
+        if cap - taken(d.node, 'res:' .. name) < tonumber(amount) then code = 3 break end
+        local devices = allocate(d.node, name, tonumber(amount), pending)
         if not devices then code = 3 break end
-        for _, d in ipairs(devices) do held[#held + 1] = name .. ':' .. d[1] .. ':' .. d[2] end
+        for _, dev in ipairs(devices) do held[#held + 1] = name .. ':' .. dev[1] .. ':' .. dev[2] end
       end
     end
     if code == 0 then
-      for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
-        local limit = redis.call('HGET', quota, name)
-        if limit and tonumber(redis.call('HGET', usage, name) or '0') + tonumber(amount) > tonumber(limit) then
+      for name, amount in string.gmatch(d.requests, '([^=,]+)=(%d+)') do
+        local limit = redis.call('HGET', d.quota, name)
+        if limit and taken(d.usage, name) + tonumber(amount) > tonumber(limit) then
           code = 4
           break
         end
       end
     end
   end
-  if code == 0 then
-    local tenant = string.sub(ref, 1, string.find(ref, ':', 1, true) - 1)
-    if not settled[tenant] then  -- once a run: later decisions of the run are at the same time
-      settle(KEYS[8], tenant, usage, now, tonumber(ARGV[5]))
-      settled[tenant] = true
-    end
-    for name, amount in string.gmatch(requests, '([^=,]+)=(%d+)') do
-      redis.call('HINCRBY', node, 'res:' .. name, amount)
-      redis.call('HINCRBY', usage, name, amount)
+  if code == 0 then  -- what it takes counts for the members checked after it
+    for name, amount in string.gmatch(d.requests, '([^=,]+)=(%d+)') do
+      pending[d.node .. '|res:' .. name] = (pending[d.node .. '|res:' .. name] or 0) + tonumber(amount)
+      pending[d.usage .. '|' .. name] = (pending[d.usage .. '|' .. name] or 0) + tonumber(amount)
     end
     for _, item in ipairs(held) do
       local name, id, milli = string.match(item, '^([^:]+):([^:]+):(%d+)$')
-      redis.call('HINCRBY', node, 'dev:' .. name .. ':' .. id, milli)
+      local field = d.node .. '|dev:' .. name .. ':' .. id
+      pending[field] = (pending[field] or 0) + tonumber(milli)
     end
-    if #held > 0 then redis.call('HSET', job, 'devs', table.concat(held, ',')) end
-    if ends_hold then redis.call('HDEL', node, 'hold') end
-    local attempts = tonumber(redis.call('HGET', shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
+  end
+  return code, {j = j, held = held, ends_hold = ends_hold, ours = ours}
+end
+local function commit(d, code, c)
+  local j, held = c.j, c.held
+  if code == 0 then
+    local tenant = string.sub(d.ref, 1, string.find(d.ref, ':', 1, true) - 1)
+    if not settled[tenant] then  -- once a run: later decisions of the run are at the same time
+      settle(KEYS[8], tenant, d.usage, now, tonumber(ARGV[5]))
+      settled[tenant] = true
+    end
+    for name, amount in string.gmatch(d.requests, '([^=,]+)=(%d+)') do
+      redis.call('HINCRBY', d.node, 'res:' .. name, amount)
+      redis.call('HINCRBY', d.usage, name, amount)
+    end
+    for _, item in ipairs(held) do
+      local name, id, milli = string.match(item, '^([^:]+):([^:]+):(%d+)$')
+      redis.call('HINCRBY', d.node, 'dev:' .. name .. ':' .. id, milli)
+    end
+    if #held > 0 then redis.call('HSET', d.job, 'devs', table.concat(held, ',')) end
+    if c.ends_hold then redis.call('HDEL', d.node, 'hold') end
+    local attempts = tonumber(redis.call('HGET', d.shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
-    redis.call('HSET', job, 'node', node_id, 'pool', redis.call('HGET', node, 'pool'),
-      'res', requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now, 'claim', claim_id)
-    redis.call('HDEL', job, 'message')  -- a retried job's "waits for placement": the record now says where
+    redis.call('HSET', d.job, 'node', d.node_id, 'pool', redis.call('HGET', d.node, 'pool'),
+      'res', d.requests, 'attempts', attempts, 'reasons', '[]', 'placed_time', now, 'claim', claim_id)
+    redis.call('HDEL', d.job, 'message')  -- a retried job's "waits for placement": the record now says where
     local latency = now - tonumber(j[5] or now)
     for _, le in ipairs(buckets) do
       if latency <= tonumber(le) then redis.call('HINCRBY', KEYS[5], 'placement_le:' .. le, 1) end
     end
     redis.call('HINCRBY', KEYS[5], 'placement_count', 1)
     redis.call('HINCRBY', KEYS[5], 'placement_sum_ms', latency)
-    redis.call('ZADD', KEYS[6], now, string.sub(ref, 1, string.find(ref, ':', 1, true) - 1))
-    redis.call('SADD', node_jobs, ref)
-    redis.call('ZREM', KEYS[4], ref)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', node_id)
-    if redis.call('HGET', node, 'kind') == 'agent' then redis.call('ZADD', inbox, seq, ref) end
-    wake_node(node, wake_flag, node_id)
+    redis.call('ZADD', KEYS[6], now, tenant)
+    redis.call('SADD', d.node_jobs, d.ref)
+    redis.call('ZREM', KEYS[4], d.ref)
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100000, '*', 'n', d.node_id)
+    if redis.call('HGET', d.node, 'kind') == 'agent' then redis.call('ZADD', d.inbox, d.seq, d.ref) end
+    wake_node(d.node, d.wake_flag, d.node_id)
   elseif code == -1 then
     code = 0
-    wake_node(node, wake_flag, node_id)
+    wake_node(d.node, d.wake_flag, d.node_id)
   end
-  if ours and (code == 0 or code == 1) then
-    redis.call('ZREM', KEYS[1], ref)
-    redis.call('HDEL', KEYS[7], ref)
+  if c.ours and (code == 0 or code == 1) then
+    redis.call('ZREM', KEYS[1], d.ref)
+    redis.call('HDEL', KEYS[7], d.ref)
   end
-  results[#results + 1] = code
+  return code
+end
+-- A decision alone is checked and made at once. The members of a gang come together,
+-- under their lead: all are checked first, and made only if every one passed; else
+-- none is, and each answers the code of the first that failed (all or none).
+local i = 0
+while i < n do
+  local d = decision(i)
+  local group = {d}
+  if d.lead ~= '' then
+    while i + #group < n and ARGV[5 + (i + #group) * 5 + 5] == d.lead do group[#group + 1] = decision(i + #group) end
+  end
+  local pending, checks, failed = {}, {}, nil
+  for g, member in ipairs(group) do
+    local code, c = check(member, pending)
+    checks[g] = {code, c}
+    if code ~= 0 and code ~= -1 and not failed then failed = code end
+  end
+  for g, member in ipairs(group) do
+    local code, c = checks[g][1], checks[g][2]
+    if failed then
+      if c.ours and failed == 1 and member.ref == member.lead then  -- the gang is broken: its lead leaves the round
+        redis.call('ZREM', KEYS[1], member.ref)
+        redis.call('HDEL', KEYS[7], member.ref)
+      end
+      results[#results + 1] = failed
+    else
+      results[#results + 1] = commit(member, code, c)
+    end
+  end
+  i = i + #group
 end
 return {results, wake}

@@ -9,7 +9,8 @@
 --       10 tenant's active index, 11 tenant's status counts, 12 tenant's quota,
 --       13 tenants set, 14 stats, 15 tenant's limits, 16 the package it runs from
 --       (any placeholder key when none), 17 the tenant's package use, 18 packages,
---       19 shapes:idle, 20 resolve
+--       19 shapes:idle, 20 resolve, then for a gang's lead the job keys of the gang's
+--       other members
 -- ARGV: 1 fingerprint, 2 spec JSON, 3 shape sig, 4 shape spec JSON, 5 its schedule
 --       timeout ms ('' none given: the tenant's schedule_timeout_ms, else ARGV[15]),
 --       6 submission id, 7 job ref, 8 wake flag ttl ms, 9 requests "R=amount,...",
@@ -18,13 +19,16 @@
 --       backoff ms", '' none), 14 its own runtime limit ms ('' none), 15 the service's
 --       default schedule timeout ms, 16 its priority ('' none given: the tenant's
 --       default_priority, else 0), 17 what it depends on ("ok|<id>,any|<id>,…", ''
---       none), 18 the job key prefix (poolq.keys.JOB_PREFIX)
+--       none), 18 the job key prefix (poolq.keys.JOB_PREFIX), 19 its part in a gang ('' none,
+--       'member', or 'lead': the gang's last member), 20 its gang id ('' none)
 -- Returns {code, wake, ...} (poolq.store.Submitted): code 0 stored, 1 the same request
 -- is already stored, 2 another request holds this id, 3 the tenant's max pending is
 -- reached {3, 0, pending, limit}, 4 the job alone exceeds the tenant's quota
 -- {4, 0, resource, amount, limit}, 5 its package was not uploaded, 7 its priority is
 -- above the tenant's max_priority {7, 0, priority, limit}, 8 a job it depends on does not
--- exist in its tenant {8, 0, 'ok'|'any', id}; wake 1 when the caller must
+-- exist in its tenant {8, 0, 'ok'|'any', id}, 9 a gang's lead found the gang's member at
+-- this position (1-based, in KEYS after 20) not stored as a waiting member of the same
+-- gang {9, 0, position}; wake 1 when the caller must
 -- send a wake-up. Each outcome is counted in stats under its code.
 --
 -- Its place in line (the score in its shape's queue, the job's "seq" field) is its
@@ -35,6 +39,14 @@
 -- dependents, counts them in deps_left, and gets no deadline yet; resolve.lua puts it
 -- in line (its deadline counted from then) once the last one is resolved. A dependency
 -- that has ended already is queued for resolving at once.
+--
+-- A gang (docs/scheduling.md, "Gangs") waits in line as one entry: its members share
+-- one shape, whose spec lists them all, and only the last member, the lead, is queued.
+-- A member is stored with its deadline but in no queue. The lead is stored only if
+-- every other member is stored, waiting, in the same gang shape; then it writes the
+-- gang's spec, gives every member its own deadline (one deadline for the gang), and
+-- puts itself in line. A gang whose lead is refused is never placed: its caller ends
+-- and removes the members (JobStore._unform_gangs), and their deadlines end them else.
 --
 --! include lib/counts.lua
 local function counted(code)
@@ -67,6 +79,15 @@ for kind, id in string.gmatch(ARGV[17], '(%a+)|([^,]+)') do
   if not status then return {counted(8), 0, kind, id} end
   deps[#deps + 1] = {kind, ARGV[10] .. ':' .. id, status}
 end
+local role = ARGV[19] or ''
+if role == 'lead' then
+  for i = 21, #KEYS do
+    local m = redis.call('HMGET', KEYS[i], 'status', 'shape', 'node', 'gang')
+    if m[1] ~= 'PENDING' or m[2] ~= ARGV[3] or (m[3] and m[3] ~= '') or m[4] ~= ARGV[20] then
+      return {counted(9), 0, i - 20}
+    end
+  end
+end
 counted(0)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -75,13 +96,16 @@ local place = string.format('%.0f', seq - priority * 1099511627776)
 local timeout = tonumber(ARGV[5]) or tonumber(tenant_timeout) or tonumber(ARGV[15])
 local deadline = ''
 if timeout > 0 and #deps == 0 then deadline = now + timeout end
-redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
-redis.call('HINCRBY', KEYS[3], 'live', 1)  -- its spec is kept while a job of it lives
+if role ~= 'member' then  -- a gang's spec and its live members are written by its lead
+  redis.call('HSETNX', KEYS[3], 'spec', ARGV[4])
+  redis.call('HINCRBY', KEYS[3], 'live', #KEYS - 19)  -- its spec is kept while a job of it lives
+end
 local base = redis.call('HGET', KEYS[3], 'attempts') or '0'
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'fp', ARGV[1], 'status', 'PENDING',
   'submit_time', now, 'deadline', deadline, 'timeout_ms', timeout, 'seq', place,
   'shape', ARGV[3], 'att_base', base)
 if priority ~= 0 then redis.call('HSET', KEYS[1], 'prio', priority) end
+if role ~= '' then redis.call('HSET', KEYS[1], 'gang', ARGV[20]) end
 if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'retry', ARGV[13]) end
 if ARGV[14] ~= '' then redis.call('HSET', KEYS[1], 'rt_limit', ARGV[14]) end
 if package ~= '' then  -- a package is kept while a live job uses it (package_expire.lua)
@@ -103,6 +127,15 @@ if #deps > 0 then
     redis.call('ZADD', KEYS[19], 'NX', now, ARGV[3])  -- its shape is forgotten if it never runs
   end
   return {0, 0}
+end
+if role == 'member' then
+  if deadline ~= '' then redis.call('ZADD', KEYS[7], deadline, ARGV[7]) end
+  return {0, 0}
+end
+for i = 21, #KEYS do  -- the gang's one deadline
+  redis.call('HSET', KEYS[i], 'deadline', deadline)
+  local member = string.sub(KEYS[i], #ARGV[18] + 1)
+  if deadline ~= '' then redis.call('ZADD', KEYS[7], deadline, member) else redis.call('ZREM', KEYS[7], member) end
 end
 redis.call('ZADD', KEYS[4], place, ARGV[7])
 if not redis.call('ZSCORE', KEYS[6], ARGV[3]) then

@@ -37,7 +37,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:fairshare | hash | tenant -> its decayed use of CPU (milli-CPU-seconds, half-life POOLQ_FAIR_SHARE_HALF_LIFE_S) as of "<tenant>@" (ms) |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
 | poolq:nodes | set | node ids |
-| poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R>, hold |
+| poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R>, hold, taken (capacity kept for a preempting job) |
 | poolq:node:<id>:jobs | set | refs of jobs holding a reservation on the node |
 | poolq:node:<id>:inbox | zset | ref -> seq: jobs placed on the node that its agent has not started |
 | poolq:heartbeats | zset | node id -> last heartbeat ms (agent nodes only) |

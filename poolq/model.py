@@ -54,6 +54,7 @@ class ErrorType(str, enum.Enum):
     STOPPED_BY_USER = "STOPPED_BY_USER"
     RUNTIME_LIMIT = "RUNTIME_LIMIT"
     DEPENDENCY_FAILED = "DEPENDENCY_FAILED"
+    PREEMPTED = "PREEMPTED"
 
 
 # What a retry policy may retry on: outcomes of an attempt that running it again can change.
@@ -64,6 +65,7 @@ RETRYABLE = (
     ErrorType.OUT_OF_MEMORY,
     ErrorType.NODE_SHUTDOWN,
     ErrorType.NODE_DISK_FULL,
+    ErrorType.PREEMPTED,
 )
 RETRY_ON_DEFAULT = (ErrorType.ENTRYPOINT_FAILED, ErrorType.NODE_LOST)
 
@@ -165,6 +167,8 @@ class JobFields:
     RETRY = "retry"  # its retry policy, "max attempts|OUTCOME,…|backoff ms"
     RUN_DEADLINE = "run_deadline"  # ms, when its runtime limit ends (set when it starts)
     GANG = "gang"  # the id of the gang it is a member of (absent: none)
+    PREEMPTED_BY = "preempted_by"  # set with its stop flag when a job of higher priority preempts it: the message
+    PREEMPT_UNTIL = "preempt_until"  # a waiting job's: ms until which the capacity it preempted is kept for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +184,26 @@ class Hold:
     def parse(cls, text: str) -> Hold:
         priority, sig, until = text.split("|")
         return cls(int(priority), sig, int(until))
+
+
+@dataclasses.dataclass(frozen=True)
+class Taken:
+    """Capacity of a node kept for one waiting job, whose preemption is freeing it, until a
+    time (ms): the node's "taken" field, "ref|until|R=amount,…" (poolq/lua/preempt.lua).
+    Other jobs may use only what the node has beyond it."""
+
+    ref: str
+    until_ms: int
+    req: dict[str, int]
+
+    @classmethod
+    def parse(cls, text: str) -> Taken:
+        ref, until, requests = text.split("|", 2)
+        req = {}
+        for item in filter(None, requests.split(",")):
+            name, _, amount = item.partition("=")
+            req[name] = int(amount)
+        return cls(ref, int(until), req)
 
 
 WAITING_FOR_DEPENDENCIES = "Waiting For Dependencies"  # its reason while dependencies have not ended

@@ -9,7 +9,8 @@ it, 429 with Retry-After), ``runtime_limit_ms`` (for its jobs that name none) an
 ``schedule_timeout_ms`` (for its jobs sent without X-Schedule-Timeout-Ms),
 ``default_priority`` (for its jobs that name none), ``max_priority`` (a job above it
 is refused at submit, so that a tenant cannot jump everyone) and ``weight`` (its fair
-share of the pool against other tenants', default 1). A job over the running
+share of the pool against other tenants', default 1) and ``preempt`` ("1": its waiting
+jobs may preempt running jobs of lower priority; absent or "0": never). A job over the running
 quota waits; a job that alone exceeds it is refused at submit.
 """
 
@@ -49,6 +50,7 @@ def set_quota(
     default_priority: int | None = None,
     max_priority: int | None = None,
     weight: float | None = None,
+    preempt: bool | None = None,
 ) -> dict[str, str]:
     """Set the given limits (others are left as they are); returns the tenant's quota."""
     amounts: dict[str, str] = {}
@@ -88,6 +90,8 @@ def set_quota(
         if not 0 < weight <= MAX_WEIGHT:
             raise ValueError(f"--weight must be above 0 and at most {MAX_WEIGHT:g}")
         limits["weight"] = repr(float(weight))
+    if preempt is not None:  # read by each placement round (worker/scheduler.py)
+        limits["preempt"] = "1" if preempt else "0"
     pipe = client.pipeline(transaction=True)
     if amounts:
         pipe.hset(keys.quota(tenant), mapping=amounts)

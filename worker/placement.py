@@ -17,7 +17,7 @@ import dataclasses
 import time
 from typing import Any, Iterable, Iterator
 
-from poolq.model import CPU, GPU, MEMORY, Hold, show_amount
+from poolq.model import CPU, GPU, MEMORY, Hold, Taken, show_amount
 
 ALL = "*"  # the index of every schedulable node
 
@@ -65,6 +65,7 @@ class Node:
     schedulable: bool = True  # live and not drained
     devices: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # resource -> id -> use
     hold: Hold | None = None  # held for a waiting job of some priority (hold.lua)
+    taken: Taken | None = None  # capacity kept for a preempting job (preempt.lua)
 
     def free(self, resource: str) -> int:
         return self.capacity.get(resource, 0) - self.reserved.get(resource, 0)
@@ -77,6 +78,18 @@ class Node:
         if self.devices:
             return all(allocate(self.devices[r], req[r]) is not None for r in self.devices if r in req)
         return True
+
+    def kept_from(self, job_ref: str) -> dict[str, int] | None:
+        """What the node keeps for another job that is preempting here, if any."""
+        taken = self.taken
+        if taken is None or taken.ref == job_ref or taken.until_ms <= now_ms():
+            return None
+        return taken.req
+
+    def kept_for(self, job_ref: str) -> bool:
+        """Whether the node keeps capacity for this job (it preempted there): no hold keeps it off."""
+        taken = self.taken
+        return taken is not None and bool(job_ref) and taken.ref == job_ref and taken.until_ms > now_ms()
 
     def held_against(self, sig: str, priority: int) -> bool:
         """Whether the node's hold keeps a job of this shape and priority off it now."""
@@ -259,23 +272,24 @@ class Inventory:
 
     # -- choosing --------------------------------------------------------------
 
-    def choose(self, shape: Shape, priority: int = 0) -> Node | None:
+    def choose(self, shape: Shape, priority: int = 0, job_ref: str = "") -> Node | None:
         """The node to place a job of this shape and priority on, or None if none fits now.
 
         Pool-label terms are tried in order; a later term only when no node of an
         earlier one fits; nodes matching no term only with ``unUseAntiOtherLabels``.
-        A node held for a job of higher priority is passed over.
+        A node held for a job of higher priority is passed over, and capacity a node keeps
+        for another job that is preempting there is not free.
         """
         keys = [term_key(t) for t in shape.terms] if shape.terms else [ALL]
         if shape.terms and shape.anti:
             keys.append(ALL)
         for key in keys:
-            node = self._pick(self._index_for(key), shape, priority)
+            node = self._pick(self._index_for(key), shape, priority, job_ref)
             if node is not None:
                 return node
         return None
 
-    def _pick(self, index: _Index, shape: Shape, priority: int) -> Node | None:
+    def _pick(self, index: _Index, shape: Shape, priority: int, job_ref: str = "") -> Node | None:
         entries, req, nodes = index.entries, shape.req, self.nodes
         need_cpu = req.get(CPU, 0)
         start = bisect.bisect_left(entries, (need_cpu, ""))
@@ -287,8 +301,11 @@ class Inventory:
             if (
                 node.fits(req)
                 and (not shape.selector or shape.selector_ok(node))
-                and (node.hold is None or not node.held_against(shape.sig, priority))
+                and (node.hold is None or not node.held_against(shape.sig, priority) or node.kept_for(job_ref))
             ):
+                kept = node.kept_from(job_ref) if node.taken is not None else None
+                if kept and not node.fits({r: req.get(r, 0) + kept.get(r, 0) for r in {*req, *kept}}):
+                    continue
                 return node
         return None
 

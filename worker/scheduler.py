@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar
 import redis
 
 from poolq import keys, queues
-from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, Hold, JobStatus, priority_of
+from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, Hold, JobStatus, Taken, priority_of
 from poolq.nodes import NodeAdmin, node_amounts, node_devices
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
@@ -47,6 +47,9 @@ READY_SCAN = 512
 RESERVE_RETRIES = 3
 CLAIM_TRIES_S = 5.0  # how long a round keeps asking for its claim while Redis does not answer
 MAX_LOST_CLAIMS = 3  # claims holding a job alone that were lost before it is given up
+PREEMPT_NODES = 16  # nodes a preempting job looks at, those nearest to fitting it first
+PREEMPT_JOBS = 4096  # jobs on them it reads at most
+PREEMPTING = "Preempting Lower Priority"  # its reason line while the jobs it preempted stop
 
 
 class Scheduler:
@@ -68,6 +71,11 @@ class Scheduler:
         # A hold outlives the longest backoff of its shape thrice: the shape fails again
         # and extends it while it still waits.
         self._hold_ms = int(3000 * self.settings.max_backoff_s) + 1000
+        # Capacity a preemption frees is kept for its job while the victims stop (SIGTERM,
+        # the grace, SIGKILL) and a round places it, with room to spare.
+        self._taken_ms = int(2000 * self.settings.stop_grace_s) + self._hold_ms
+        self._preempting: set[str] = set()  # tenants whose jobs may preempt (poolq quota set --preempt on)
+        self._claim_id = ""
 
     # -- the inventory view ----------------------------------------------------
 
@@ -220,6 +228,7 @@ class Scheduler:
 
     def _place(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
         self._holds.clear()
+        self._claim_id = claim_id
         self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed if sig in self._shapes})
         self.refresh()
         pending, unplaced = claimed, []
@@ -260,10 +269,12 @@ class Scheduler:
         for tenant in names:
             pipe.hgetall(keys.quota(tenant))
             pipe.hgetall(keys.tenant_usage(tenant))
+            pipe.hget(keys.limits(tenant), "preempt")
         answers = pipe.execute()
         self._quotas = {
-            tenant: (_integers(answers[2 * i]), _integers(answers[2 * i + 1])) for i, tenant in enumerate(names)
+            tenant: (_integers(answers[3 * i]), _integers(answers[3 * i + 1])) for i, tenant in enumerate(names)
         }
+        self._preempting = {tenant for i, tenant in enumerate(names) if answers[3 * i + 2] == "1"}
 
     def _load_shapes(self, sigs: set[str]) -> None:
         missing = [s for s in sigs if s not in self._shapes]
@@ -300,18 +311,101 @@ class Scheduler:
                 for resource, amount in shape.req.items():
                     usage[resource] = usage.get(resource, 0) + amount
                 continue
-            node = None if over_quota else self.inventory.choose(shape, priority)
+            node = None if over_quota else self.inventory.choose(shape, priority, job_ref)
             if node is None:
                 failed_shapes[sig] = [over_quota] if over_quota else self.inventory.reasons(shape, priority)
                 unplaced.append((job_ref, sig, seq))
                 if not over_quota:
                     self._hold_for(shape, priority)
+                    if shape.tenant in self._preempting:
+                        line = self._preempt(job_ref, shape, priority)
+                        if line is not None:
+                            failed_shapes[sig].append(line)
                 continue
             self.inventory.reserve(node, shape.req)
             for resource, amount in shape.req.items():
                 usage[resource] = usage.get(resource, 0) + amount
             decisions.append(Choice(job_ref, sig, seq, node, shape))
         return decisions, unplaced
+
+    def _preempt(self, job_ref: str, shape: Shape, priority: int) -> dict[str, Any] | None:
+        """Stop the fewest running jobs of strictly lower priority on one node that would
+        make room for this job, keeping the room for it (preempt.lua); the reason line that
+        says so, or None when no node would do. A job already preempting waits for that."""
+        now = now_ms()
+        for node in self.inventory.nodes.values():
+            if node.taken is not None and node.taken.ref == job_ref and node.taken.until_ms > now:
+                return {"reason": PREEMPTING, "units": 0, "requirement": f"node {node.id}"}
+        req = shape.req
+        candidates = [
+            n
+            for n in self.inventory.nodes.values()
+            if n.schedulable
+            and shape.affinity_ok(n)
+            and all(n.capacity.get(r, 0) >= a for r, a in req.items())
+            and not n.kept_from(job_ref)
+            and not (n.hold is not None and n.held_against(shape.sig, priority))
+        ]
+        candidates.sort(key=lambda n: (-sum(min(max(n.free(r), 0), a) / a for r, a in req.items() if a > 0), n.id))
+        candidates = candidates[:PREEMPT_NODES]
+        if not candidates:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        for node in candidates:
+            pipe.smembers(keys.node_jobs(node.id))
+        refs = [sorted(members)[:PREEMPT_JOBS] for members in pipe.execute()]
+        for node_refs in refs:
+            for ref in node_refs:
+                pipe.hmget(keys.job(ref), ["status", "node", "prio", "stop", "gang", "res"])
+        states = iter(pipe.execute())
+        best: tuple[tuple[int, int, int], Node, list[str]] | None = None
+        for node, node_refs in zip(candidates, refs):
+            jobs = []
+            for ref in node_refs:
+                status, on, prio, stop, gang, res = next(states)
+                if status == JobStatus.RUNNING and on == node.id and int(prio or 0) < priority and not stop:
+                    if not gang and res:
+                        jobs.append((ref, int(prio or 0), _amounts(res)))
+            victims = fewest_victims(node, req, jobs)
+            if victims is None:
+                continue
+            rank = (len(victims), max(p for _, p, _ in victims), sum(p for _, p, _ in victims))
+            if best is None or rank < best[0]:
+                best = (rank, node, [ref for ref, _, _ in victims])
+        if best is None:
+            return None
+        _, node, victims = best
+        _, submission_id = keys.split_ref(job_ref)
+        message = f"preempted by {submission_id} (priority {priority}), which needed room on node {node.id}"
+        answer = self.scripts.preempt(
+            keys=[
+                keys.job(job_ref),
+                keys.node(node.id),
+                keys.node_jobs(node.id),
+                keys.CLAIMS,
+                keys.INVENTORY_LOG,
+                keys.HEARTBEATS,
+                *(keys.job(ref) for ref in victims),
+            ],
+            args=[
+                job_ref,
+                self._claim_id,
+                node.id,
+                requests_text(req),
+                self._taken_ms,
+                int(self.settings.node_ttl_s * 1000),
+                message,
+                *victims,
+            ],
+        )
+        if int(answer) not in (Preempted.PREEMPTED, Preempted.ALREADY):
+            log.debug("preemption for %s on %s refused (%s)", job_ref, node.id, Preempted(int(answer)).name)
+            return None
+        if int(answer) == Preempted.PREEMPTED:
+            node.taken = Taken(job_ref, now + self._taken_ms, dict(req))  # this round keeps off it too
+            self.store.wake(queues.node_queue(node.id))  # its agent stops the victims
+            log.info("%s preempts %s on node %s", job_ref, ", ".join(victims), node.id)
+        return {"reason": PREEMPTING, "units": len(victims), "requirement": f"node {node.id}"}
 
     def _hold_for(self, shape: Shape, priority: int) -> None:
         """Hold a node for a job that fits nowhere now, so that lower-priority jobs do not
@@ -374,6 +468,65 @@ class Scheduler:
                 client=pipe,
             )
         pipe.execute()
+
+
+class Preempted(enum.IntEnum):
+    """preempt.lua's answer."""
+
+    PREEMPTED = 1
+    ALREADY = 2  # the job is preempting already: its victims are stopping
+    NOT_WAITING = 3  # no longer held by this claim, placed, ended or being stopped
+    NODE_UNAVAILABLE = 4  # dead, drained, old heartbeat, or keeping capacity for another job
+    VICTIM_CHANGED = 5  # a victim ended, moved, or is being stopped already
+    NOT_ENOUGH = 6  # the victims would not free enough (the node changed)
+
+
+def fewest_victims(node: Node, req: dict[str, int], jobs: list[tuple[str, int, dict[str, int]]]) -> list[Any] | None:
+    """The fewest of ``jobs`` (ref, priority, amounts) on ``node`` whose ends would free
+    enough for ``req``, lowest priorities first among equals; None if all would not.
+
+    Greedy: each pick covers the largest share of what is still missing; then any pick
+    the others make unnecessary is dropped, so that no more is stopped than needed."""
+    missing = {r: a - node.free(r) for r, a in req.items() if a > node.free(r)}
+    if not missing:
+        return None
+    freed = {r: sum(job[2].get(r, 0) for job in jobs) for r in missing}
+    if any(freed[r] < m for r, m in missing.items()):
+        return None
+
+    def short(chosen: list[Any]) -> dict[str, int]:
+        return {r: m - sum(job[2].get(r, 0) for job in chosen) for r, m in missing.items()}
+
+    chosen: list[Any] = []
+    left = list(jobs)
+    need = short(chosen)
+    while any(v > 0 for v in need.values()):
+        pick = max(left, key=lambda job: _cover(job, need))
+        chosen.append(pick)
+        left.remove(pick)
+        need = short(chosen)
+    for job in sorted(chosen, key=lambda job: -job[1]):  # drop the highest priorities first
+        rest = [other for other in chosen if other is not job]
+        if all(v <= 0 for v in short(rest).values()):
+            chosen = rest
+    return chosen
+
+
+def _cover(job: tuple[str, int, dict[str, int]], need: dict[str, int]) -> tuple[float, int, int]:
+    """How good a victim is for what is still missing: the share of it that it frees,
+    then the lower its priority, then the less it frees beyond what is missing."""
+    amounts = job[2]
+    share = sum(min(amounts.get(r, 0), n) / n for r, n in need.items() if n > 0)
+    beyond = sum(max(amounts.get(r, 0) - max(n, 0), 0) for r, n in need.items())
+    return share, -job[1], -beyond
+
+
+def _amounts(requests: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, requests.split(",")):
+        name, _, amount = item.partition("=")
+        out[name] = int(amount)
+    return out
 
 
 class Reservation(enum.IntEnum):
@@ -541,6 +694,7 @@ def node_from_hash(fields: dict[str, str]) -> Node:
         schedulable=fields.get("state") == "live" and fields.get("drained", "0") == "0",
         devices=node_devices(fields),
         hold=Hold.parse(fields["hold"]) if fields.get("hold") else None,
+        taken=Taken.parse(fields["taken"]) if fields.get("taken") else None,
     )
 
 

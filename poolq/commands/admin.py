@@ -27,6 +27,7 @@ LIMITS = (  # poolq:limits:<tenant>
     "default_priority",
     "max_priority",
     "weight",
+    "preempt",
 )
 
 
@@ -91,6 +92,11 @@ def add_commands(commands: Any, capacity: Callable[[argparse.ArgumentParser, boo
     quota_set.add_argument("--priority", type=int, help="the priority of the tenant's jobs that name none (default 0)")
     quota_set.add_argument("--max-priority", type=int, help="the highest priority its jobs may ask for (above: 400)")
     quota_set.add_argument("--weight", type=float, help="its share of the pool against other tenants' (default 1)")
+    quota_set.add_argument(
+        "--preempt",
+        choices=["on", "off"],
+        help="on: its waiting jobs may stop running jobs of lower priority to make room (default off)",
+    )
     quota_set.set_defaults(func=cmd_quota_set)
     for name, func, text in (
         ("show", cmd_quota_show, "show a tenant's limits"),
@@ -296,6 +302,7 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
             default_priority=args.priority,
             max_priority=args.max_priority,
             weight=args.weight,
+            preempt=None if args.preempt is None else args.preempt == "on",
         )
     except (ValueError, InvalidOperation) as exc:
         return _fail("quota set", exc)

@@ -36,13 +36,17 @@
 -- RUNNING job, 3 the attempt ended and the job will run again, -1 the node changed:
 -- read again, -2 no such job.
 --
+-- A job stopped by a preemption (preempt.lua set its stop flag and "preempted_by") ends
+-- FAILED PREEMPTED with that message, and its retry policy may run it again; a user's
+-- stop of it afterwards wins (STOPPED).
+--
 -- A gang member that ends before its gang was placed leaves the gang unable to place
 -- whole: its shape joins the broken gangs, whose other members the duties end the same
 -- way (worker/duties.py), in the same step that ends it, so that none is forgotten.
 --! include lib/counts.lua
 --! include lib/fair_share.lua
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
-  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev', 'gang', 'shape')
+  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev', 'gang', 'shape', 'preempted_by')
 local status = j[1]
 if not status then return {-2, 0} end
 if ARGV[9] == 'stop' and j[4] == ARGV[10] then  -- this stop request already ran
@@ -59,13 +63,21 @@ if ARGV[9] == 'deadline' then
 elseif ARGV[9] == 'stop' then
   -- One step, so that a stop cannot be left half done: flagged but never ended.
   redis.call('HSET', KEYS[1], 'stop', ARGV[10])
+  redis.call('HDEL', KEYS[1], 'preempted_by')  -- the user's stop wins over a preemption
+  j[17] = nil
   if status == 'RUNNING' then return {2, 0} end
 end
-local stopping = (j[4] and j[4] ~= '') or ARGV[9] == 'stop'
+-- A stop flag set by a preemption (preempt.lua) ends the job PREEMPTED, with the message
+-- naming the job that needed its room, and lets its retry policy run it again.
+local preempted = j[17] and j[17] ~= ''
+local stopping = ((j[4] and j[4] ~= '') or ARGV[9] == 'stop') and not preempted
 local new_status, error_type, message = ARGV[3], ARGV[4], ARGV[5]
 -- Once a stop is requested the job ends STOPPED, even if it exits 0 meanwhile.
 if stopping and (new_status == 'SUCCEEDED' or error_type == 'ENTRYPOINT_FAILED') then
   new_status, error_type, message = 'STOPPED', 'STOPPED_BY_USER', 'stopped by user request'
+end
+if preempted and (new_status == 'SUCCEEDED' or new_status == 'STOPPED' or error_type == 'ENTRYPOINT_FAILED') then
+  new_status, error_type, message = 'FAILED', 'PREEMPTED', j[17]
 end
 
 -- Will it run again? "max attempts|OUTCOME,OUTCOME|backoff ms"
@@ -125,7 +137,7 @@ if again then
   local next_attempt = attempt + 1
   local due = now + backoff
   redis.call('HDEL', KEYS[1], 'node', 'pool', 'res', 'devs', 'start_time', 'runner', 'claim', 'exit_code',
-    'run_deadline', 'placed_time', 'attempts', 'reasons', 'error_type')
+    'run_deadline', 'placed_time', 'attempts', 'reasons', 'error_type', 'stop', 'preempted_by')
   redis.call('HSET', KEYS[1], 'status', 'PENDING', 'attempt', next_attempt, 'prev', cjson.encode(previous),
     'att_base', redis.call('HGET', KEYS[17], 'attempts') or '0',
     'message', 'attempt ' .. attempt .. ' ended ' .. error_type .. ' (' .. message .. '); attempt ' .. next_attempt

@@ -5,7 +5,8 @@
 -- live (a fresh heartbeat for an agent node), not drained, and has the free capacity,
 -- on its devices too (a GPU request takes specific GPUs, recorded on the job as "devs"),
 -- and is not held for a job of higher priority (hold.lua); the holder placing there
--- ends the hold.
+-- ends the hold. Capacity a node keeps for a preempting job (preempt.lua) is not free to
+-- any other job; that job placing there ends it.
 -- So concurrent placement workers never over-commit a node and a job is never reserved
 -- twice, whatever their caches believed.
 --
@@ -87,7 +88,8 @@ local function check(d, pending)
   local ours = redis.call('HGET', KEYS[7], claimed_by) == claim_id
   local code = 0
   local held = {}  -- the devices it takes: "GPU:0:1000" items
-  local ends_hold = false
+  local ends_hold, ends_taken = false, false
+  local kept = {}  -- what the node keeps for a preempting job (preempt.lua), not this one
   local function taken(key, field)
     return tonumber(redis.call('HGET', key, field) or '0') + (pending[key .. '|' .. field] or 0)
   end
@@ -98,24 +100,32 @@ local function check(d, pending)
   elseif j[1] ~= 'PENDING' or (j[2] and j[2] ~= '') or (j[3] and j[3] ~= '') or (j[6] and j[6] ~= '' and tonumber(j[6]) <= now) then
     code = 1
   else
-    local nd = redis.call('HMGET', d.node, 'state', 'drained', 'kind', 'hold')
+    local nd = redis.call('HMGET', d.node, 'state', 'drained', 'kind', 'hold', 'taken')
     if nd[1] ~= 'live' or (nd[2] and nd[2] ~= '0') then
       code = 2
     elseif nd[3] == 'agent' then
       local hb = redis.call('ZSCORE', KEYS[3], d.node_id)
       if not hb or tonumber(hb) < now - ttl then code = 2 end
     end
+    if code == 0 and nd[5] then
+      local ref, untl, kept_requests = string.match(nd[5], '^([^|]+)|(%d+)|(.*)$')
+      if ref == d.ref then
+        ends_taken = true  -- the job the capacity was kept for: it is placed here now
+      elseif tonumber(untl) > now then
+        for name, amount in string.gmatch(kept_requests, '([^=,]+)=(%d+)') do kept[name] = tonumber(amount) end
+      end
+    end
     if code == 0 and nd[4] then
       local p, s, untl = string.match(nd[4], '^(-?%d+)|([^|]+)|(%d+)$')
       if s == j[8] then
         ends_hold = true  -- its holder places here: the hold did its work
-      elseif tonumber(untl) > now and tonumber(j[9] or '0') < tonumber(p) then
-        code = 6
+      elseif tonumber(untl) > now and tonumber(j[9] or '0') < tonumber(p) and not ends_taken then
+        code = 6  -- (what a job preempted for is its own, whatever holds the node)
       end
     end
     if code == 0 then
       for name, amount in string.gmatch(d.requests, '([^=,]+)=(%d+)') do
-        local cap = tonumber(redis.call('HGET', d.node, 'cap:' .. name) or '0')
+        local cap = tonumber(redis.call('HGET', d.node, 'cap:' .. name) or '0') - (kept[name] or 0)
         if cap - taken(d.node, 'res:' .. name) < tonumber(amount) then code = 3 break end
         local devices = allocate(d.node, name, tonumber(amount), pending)
         if not devices then code = 3 break end
@@ -143,7 +153,7 @@ local function check(d, pending)
       pending[field] = (pending[field] or 0) + tonumber(milli)
     end
   end
-  return code, {j = j, held = held, ends_hold = ends_hold, ours = ours}
+  return code, {j = j, held = held, ends_hold = ends_hold, ends_taken = ends_taken, ours = ours}
 end
 local function commit(d, code, c)
   local j, held = c.j, c.held
@@ -163,6 +173,8 @@ local function commit(d, code, c)
     end
     if #held > 0 then redis.call('HSET', d.job, 'devs', table.concat(held, ',')) end
     if c.ends_hold then redis.call('HDEL', d.node, 'hold') end
+    if c.ends_taken then redis.call('HDEL', d.node, 'taken') end
+    redis.call('HDEL', d.job, 'preempt_until')
     local attempts = tonumber(redis.call('HGET', d.shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
     redis.call('HSET', d.job, 'node', d.node_id, 'pool', redis.call('HGET', d.node, 'pool'),

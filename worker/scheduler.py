@@ -401,9 +401,9 @@ class Scheduler:
         if int(answer) not in (Preempted.PREEMPTED, Preempted.ALREADY):
             log.debug("preemption for %s on %s refused (%s)", job_ref, node.id, Preempted(int(answer)).name)
             return None
+        node.taken = Taken(job_ref, now + self._taken_ms, dict(req))  # this round keeps off it too
+        self.store.wake(queues.node_queue(node.id))  # its agent stops the victims (again, after a lost reply)
         if int(answer) == Preempted.PREEMPTED:
-            node.taken = Taken(job_ref, now + self._taken_ms, dict(req))  # this round keeps off it too
-            self.store.wake(queues.node_queue(node.id))  # its agent stops the victims
             log.info("%s preempts %s on node %s", job_ref, ", ".join(victims), node.id)
         return {"reason": PREEMPTING, "units": len(victims), "requirement": f"node {node.id}"}
 

@@ -265,3 +265,15 @@ def test_submit_file_keeps_a_gang_in_one_batch() -> None:
     assert _trailing_gang(lines[:3]) == 1
     assert _trailing_gang(lines[:2]) == 0
     assert _trailing_gang([(1, {"gang_id": "b"}), (2, {"gang_id": "b"})]) == 2
+
+
+def test_sending_a_gang_again_is_idempotent(app: App, store: JobStore, redis_client: redis.Redis) -> None:
+    ids = gang_of(app, "again", 3)
+    sig = redis_client.hget(keys.job(ref(ids[0])), "shape")
+    results = kit.submit_batch(app, [member(i, "again") for i in ids], timeout_ms=0)  # a lost reply's resend
+    assert results == [{"submission_id": i} for i in ids]
+    assert redis_client.zrange(keys.shape_queue(sig), 0, -1) == [ref(ids[-1])], "one line entry, the lead's"
+    assert redis_client.hget(keys.shape(sig), "live") == "3"
+    changed = kit.submit_batch(app, [member(i, "again", cpus=2) for i in ids], timeout_ms=0)
+    assert all("already exist" in r["error"] for r in changed), changed  # another request under the same ids
+    assert kit.record(app, ids[0])["status"] == "PENDING"

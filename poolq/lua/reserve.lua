@@ -83,7 +83,7 @@ end
 -- (pending: "key|field" -> amount), so that members sharing a node or a quota fit together.
 local function check(d, pending)
   local j = redis.call('HMGET', d.job, 'status', 'node', 'stop', 'att_base', 'submit_time', 'deadline', 'claim',
-    'shape', 'prio')
+    'shape', 'prio', 'preempt_until')
   local claimed_by = d.lead ~= '' and d.lead or d.ref
   local ours = redis.call('HGET', KEYS[7], claimed_by) == claim_id
   local code = 0
@@ -174,7 +174,7 @@ local function commit(d, code, c)
     if #held > 0 then redis.call('HSET', d.job, 'devs', table.concat(held, ',')) end
     if c.ends_hold then redis.call('HDEL', d.node, 'hold') end
     if c.ends_taken then redis.call('HDEL', d.node, 'taken') end
-    redis.call('HDEL', d.job, 'preempt_until')
+    if j[10] then redis.call('HDEL', d.job, 'preempt_until') end
     local attempts = tonumber(redis.call('HGET', d.shape, 'attempts') or '0') - tonumber(j[4] or '0') + 1
     if attempts < 1 then attempts = 1 end
     redis.call('HSET', d.job, 'node', d.node_id, 'pool', redis.call('HGET', d.node, 'pool'),

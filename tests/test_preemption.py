@@ -19,11 +19,15 @@ import pytest
 import redis
 
 from poolq import keys
+from poolq.model import ErrorType, JobStatus
 from poolq.nodes import NodeAdmin
+from poolq.quotas import set_quota
+from poolq.store import JobStore
 from tests import kit
+from tests.kit import add_node
 from tests.procs import Proc, wait_for
 from worker.placement import Node
-from worker.scheduler import fewest_victims
+from worker.scheduler import Preempted, Scheduler, fewest_victims
 
 AGENT_ENV = {"POOLQ_HEARTBEAT_S": "0.5", "POOLQ_STOP_GRACE_S": "1", "POOLQ_DRAIN_S": "1"}
 STUBBORN = "trap '' TERM; sleep 60"  # ignores SIGTERM (so does its sleep): only the SIGKILL after the grace ends it
@@ -66,9 +70,7 @@ class Watch:
         self._thread.join()
 
 
-pytestmark = pytest.mark.processes
-
-
+@pytest.mark.processes
 def test_preemption_is_off_unless_enabled_then_frees_exactly_enough_and_requeues_its_victims(
     app: Any, placement: kit.Placement, agent: Proc, admin: NodeAdmin, redis_client: redis.Redis, tmp_path: Path,
     service_env: dict[str, str],
@@ -121,3 +123,67 @@ def test_the_fewest_victims_lowest_priority_first() -> None:
     assert [v[0] for v in fewest_victims(node, {"CPU": 6000}, jobs) or []] == ["c", "d"]
     assert fewest_victims(node, {"CPU": 8000, "memory": 8000}, jobs) is None  # no job frees memory
     assert fewest_victims(node, {"CPU": 1000}, jobs) is None  # it fits already: no one is stopped
+
+
+def start(store: JobStore, job_ref: str, node_id: str) -> None:
+    """What an executor of a static node does when it starts a job (start.lua)."""
+    tenant = keys.split_ref(job_ref)[0]
+    code = store.scripts.start(
+        keys=[keys.job(job_ref), keys.node_inbox(node_id), keys.tenant_counts(tenant), keys.limits(tenant)],
+        args=[job_ref, node_id, f"running on node {node_id}", 1, ""],
+    )
+    assert code[0] == 1
+
+
+def test_preemption_step_by_step_keeps_the_freed_room_for_its_job(
+    app: Any, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    add_node(admin, "n1", cpus=2, pool="default")
+    low = [kit.submit(app, job(tmp_path, f"app-low-{i}"), tenant="low", timeout_ms=0) for i in range(2)]
+    scheduler = Scheduler(store)
+    scheduler.place_waiting()
+    for submission_id in low:
+        start(store, keys.ref("low", submission_id), "n1")
+    set_quota(redis_client, "high", preempt=True)
+
+    def flagged() -> list[str]:
+        return [i for i in low if redis_client.hget(keys.job(keys.ref("low", i)), "stop")]
+
+    equal = kit.submit(app, job(tmp_path, "app-equal"), tenant="high", timeout_ms=0)  # priority 0, as theirs
+    scheduler.place_waiting()
+    assert flagged() == [], "only strictly lower priorities are preempted"
+    assert kit.stop(app, equal, "high").json == {"stopped": True}
+
+    # (a shape of its own: the equal job's is blocked for its backoff)
+    high = kit.submit(app, job(tmp_path, "app-high", priority=5, entrypoint_memory=256 * kit.MiB), tenant="high",
+                      timeout_ms=0)
+    high_ref = keys.ref("high", high)
+    scheduler.place_waiting()
+    assert len(flagged()) == 1, "one job frees the one CPU it needs"
+    victim_ref = keys.ref("low", flagged()[0])
+    assert redis_client.hget(keys.node("n1"), "taken").startswith(high_ref + "|")
+    reasons = kit.record(app, high, "high")["scheduling"]["reasons"]
+    assert {"reason": "Preempting Lower Priority", "units": 1, "requirement": "node n1"} in reasons
+    claims_before = redis_client.hget(keys.CLAIMS, high_ref)
+    assert claims_before is None  # the round requeued it; a second preemption is refused outright
+    again = store.scripts.preempt(
+        keys=[keys.job(high_ref), keys.node("n1"), keys.node_jobs("n1"), keys.CLAIMS, keys.INVENTORY_LOG,
+              keys.HEARTBEATS, keys.job(victim_ref)],
+        args=[high_ref, "any-claim", "n1", "CPU=1000", 10_000, 15_000, "m", victim_ref],
+    )
+    assert again == Preempted.ALREADY
+    scheduler.place_waiting()  # its later rounds wait for the victim: no second one
+    assert len(flagged()) == 1
+
+    third = kit.submit(app, job(tmp_path, "app-third", priority=100), tenant="third", timeout_ms=0)
+    # The victim's executor stops it, as an agent would (SIGTERM, grace, SIGKILL), and says so.
+    store.finish(victim_ref, JobStatus.FAILED, error_type=ErrorType.ENTRYPOINT_FAILED, message="killed by signal 15")
+    ended = kit.record(app, keys.split_ref(victim_ref)[1], "low")
+    assert (ended["status"], ended["error_type"]) == ("FAILED", "PREEMPTED")
+    assert ended["message"] == "preempted by app-high (priority 5), which needed room on node n1"
+    assert admin.check() == []
+    scheduler.place_waiting()
+    assert kit.record(app, high, "high")["driver_node_id"] == "n1"
+    assert kit.record(app, third, "third")["driver_node_id"] is None, "the freed CPU was the preemptor's"
+    assert redis_client.hget(keys.node("n1"), "taken") is None
+    assert admin.check() == []

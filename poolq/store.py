@@ -671,6 +671,9 @@ class JobStore:
             if task:  # not created yet: nothing written, and nothing to come if it ended so
                 return LogRead(b"", offset, task[JobFields.STATUS] in TERMINAL_STATUSES)
             raise NotFound(f"not found app, submissionId: {submission_id}")
+        if status.decode() == ARRAY:  # an array has no output: it ends with its last task
+            ended = array_status(self.redis.hgetall(job_key)) in TERMINAL_STATUSES
+            return LogRead(b"", offset, ended)
         if int(base_raw or 0) + int(length_raw or 0) <= offset and status.decode() not in TERMINAL_STATUSES:
             return LogRead(b"", offset, False)
         count = 8

@@ -22,6 +22,7 @@ from poolq.quotas import set_quota
 from poolq.store import Ending, JobStore
 from tests import kit
 from tests.kit import add_node
+from tests.test_agent import PLACEMENT_DEADLINE_MS, start_node  # noqa: F401 (a fixture)
 from tests.wsgi import call
 from worker.duties import Duties
 from worker.scheduler import Scheduler
@@ -114,7 +115,8 @@ def test_listing_an_array_by_its_id_pages_through_its_tasks(app: App, store: Job
     tenant_list, _ = listing(app, "limit=10")
     assert {r["submission_id"] for r in tenant_list} == {"app-l", *(f"app-l-{i}" for i in range(7))}
     assert call(app, "GET", "/api/jobs?array=app-none").status == 404
-    assert call(app, "GET", "/api/jobs?array=app-l&ids=a").status == 400
+    both, _ = listing(app, "array=app-l&ids=app-l-2,app-other")
+    assert [r["submission_id"] for r in both] == ["app-l-2"], "ids of the array's tasks only"
 
 
 def test_stopping_an_array_stops_its_tasks_and_creates_no_more(app: App, store: JobStore, admin: NodeAdmin,
@@ -228,3 +230,16 @@ def test_a_request_without_array_is_as_before(app: App) -> None:
     submission_id = kit.submit(app)
     found = kit.record(app, submission_id)
     assert (found["array"], found["array_id"], found["array_index"]) == (None, None, None)
+
+
+def test_each_running_task_sees_its_index(app: App, start_node: Any, tmp_path: Any) -> None:  # noqa: F811
+    start_node(cpus="2")
+    body = array_body("app-env", 3, entrypoint='echo "$POOLQ_ARRAY_ID $POOLQ_ARRAY_INDEX $POOLQ_SUBMISSION_ID"',
+                      runtime_env={"working_dir": str(tmp_path)}, entrypoint_num_cpus=0.5)
+    kit.submit(app, body, timeout_ms=PLACEMENT_DEADLINE_MS)
+    whole = kit.wait_record(app, "app-env", lambda r: r["status"] == "SUCCEEDED", "to succeed")
+    assert whole["array"]["tasks"]["SUCCEEDED"] == 3
+    for index in range(3):
+        logs = call(app, "GET", f"/api/jobs/app-env-{index}/logs").json["logs"]
+        assert logs == f"app-env {index} app-env-{index}\n"
+        assert kit.record(app, f"app-env-{index}")["driver_exit_code"] == 0

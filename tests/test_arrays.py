@@ -243,3 +243,55 @@ def test_each_running_task_sees_its_index(app: App, start_node: Any, tmp_path: A
         logs = call(app, "GET", f"/api/jobs/app-env-{index}/logs").json["logs"]
         assert logs == f"app-env {index} app-env-{index}\n"
         assert kit.record(app, f"app-env-{index}")["driver_exit_code"] == 0
+
+
+def test_a_recount_counts_the_tasks_not_created_yet(app: App, store: JobStore, admin: NodeAdmin,
+                                                    redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=2, pool="default")
+    kit.submit(app, array_body("app-r", 1000), timeout_ms=0)
+    Scheduler(store).place_waiting()
+    assert store.recount("default") is False, "1000 PENDING: the created tasks and the rest of the array"
+    redis_client.hset(keys.tenant_counts("default"), "PENDING", 3)
+    assert store.recount("default") is True
+    assert counts(redis_client)["PENDING"] == 1000
+
+
+def test_claiming_twice_under_one_id_creates_the_tasks_once(app: App, store: JobStore,
+                                                            redis_client: redis.Redis) -> None:
+    from worker.scheduler import claim
+
+    kit.submit(app, array_body("app-c", 10), timeout_ms=0)
+    sig = redis_client.hget(keys.job("default:app-c"), "shape")
+    first = claim(store.scripts, "w.1", [sig], ["default"], 4, 30_000, 60_000)
+    again = claim(store.scripts, "w.1", [sig], ["default"], 4, 30_000, 60_000)  # a retry after a lost reply
+    assert first == again and first[0::3] == [f"default:app-c-{i}" for i in range(4)]
+    assert redis_client.hget(keys.job("default:app-c"), "anext") == "4"
+    assert records(redis_client) == 5
+
+
+def test_retention_removes_the_tasks_and_then_the_array(app: App, store: JobStore, admin: NodeAdmin,
+                                                        start_placement: Any, redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=16, pool="default")
+    kit.submit(app, array_body("app-old", 10), timeout_ms=0)
+    Scheduler(store).place_waiting()
+    finish_all_placed(store, redis_client, [f"app-old-{i}" for i in range(10)])
+    assert kit.record(app, "app-old")["status"] == "SUCCEEDED"
+    start_placement({"POOLQ_RETENTION_S": "1"})
+    kit.wait_for(lambda: records(redis_client) == 0, kit.SETTLE_S, what="retention to remove the array and its tasks")
+    assert call(app, "GET", "/api/jobs/app-old").status == 404
+    assert call(app, "GET", "/api/jobs/app-old-3").status == 404
+    assert {s: n for s, n in counts(redis_client).items() if n} == {}
+
+
+def test_a_batch_item_may_be_an_array(app: App, redis_client: redis.Redis) -> None:
+    results = kit.submit_batch(app, [array_body("app-b1", 500), {**kit.JOB, "submission_id": "app-b2"}], timeout_ms=0)
+    assert results == [{"submission_id": "app-b1"}, {"submission_id": "app-b2"}]
+    assert counts(redis_client)["PENDING"] == 501
+
+
+def test_poolq_submit_array_flag_sets_the_body_field() -> None:
+    from poolq.commands.cli import build_parser
+    from poolq.commands.client import job_body
+
+    assert job_body(build_parser().parse_args(["submit", "--array", "50", "--", "true"]))["array"] == {"count": 50}
+    assert "array" not in job_body(build_parser().parse_args(["submit", "--", "true"]))

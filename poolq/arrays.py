@@ -12,16 +12,28 @@ from __future__ import annotations
 import dataclasses
 import re
 import uuid
-from typing import TYPE_CHECKING, Iterator
+from typing import Any, Iterator, Protocol
+
+import redis
 
 from poolq import keys
 from poolq.errors import Conflict
 from poolq.model import ARRAY, ErrorType, JobFields, JobStatus, task_fields
+from poolq.redis_io import Scripts
 
-if TYPE_CHECKING:
-    from poolq.store import JobStore
 
-TASK_ID = re.compile(r"^(.+)-(\d{1,6})$")
+class Store(Protocol):
+    """What of poolq.store.JobStore an array's operations use."""
+
+    redis: redis.Redis
+    scripts: Scripts
+
+    def stop(self, tenant: str, submission_id: str) -> bool: ...
+
+    def purge(self, job_refs: list[str]) -> Any: ...
+
+
+TASK_ID = re.compile(r"^(.+)-(0|[1-9]\d{0,5})$")  # an index as claim.lua writes it: no leading zeros
 CHUNK = 1000  # tasks read (or removed: PURGE_CHUNK) per round trip when acting on a whole array
 PURGE_CHUNK = 500
 
@@ -56,7 +68,7 @@ class Arrays:
     """Acting on an array as a whole, for a JobStore (which calls these inside its own
     Redis error translation)."""
 
-    def __init__(self, store: JobStore):
+    def __init__(self, store: Store):
         self.store = store
         self.redis = store.redis
 

@@ -72,6 +72,7 @@ def test_an_array_of_10000_is_one_request_and_one_record(app: App, store: JobSto
     assert (task["status"], task["array_id"], task["array_index"]) == ("PENDING", "app-big", 9999)
     assert task["entrypoint"] == "true" and task["scheduling"]["deadline"] is None
     assert call(app, "GET", "/api/jobs/app-big-10000").status == 404
+    assert call(app, "GET", "/api/jobs/app-big-0017").status == 404, "not a task's id"
     assert records(redis_client) == 1, "reading a task writes nothing"
     logs = call(app, "GET", "/api/jobs/app-big-17/logs")
     assert (logs.status, logs.json) == (200, {"logs": ""})
@@ -188,6 +189,7 @@ def test_task_ids_stay_free(app: App) -> None:
     taken = kit.post(app, {**kit.JOB, "submission_id": "app-x-3"})
     assert taken.status == 409 and "task of array app-x" in taken.json["error"]
     assert kit.post(app, {**kit.JOB, "submission_id": "app-x-10"}).status == 200, "beyond its count: free"
+    assert kit.post(app, {**kit.JOB, "submission_id": "app-x-03"}).status == 200, "not a task's id"
     kit.submit(app, {**kit.JOB, "submission_id": "app-y-2"})
     clash = kit.post(app, array_body("app-y", 5))
     assert clash.status == 409 and "app-y-<index>" in clash.json["error"]

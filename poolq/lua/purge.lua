@@ -10,7 +10,8 @@
 -- Returns per job: 1 removed, 0 not terminal, -1 no such job.
 --! include lib/counts.lua
 local function unstem(stems, id)  -- submit.lua counted a job named <stem>-<digits>
-  local stem = string.match(id, '^(.+)-%d+$')
+  local stem, index = string.match(id, '^(.+)-(%d+)$')
+  if stem and index ~= '0' and string.sub(index, 1, 1) == '0' then stem = nil end
   if stem and redis.call('HINCRBY', stems, stem, -1) <= 0 then redis.call('HDEL', stems, stem) end
 end
 local out = {}

@@ -79,6 +79,7 @@ for kind, id in string.gmatch(ARGV[17], '(%a+)|([^,]+)') do
   deps[#deps + 1] = {kind, ARGV[10] .. ':' .. id, status}
 end
 local stem, index = string.match(ARGV[6], '^(.+)-(%d+)$')
+if stem and index ~= '0' and string.sub(index, 1, 1) == '0' then stem = nil end  -- never a task's index
 if stem then
   local of = tonumber(redis.call('HGET', tenant_prefix .. stem, 'acount') or '0')
   if tonumber(index) < of then return {counted(10), 0, stem} end

@@ -55,7 +55,7 @@ def uncreated(array: dict[str, str], index: int) -> dict[str, str] | None:
     (None when it is not the array's, or was created: its own record answers, or is gone)."""
     if array.get(JobFields.STATUS) != ARRAY or not 0 <= index < int(array[JobFields.ARRAY_COUNT]):
         return None
-    if index < int(array[JobFields.ARRAY_NEXT]):
+    if index < int(array[JobFields.ARRAY_NEXT]) or f"early:{index}" in array:
         return None
     return task_fields(array, index)
 

@@ -158,6 +158,19 @@ def test_one_task_can_be_stopped_before_placement_reaches_it(app: App, store: Jo
     assert counts(redis_client)["PENDING"] == 3
 
 
+def test_a_task_stopped_and_deleted_early_is_never_created_again(app: App, store: JobStore, admin: NodeAdmin,
+                                                                 redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=8, pool="default")
+    kit.submit(app, array_body("app-e", 4), timeout_ms=0)
+    kit.stop(app, "app-e-1")
+    assert call(app, "DELETE", "/api/jobs/app-e-1").json == {"deleted": True}
+    assert call(app, "GET", "/api/jobs/app-e-1").status == 404
+    Scheduler(store).place_waiting()
+    assert call(app, "GET", "/api/jobs/app-e-1").status == 404, "placement passed over it"
+    assert [kit.record(app, f"app-e-{i}")["driver_node_id"] for i in (0, 2, 3)] == ["n1"] * 3
+    assert counts(redis_client)["PENDING"] == 3
+
+
 def test_deleting_an_array_removes_it_and_all_its_tasks(app: App, store: JobStore, admin: NodeAdmin,
                                                         redis_client: redis.Redis) -> None:
     add_node(admin, "n1", cpus=2, pool="default")

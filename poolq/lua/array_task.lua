@@ -22,6 +22,7 @@ local k = {array = KEYS[1], ref = ARGV[1], id = ARGV[2], tenant = ARGV[3], job =
 local task = array_make_task(k, a, index)
 redis.call('ZADD', KEYS[9], a.seq, task)
 if not redis.call('ZSCORE', KEYS[11], a.shape) then redis.call('ZADD', KEYS[10], 'LT', a.seq, a.shape) end
+redis.call('HSET', KEYS[1], 'early:' .. index, 1)  -- the cursor passes over it, even once it is deleted
 local skip = redis.call('HINCRBY', KEYS[1], 'askip', 1)
 if tonumber(a.acount) - tonumber(a.anext) - skip <= 0 then array_drain(k) end
 return 1

@@ -107,7 +107,7 @@ local function take_task(c)
   local index
   while nxt < total and not index do
     local job = ARGV[7] .. k.tenant .. ':' .. k.id .. '-' .. nxt
-    if skip > 0 and redis.call('EXISTS', job) == 1 then
+    if skip > 0 and redis.call('HEXISTS', k.array, 'early:' .. nxt) == 1 then
       skip = skip - 1  -- created early (array_task.lua): passed over
     else
       index, k.job = nxt, job

@@ -1,7 +1,8 @@
 -- Job arrays (docs/scheduling.md, "Arrays"). An array is one record, the job hash of its
 -- id, with status 'ARRAY': the tasks' template (tpl: the task's spec text cut where its
 -- index goes), acount tasks, the cursor anext (the next index to create), askip (tasks
--- at or past the cursor created early, by a stop of that one task), ended (''; or the
+-- at or past the cursor created early, by a stop of that one task, each also marked
+-- 'early:<index>'), ended (''; or the
 -- status its uncreated tasks took when the array was stopped or its deadline passed),
 -- and per status how many of its tasks are in it (n:PENDING counts the uncreated ones).
 -- Task <i> is the job <id>-<i>, created when placement reaches it (claim.lua) or when

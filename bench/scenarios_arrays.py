@@ -74,7 +74,9 @@ def _slurm_peer(ctx: Context) -> None:
                     result.add(f"slurm.{size}.call", seconds * 1000, label=f"Slurm: one sbatch of {size:,}", unit="ms")
             version = slurm.version
     except SlurmUnavailable as exc:
-        result.note(f"Slurm is not available on this machine, so there is no (complete) peer figure: {exc}")
+        text = f"Slurm is not available on this machine, so there is no (complete) peer figure: {exc}"
+        print(f"  {text}", flush=True)  # the table below has poolq's figures alone
+        result.note(text)
         return
     for size in SIZES:
         poolq, peer = result.figures[f"poolq.{size}"], result.figures[f"slurm.{size}"]

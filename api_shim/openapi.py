@@ -16,6 +16,7 @@ from marshmallow import Schema, fields
 from poolq import __version__
 from poolq.model import ErrorType, JobStatus
 from poolq.schemas import (
+    MAX_ARRAY_TASKS,
     PACKAGE_NAME,
     SEED_EXAMPLE,
     Amount,
@@ -126,6 +127,17 @@ class PreviousAttempt(Schema):
     driver_exit_code = fields.Integer(allow_none=True)
 
 
+class ArraySummary(Schema):
+    count = fields.Integer(required=True, metadata={"description": "how many tasks it has"})
+    created = fields.Integer(required=True, metadata={"description": "how many placement has reached (records)"})
+    tasks = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        required=True,
+        metadata={"description": "status -> how many of its tasks are in it (those not created yet: PENDING)"},
+    )
+
+
 class JobRecord(Schema):
     type = fields.String(required=True, metadata={"enum": ["SUBMISSION"]})
     job_id = fields.Raw(allow_none=True, metadata={"nullable": True, "description": "always null"})
@@ -165,6 +177,13 @@ class JobRecord(Schema):
         allow_none=True, metadata={"description": '{"afterok": [ids], "afterany": [ids]}, as accepted'}
     )
     gang_id = fields.String(allow_none=True, metadata={"description": "the gang it was placed with, all or none"})
+    array = fields.Nested(
+        ArraySummary,
+        allow_none=True,
+        metadata={"description": "an array's record: its tasks by status (null for a job or a task)"},
+    )
+    array_id = fields.String(allow_none=True, metadata={"description": "a task's array (null for others)"})
+    array_index = fields.Integer(allow_none=True, metadata={"description": "a task's index in its array"})
     attempt_number = fields.Integer(required=True)
     previous_attempts = fields.List(fields.Nested(PreviousAttempt), required=True)
     scheduling = fields.Nested(Scheduling, required=True)
@@ -334,6 +353,18 @@ def document() -> dict[str, Any]:
                     },
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                     {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 2**62}},
+                    {
+                        "name": "array",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "an array's id: its tasks in index order, with status and limit",
+                    },
+                    {
+                        "name": "start",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ARRAY_TASKS},
+                        "description": "with array: the first index of the page",
+                    },
                 ],
                 "responses": {
                     "200": _answer(
@@ -341,7 +372,7 @@ def document() -> dict[str, Any]:
                         {"type": "array", "items": "JobRecord"},
                         {"Link": {"schema": {"type": "string"}, "description": 'the next page, rel="next"'}},
                     ),
-                    **_errors(400, 503),
+                    **_errors(400, 404, 503),
                 },
             },
         },

@@ -138,21 +138,27 @@ class Client:
         return dict(self.request("GET", f"/api/jobs/{quote(submission_id, safe='')}")[2])
 
     def jobs(
-        self, *, status: str | None = None, limit: int = 100, cursor: str | None = None
+        self, *, status: str | None = None, limit: int = 100, cursor: str | None = None, array: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        query = {k: v for k, v in (("status", status), ("limit", str(limit)), ("cursor", cursor)) if v}
+        """A page of the tenant's jobs (with ``array``, of that array's tasks, in index
+        order) and the cursor of the next page (None at the end)."""
+        page = "start" if array else "cursor"
+        query = {k: v for k, v in (("array", array), ("status", status), ("limit", str(limit)), (page, cursor)) if v}
         _, headers, records = self.request("GET", "/api/jobs?" + urlencode(query))
         link = headers.get("link", "")
         next_cursor = None
-        if 'rel="next"' in link and "cursor=" in link:
-            next_cursor = link.split("cursor=", 1)[1].split("&", 1)[0].split(">", 1)[0]
+        if 'rel="next"' in link and f"{page}=" in link:
+            next_cursor = link.split(f"{page}=", 1)[1].split("&", 1)[0].split(">", 1)[0]
         return list(records), next_cursor
 
-    def all_jobs(self, *, status: str | None = None, page: int = 1000) -> Iterator[list[dict[str, Any]]]:
-        """Every job of the tenant, newest first, a page at a time (following the Link header)."""
+    def all_jobs(
+        self, *, status: str | None = None, page: int = 1000, array: str | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every job of the tenant, newest first (or every task of ``array``), a page at a
+        time (following the Link header)."""
         cursor: str | None = None
         while True:
-            records, cursor = self.jobs(status=status, limit=page, cursor=cursor)
+            records, cursor = self.jobs(status=status, limit=page, cursor=cursor, array=array)
             yield records
             if cursor is None:
                 return

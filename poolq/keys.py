@@ -6,7 +6,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 
 | key | type | meaning |
 |---|---|---|
-| poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields) |
+| poolq:job:<tenant>:<id> | hash | the job record (fields: poolq.model.JobFields); an array's record (status ARRAY: template, count, cursor, its tasks' counts; poolq/lua/lib/array.lua), whose task i is the job <id>-<i> |
 | poolq:job:<tenant>:<id>:dependents | set | jobs waiting on this one: each its kind (ok: afterok, any: afterany), a bar, its ref |
 | poolq:resolve | list | refs of jobs that ended with dependents waiting: resolve.lua takes them in order |
 | poolq:gangs:broken | set | sigs of gang shapes a member of which ended before the gang was placed: the duties end the others |
@@ -14,7 +14,8 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:log:<tenant>:<id> | list | tail of the job's output in chunks, at most POOLQ_MAX_LOG_BYTES in all |
 | poolq:tenant:<tenant>:jobs | zset | id -> seq: the tenant's jobs, for listing newest first |
 | poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
-| poolq:tenant:<tenant>:counts | hash | status -> number of the tenant's jobs in it |
+| poolq:tenant:<tenant>:counts | hash | status -> number of the tenant's jobs in it (an array's tasks not yet created count as PENDING) |
+| poolq:tenant:<tenant>:stems | hash | stem -> number of the tenant's jobs (not array tasks) named <stem>-<digits>: keeps array task ids free |
 | poolq:tenant:<tenant>:usage | hash | resource -> amount reserved by the tenant's placed jobs |
 | poolq:quota:<tenant> | hash | resource -> amount the tenant's placed jobs may hold together |
 | poolq:limits:<tenant> | hash | the tenant's other limits: max_pending, rate, burst |
@@ -25,7 +26,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:retries | zset | ref -> ms: jobs whose failed attempt will run again, when their backoff ends |
 | poolq:terminal | zset | ref -> end ms, for retention (oldest terminal removed first) |
 | poolq:shape:<sig> | hash | one placement *shape*: spec (what its jobs ask for), attempts, reasons |
-| poolq:shape:<sig>:q | zset | ref -> seq: unplaced jobs of that shape, oldest first |
+| poolq:shape:<sig>:q | zset | ref -> seq: unplaced jobs of that shape, oldest first; an array with tasks left to create is one member, its ref followed by "~" |
 | poolq:shapes:ready | zset | sig -> seq of its oldest job: shapes to try now |
 | poolq:shapes:blocked | zset | sig -> ms: shapes whose head did not fit, and when to retry |
 | poolq:shapes:idle | zset | sig -> ms: shapes whose queue emptied; forgotten after an hour idle |
@@ -103,6 +104,22 @@ def split_ref(job_ref: str) -> tuple[str, str]:
 
 def job(job_ref: str) -> str:
     return JOB_PREFIX + job_ref
+
+
+def tenant_stems(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:stems"
+
+
+ARRAY_MEMBER_SUFFIX = "~"  # an array's member in its shape's queue: its ref and this (claim.lua)
+
+
+def array_member(array_ref: str) -> str:
+    return array_ref + ARRAY_MEMBER_SUFFIX
+
+
+def task_id(array_id: str, index: int) -> str:
+    """The submission id of task ``index`` of an array."""
+    return f"{array_id}-{index}"
 
 
 def dependents(job_ref: str) -> str:

@@ -169,6 +169,78 @@ class JobFields:
     GANG = "gang"  # the id of the gang it is a member of (absent: none)
     PREEMPTED_BY = "preempted_by"  # set with its stop flag when a job of higher priority preempts it: the message
     PREEMPT_UNTIL = "preempt_until"  # a waiting job's: ms until which the capacity it preempted is kept for it
+    # A task of an array (poolq/lua/lib/array.lua):
+    ARRAY_ID = "arr"  # the array's submission id
+    ARRAY_INDEX = "aidx"  # its index in the array
+    # An array's record (status ARRAY):
+    ARRAY_COUNT = "acount"  # how many tasks it has
+    ARRAY_NEXT = "anext"  # the next index placement creates a task for
+    ARRAY_SKIP = "askip"  # tasks at or past the cursor created early (to be stopped alone)
+    ARRAY_ENDED = "ended"  # the status its tasks not yet created took ("" while they wait)
+    ARRAY_ERROR = "eerr"  # their error_type
+    ARRAY_MESSAGE = "emsg"  # their message
+    ARRAY_END_TIME = "eend"  # when they ended
+    ARRAY_TEMPLATE = "tpl"  # JSON list: a task's spec text, cut where its index goes
+
+
+ARRAY = "ARRAY"  # the status field of an array's record; its rendered status sums up its tasks'
+TASK_COUNT_PREFIX = "n:"  # an array's record: "n:<status>" -> how many of its tasks are in it
+
+
+def is_array(fields: Mapping[str, str]) -> bool:
+    return fields.get(JobFields.STATUS) == ARRAY
+
+
+def array_counts(fields: Mapping[str, str]) -> dict[str, int]:
+    """How many of an array's tasks are in each status (those not yet created are PENDING)."""
+    return {s.value: max(int(fields.get(TASK_COUNT_PREFIX + s.value) or 0), 0) for s in JobStatus}
+
+
+def array_status(fields: Mapping[str, str]) -> str:
+    """An array's status from its tasks': RUNNING while one runs, else PENDING while one
+    waits, else FAILED if one failed, else STOPPED if one was stopped, else SUCCEEDED."""
+    counts = array_counts(fields)
+    for status in (JobStatus.RUNNING, JobStatus.PENDING, JobStatus.FAILED, JobStatus.STOPPED):
+        if counts[status.value]:
+            return status.value
+    return JobStatus.SUCCEEDED.value
+
+
+def task_fields(array: Mapping[str, str], index: int) -> dict[str, str]:
+    """The record of an array's task that placement has not reached yet, made from the
+    array's: PENDING, or how the array's uncreated tasks ended (no write on read)."""
+    spec = str(index).join(json.loads(array[JobFields.ARRAY_TEMPLATE]))
+    fields = {
+        name: array[name]
+        for name in (
+            JobFields.SUBMIT_TIME,
+            JobFields.DEADLINE,
+            JobFields.TIMEOUT_MS,
+            JobFields.SEQ,
+            JobFields.SHAPE,
+            JobFields.ATTEMPTS_BASE,
+            JobFields.PRIORITY,
+            JobFields.FINGERPRINT,
+        )
+        if name in array
+    }
+    fields.update({JobFields.SPEC: spec, JobFields.ARRAY_ID: json.loads(spec)["array_id"]})
+    fields[JobFields.ARRAY_INDEX] = str(index)
+    ended = array.get(JobFields.ARRAY_ENDED)
+    if ended:
+        array_id, task_id = fields[JobFields.ARRAY_ID], json.loads(spec)["submission_id"]
+        message = array.get(JobFields.ARRAY_MESSAGE, "").replace(f"[{array_id}]", f"[{task_id}]", 1)
+        fields.update(
+            {
+                JobFields.STATUS: ended,
+                JobFields.ERROR_TYPE: array.get(JobFields.ARRAY_ERROR, ""),
+                JobFields.MESSAGE: message,
+                JobFields.END_TIME: array.get(JobFields.ARRAY_END_TIME, ""),
+            }
+        )
+    else:
+        fields[JobFields.STATUS] = JobStatus.PENDING.value
+    return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +292,22 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
     """The job record of docs/jobs.md from a job hash (and its shape, while unplaced)."""
     spec = json.loads(fields[JobFields.SPEC])
     status = fields[JobFields.STATUS]
+    array: dict[str, Any] | None = None
+    if status == ARRAY:
+        status = array_status(fields)
+        fields = {**fields, JobFields.STATUS: status}
+        tasks = array_counts(fields)
+        array = {
+            "count": int(fields[JobFields.ARRAY_COUNT]),
+            "created": int(fields[JobFields.ARRAY_NEXT]) + int(fields.get(JobFields.ARRAY_SKIP) or 0),
+            "tasks": tasks,
+        }
     attempts, reasons = scheduling_progress(fields, shape)
     deadline = fields.get(JobFields.DEADLINE) or None
+    message = fields.get(JobFields.MESSAGE) or describe(fields, attempts, reasons)
+    if array is not None:
+        tally = ", ".join(f"{n} {s}" for s, n in tasks.items() if n)
+        message = f"array of {array['count']} tasks, {array['created']} created: {tally}"
     return {
         "type": "SUBMISSION",
         "job_id": None,
@@ -229,7 +315,7 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "tenant_id": spec["tenant_id"],
         "entrypoint": spec["entrypoint"],
         "status": status,
-        "message": fields.get(JobFields.MESSAGE) or describe(fields, attempts, reasons),
+        "message": message,
         "error_type": fields.get(JobFields.ERROR_TYPE) or None,
         "metadata": spec["metadata"],
         "runtime_env": spec["runtime_env"],
@@ -255,6 +341,9 @@ def render_record(fields: Mapping[str, str], shape: Mapping[str, str] | None = N
         "priority": int(fields.get(JobFields.PRIORITY) or 0),
         "depends_on": spec.get("depends_on"),
         "gang_id": spec.get("gang_id"),
+        "array": array,
+        "array_id": spec.get("array_id"),
+        "array_index": spec.get("array_index"),
         "attempt_number": int(fields.get(JobFields.ATTEMPT) or 1),
         "previous_attempts": [_attempt(a) for a in json.loads(fields.get(JobFields.PREVIOUS) or "[]")],
         "scheduling": {

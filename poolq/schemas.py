@@ -410,6 +410,15 @@ class DependsOnSchema(_NullIsAbsent):
             raise ValidationError("name at least one job in afterok or afterany", "afterok")
 
 
+MAX_ARRAY_TASKS = 100_000  # tasks in one array
+
+
+class ArraySchema(_NullIsAbsent):
+    """N copies of the job, tasks <submission_id>-0 … -<N-1> (docs/scheduling.md, "Arrays")."""
+
+    count = Amount(1, MAX_ARRAY_TASKS, integer=True, required=True, metadata={"description": "how many tasks"})
+
+
 class JobRequestSchema(_NullIsAbsent):
     entrypoint = Text(
         required=True, max_bytes=MAX_ENTRYPOINT_BYTES, non_blank=True, metadata={"minLength": 1, "pattern": r"\S"}
@@ -470,6 +479,15 @@ class JobRequestSchema(_NullIsAbsent):
                 raise ValidationError(
                     "a gang member cannot be retried alone: its gang is placed all or none", "retry_policy"
                 )
+
+    array = Object(ArraySchema)
+
+    @validates_schema
+    def _array_alone(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if "array" in data and "depends_on" in data:
+            raise ValidationError("an array cannot depend on other jobs (depends_on): not supported", "array")
+        if "array" in data and "gang_id" in data:
+            raise ValidationError("an array cannot be a gang member (gang_id): not supported", "array")
 
 
 def _check_metadata_key(key: str) -> str:

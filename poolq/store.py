@@ -22,8 +22,10 @@ import redis
 from marshmallow import ValidationError
 
 from poolq import keys, packages, queues
+from poolq.arrays import Arrays
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.model import (
+    ARRAY,
     CPU,
     GPU,
     MEMORY,
@@ -33,6 +35,7 @@ from poolq.model import (
     ErrorType,
     JobFields,
     JobStatus,
+    array_status,
     canonical_number,
     render_record,
     show_amount,
@@ -66,6 +69,8 @@ class Submitted(enum.IntEnum):
     OVER_PRIORITY = 7  # its priority is above the tenant's maximum
     NO_DEPENDENCY = 8  # a job it depends on does not exist in its tenant
     GANG_INCOMPLETE = 9  # a gang's last member found another member missing: the gang is not formed
+    ARRAY_DEPENDENCY = 10  # it depends on an array (arrays cannot be dependencies)
+    TASK_ID_TAKEN = 11  # its id is a task's of an array, or (an array) jobs hold its tasks' ids
 
     @classmethod
     def label_of(cls, code: str) -> str:
@@ -116,6 +121,8 @@ class NewJob:
     gang_id: str = ""  # the gang it belongs to, or ""
     gang_role: str = ""  # "member", or "lead" for the gang's last item, which forms it (form_gangs)
     gang_members: tuple[str, ...] = ()  # the lead's: refs of the gang's other members
+    array_count: int = 0  # an array of this many tasks; 0: one job
+    task_template: str = ""  # an array's task spec text, cut where the index goes (JSON list)
 
     @property
     def ref(self) -> str:
@@ -138,6 +145,7 @@ class JobStore:
         self.waker = waker
         self.default_cpus = Decimal(settings.default_cpus)
         self._raw: redis.Redis | None = None
+        self.arrays = Arrays(self)
 
     @property
     def raw(self) -> redis.Redis:
@@ -224,6 +232,11 @@ class JobStore:
         gang_id = request.get("gang_id", "")
         if gang_id:
             spec["gang_id"] = gang_id
+        array_count, template = 0, ""
+        if "array" in request:
+            array_count = int(request["array"]["count"])
+            template = _task_template(spec, submission_id)
+            spec["array"] = {"count": array_count}
         # Each is serialised once: the same text is stored and hashed (sorted keys, so
         # that equal requests give equal text).
         spec_json = _canonical(spec)
@@ -247,7 +260,9 @@ class JobStore:
             limit_ms,
             priority,
             dependencies,
-            gang_id,
+            gang_id=gang_id,
+            array_count=array_count,
+            task_template=template,
         )
 
     def submit(self, job: NewJob) -> bool:
@@ -403,6 +418,15 @@ class JobStore:
             kind, submission_id = detail
             field = "depends_on.afterok" if kind == "ok" else "depends_on.afterany"
             raise InvalidRequest({field: [f"no job {submission_id} in tenant {job.tenant}: a dependency must exist"]})
+        if outcome == Submitted.ARRAY_DEPENDENCY:
+            kind, submission_id = detail
+            field = "depends_on.afterok" if kind == "ok" else "depends_on.afterany"
+            raise InvalidRequest({field: [f"{submission_id} is an array: a job cannot depend on an array"]})
+        if outcome == Submitted.TASK_ID_TAKEN:
+            (array_id,) = detail
+            if array_id == job.submission_id:
+                raise Conflict(f"jobs named {array_id}-<index> exist: an array's task ids must be free")
+            raise Conflict(f"submission id {job.submission_id} is a task of array {array_id}")
         if wake:
             self.wake(queues.PLACEMENT)
         return outcome == Submitted.ACCEPTED
@@ -513,7 +537,13 @@ class JobStore:
             uuid.uuid4().hex[:16],
         )
         if outcome == Ending.NO_SUCH_JOB:
+            if self.arrays.create_early(tenant, submission_id):  # a task placement had not reached
+                return self.stop(tenant, submission_id)
+            if self.arrays.read_task(tenant, submission_id):
+                return False  # it ended with its array, never created
             raise NotFound(f"not found app, submissionId: {submission_id}")
+        if outcome == Ending.NOT_ALLOWED and self.redis.hget(keys.job(job_ref), JobFields.STATUS) == ARRAY:
+            return self.arrays.stop(tenant, submission_id)
         if outcome == Ending.STOP_FLAGGED:
             node = self.redis.hget(keys.job(job_ref), JobFields.NODE)
             if node:
@@ -526,7 +556,13 @@ class JobStore:
         key_list, args = [keys.TERMINAL], []
         for job_ref in job_refs:
             tenant, submission_id = keys.split_ref(job_ref)
-            key_list += [keys.job(job_ref), keys.log(job_ref), keys.tenant_jobs(tenant), keys.tenant_counts(tenant)]
+            key_list += [
+                keys.job(job_ref),
+                keys.log(job_ref),
+                keys.tenant_jobs(tenant),
+                keys.tenant_counts(tenant),
+                keys.tenant_stems(tenant),
+            ]
             args += [job_ref, submission_id]
         return [Purged(x) for x in self.scripts.purge(keys=key_list, args=args)]
 
@@ -550,7 +586,9 @@ class JobStore:
     def read(self, tenant: str, submission_id: str) -> tuple[dict[str, str], dict[str, str] | None]:
         """The job hash and, while it waits for placement, its shape's hash (attempts, reasons)."""
         fields = self.redis.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        if not fields or JobFields.SPEC not in fields:
+        if not fields:
+            fields = self.arrays.read_task(tenant, submission_id) or {}
+        if JobFields.SPEC not in fields:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         shapes = self._shapes_of([fields])
         return fields, shapes.get(fields.get(JobFields.SHAPE, ""))
@@ -563,7 +601,19 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         for submission_id in ids:
             pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        return self._render([f for f in pipe.execute() if f and JobFields.SPEC in f])
+        found = [f or self.arrays.read_task(tenant, i) or {} for i, f in zip(ids, pipe.execute())]
+        return self._render([f for f in found if JobFields.SPEC in f])
+
+    @redis_errors("the listing")
+    def list_tasks(
+        self, tenant: str, array_id: str, *, status: JobStatus | None = None, limit: int = 100, start: int = 0
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """An array's tasks in index order from ``start`` (records made from the array's
+        for those placement has not reached); the page and the next start (None at the end)."""
+        if self.redis.hget(keys.job(keys.ref(tenant, array_id)), JobFields.STATUS) != ARRAY:
+            raise NotFound(f"not found array, submissionId: {array_id}")
+        page, next_start = self.arrays.list_tasks(tenant, array_id, start, limit)
+        return self._render([f for f in page if _matches(f, status, None)]), next_start
 
     @redis_errors("the listing")
     def list_jobs(
@@ -625,9 +675,19 @@ class JobStore:
 
     @redis_errors("the removal")
     def delete(self, tenant: str, submission_id: str) -> None:
-        """Remove a terminal job; NotFound, or Conflict if it is not terminal."""
-        (outcome,) = self.purge([keys.ref(tenant, submission_id)])
+        """Remove a terminal job (an array: with all its tasks); NotFound, or Conflict if it
+        is not terminal."""
+        job_ref = keys.ref(tenant, submission_id)
+        if self.redis.hget(keys.job(job_ref), JobFields.STATUS) == ARRAY:
+            self.arrays.delete(tenant, submission_id, self.redis.hgetall(keys.job(job_ref)))
+            return
+        (outcome,) = self.purge([job_ref])
         if outcome == Purged.ABSENT:
+            task = self.arrays.read_task(tenant, submission_id)
+            if task and task[JobFields.STATUS] == JobStatus.PENDING:
+                raise Conflict(f"job {submission_id} is not finished: stop it first, then delete it")
+            if task:
+                raise Conflict(f"job {submission_id} ended with its array before it was created: delete the array")
             raise NotFound(f"not found app, submissionId: {submission_id}")
         if outcome == Purged.NOT_TERMINAL:
             raise Conflict(f"job {submission_id} is not finished: stop it first, then delete it")
@@ -642,6 +702,8 @@ class JobStore:
         pipe.exists(keys.job(job_ref))
         pipe.lrange(keys.log(job_ref), 0, -1)
         base_raw, exists, chunks = pipe.execute()
+        if not exists and self.arrays.read_task(tenant, submission_id):
+            return "", 0  # a task placement has not reached: no output yet
         if not exists:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         base, data = int(base_raw or 0), b"".join(chunks)
@@ -660,7 +722,13 @@ class JobStore:
             job_key, [JobFields.STATUS, JobFields.LOG_BASE, JobFields.LOG_LEN]
         )
         if status is None:
+            task = self.arrays.read_task(tenant, submission_id)
+            if task:  # not created yet: nothing written, and nothing to come if it ended so
+                return LogRead(b"", offset, task[JobFields.STATUS] in TERMINAL_STATUSES)
             raise NotFound(f"not found app, submissionId: {submission_id}")
+        if status.decode() == ARRAY:  # an array has no output: it ends with its last task
+            ended = array_status(self.redis.hgetall(job_key)) in TERMINAL_STATUSES
+            return LogRead(b"", offset, ended)
         if int(base_raw or 0) + int(length_raw or 0) <= offset and status.decode() not in TERMINAL_STATUSES:
             return LogRead(b"", offset, False)
         count = 8
@@ -865,7 +933,8 @@ def _waiting(fields: dict[str, str]) -> bool:
 
 
 def _matches(fields: dict[str, str], status: JobStatus | None, pool_label: str | None) -> bool:
-    if status is not None and fields.get(JobFields.STATUS) != status:
+    shown = array_status(fields) if fields.get(JobFields.STATUS) == ARRAY else fields.get(JobFields.STATUS)
+    if status is not None and shown != status:
         return False
     if pool_label is not None and json.loads(fields[JobFields.SPEC]).get("pool_label") != pool_label:
         return False
@@ -926,6 +995,7 @@ def _submit_keys(job: NewJob) -> list[str]:
         keys.PACKAGES,
         keys.SHAPES_IDLE,
         keys.RESOLVE,
+        keys.tenant_stems(job.tenant),
         *(keys.job(member) for member in job.gang_members),
     ]
 
@@ -952,7 +1022,20 @@ def _submit_args(job: NewJob, default_timeout_ms: int) -> list[Any]:
         keys.JOB_PREFIX,
         job.gang_role,
         job.gang_id,
+        job.array_count or "",
+        job.task_template,
     ]
+
+
+def _task_template(spec: dict[str, Any], array_id: str) -> str:
+    """A task's spec text cut where its index goes, as a JSON list (claim.lua joins the
+    parts with the index): the array's spec with its task's id, array id and index."""
+    while True:
+        mark = uuid.uuid4().hex
+        text = _canonical({**spec, "submission_id": f"{array_id}-{mark}", "array_id": array_id, "array_index": mark})
+        parts = text.replace(f'"{mark}"', mark).split(mark)
+        if len(parts) == 3:  # the mark is in no field of the request
+            return json.dumps(parts, ensure_ascii=False)
 
 
 def _canonical(value: Any) -> str:

@@ -512,6 +512,9 @@ def job_environment(
             ),
         }
     )
+    if "array_index" in spec:  # a task of an array (docs/scheduling.md, "Arrays")
+        env["POOLQ_ARRAY_ID"] = spec["array_id"]
+        env["POOLQ_ARRAY_INDEX"] = str(spec["array_index"])
     return env
 
 

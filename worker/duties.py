@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 import redis
 
 from poolq import keys, packages, queues
-from poolq.model import TERMINAL_STATUSES, ErrorType, JobFields, JobStatus, scheduling_progress
+from poolq.model import ARRAY, TERMINAL_STATUSES, ErrorType, JobFields, JobStatus, scheduling_progress
 from poolq.redis_io import now_ms
 from poolq.store import WAKE_TTL_MS, Ending, JobStore, Submitted
 from worker.intake import Intake, return_taken
@@ -146,6 +146,17 @@ class Duties:
             attempts, reason_list = scheduling_progress(fields, shapes.get(fields[JobFields.SHAPE]))
             timeout_ms = fields.get(JobFields.TIMEOUT_MS)
             _, submission_id = keys.split_ref(job_ref)
+            if fields.get(JobFields.STATUS) == ARRAY:  # its tasks not created yet fail in one step
+                message = timeout_message(submission_id, int(timeout_ms or 0), attempts, reason_list)
+                ended = self.store.arrays.expire(job_ref, message)
+                failed += ended
+                self.redis.zrem(keys.DEADLINES, job_ref)  # done, or its tasks have their own deadlines
+                if ended:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for reason in reason_list or [{"reason": "no placement attempt"}]:
+                        pipe.hincrby(keys.STATS, f"schedule_failures:{metric_reason(reason['reason'])}", ended)
+                    pipe.execute()
+                continue
             moved = Ending.MOVED == self.store.finish(
                 job_ref,
                 JobStatus.FAILED,
@@ -344,6 +355,7 @@ class Duties:
                         keys.tenant_jobs(tenant),
                         keys.STATS,
                         keys.FAIR_SHARE,
+                        keys.tenant_stems(tenant),
                     ],
                     args=[tenant, *(outcome.value for outcome in Submitted)],
                 )

@@ -625,6 +625,8 @@ def claim(
             keys.CLAIMS,
             keys.claim(claim_id),
             keys.FAIR_SHARE,
+            keys.SEQ,
+            keys.DEADLINES,
             *(keys.shape_queue(s) for s in sigs),
         ],
         args=[
@@ -634,6 +636,8 @@ def claim(
             keys.limits(""),
             keys.tenant_usage("").removesuffix(":usage"),
             half_life_ms,
+            keys.JOB_PREFIX,
+            keys.shape(""),
             *sigs,
             *tenants,
         ],

@@ -13,7 +13,7 @@ from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, is_digi
 from poolq import tokens
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
-from poolq.schemas import check_headers, parse_json
+from poolq.schemas import MAX_ARRAY_TASKS, check_headers, parse_json
 from poolq.settings import Settings
 from poolq.store import JobStore, NewJob, form_gangs
 
@@ -52,7 +52,7 @@ class Jobs:
         self.store.submit(job)  # a failure to store says "create app failed, submissionId:[...]"
         answer = {"submission_id": job.submission_id, "job_id": job.submission_id}
         wait_s = prefer_wait(request.header("Prefer"))
-        if wait_s is None or not self.waiters.acquire(blocking=False):
+        if wait_s is None or job.array_count or not self.waiters.acquire(blocking=False):
             return Response.json(answer)
         try:
             failure = self.store.wait_placed(job.ref, wait_s)
@@ -135,13 +135,19 @@ class Jobs:
         ids = [i for i in (ids_text or "").split(",") if i] if ids_text is not None else None
         if ids is not None and len(ids) > MAX_IDS:
             errors["ids"] = [f"must list at most {MAX_IDS} ids"]
+        array_id = request.query("array") or None
+        start = _int_param(request.query("start"), "start", 0, MAX_ARRAY_TASKS, errors, default=0) or 0
         if errors:
             raise InvalidRequest(errors, "invalid query")
         if ids is not None:
             records = [r for r in store.get_many(tenant, ids) if status is None or r["status"] == status]
             if pool_label is not None:
                 records = [r for r in records if r["pool_label"] == pool_label]
+            if array_id is not None:
+                records = [r for r in records if r["array_id"] == array_id]
             return Response.json(records)
+        if array_id is not None:  # the array's tasks, paged by index (start), not by cursor
+            return self._list_tasks(tenant, array_id, status, pool_label, limit, start)
         records, next_cursor = store.list_jobs(tenant, status=status, pool_label=pool_label, limit=limit, before=cursor)
         headers = []
         if next_cursor is not None:
@@ -149,6 +155,21 @@ class Jobs:
                 k: v for k, v in (("status", status and status.value), ("pool_label", pool_label)) if v is not None
             }
             query.update(limit=str(limit), cursor=str(next_cursor))
+            headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
+        return Response.json(records, headers=headers)
+
+    def _list_tasks(
+        self, tenant: str, array_id: str, status: JobStatus | None, pool_label: str | None, limit: int, start: int
+    ) -> Response:
+        records, next_start = self.store.list_tasks(tenant, array_id, status=status, limit=limit, start=start)
+        if pool_label is not None:  # every task has the array's
+            records = [r for r in records if r["pool_label"] == pool_label]
+        headers = []
+        if next_start is not None:
+            query = {"array": array_id, **({"status": status.value} if status else {})}
+            if pool_label is not None:
+                query["pool_label"] = pool_label
+            query.update(limit=str(limit), start=str(next_start))
             headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
         return Response.json(records, headers=headers)
 

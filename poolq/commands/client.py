@@ -93,6 +93,13 @@ def add_commands(commands: Any) -> None:
         "--priority", type=int, metavar="P", help="-1000..1000: higher places first among the tenant's jobs"
     )
     submit.add_argument(
+        "--array",
+        type=int,
+        metavar="N",
+        help="N copies of the job (up to 100,000), tasks ID-0 … ID-(N-1), each with POOLQ_ARRAY_INDEX; "
+        "stop, delete, list --array and wait act on them all by the array's id",
+    )
+    submit.add_argument(
         "--retries", type=int, metavar="N", help="run it up to N more times if it fails or its node is lost"
     )
     submit.add_argument(
@@ -141,6 +148,7 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--status", choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
     listing.add_argument("--limit", type=int, help="jobs to show (default 50, at most 1000); with --all, per request")
     listing.add_argument("--all", action="store_true", help="every job, following the pages")
+    listing.add_argument("--array", metavar="ID", help="the tasks of array ID, in index order")
     listing.set_defaults(func=cmd_list)
 
 
@@ -187,6 +195,8 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         body["retry_policy"] = {"max_attempts": args.retries + 1}
     if args.priority is not None:
         body["priority"] = args.priority
+    if args.array is not None:
+        body["array"] = {"count": args.array}
     if args.after or args.after_any:
         body["depends_on"] = {"afterok": args.after or [], "afterany": args.after_any or []}
     return body
@@ -207,6 +217,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     try:
         if args.json:
+            record = client.wait(submission_id)
+        elif args.array is not None:  # an array has no output of its own: its tasks do
+            print(f"poolq: submitted array {submission_id}; waiting for its {args.array} tasks", file=sys.stderr)
             record = client.wait(submission_id)
         else:
             print(f"poolq: submitted {submission_id}; its output follows", file=sys.stderr)
@@ -519,12 +532,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     more = False
     try:
         if args.all:
-            for page in client.all_jobs(status=args.status, page=limit):
+            for page in client.all_jobs(status=args.status, page=limit, array=args.array):
                 shown += page
                 if not args.json:
                     _rows(page, header=len(shown) == len(page))
         else:
-            shown, cursor = client.jobs(status=args.status, limit=limit)
+            shown, cursor = client.jobs(status=args.status, limit=limit, array=args.array)
             more = cursor is not None
             if not args.json:
                 _rows(shown, header=True)
@@ -539,9 +552,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _rows(records: list[dict[str, Any]], *, header: bool) -> None:
     if header:
-        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'PRIO':>5} {'GANG':<16} {'NODE':<16} ENTRYPOINT")
+        print(f"{'SUBMISSION ID':<44} {'STATUS':<10} {'PRIO':>5} {'GANG':<16} {'ARRAY':<24} {'NODE':<16} ENTRYPOINT")
     for record in records:
         print(
             f"{record['submission_id']:<44} {record['status']:<10} {record.get('priority', 0):>5} "
-            f"{record.get('gang_id') or '-':<16} {record['driver_node_id'] or '-':<16} {record['entrypoint'][:60]}"
+            f"{record.get('gang_id') or '-':<16} {_array_column(record):<24} {record['driver_node_id'] or '-':<16} "
+            f"{record['entrypoint'][:60]}"
         )
+
+
+def _array_column(record: dict[str, Any]) -> str:
+    """A task's array and index, an array's count of tasks, or ``-``."""
+    if record.get("array_id"):
+        return f"{record['array_id']}[{record['array_index']}]"
+    if record.get("array"):
+        return f"{record['array']['count']} tasks"
+    return "-"

@@ -16,25 +16,36 @@
 -- A *suspect* (a job that was in the claim of a worker that died) is claimed alone, so
 -- that if it kills the next worker too, it is known to be the one (worker/duties.py).
 --
+-- An array (lib/array.lua) waits in its shape's queue as one member: when its turn
+-- comes, its next task is created here and claimed like any job, and the array keeps
+-- its place until it has no task left to create. So accepting an array costs the same
+-- whatever its size, and its tasks become records only as placement reaches them. The
+-- keys of an array and its tasks are built from the prefixes in ARGV, as a task's key
+-- is not known before its index is.
+--
 -- KEYS: 1 shapes:ready, 2 claimed, 3 shapes:idle, 4 suspects, 5 tenants served,
---       6 claims, 7 this claim's record, 8 fairshare, 9.. the queues of the shapes
---       named in ARGV
+--       6 claims, 7 this claim's record, 8 fairshare, 9 the seq counter, 10 deadlines,
+--       11.. the queues of the shapes named in ARGV
 -- ARGV: 1 max jobs, 2 lease ms, 3 claim id, 4 the key prefix of tenants' limits,
---       5 of their usage, 6 the fair-share half-life ms, then the m shapes' sigs (in the order of their queues), then
---       the m shapes' tenants (same order)
+--       5 of their usage ("poolq:tenant:"), 6 the fair-share half-life ms, 7 the job key
+--       prefix, 8 the shape key prefix, then the m shapes' sigs (in the order of their
+--       queues), then the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 --! include lib/fair_share.lua
+--! include lib/counts.lua
+--! include lib/array.lua
 local done = redis.call('GET', KEYS[7])
 if done then return cjson.decode(done) end
 local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
-local first = 9
+local first = 11
+local a0 = 9  -- the first sig in ARGV
 local m = #KEYS - first + 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
-  local sig, tenant = ARGV[i - first + 7], ARGV[m + i - first + 7]
+  local sig, tenant = ARGV[i - first + a0], ARGV[m + i - first + a0]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
@@ -42,7 +53,7 @@ for i = first, #KEYS do
   local list = per_tenant[tenant]
   local head = redis.call('ZRANGE', KEYS[i], 0, limit - 1, 'WITHSCORES')
   for j = 1, #head, 2 do
-    list[#list + 1] = {head[j], sig, tonumber(head[j + 1]), KEYS[i]}
+    list[#list + 1] = {head[j], sig, tonumber(head[j + 1]), KEYS[i], tenant}
   end
 end
 local served, oldest, share, weight = {}, {}, {}, {}
@@ -72,6 +83,51 @@ local function take(c)
   out[#out + 1] = c[2]
   out[#out + 1] = c[3]
 end
+-- An array's turn: create its next task and claim it. Returns whether a task was
+-- taken, and whether the array has tasks left to create after it.
+local arrays = {}
+local function take_task(c)
+  local aref = string.sub(c[1], 1, -2)
+  local st = arrays[aref]
+  if not st then
+    local colon = string.find(aref, ':', 1, true)
+    local tenant, id = string.sub(aref, 1, colon - 1), string.sub(aref, colon + 1)
+    local tp = ARGV[5] .. tenant
+    st = {a = array_read(ARGV[7] .. aref), k = {array = ARGV[7] .. aref, ref = aref, id = id, tenant = tenant,
+      jobs = tp .. ':jobs', active = tp .. ':active', pkguse = tp .. ':pkguse', seq = KEYS[9],
+      deadlines = KEYS[10], shape = ARGV[8] .. c[2], queue = c[4]}}
+    arrays[aref] = st
+  end
+  local a, k = st.a, st.k
+  if not a or a.ended ~= '' then  -- gone, or stopped: nothing to create
+    redis.call('ZREM', c[4], c[1])
+    return false, false
+  end
+  local total, nxt, skip = tonumber(a.acount), tonumber(a.anext), tonumber(a.askip)
+  local index
+  while nxt < total and not index do
+    local job = ARGV[7] .. k.tenant .. ':' .. k.id .. '-' .. nxt
+    if skip > 0 and redis.call('HEXISTS', k.array, 'early:' .. nxt) == 1 then
+      skip = skip - 1  -- created early (array_task.lua): passed over
+    else
+      index, k.job = nxt, job
+    end
+    nxt = nxt + 1
+  end
+  a.anext, a.askip, st.dirty = tostring(nxt), tostring(skip), true
+  if index then
+    local task = array_make_task(k, a, index)
+    taken = taken + 1
+    redis.call('ZADD', KEYS[2], expires, task)
+    redis.call('HSET', KEYS[6], task, claim_id)
+    out[#out + 1] = task
+    out[#out + 1] = c[2]
+    out[#out + 1] = c[3]
+  end
+  local more = index ~= nil and total - nxt - skip > 0
+  if not more then array_drain(k) end
+  return index ~= nil, more
+end
 -- Each turn goes to the tenant with the smallest share so far (ties: the order above),
 -- and each job it takes counts as a quarter CPU-second over its weight: with equal weights,
 -- turns go round; with weights 3 and 1, three turns to one.
@@ -82,20 +138,29 @@ while taken < limit and not alone do
   end
   if not best then break end
   local c = per_tenant[best][next_of[best]]
-  next_of[best] = next_of[best] + 1
-  share[best] = share[best] + 250 / weight[best]
-  if redis.call('ZSCORE', KEYS[4], c[1]) then
-    if taken == 0 then  -- a suspect goes alone; otherwise it waits for a round of its own
-      redis.call('ZREM', KEYS[4], c[1])
-      take(c)
-      alone = true
-    end
+  if string.sub(c[1], -1) == '~' then
+    local took, more = take_task(c)
+    if not more then next_of[best] = next_of[best] + 1 end
+    if took then share[best] = share[best] + 250 / weight[best] end
   else
-    take(c)
+    next_of[best] = next_of[best] + 1
+    share[best] = share[best] + 250 / weight[best]
+    if redis.call('ZSCORE', KEYS[4], c[1]) then
+      if taken == 0 then  -- a suspect goes alone; otherwise it waits for a round of its own
+        redis.call('ZREM', KEYS[4], c[1])
+        take(c)
+        alone = true
+      end
+    else
+      take(c)
+    end
   end
 end
+for _, st in pairs(arrays) do
+  if st.dirty then redis.call('HSET', st.k.array, 'anext', st.a.anext, 'askip', st.a.askip) end
+end
 for i = first, #KEYS do
-  local sig = ARGV[i - first + 7]
+  local sig = ARGV[i - first + a0]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then
     redis.call('ZREM', KEYS[1], sig)

@@ -43,10 +43,14 @@
 -- A gang member that ends before its gang was placed leaves the gang unable to place
 -- whole: its shape joins the broken gangs, whose other members the duties end the same
 -- way (worker/duties.py), in the same step that ends it, so that none is forgotten.
+--
+-- A task of an array is counted in its array's record too; the array ends (for
+-- retention) with its last task (lib/array.lua).
 --! include lib/counts.lua
 --! include lib/fair_share.lua
+--! include lib/array.lua
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
-  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev', 'gang', 'shape', 'preempted_by')
+  'devs', 'start_time', 'exit_code', 'timeout_ms', 'seq', 'prev', 'gang', 'shape', 'preempted_by', 'aidx')
 local status = j[1]
 if not status then return {-2, 0} end
 if ARGV[9] == 'stop' and j[4] == ARGV[10] then  -- this stop request already ran
@@ -156,6 +160,8 @@ if again then
   redis.call('ZADD', KEYS[20], due, ARGV[1])
   count(KEYS[13], status, -1)
   count(KEYS[13], 'PENDING', 1)
+  count_in_array(KEYS[1], j[18], status, -1)
+  count_in_array(KEYS[1], j[18], 'PENDING', 1)
   redis.call('HINCRBY', KEYS[21], 'retried:' .. error_type, 1)
   return {3, wake}
 end
@@ -163,6 +169,12 @@ end
 redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
 count(KEYS[13], status, -1)
 count(KEYS[13], new_status, 1)
+if j[18] then
+  count_in_array(KEYS[1], j[18], status, -1)
+  count_in_array(KEYS[1], j[18], new_status, 1)
+  local cut = #j[18] + 1
+  array_settle(string.sub(KEYS[1], 1, #KEYS[1] - cut), string.sub(ARGV[1], 1, #ARGV[1] - cut), KEYS[8], now)
+end
 redis.call('HINCRBY', KEYS[21], 'completed:' .. new_status .. ':' .. error_type, 1)
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'exit_code', ARGV[6]) end
 for i = 14, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end

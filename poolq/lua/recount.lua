@@ -5,6 +5,9 @@
 -- replay held each start twice: PENDING read -1). A placement worker's duties recount
 -- each tenant about once a minute (worker/duties.py).
 --
+-- An array in the active index counts its tasks not yet created as PENDING
+-- (lib/array.lua); the tasks created are in the index themselves.
+--
 -- KEYS: 1 the tenant's active index (its PENDING and RUNNING jobs), 2 its status counts,
 --       3.. the job hashes of the active index as the caller read it
 -- ARGV: 1.. the submission ids of those jobs, in the same order
@@ -16,7 +19,12 @@ local pending, running = 0, 0
 for i = 1, #ARGV do
   if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then return {-1} end
   local status = redis.call('HGET', KEYS[2 + i], 'status')
-  if status == 'PENDING' then
+  if status == 'ARRAY' then
+    local a = redis.call('HMGET', KEYS[2 + i], 'acount', 'anext', 'askip', 'ended')
+    if not a[4] or a[4] == '' then
+      pending = pending + math.max(tonumber(a[1]) - tonumber(a[2]) - tonumber(a[3]), 0)
+    end
+  elseif status == 'PENDING' then
     pending = pending + 1
   elseif status == 'RUNNING' then
     running = running + 1

@@ -406,6 +406,7 @@ def test_the_default_limit_is_100(app: App) -> None:
     assert NEXT_LINK.search(result.headers.get("Link", ""))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [None, 1000, 333])
 def test_paging_2500_jobs_by_the_link_header_returns_each_once_newest_first(app: App, limit: int | None) -> None:
     ids = submit_many(app, 2500, tenant="pager")

@@ -38,6 +38,9 @@ def test_one_change_in_two_servers_appending_to_one_file_replays_to_no_negative_
     first.start()
     second = EmbeddedRedis(directory)
     try:
+        # Each write in the file before its reply: with everysec, a busy disk lets Redis
+        # answer before it writes, and the second server would load the file without it.
+        redis.Redis.from_url(first.url).config_set("appendfsync", "always")
         app_1 = App(Settings(redis_url=first.url, data_dir=tmp_path / "d1"), waker=lambda queue: None)
         submission_id = kit.submit(app_1, copy.deepcopy(JOB), tenant=TENANT, timeout_ms=0)
         client_1 = redis.Redis.from_url(first.url, decode_responses=True)

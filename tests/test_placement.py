@@ -145,6 +145,7 @@ def assert_placed_exactly_once(book: dict[str, Any], client: redis.Redis, per_jo
 # -- the scheduling-failure message, end to end ----------------------------------------
 
 
+@pytest.mark.slow
 def test_seed_affinity_failure_after_the_default_18_s(app: App, admin: NodeAdmin, placement: Placement) -> None:
     """The seed: X-Pool-Label abc, one node without that label, the default deadline."""
     add_node(admin, "n0", cpus=8, memory=4 * GiB, labels={"zone": "a"})
@@ -330,6 +331,7 @@ def test_removing_a_node_fails_its_jobs_and_releases_them(app: App, admin: NodeA
 # -- integer arithmetic --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ten_thousand_reserve_release_cycles_leave_nothing_reserved(
     settings: Settings, redis_client: redis.Redis
 ) -> None:

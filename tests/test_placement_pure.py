@@ -581,6 +581,7 @@ def _rank(reason: str) -> tuple[int, str]:
     return ({"CPU": 1, "Memory": 2, "GPU": 3}.get(name, 4), name if name not in ("CPU", "Memory", "GPU") else "")
 
 
+@pytest.mark.slow
 @hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_scenarios())
 def test_choose_and_reasons_agree_with_the_contract(scenario: tuple[list[Node], Shape, str]) -> None:
@@ -606,6 +607,7 @@ def test_choose_and_reasons_agree_with_the_contract(scenario: tuple[list[Node], 
     assert ranks == sorted(ranks)
 
 
+@pytest.mark.slow
 @hypothesis_settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_scenarios(), st.lists(st.tuples(st.integers(0, 5), st.booleans()), max_size=6))
 def test_the_view_stays_consistent_as_nodes_fill_and_change(

@@ -11,6 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from poolq.commands.relay import Relay
 from tests.procs import wait_for
 
@@ -22,6 +24,7 @@ def chatty(lines: int) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_a_child_never_waits_on_an_output_nobody_reads() -> None:
     read_end, write_end = os.pipe()
     try:

@@ -91,6 +91,7 @@ def structure_sizes(client: redis.Redis, tenants: list[str]) -> dict[str, int]:
 JOBS = 20_000
 
 
+@pytest.mark.slow
 def test_twenty_thousand_jobs_leave_redis_as_it_was(app: App, admin: NodeAdmin, redis_client: redis.Redis,
                                                     start_placement: Any) -> None:
     start_placement({"POOLQ_RETENTION_S": str(RETENTION_S), "POOLQ_MAX_TERMINAL_JOBS": str(10 * JOBS)})
@@ -139,6 +140,7 @@ def test_twenty_thousand_jobs_leave_redis_as_it_was(app: App, admin: NodeAdmin, 
     assert call(app, "GET", f"/api/jobs/{again[0]}", headers={"X-Tenant-Id": "t-stop"}).status == 200
 
 
+@pytest.mark.slow
 def test_a_terminal_job_is_kept_for_the_retention_period_then_removed(app: App, admin: NodeAdmin, redis_client: redis.Redis,
                                                                       start_placement: Any) -> None:
     retention_s = 4

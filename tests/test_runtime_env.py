@@ -403,6 +403,7 @@ def test_no_requirements_means_no_environment(envs: RuntimeEnvs, cache: Path, sp
     assert not (cache / "pip").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["list", "object", "object-with-pip-check"])
 def test_requirements_are_installed_into_a_cached_environment(
     envs: RuntimeEnvs, cache: Path, tmp_path: Path, form: str
@@ -424,6 +425,7 @@ def test_requirements_are_installed_into_a_cached_environment(
     assert (venv / "left-by-job-1").exists(), "the environment was rebuilt"
 
 
+@pytest.mark.slow
 def test_different_requirements_get_different_environments(envs: RuntimeEnvs, tmp_path: Path) -> None:
     one = build_wheel(tmp_path / "one", value="one")
     two = build_wheel(tmp_path / "two", name="poolq_other", value="two")
@@ -438,6 +440,7 @@ def test_different_requirements_get_different_environments(envs: RuntimeEnvs, tm
     assert venv_python(first, "import importlib.util as u; print(u.find_spec('poolq_other') is None)") == "True"
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_one_environment(envs: RuntimeEnvs, cache: Path, tmp_path: Path) -> None:
     wheel = str(build_wheel(tmp_path / "wheels"))
     barrier = threading.Barrier(3)
@@ -461,6 +464,7 @@ def test_concurrent_jobs_share_one_environment(envs: RuntimeEnvs, cache: Path, t
     assert [p for p in (cache / "pip").iterdir() if p.is_dir()] == [results[0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("make_requirement", "in_message"),
     [
@@ -524,6 +528,7 @@ def recording_project(directory: Path, record: Path, wheel: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_pip_runs_without_the_agents_secrets(
     envs: RuntimeEnvs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -323,6 +323,7 @@ def test_a_failed_afterok_dependency_fails_its_dependents_down_the_chain(
     assert redis_client.llen(keys.RESOLVE) == 0 and redis_client.hlen(keys.DEPENDENCY_FAILED) == 0
 
 
+@pytest.mark.slow
 def test_a_fan_in_of_a_thousand_dependencies(app: App, store: JobStore, admin: NodeAdmin,
                                              redis_client: redis.Redis) -> None:
     add_node(admin, "n1", cpus=16, memory=1024 * 1024 * 1024 * 1024, pool="default")

@@ -972,6 +972,7 @@ def seed_mutations(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow
 @hsettings(
     max_examples=300,
     deadline=None,

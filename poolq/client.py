@@ -81,6 +81,12 @@ class Client:
                 self._conn = self._connect()
                 if attempt == 2:
                     raise
+            except BaseException:
+                # Refused, timed out, interrupted: http.client keeps the half-made request's
+                # state and would refuse the next one (CannotSendRequest); start clean.
+                self._conn.close()
+                self._conn = self._connect()
+                raise
         answer = json.loads(raw) if raw else None
         if response.status >= 400:
             raise ApiError(response.status, answer)

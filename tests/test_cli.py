@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import http.server
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from typing import Any, Iterator
 import pytest
 import redis
 
+from poolq.client import Client
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.settings import Settings
 from tests.conftest import _delete_poolq_keys
@@ -699,3 +701,32 @@ def test_a_missing_jobs_file_is_a_one_line_error(stack: Stack, tenant: str, tmp_
     assert result.returncode == 1
     assert result.stderr.startswith("poolq: ") and "Traceback" not in result.stderr
     assert "missing.jsonl" in result.stderr
+
+
+def test_the_client_recovers_from_a_server_that_was_not_listening_yet() -> None:
+    """A refused first request must not spoil the next (http.client's CannotSendRequest)."""
+    port = free_port()
+    client = Client(f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(OSError):
+        client.request("GET", "/livez")
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert client.request("GET", "/livez")[::2] == (200, {"ok": True})
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -264,7 +264,7 @@ class JobRun(threading.Thread):
                         stderr=subprocess.PIPE,
                         start_new_session=True,  # its own process group, signalled as one
                     )
-                except OSError as exc:
+                except (OSError, CgroupError) as exc:
                     not_started = f"the entrypoint could not be started: {exc}"
         # Ended outside the lock: ending may wait for Redis, and a fence must not wait on it.
         if lost or self.process is None:

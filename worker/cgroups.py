@@ -2,8 +2,9 @@
 
 The node agent detects once, at start, what the machine offers (``Cgroups.detect``), then per job
 takes a cgroup from its ``CgroupPool`` with the job's limits written into it, starts the entrypoint
-with ``JobCgroup.popen`` (the job's first process is born in it), and in the end kills what is left and gives the emptied cgroup back for the next job. Creating and removing
-a cgroup costs the kernel far more than rewriting an empty one's limits (docs/running.md).
+with ``JobCgroup.popen`` (the job's first process is born in it), and in the end kills what is
+left and gives the emptied cgroup back for the next job. Creating and removing a cgroup costs the
+kernel far more than rewriting an empty one's limits (docs/running.md).
 
 Layout, always beneath the agent's own cgroup, never directly at a hierarchy's root:
 
@@ -91,7 +92,7 @@ class JobCgroup:
             for d in self._unique_dirs():
                 _write(d / "tasks", tid)
                 joined.append(d)
-            return subprocess.Popen(argv, **options)
+            process = subprocess.Popen(argv, **options)
         except OSError as exc:
             if len(joined) < len(self._unique_dirs()):
                 raise CgroupError(f"cgroup {self.name}: could not join it: {exc}") from exc
@@ -103,8 +104,17 @@ class JobCgroup:
             for d in joined:
                 with contextlib.suppress(OSError):
                     _write(d.parent.parent / "tasks", tid)
-            if self.cpu_milli is not None and len(joined) == len(self._unique_dirs()):
+        if self.cpu_milli is not None:
+            try:
                 _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(_quota(self.cpu_milli)))
+            except OSError as exc:  # a job does not run without its CPU limit
+                process.kill()
+                process.wait()
+                for pipe in (process.stdin, process.stdout, process.stderr):
+                    if pipe is not None:
+                        pipe.close()
+                raise CgroupError(f"cgroup {self.name}: could not set its CPU quota: {exc}") from exc
+        return process
 
     def _wrap(self, argv: list[str]) -> list[str]:
         procs = [str(d / "cgroup.procs") for d in self._unique_dirs()]
@@ -273,7 +283,7 @@ class Cgroups:
         return {"mode": self.mode, "reason": self.reason}
 
     def create(self, name: str, *, memory_bytes: int | None, cpu_milli: int | None, pids_max: int | None) -> JobCgroup:
-        """A new, empty cgroup for a job, with its limits (``JobCgroup.set_limits``); raises CgroupError."""
+        """A new, empty cgroup for a job, with its limits (``JobCgroup.with_limits``); raises CgroupError."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"invalid cgroup name {name!r}: letters, digits, '-' and '_', at most 100")
         job = JobCgroup(name, self.mode, {controller: parent / name for controller, parent in self.dirs.items()})

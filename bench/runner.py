@@ -108,7 +108,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    parts = ["poolq", "bench", args.scenario]
+    parts = ["python", "-m", "bench", args.scenario]
     if args.runs != 3:
         parts += ["--runs", str(args.runs)]
     if args.quick:

@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from granian import Granian
 from granian.constants import Interfaces
@@ -65,13 +66,7 @@ def serve(settings: Settings, *, workers: int | None = None, threads: int | None
 
 def serve_tails(host: str, port: int, parent: int) -> None:
     """The server of tails (a child process of ``serve``'s)."""
-
-    def watch_parent() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)  # granian stops its worker and returns
-
-    threading.Thread(target=watch_parent, name="poolq-tails-parent", daemon=True).start()
+    when_orphaned(parent, lambda: os.kill(os.getpid(), signal.SIGTERM))  # granian stops its worker
     Granian(
         "api_shim.asgi:application",
         address=host,
@@ -84,6 +79,18 @@ def serve_tails(host: str, port: int, parent: int) -> None:
         log_dictconfig=granian_log_config(),
         respawn_failed_workers=True,
     ).serve()
+
+
+def when_orphaned(parent: int, end: Callable[[], object]) -> None:
+    """Call ``end`` once ``parent`` is no longer this process's parent: it died, kill -9 included.
+    granian's workers do not watch their master, and would go on holding its port."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        end()
+
+    threading.Thread(target=watch, name="poolq-watch-parent", daemon=True).start()
 
 
 def wait_listening(host: str, port: int, tails: multiprocessing.process.BaseProcess) -> None:

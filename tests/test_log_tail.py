@@ -340,7 +340,7 @@ def _accepts(port: int) -> bool:
 
 
 @pytest.mark.processes
-def test_the_server_of_tails_lives_and_dies_with_poolq_api(redis_server: EmbeddedRedis, tmp_path: Path, app: App) -> None:
+def test_the_server_of_tails_and_the_workers_live_and_die_with_poolq_api(redis_server: EmbeddedRedis, tmp_path: Path, app: App) -> None:
     submit(app, {**JOB, "submission_id": "app-tail-life"})
     env = {"POOLQ_REDIS_URL": redis_server.url, "POOLQ_DATA_DIR": str(tmp_path / "data")}
     for ending in (signal.SIGTERM, signal.SIGKILL):
@@ -352,5 +352,7 @@ def test_the_server_of_tails_lives_and_dies_with_poolq_api(redis_server: Embedde
             assert tail_port != port and _accepts(tail_port)  # listening before the API answered
             os.kill(api.pid, ending)  # the api process only, as kill -9 would
             wait_for(lambda p=tail_port: not _accepts(p), 15, 0.1, what=f"the server of tails to end after {ending!r}")
+            # granian's workers, which hold the API's port, end with their master too.
+            wait_for(lambda p=port: not _accepts(p), 15, 0.1, what=f"the API's workers to end after {ending!r}")
         finally:
             api.stop()

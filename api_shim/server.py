@@ -23,6 +23,7 @@ from collections.abc import Callable
 from granian import Granian
 from granian.constants import Interfaces
 
+from poolq.embedded import free_port
 from poolq.logconfig import granian_log_config
 from poolq.settings import Settings
 
@@ -106,11 +107,3 @@ def wait_listening(host: str, port: int, tails: multiprocessing.process.BaseProc
     raise SystemExit(
         f"poolq api: the server of log tails did not start on {host}:{port} (POOLQ_API_TAIL_PORT); see above"
     )
-
-
-def free_port(host: str) -> int:
-    """A port free on ``host`` now, chosen by the kernel."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])

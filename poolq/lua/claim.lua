@@ -74,15 +74,26 @@ table.sort(tenants, function(a, b)
 end)
 local out, taken, alone, next_of = {}, 0, false, {}
 for _, tenant in ipairs(tenants) do next_of[tenant] = 1 end
+-- Jobs taken leave their queues for the claimed and the claims at the end, a call per
+-- key and not per job (nothing below reads them before).
+local leaving, leases, holders = {}, {}, {}  -- queue -> refs; expires, ref, ...; ref, claim id, ...
 local function take(c)
   taken = taken + 1
-  redis.call('ZREM', c[4], c[1])
-  redis.call('ZADD', KEYS[2], expires, c[1])
-  redis.call('HSET', KEYS[6], c[1], claim_id)
+  local queue = leaving[c[4]]
+  if not queue then
+    queue = {}
+    leaving[c[4]] = queue
+  end
+  queue[#queue + 1] = c[1]
+  leases[#leases + 1] = expires
+  leases[#leases + 1] = c[1]
+  holders[#holders + 1] = c[1]
+  holders[#holders + 1] = claim_id
   out[#out + 1] = c[1]
   out[#out + 1] = c[2]
   out[#out + 1] = c[3]
 end
+local any_suspect = redis.call('ZCARD', KEYS[4]) > 0
 -- An array's turn: create its next task and claim it. Returns whether a task was
 -- taken, and whether the array has tasks left to create after it.
 local arrays = {}
@@ -145,7 +156,7 @@ while taken < limit and not alone do
   else
     next_of[best] = next_of[best] + 1
     share[best] = share[best] + 250 / weight[best]
-    if redis.call('ZSCORE', KEYS[4], c[1]) then
+    if any_suspect and redis.call('ZSCORE', KEYS[4], c[1]) then
       if taken == 0 then  -- a suspect goes alone; otherwise it waits for a round of its own
         redis.call('ZREM', KEYS[4], c[1])
         take(c)
@@ -156,6 +167,13 @@ while taken < limit and not alone do
     end
   end
 end
+-- Many members a call, in slices that stay well within Lua's stack.
+local function each_slice(list, step, call)
+  for s = 1, #list, step do call(unpack(list, s, math.min(s + step - 1, #list))) end
+end
+for queue, refs in pairs(leaving) do each_slice(refs, 1000, function(...) redis.call('ZREM', queue, ...) end) end
+each_slice(leases, 1000, function(...) redis.call('ZADD', KEYS[2], ...) end)
+each_slice(holders, 1000, function(...) redis.call('HSET', KEYS[6], ...) end)
 for _, st in pairs(arrays) do
   if st.dirty then redis.call('HSET', st.k.array, 'anext', st.a.anext, 'askip', st.a.askip) end
 end

@@ -83,6 +83,7 @@ class App:
             [
                 Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),
                 Route("/api/jobs/batch", {"POST": jobs.submit_batch}),
+                Route("/api/jobs/changes", {"GET": jobs.changes}),
                 Route("/api/jobs/{submission_id}", {"GET": jobs.get, "DELETE": jobs.delete}),
                 Route("/api/jobs/{submission_id}/stop", {"POST": jobs.stop}),
                 Route("/api/jobs/{submission_id}/logs", {"GET": jobs.logs}),

@@ -96,6 +96,7 @@ class ErrorBody(Schema):
     submission_id = fields.String(
         metadata={"description": "a 503 to a submission: the job's id, to send the same request again with"}
     )
+    cursor = fields.String(metadata={"description": "a 410 from the change feed: the feed's position now"})
 
 
 class SubmitAnswer(Schema):
@@ -253,6 +254,7 @@ def _errors(*codes: int, schema: Any = "ErrorBody") -> dict[str, Any]:
         403: "with POOLQ_AUTH=tokens: X-Tenant-Id names another tenant than the token's",
         404: "not found in the caller's tenant",
         409: "conflict",
+        410: "the cursor is older than the oldest change the feed keeps (the body's cursor: the feed's position now)",
         413: "body too large",
         415: "Content-Type must be application/json",
         426: "this route is a WebSocket: send Upgrade: websocket",
@@ -387,6 +389,50 @@ def document() -> dict[str, Any]:
                 "responses": {
                     "200": _answer("per-job results, in request order", "BatchAnswer"),
                     **_errors(400, 413, 415, 503),
+                },
+            }
+        },
+    )
+    change = _obj(
+        {
+            "submission_id": {"type": "string"},
+            "status": {"type": "string", "description": "a job status; ARRAY: an array's record changed; DELETED"},
+            "node": {"type": "string", "nullable": True},
+            "time": {"type": "integer", "description": "when the change was made, ms since the epoch"},
+            "cursor": {"type": "string", "description": "follow from here to read what came after this change"},
+            "etag": {"type": "string", "nullable": True, "description": "the record's ETag now; null once deleted"},
+        }
+    )
+    spec.path(
+        "/api/jobs/changes",
+        operations={
+            "get": {
+                "summary": "Follow the tenant's job changes (the change feed)",
+                "description": (
+                    "The changes of the tenant's jobs' status or node after the cursor `since`, oldest first, "
+                    "with the cursor to follow from next. Without `since`: no changes, only the feed's position "
+                    "now (take it, list the jobs, then follow from it). With `wait`, the answer is held until "
+                    "there is a change or the wait ends; an API process holds a bounded number of waits "
+                    "(POOLQ_MAX_WAITERS, shared with `Prefer: wait`), beyond which it answers at once with "
+                    "Retry-After: 1. The feed keeps a tenant's last 100,000 changes: an older cursor is 410."
+                ),
+                "parameters": [
+                    TENANT,
+                    {
+                        "name": "since",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                    },
+                    {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 60}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                ],
+                "responses": {
+                    "200": _answer(
+                        "the changes after the cursor and the cursor to follow from",
+                        _obj({"changes": {"type": "array", "items": change}, "cursor": {"type": "string"}}),
+                        {"Retry-After": {"schema": {"type": "integer"}, "description": "the wait was not held"}},
+                    ),
+                    **_errors(400, 410, 503),
                 },
             }
         },

@@ -199,6 +199,34 @@ class Client:
             else:
                 time.sleep(poll_s)
 
+    def changes(
+        self, since: str | None = None, *, wait_s: float = 30.0, limit: int = 1000
+    ) -> tuple[list[dict[str, Any]], str]:
+        """One answer of the change feed: the tenant's job changes after cursor ``since``
+        (None: none, just the feed's position now) and the cursor to follow from. Waits up
+        to ``wait_s`` for a change. ApiError 410: the cursor is older than the feed keeps
+        (list the jobs again, then follow from ``error.body["cursor"]``)."""
+        query = {"limit": str(limit)}
+        if since is not None:
+            query.update(since=since, wait=f"{wait_s:g}")
+        _, headers, body = self.request("GET", "/api/jobs/changes?" + urlencode(query))
+        if since is not None and not body["changes"] and "retry-after" in headers:
+            time.sleep(float(headers["retry-after"]))  # the server holds all the waits it may
+        return list(body["changes"]), str(body["cursor"])
+
+    def watch(self, since: str | None = None, *, wait_s: float = 30.0) -> Iterator[dict[str, Any]]:
+        """Every change of the tenant's jobs after cursor ``since`` (None: after this call),
+        as they come, oldest first; each carries its ``cursor`` to resume from. Ends only
+        with an error (ApiError 410 when it fell behind what the feed keeps)."""
+        start = since if since is not None else self.changes()[1]  # now, not at the first next()
+
+        def follow(cursor: str) -> Iterator[dict[str, Any]]:
+            while True:
+                changes, cursor = self.changes(cursor, wait_s=wait_s)
+                yield from changes
+
+        return follow(start)
+
     def follow(
         self, submission_id: str, write: Callable[[str, int], object], *, offset: int | None = None
     ) -> dict[str, Any]:

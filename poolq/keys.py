@@ -16,6 +16,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:tenant:<tenant>:active | zset | id -> seq: the tenant's PENDING and RUNNING jobs |
 | poolq:tenant:<tenant>:counts | hash | status -> number of the tenant's jobs in it (an array's tasks not yet created count as PENDING) |
 | poolq:tenant:<tenant>:stems | hash | stem -> number of the tenant's jobs (not array tasks) named <stem>-<digits>: keeps array task ids free |
+| poolq:tenant:<tenant>:changes | stream | the tenant's change feed: id, s (status, or ARRAY, DELETED), n (node) per change of a job's status or node, the last 100,000 (poolq/lua/lib/changes.lua; the steps build its key from the tenant's other keys) |
 | poolq:tenant:<tenant>:usage | hash | resource -> amount reserved by the tenant's placed jobs |
 | poolq:quota:<tenant> | hash | resource -> amount the tenant's placed jobs may hold together |
 | poolq:limits:<tenant> | hash | the tenant's other limits: max_pending, rate, burst |
@@ -140,6 +141,10 @@ def tenant_active(tenant: str) -> str:
 
 def tenant_counts(tenant: str) -> str:
     return f"{PREFIX}tenant:{tenant}:counts"
+
+
+def tenant_changes(tenant: str) -> str:
+    return f"{PREFIX}tenant:{tenant}:changes"  # lib/changes.lua builds the same from the tenant's other keys
 
 
 def tenant_usage(tenant: str) -> str:

@@ -23,6 +23,7 @@ from marshmallow import ValidationError
 
 from poolq import keys, packages, queues
 from poolq.arrays import Arrays
+from poolq.changes import ChangeFeed
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.model import (
     ARRAY,
@@ -146,6 +147,7 @@ class JobStore:
         self.default_cpus = Decimal(settings.default_cpus)
         self._raw: redis.Redis | None = None
         self.arrays = Arrays(self)
+        self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
 
     @property
     def raw(self) -> redis.Redis:
@@ -592,6 +594,19 @@ class JobStore:
             raise NotFound(f"not found app, submissionId: {submission_id}")
         shapes = self._shapes_of([fields])
         return fields, shapes.get(fields.get(JobFields.SHAPE, ""))
+
+    @redis_errors("the read")
+    def read_many(
+        self, tenant: str, submission_ids: Iterable[str]
+    ) -> dict[str, tuple[dict[str, str], dict[str, str] | None]]:
+        """``read`` for many jobs in two round trips: those that exist, by id."""
+        ids = list(dict.fromkeys(submission_ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for submission_id in ids:
+            pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
+        found = {i: f for i, f in zip(ids, pipe.execute()) if JobFields.SPEC in f}
+        shapes = self._shapes_of(list(found.values()))
+        return {i: (f, shapes.get(f.get(JobFields.SHAPE, ""))) for i, f in found.items()}
 
     @redis_errors("the read")
     def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from poolq.client import Client
 from poolq.embedded import EmbeddedRedis, free_port
 from poolq.settings import Settings
 from tests.conftest import _delete_poolq_keys
-from tests.kit import SETTLE_S, TERMINAL_STATUSES, Placement
+from tests.kit import JOB, SETTLE_S, TERMINAL_STATUSES, Placement
 from tests.procs import Proc, wait_for
 
 # The CLI runs as `python -m poolq`, against a real `poolq api` and node agent; the module's
@@ -448,6 +448,37 @@ def test_logs_follow_prints_output_as_it_comes_and_exits_when_the_job_ends(stack
     assert follower.returncode == 0, stderr
     assert "".join(printed) == "start\n" + "".join(f"line {i}\n" for i in range(1, 6))
     assert job(stack, submission_id, tenant)["status"] == "SUCCEEDED"
+
+
+def test_watch_prints_each_change_of_the_tenants_jobs_as_it_comes(stack: Stack, tenant: str, tmp_path: Path) -> None:
+    printed: list[str] = []
+    with start_cli(stack, "watch", "--json", "--since", "0-0", tenant=tenant) as watcher:
+        reader = threading.Thread(target=lambda: printed.extend(iter(watcher.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        submission_id = submitted_id(poolq(stack, "submit", "--", "true", tenant=tenant, cwd=tmp_path))
+        wait_for(lambda: any('"SUCCEEDED"' in line for line in printed) or watcher.poll() is not None, SETTLE_S,
+                 what="watch to print the job's end")
+        assert watcher.poll() is None, watcher.stderr.read()  # type: ignore[union-attr]
+        watcher.terminate()
+    changes = [json.loads(line) for line in printed]
+    assert {c["submission_id"] for c in changes} == {submission_id}
+    assert [c["status"] for c in changes] == ["PENDING", "PENDING", "RUNNING", "SUCCEEDED"]
+    assert [c["node"] for c in changes] == [None, NODE_ID, NODE_ID, NODE_ID]
+
+
+def test_the_client_iterates_over_the_change_feed(stack: Stack, tenant: str) -> None:
+    client = Client(stack.server, tenant=tenant)
+    changes, position = client.changes()
+    assert changes == [] and position == "0-0"
+    feed = client.watch(wait_s=5)
+    first = client.submit(JOB, pool_label="nowhere", timeout_ms=0)
+    next_change = next(feed)
+    assert (next_change["submission_id"], next_change["status"]) == (first, "PENDING")
+    resumed = client.watch(next_change["cursor"], wait_s=1)
+    second = client.submit(JOB, pool_label="nowhere", timeout_ms=0)
+    assert next(resumed)["submission_id"] == second, "a watch resumed from a change's cursor reads on from it"
+    client.stop(first)
+    client.stop(second)
 
 
 # -- list, stop, delete ------------------------------------------------------------------

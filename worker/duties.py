@@ -356,6 +356,7 @@ class Duties:
                         keys.STATS,
                         keys.FAIR_SHARE,
                         keys.tenant_stems(tenant),
+                        keys.tenant_changes(tenant),
                     ],
                     args=[tenant, *(outcome.value for outcome in Submitted)],
                 )

@@ -1,4 +1,4 @@
-"""/api/jobs: submit (one or a batch), poll, list, stop, delete, logs, the log tail's handshake."""
+"""/api/jobs: submit (one or a batch), poll, list, follow changes, stop, delete, logs, the log tail's handshake."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from urllib.parse import quote, urlencode
 
 from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, is_digits
 from poolq import tokens
+from poolq.changes import CURSOR, MAX_CHANGES
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import MAX_ARRAY_TASKS, check_headers, parse_json
@@ -33,8 +34,9 @@ class Jobs:
 
     def __init__(self, store: JobStore, settings: Settings):
         self.store, self.settings = store, settings
-        # Submissions holding their answer for `Prefer: wait` may take at most this many
-        # of a process's server threads; beyond it they answer at once (docs/api.md).
+        # Requests holding their answer (a submission's `Prefer: wait`, a wait for changes)
+        # may take at most this many of a process's server threads; beyond it they answer
+        # at once (docs/api.md).
         self.waiters = threading.BoundedSemaphore(settings.max_waiters)
 
     def submit(self, request: Request) -> Response:
@@ -158,6 +160,49 @@ class Jobs:
             headers.append(("Link", f'</api/jobs?{urlencode(query)}>; rel="next"'))
         return Response.json(records, headers=headers)
 
+    def changes(self, request: Request) -> Response:
+        """The tenant's job changes after a cursor, oldest first (docs/api.md, "Following
+        changes"); with ``wait``, held until there is one or the wait ends."""
+        tenant = request.tenant_or_400()
+        errors: dict[str, list[str]] = {}
+        since = request.query("since")
+        if since is not None and not CURSOR.fullmatch(since):
+            errors["since"] = ['must be a cursor this route answered ("<ms>-<n>")']
+        limit = _int_param(request.query("limit"), "limit", 1, MAX_CHANGES, errors, default=MAX_CHANGES) or 1
+        wait_s = _seconds_param(request.query("wait"), "wait", MAX_WAIT_S, errors)
+        if errors:
+            raise InvalidRequest(errors, "invalid query")
+        headers: list[tuple[str, str]] = []
+        holds = since is not None and wait_s > 0 and self.waiters.acquire(blocking=False)
+        if since is not None and wait_s > 0 and not holds:
+            headers.append(("Retry-After", "1"))  # this process holds all the waits it may: ask again then
+        try:
+            page = self.store.changes.read(tenant, since, limit, wait_s if holds else 0.0)
+        finally:
+            if holds:
+                self.waiters.release()
+        if page.gone:
+            raise HTTPError(
+                410,
+                f"cursor {since} is older than the oldest change the feed keeps: list the jobs again, then follow "
+                "from the cursor of this answer (the feed's position now)",
+                cursor=page.cursor,
+            )
+        records = self.store.read_many(tenant, {c.submission_id for c in page.changes})
+        etags = {i: '"' + _digest(fields, shape) + '"' for i, (fields, shape) in records.items()}
+        changes = [
+            {
+                "submission_id": c.submission_id,
+                "status": c.status,
+                "node": c.node,
+                "time": c.time_ms,
+                "cursor": c.cursor,
+                "etag": etags.get(c.submission_id),
+            }
+            for c in page.changes
+        ]
+        return Response.json({"changes": changes, "cursor": page.cursor}, headers=headers)
+
     def _list_tasks(
         self, tenant: str, array_id: str, status: JobStatus | None, pool_label: str | None, limit: int, start: int
     ) -> Response:
@@ -261,6 +306,19 @@ def _status_param(text: str | None, errors: dict[str, list[str]]) -> JobStatus |
     except ValueError:
         errors["status"] = ["must be one of " + ", ".join(s.value for s in JobStatus)]
         return None
+
+
+def _seconds_param(text: str | None, name: str, high: float, errors: dict[str, list[str]]) -> float:
+    if text is None:
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= high:  # (NaN is neither)
+        errors[name] = [f"must be a number of seconds between 0 and {high:g}"]
+        return 0.0
+    return seconds
 
 
 def _int_param(

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -144,6 +145,9 @@ def add_commands(commands: Any) -> None:
     logs.add_argument("submission_id")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
+    watch = commands.add_parser("watch", parents=[common], help="print each change of the tenant's jobs as it comes")
+    watch.add_argument("--since", metavar="CURSOR", help="start after this cursor (a change's), not from now")
+    watch.set_defaults(func=cmd_watch)
     listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
     listing.add_argument("--status", choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
     listing.add_argument("--limit", type=int, help="jobs to show (default 50, at most 1000); with --all, per request")
@@ -517,6 +521,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
             client.follow(args.submission_id, write)
         else:
             write(*client.logs(args.submission_id))
+    except (ApiError, OSError) as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """A line per change (time, id, status, node, cursor), or with --json the change as an
+    object, until interrupted; exits 1 with what to do once behind what the feed keeps."""
+    try:
+        for change in _client(args).watch(args.since):
+            if args.json:
+                _write(json.dumps(change) + "\n")
+            else:
+                when = time.strftime("%H:%M:%S", time.localtime(change["time"] / 1000))
+                node = change["node"] or "-"
+                _write(f"{when}  {change['submission_id']}  {change['status']}  {node}  {change['cursor']}\n")
     except (ApiError, OSError) as exc:
         return _fail(exc)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@
 -- to create, or its deadline not reached), 2 this stop already ran, -1 not an array,
 -- -2 no such record.
 --! include lib/counts.lua
+--! include lib/changes.lua
 --! include lib/array.lua
 local a = redis.call('HMGET', KEYS[1], 'status', 'acount', 'anext', 'askip', 'ended', 'deadline', 'stop')
 if not a[1] then return {-2, 0} end
@@ -36,6 +37,7 @@ count(KEYS[5], 'PENDING', -left)
 count(KEYS[5], ARGV[4], left)
 count(KEYS[1], 'n:PENDING', -left)
 count(KEYS[1], 'n:' .. ARGV[4], left)
+job_changed(KEYS[5], ARGV[1], 'ARRAY')
 redis.call('HINCRBY', KEYS[9], 'completed:' .. ARGV[4] .. ':' .. ARGV[5], left)
 array_drain({array = KEYS[1], ref = ARGV[1], id = ARGV[2], queue = KEYS[2], deadlines = KEYS[3], active = KEYS[4],
   shape = KEYS[7], pkguse = KEYS[8]})

@@ -47,6 +47,7 @@
 -- A task of an array is counted in its array's record too; the array ends (for
 -- retention) with its last task (lib/array.lua).
 --! include lib/counts.lua
+--! include lib/changes.lua
 --! include lib/fair_share.lua
 --! include lib/array.lua
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'res', 'stop', 'deadline', 'pkg', 'retry', 'attempt',
@@ -160,6 +161,7 @@ if again then
   redis.call('ZADD', KEYS[20], due, ARGV[1])
   count(KEYS[13], status, -1)
   count(KEYS[13], 'PENDING', 1)
+  job_changed(KEYS[13], ARGV[1], 'PENDING')
   count_in_array(KEYS[1], j[18], status, -1)
   count_in_array(KEYS[1], j[18], 'PENDING', 1)
   redis.call('HINCRBY', KEYS[21], 'retried:' .. error_type, 1)
@@ -169,6 +171,7 @@ end
 redis.call('HSET', KEYS[1], 'status', new_status, 'error_type', error_type, 'message', message, 'end_time', now)
 count(KEYS[13], status, -1)
 count(KEYS[13], new_status, 1)
+job_changed(KEYS[13], ARGV[1], new_status, node)
 if j[18] then
   count_in_array(KEYS[1], j[18], status, -1)
   count_in_array(KEYS[1], j[18], new_status, 1)

@@ -9,6 +9,7 @@
 -- ARGV: per job 2 values: ref, submission id
 -- Returns per job: 1 removed, 0 not terminal, -1 no such job.
 --! include lib/counts.lua
+--! include lib/changes.lua
 local function unstem(stems, id)  -- submit.lua counted a job named <stem>-<digits>
   local stem, index = string.match(id, '^(.+)-(%d+)$')
   if stem and index ~= '0' and string.sub(index, 1, 1) == '0' then stem = nil end
@@ -33,6 +34,7 @@ for i = 0, (#KEYS - 1) / 5 - 1 do
         count(counts, j[5], -(tonumber(j[6]) - tonumber(j[7]) - tonumber(j[8])))
       end
       redis.call('DEL', job)
+      job_changed(counts, ref, 'DELETED')
       unstem(stems, id)
       redis.call('ZREM', index, id)
       redis.call('ZREM', KEYS[1], ref)
@@ -41,6 +43,7 @@ for i = 0, (#KEYS - 1) / 5 - 1 do
   elseif status == 'SUCCEEDED' or status == 'FAILED' or status == 'STOPPED' then
     redis.call('DEL', job, logkey)
     count(counts, status, -1)
+    job_changed(counts, ref, 'DELETED')
     if not j[2] then unstem(stems, id) end
     redis.call('ZREM', index, id)
     redis.call('ZREM', KEYS[1], ref)

@@ -7,6 +7,7 @@
 -- ARGV: 1 spec JSON, 2 message, 3 submission id, 4 ref, 5 tenant
 -- Returns 1 recorded, 0 the id was taken.
 --! include lib/counts.lua
+--! include lib/changes.lua
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -16,5 +17,6 @@ redis.call('HSET', KEYS[1], 'spec', ARGV[1], 'fp', 'invalid', 'status', 'FAILED'
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), ARGV[3])
 redis.call('ZADD', KEYS[3], now, ARGV[4])
 count(KEYS[5], 'FAILED', 1)
+job_changed(KEYS[5], ARGV[4], 'FAILED')
 redis.call('SADD', KEYS[6], ARGV[5])
 return 1

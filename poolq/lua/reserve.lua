@@ -109,6 +109,7 @@ local function allocate(node, ids, name, amount, pending)
 end
 
 --! include lib/fair_share.lua
+--! include lib/changes.lua
 
 local function wake_node(kind, wake_flag, node_id)
   if kind == 'agent' and redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then
@@ -242,6 +243,7 @@ local function commit(d, code, c)
     end
     placed, latency_sum = placed + 1, latency_sum + latency
     redis.call('SADD', d.node_jobs, d.ref)
+    job_changed(d.usage, d.ref, 'PENDING', d.node_id)
     placed_refs[#placed_refs + 1] = d.ref
     if not changed[d.node_id] then
       changed[d.node_id] = true

@@ -13,6 +13,7 @@
 -- Returns {code, ms left of its runtime limit (0: no limit), attempt}: code 1 started,
 -- 0 skip, 2 a stop was requested (the agent ends it STOPPED). (worker.agent.Started)
 --! include lib/counts.lua
+--! include lib/changes.lua
 --! include lib/array.lua
 redis.call('ZREM', KEYS[2], ARGV[1])
 local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop', 'runner', 'run_deadline', 'attempt', 'rt_limit', 'aidx')
@@ -31,6 +32,7 @@ local limit = tonumber(j[7] or (tenant_limit > 0 and tenant_limit) or (ARGV[5] ~
 if limit > 0 then redis.call('HSET', KEYS[1], 'run_deadline', now + limit) end
 count(KEYS[3], 'PENDING', -1)
 count(KEYS[3], 'RUNNING', 1)
+job_changed(KEYS[3], ARGV[1], 'RUNNING', ARGV[2])
 count_in_array(KEYS[1], j[8], 'PENDING', -1)
 count_in_array(KEYS[1], j[8], 'RUNNING', 1)
 return {1, limit, attempt}

@@ -59,6 +59,7 @@
 -- is refused when a job holds one of its ids, and such a job when an array holds it.
 --
 --! include lib/counts.lua
+--! include lib/changes.lua
 local function counted(code)
   redis.call('HINCRBY', KEYS[14], 'submissions:' .. ARGV[10] .. ':' .. code, 1)
   return code
@@ -140,6 +141,7 @@ end
 redis.call('ZADD', KEYS[2], seq, ARGV[6])
 redis.call('ZADD', KEYS[10], seq, ARGV[6])
 count(KEYS[11], 'PENDING', tasks or 1)
+job_changed(KEYS[11], ARGV[7], tasks and 'ARRAY' or 'PENDING')
 redis.call('SADD', KEYS[13], ARGV[10])
 if #deps > 0 then
   redis.call('HSET', KEYS[1], 'deps_left', #deps)

@@ -421,7 +421,7 @@ def document() -> dict[str, Any]:
                     {
                         "name": "since",
                         "in": "query",
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,20}-[0-9]{1,20}$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}-[0-9]{1,18}$"},
                     },
                     {"name": "wait", "in": "query", "schema": {"type": "number", "minimum": 0, "maximum": 60}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},

@@ -15,7 +15,10 @@ import redis
 from poolq import keys
 from poolq.redis_io import Scripts, redis_errors
 
-CURSOR = re.compile(r"\d{1,20}-\d{1,20}")  # an entry's id, "<ms>-<n>"; "0-0" before any entry
+# An entry's id, "<ms>-<n>" ("0-0" before any entry). At most 18 digits a part: far past
+# any clock, and clear of the largest id Redis has, after which it has no range to read.
+CURSOR = re.compile(r"\d{1,18}-\d{1,18}")
+
 MAX_CHANGES = 1000  # most changes one answer holds
 
 

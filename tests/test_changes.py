@@ -227,6 +227,7 @@ def test_a_cursor_of_a_tenant_forgotten_since_is_410(app: App, redis_client: red
     [
         ({"since": "abc"}, "since"),
         ({"since": "1-2-3"}, "since"),
+        ({"since": "18446744073709551615-18446744073709551615"}, "since"),  # the largest id: nothing after it
         ({"since": "0-0", "wait": "-1"}, "wait"),
         ({"since": "0-0", "wait": "61"}, "wait"),
         ({"since": "0-0", "wait": "nan"}, "wait"),

@@ -285,6 +285,12 @@ class JobRun(threading.Thread):
             self._kill_cgroup()
             agent.guardian.forget(self.process.pid)
         code = self.process.returncode
+        if code == -signal.SIGKILL and not self.fenced:
+            # The guardian fences by the same clock as the agent's loop and may kill first:
+            # a job killed once the lease ran out was fenced, whoever noticed first.
+            lost = agent.lease_lost()
+            if lost:
+                self.fenced = f"node {agent.node_id} lost its lease: {lost}; its jobs were killed"
         out_of_memory = cgroup.oom_killed(code)
         self._give_back_cgroup(reusable=not out_of_memory)
         if out_of_memory and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):

@@ -599,25 +599,20 @@ class JobStore:
     def read_many(
         self, tenant: str, submission_ids: Iterable[str]
     ) -> dict[str, tuple[dict[str, str], dict[str, str] | None]]:
-        """``read`` for many jobs in two round trips: those that exist, by id."""
-        ids = list(dict.fromkeys(submission_ids))
-        pipe = self.redis.pipeline(transaction=False)
-        for submission_id in ids:
-            pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        found = {i: f for i, f in zip(ids, pipe.execute()) if JobFields.SPEC in f}
-        shapes = self._shapes_of(list(found.values()))
-        return {i: (f, shapes.get(f.get(JobFields.SHAPE, ""))) for i, f in found.items()}
-
-    @redis_errors("the read")
-    def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:
-        """Records of the ids that exist in the tenant, in the order asked; one round trip
+        """``read`` for many jobs, those that exist, by id in the order asked; one round trip
         (two while some wait for placement)."""
         ids = list(dict.fromkeys(submission_ids))
         pipe = self.redis.pipeline(transaction=False)
         for submission_id in ids:
             pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        found = [f or self.arrays.read_task(tenant, i) or {} for i, f in zip(ids, pipe.execute())]
-        return self._render([f for f in found if JobFields.SPEC in f])
+        hashes = [f or self.arrays.read_task(tenant, i) or {} for i, f in zip(ids, pipe.execute())]
+        found = {i: f for i, f in zip(ids, hashes) if JobFields.SPEC in f}
+        shapes = self._shapes_of(list(found.values()))
+        return {i: (f, shapes.get(f.get(JobFields.SHAPE, ""))) for i, f in found.items()}
+
+    def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Records of the ids that exist in the tenant, in the order asked (``read_many``)."""
+        return [render_record(f, shape) for f, shape in self.read_many(tenant, submission_ids).values()]
 
     @redis_errors("the listing")
     def list_tasks(

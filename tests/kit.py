@@ -133,6 +133,16 @@ def wait_record(app: Any, submission_id: str, predicate: Callable[[dict[str, Any
     return wait_for(check, timeout=timeout, interval=0.05, what=f"{submission_id} {what}")  # type: ignore[return-value]
 
 
+def start(store: JobStore, job_ref: str, node_id: str) -> None:
+    """What a node agent does when it starts a job placed on its node (start.lua)."""
+    tenant = keys.split_ref(job_ref)[0]
+    code = store.scripts.start(
+        keys=[keys.job(job_ref), keys.node_inbox(node_id), keys.tenant_counts(tenant), keys.limits(tenant)],
+        args=[job_ref, node_id, f"running on node {node_id}", 1, ""],
+    )
+    assert code[0] == 1, code
+
+
 def is_placed(found: dict[str, Any]) -> bool:
     """Placed on a static node: still PENDING (no agent starts it), with its node."""
     return found["status"] == "PENDING" and found["driver_node_id"] is not None

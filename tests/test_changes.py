@@ -44,16 +44,6 @@ def follow(app: App, since: str, tenant: str = "default") -> tuple[list[dict[str
     return result.json["changes"], result.json["cursor"]
 
 
-def start(store: JobStore, submission_id: str, node_id: str, tenant: str = "default") -> None:
-    """What a node agent does when it starts a job (start.lua)."""
-    ref = keys.ref(tenant, submission_id)
-    code, _, _ = store.scripts.start(
-        keys=[keys.job(ref), keys.node_inbox(node_id), keys.tenant_counts(tenant), keys.limits(tenant)],
-        args=[ref, node_id, f"running on node {node_id}", "test-incarnation", ""],
-    )
-    assert code == 1
-
-
 def test_a_jobs_life_is_in_the_feed_in_order_with_the_records_etag(app: App, store: JobStore,
                                                                     admin: NodeAdmin) -> None:
     add_node(admin, "n1", pool="default")
@@ -61,7 +51,7 @@ def test_a_jobs_life_is_in_the_feed_in_order_with_the_records_etag(app: App, sto
     assert bookmark.status == 200 and bookmark.json == {"changes": [], "cursor": "0-0"}
     submission_id = kit.submit(app, timeout_ms=0)
     Scheduler(store).place_waiting()
-    start(store, submission_id, "n1")
+    kit.start(store, keys.ref("default", submission_id), "n1")
     assert store.finish(keys.ref("default", submission_id), JobStatus.SUCCEEDED) == Ending.MOVED
 
     seen, cursor = follow(app, "0-0")

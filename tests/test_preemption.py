@@ -125,16 +125,6 @@ def test_the_fewest_victims_lowest_priority_first() -> None:
     assert fewest_victims(node, {"CPU": 1000}, jobs) is None  # it fits already: no one is stopped
 
 
-def start(store: JobStore, job_ref: str, node_id: str) -> None:
-    """What an executor of a static node does when it starts a job (start.lua)."""
-    tenant = keys.split_ref(job_ref)[0]
-    code = store.scripts.start(
-        keys=[keys.job(job_ref), keys.node_inbox(node_id), keys.tenant_counts(tenant), keys.limits(tenant)],
-        args=[job_ref, node_id, f"running on node {node_id}", 1, ""],
-    )
-    assert code[0] == 1
-
-
 def test_preemption_step_by_step_keeps_the_freed_room_for_its_job(
     app: Any, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
@@ -143,7 +133,7 @@ def test_preemption_step_by_step_keeps_the_freed_room_for_its_job(
     scheduler = Scheduler(store)
     scheduler.place_waiting()
     for submission_id in low:
-        start(store, keys.ref("low", submission_id), "n1")
+        kit.start(store, keys.ref("low", submission_id), "n1")
     set_quota(redis_client, "high", preempt=True)
 
     def flagged() -> list[str]:

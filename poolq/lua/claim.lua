@@ -34,6 +34,7 @@
 --! include lib/fair_share.lua
 --! include lib/counts.lua
 --! include lib/array.lua
+--! include lib/slices.lua
 local done = redis.call('GET', KEYS[7])
 if done then return cjson.decode(done) end
 local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
@@ -167,13 +168,9 @@ while taken < limit and not alone do
     end
   end
 end
--- Many members a call, in slices that stay well within Lua's stack.
-local function each_slice(list, step, call)
-  for s = 1, #list, step do call(unpack(list, s, math.min(s + step - 1, #list))) end
-end
-for queue, refs in pairs(leaving) do each_slice(refs, 1000, function(...) redis.call('ZREM', queue, ...) end) end
-each_slice(leases, 1000, function(...) redis.call('ZADD', KEYS[2], ...) end)
-each_slice(holders, 1000, function(...) redis.call('HSET', KEYS[6], ...) end)
+for queue, refs in pairs(leaving) do each_slice(refs, function(...) redis.call('ZREM', queue, ...) end) end
+each_slice(leases, function(...) redis.call('ZADD', KEYS[2], ...) end)
+each_slice(holders, function(...) redis.call('HSET', KEYS[6], ...) end)
 for _, st in pairs(arrays) do
   if st.dirty then redis.call('HSET', st.k.array, 'anext', st.a.anext, 'askip', st.a.askip) end
 end

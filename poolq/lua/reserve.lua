@@ -110,6 +110,7 @@ end
 
 --! include lib/fair_share.lua
 --! include lib/changes.lua
+--! include lib/slices.lua
 
 local function wake_node(kind, wake_flag, node_id)
   if kind == 'agent' and redis.call('SET', wake_flag, '1', 'NX', 'PX', ARGV[2]) then
@@ -294,10 +295,6 @@ while i < n do
   end
 end
 
--- Many members a call, in slices that stay well within Lua's stack.
-local function each_slice(list, call)
-  for s = 1, #list, 1000 do call(unpack(list, s, math.min(s + 999, #list))) end
-end
 if placed > 0 then
   for b, le in ipairs(buckets) do
     if placed_in[b] > 0 then redis.call('HINCRBY', KEYS[5], 'placement_le:' .. le[1], placed_in[b]) end

@@ -288,9 +288,7 @@ class JobRun(threading.Thread):
         if code == -signal.SIGKILL and not self.fenced:
             # The guardian fences by the same clock as the agent's loop and may kill first:
             # a job killed once the lease ran out was fenced, whoever noticed first.
-            lost = agent.lease_lost()
-            if lost:
-                self.fenced = f"node {agent.node_id} lost its lease: {lost}; its jobs were killed"
+            self.fenced = agent.lease_lost()
         out_of_memory = cgroup.oom_killed(code)
         self._give_back_cgroup(reusable=not out_of_memory)
         if out_of_memory and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):
@@ -631,9 +629,9 @@ class Agent:
 
     def lease_lost(self) -> str | None:
         """Why the lease is gone, by the clock (the last heartbeat Redis accepted is older
-        than the fence), or None while it holds."""
+        than the fence), naming the node as a job's record says it; None while it holds."""
         if boottime() - self.last_beat > self.settings.fence_s:
-            return f"no heartbeat reached Redis for {self.settings.fence_s:g} s"
+            return f"node {self.node_id} lost its lease: no heartbeat reached Redis for {self.settings.fence_s:g} s"
         return None
 
     def fence(self, reason: str) -> None:
@@ -642,11 +640,11 @@ class Agent:
             return
         self.fenced = reason
         message = f"{reason}; its jobs were killed so that none runs on capacity given to others"
-        log.warning("node %s fenced: %s", self.node_id, message)
+        log.warning("fenced: %s", message)
         with self._lock:
             runs = list(self.running.values())
         for run in runs:
-            run.fence(f"node {self.node_id} lost its lease: {message}")
+            run.fence(message)
 
     def recover_from_fence(self) -> None:
         """Register again (a new incarnation) once every fenced job has ended."""

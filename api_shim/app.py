@@ -110,8 +110,14 @@ class App:
         origin = environ.get("HTTP_ORIGIN")
         if origin and origin in self.settings.cors_origins:
             headers = [*headers, ("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
-        headers = [*headers, ("Content-Length", str(len(response.body)))]
-        start_response(f"{response.status} {REASONS.get(response.status, '')}", headers)
+        status = f"{response.status} {REASONS.get(response.status, '')}"
+        if response.stream is not None:  # no length: the server sends it chunked
+            start_response(status, headers)
+            if request.method == "HEAD":
+                response.stream.close()
+                return [b""]
+            return response.stream
+        start_response(status, [*headers, ("Content-Length", str(len(response.body)))])
         return [b""] if request.method == "HEAD" else [response.body]
 
     def handle(self, request: Request) -> Response:

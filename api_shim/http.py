@@ -29,11 +29,46 @@ class HTTPError(PoolqError):
         self.status, self.error, self.headers, self.extra = status, error, list(headers), extra
 
 
+class Stream:
+    """A response body sent as it is made (chunked): the chunks of ``chunks``, then
+    ``done()``, called once however the stream ends: at its last chunk, when the client
+    has gone (the server closes the stream at its next write), or before it started.
+
+    A stream holds one of the server's threads from its first chunk to its close, so
+    every route that answers with one bounds how many it holds (docs/api.md).
+    """
+
+    def __init__(self, chunks: Iterator[bytes], done: Callable[[], object]):
+        self._chunks, self._done, self._closed = chunks, done, False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._done()
+
+
 @dataclasses.dataclass
 class Response:
     status: int = 200
     body: bytes = b""
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    stream: Stream | None = None  # sent instead of body, as it is made
 
     @classmethod
     def json(cls, payload: Any, status: int = 200, headers: Iterable[tuple[str, str]] = ()) -> Response:

@@ -25,7 +25,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from poolq.errors import NotFound, Unavailable
-from poolq.store import LogRead
+from poolq.store import JobStore, LogRead
 
 if TYPE_CHECKING:
     from api_shim.app import App
@@ -88,34 +88,57 @@ class LogTails:
     async def follow(self, receive: Receive, send: Send, tenant: str, submission_id: str) -> int:
         """Send the job's output until it has ended and all was sent; the close code."""
         gone = asyncio.ensure_future(_client_gone(receive))
-        offset, wait, unavailable_since = 0, FIRST_POLL_S, None
+        follow = LogFollow(self.store, tenant, submission_id, 0, self.max_poll_s)
         loop = asyncio.get_running_loop()
         try:
             while not gone.done():
                 try:
-                    read: LogRead = await self.threads.call(self.store.log_since, tenant, submission_id, offset)
-                except NotFound:  # deleted meanwhile: nothing more will come
-                    return NORMAL_CLOSE
+                    read = await self.threads.call(follow.read, loop.time())
                 except Unavailable as exc:
-                    unavailable_since = unavailable_since or loop.time()
-                    if loop.time() - unavailable_since > REDIS_GRACE_S:
-                        log.warning("log tail of %s ended: %s", submission_id, exc)
-                        return SERVER_ERROR
-                    read = LogRead(b"", offset, False)
-                else:
-                    unavailable_since = None
+                    log.warning("log tail of %s ended: %s", submission_id, exc)
+                    return SERVER_ERROR
                 text = read.data.decode("utf-8", "replace")
                 for start in range(0, len(text), FRAME_CHARS):
                     async with asyncio.timeout(self.send_timeout_s):
                         await send({"type": "websocket.send", "text": text[start : start + FRAME_CHARS]})
                 if read.ended:
                     return NORMAL_CLOSE
-                wait = FIRST_POLL_S if read.data else min(wait * 2, self.max_poll_s)
-                offset = read.offset
-                await asyncio.wait([gone], timeout=wait)
+                await asyncio.wait([gone], timeout=follow.wait)
             return NORMAL_CLOSE
         finally:
             gone.cancel()  # also lets go of the socket's reading side, which the close needs
+
+
+class LogFollow:
+    """One follower's place in a job's output, and its pace: what the WebSocket tail and
+    ``GET /api/jobs/{id}/logs?follow=1`` share. Each ``read`` is one look at Redis; then
+    wait ``wait`` seconds: FIRST_POLL_S after new output, doubling while none comes, up
+    to ``max_poll_s``."""
+
+    def __init__(self, store: JobStore, tenant: str, submission_id: str, offset: int, max_poll_s: float):
+        self.store, self.tenant, self.submission_id = store, tenant, submission_id
+        self.offset, self.max_poll_s = offset, max_poll_s
+        self.wait = FIRST_POLL_S
+        self._unavailable_since: float | None = None
+
+    def read(self, now: float) -> LogRead:
+        """The output after the last read (``ended``: nothing more will come; a job deleted
+        meanwhile has ended too). Redis unavailable is an empty read, until it has been
+        so for REDIS_GRACE_S: then Unavailable."""
+        try:
+            read = self.store.log_since(self.tenant, self.submission_id, self.offset)
+        except NotFound:
+            return LogRead(b"", self.offset, True)
+        except Unavailable:
+            self._unavailable_since = self._unavailable_since or now
+            if now - self._unavailable_since > REDIS_GRACE_S:
+                raise
+            read = LogRead(b"", self.offset, False)
+        else:
+            self._unavailable_since = None
+        self.wait = FIRST_POLL_S if read.data else min(self.wait * 2, self.max_poll_s)
+        self.offset = read.offset
+        return read
 
 
 async def _client_gone(receive: Receive) -> None:

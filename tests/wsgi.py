@@ -22,6 +22,19 @@ class Result:
 
 def call(app: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None, content_type: str | None = "application/json") -> Result:
     """Send one request; ``body`` is JSON-encoded unless ``raw`` bytes are given."""
+    status, response_headers, chunks = open_stream(app, method, path, body, headers, raw, content_type)
+    try:
+        return Result(status, response_headers, b"".join(chunks))
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+def open_stream(app: Any, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None, content_type: str | None = "application/json") -> tuple[int, dict[str, str], Any]:
+    """Send one request and return its status, headers and the body's iterable, unread:
+    the test takes each chunk (``next``) as a server would, and closes it as a server
+    does when the client has gone."""
     url = urlsplit(path)
     data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
     environ: dict[str, Any] = {
@@ -50,4 +63,4 @@ def call(app: Any, method: str, path: str, body: Any = None, headers: dict[str, 
         captured["headers"] = dict(response_headers)
 
     chunks = app(environ, start_response)
-    return Result(captured["status"], captured["headers"], b"".join(chunks))
+    return captured["status"], captured["headers"], chunks

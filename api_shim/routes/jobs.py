@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import quote, urlencode
 
-from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, is_digits
+from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, Stream, is_digits
+from api_shim.tail import LogFollow
 from poolq import tokens
-from poolq.changes import CURSOR, MAX_CHANGES
+from poolq.changes import CURSOR, MAX_CHANGES, Change, Page
 from poolq.errors import InvalidRequest, PoolqError, Unavailable
 from poolq.model import JobFields, JobStatus, render_record
 from poolq.schemas import MAX_ARRAY_TASKS, check_headers, parse_json
@@ -22,10 +25,18 @@ MAX_BATCH = 1000
 MAX_IDS = 100
 MAX_LIMIT = 1000
 MAX_WAIT_S = 60.0
+HEARTBEAT_S = 15.0  # an event stream with nothing to say sends a comment this often
+FOLLOW_IDLE_S = 600.0  # a log follow ends after this long without output (a client that left goes unseen until then)
+TOO_MANY_STREAMS = (
+    "this server process holds as many waiting requests and streams as it may (POOLQ_MAX_WAITERS); retry, "
+    "or poll: GET /api/jobs/changes?since=C, GET /api/jobs/{id}/logs?offset=N"
+)
+FEED_LEFT_BEHIND = "this stream fell behind the oldest change the feed keeps: list the jobs again, then follow from cursor"
 TAIL_OFF = (
     "this server does not serve log tails over WebSocket (POOLQ_API_WEBSOCKETS=0, or not run by `poolq api`): "
     "follow a job with GET /api/jobs/{id}/logs?offset=N"
 )
+log = logging.getLogger("poolq.api")
 HOST = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")  # a name, IPv4 or a bracketed IPv6
 
 
@@ -162,7 +173,8 @@ class Jobs:
 
     def changes(self, request: Request) -> Response:
         """The tenant's job changes after a cursor, oldest first (docs/api.md, "Following
-        changes"); with ``wait``, held until there is one or the wait ends."""
+        changes"); with ``wait``, held until there is one or the wait ends; with
+        ``Accept: text/event-stream``, sent as Server-Sent Events as they come."""
         tenant = request.tenant_or_400()
         errors: dict[str, list[str]] = {}
         since = request.query("since")
@@ -170,17 +182,28 @@ class Jobs:
             errors["since"] = ['must be a cursor this route answered ("<ms>-<n>")']
         limit = _int_param(request.query("limit"), "limit", 1, MAX_CHANGES, errors, default=MAX_CHANGES) or 1
         wait_s = _seconds_param(request.query("wait"), "wait", MAX_WAIT_S, errors)
+        events = "text/event-stream" in (request.header("Accept") or "")
+        if events and since is None and request.header("Last-Event-ID") is not None:
+            since = request.header("Last-Event-ID")  # an EventSource resuming
+            if not CURSOR.fullmatch(since or ""):
+                errors["Last-Event-ID"] = ['must be the id of an event this route sent ("<ms>-<n>")']
         if errors:
             raise InvalidRequest(errors, "invalid query")
+        if events:
+            return self._change_events(tenant, since, limit)
         headers: list[tuple[str, str]] = []
         holds = since is not None and wait_s > 0 and self.waiters.acquire(blocking=False)
         if since is not None and wait_s > 0 and not holds:
             headers.append(("Retry-After", "1"))  # this process holds all the waits it may: ask again then
         try:
-            page = self.store.changes.read(tenant, since, limit, wait_s if holds else 0.0)
+            page = self._first_page(tenant, since, limit, wait_s if holds else 0.0)
         finally:
             if holds:
                 self.waiters.release()
+        return Response.json({"changes": self._render(tenant, page.changes), "cursor": page.cursor}, headers=headers)
+
+    def _first_page(self, tenant: str, since: str | None, limit: int, wait_s: float) -> Page:
+        page = self.store.changes.read(tenant, since, limit, wait_s)
         if page.gone:
             raise HTTPError(
                 410,
@@ -188,9 +211,13 @@ class Jobs:
                 "from the cursor of this answer (the feed's position now)",
                 cursor=page.cursor,
             )
-        records = self.store.read_many(tenant, {c.submission_id for c in page.changes})
+        return page
+
+    def _render(self, tenant: str, changes: list[Change]) -> list[dict[str, Any]]:
+        """The changes as the API shows them, each with its record's ETag now."""
+        records = self.store.read_many(tenant, {c.submission_id for c in changes})
         etags = {i: '"' + _digest(fields, shape) + '"' for i, (fields, shape) in records.items()}
-        changes = [
+        return [
             {
                 "submission_id": c.submission_id,
                 "status": c.status,
@@ -199,9 +226,38 @@ class Jobs:
                 "cursor": c.cursor,
                 "etag": etags.get(c.submission_id),
             }
-            for c in page.changes
+            for c in changes
         ]
-        return Response.json({"changes": changes, "cursor": page.cursor}, headers=headers)
+
+    def _change_events(self, tenant: str, since: str | None, limit: int) -> Response:
+        """The change feed as Server-Sent Events: each change an event whose id is its cursor
+        (an EventSource resumes with it as Last-Event-ID), a comment every HEARTBEAT_S while
+        none comes (which is how a client that left is noticed), and a last event saying
+        why the stream ended, if it ends: ``gone`` (as the 410) or ``error`` (as the 503)."""
+        page = self._first_page(tenant, since, limit, 0.0)  # a 410 or 503 is an answer, before any event
+        if not self.waiters.acquire(blocking=False):
+            raise HTTPError(503, TOO_MANY_STREAMS, [("Retry-After", "1")])
+
+        def events() -> Iterator[bytes]:
+            nonlocal page
+            start = since or page.cursor  # where a client that resumes from the first event starts
+            chunk = b"retry: 1000\n" + _event("cursor", start, {"cursor": start})
+            while True:
+                if page.changes:
+                    chunk += b"".join(_event("change", c["cursor"], c) for c in self._render(tenant, page.changes))
+                yield chunk or b": nothing new\n\n"
+                chunk = b""
+                try:
+                    page = self.store.changes.read(tenant, page.cursor, limit, HEARTBEAT_S)
+                except Unavailable as exc:
+                    yield _event("error", None, {"error": str(exc)})
+                    return
+                if page.gone:
+                    yield _event("gone", None, {"error": FEED_LEFT_BEHIND, "cursor": page.cursor})
+                    return
+
+        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
+        return Response(200, headers=headers, stream=Stream(events(), self.waiters.release))
 
     def _list_tasks(
         self, tenant: str, array_id: str, status: JobStatus | None, pool_label: str | None, limit: int, start: int
@@ -233,8 +289,48 @@ class Jobs:
             if not is_digits(offset_text) or len(offset_text) > 18:
                 raise InvalidRequest({"offset": ["must be a non-negative integer"]}, "invalid query")
             offset = int(offset_text)
-        text, next_offset = self.store.logs(request.tenant_or_400(), request.params["submission_id"], offset)
+        follow = request.query("follow")
+        if follow not in (None, "0", "1", "true", "false"):
+            raise InvalidRequest({"follow": ["must be 1 or 0 (true or false)"]}, "invalid query")
+        tenant, submission_id = request.tenant_or_400(), request.params["submission_id"]
+        if follow in ("1", "true"):
+            return self._follow_logs(tenant, submission_id, offset or 0)
+        text, next_offset = self.store.logs(tenant, submission_id, offset)
         return Response.json({"logs": text}, headers=[("X-Log-Offset", str(next_offset))])
+
+    def _follow_logs(self, tenant: str, submission_id: str, offset: int) -> Response:
+        """The job's output as it is written (docs/api.md): plain text, chunked, ending when
+        the job has ended and all was sent, or after FOLLOW_IDLE_S without output (resume
+        with ``offset``: X-Log-Start plus the bytes received)."""
+        first = self.store.log_since(tenant, submission_id, offset)  # a 404 or 503 is an answer, before any output
+        follow = LogFollow(self.store, tenant, submission_id, first.offset, self.settings.log_tail_poll_s)
+        if not self.waiters.acquire(blocking=False):
+            raise HTTPError(503, TOO_MANY_STREAMS, [("Retry-After", "1")])
+        start = first.offset - len(first.data)
+
+        def output() -> Iterator[bytes]:
+            read, quiet_since = first, time.monotonic()
+            while True:
+                if read.data:
+                    yield read.data
+                    quiet_since = time.monotonic()
+                if read.ended or time.monotonic() - quiet_since > FOLLOW_IDLE_S:
+                    return
+                time.sleep(follow.wait)
+                try:
+                    read = follow.read(time.monotonic())
+                except Unavailable:
+                    log.warning("the log follow of %s ended: Redis has not answered for a while", submission_id)
+                    return
+
+        headers = [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Cache-Control", "no-store"),
+            ("X-Accel-Buffering", "no"),
+            ("X-Content-Type-Options", "nosniff"),
+            ("X-Log-Start", str(start)),
+        ]
+        return Response(200, headers=headers, stream=Stream(output(), self.waiters.release))
 
     def tail(self, request: Request) -> Response:
         """The log tail's handshake, for a job the tenant can see (api_shim/tail.py): here a
@@ -264,6 +360,12 @@ class Jobs:
         if not HOST.fullmatch(host):
             host = request.environ.get("SERVER_NAME", "127.0.0.1")
         return f"{request.environ.get('wsgi.url_scheme', 'http')}://{host}:{self.settings.api_tail_port}"
+
+
+def _event(kind: str, event_id: str | None, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Event; its data is one line of JSON."""
+    head = f"event: {kind}\n" + (f"id: {event_id}\n" if event_id else "")
+    return (head + "data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n\n").encode()
 
 
 def prefer_wait(header: str | None) -> float | None:

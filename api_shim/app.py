@@ -17,6 +17,7 @@ from api_shim.routes.meta import Meta
 from api_shim.routes.metrics import Metrics
 from api_shim.routes.nodes import Nodes
 from api_shim.routes.packages import Packages
+from api_shim.routes.ui import Ui
 from poolq import tokens
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, StorageFull, TooMany, Unavailable
 from poolq.messaging import Waker, celery_waker
@@ -28,7 +29,12 @@ from poolq.store import JobStore
 
 log = logging.getLogger("poolq.api")
 
-OPEN_ROUTES = {"/healthz", "/livez"}  # answered without a token
+OPEN_ROUTES = {
+    "/healthz",
+    "/livez",
+    "/ui",
+    "/ui/{file}",
+}  # answered without a token (the dashboard's files hold no data)
 TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
 TAIL_ROUTE = "/api/jobs/{submission_id}/logs/tail"  # a WebSocket (api_shim/tail.py)
 BAD_TICKET = (
@@ -41,6 +47,8 @@ REASONS = {
     200: "OK",
     204: "No Content",
     304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     403: "Forbidden",
@@ -79,6 +87,7 @@ class App:
         packages = Packages(self.store, settings)
         nodes = Nodes(self.store.redis)
         meta = Meta(self.store, settings)
+        ui = Ui()
         self.router = Router(
             [
                 Route("/api/jobs", {"POST": jobs.submit, "GET": jobs.list_jobs}),
@@ -96,6 +105,8 @@ class App:
                 Route("/healthz", {"GET": meta.healthz}),
                 Route("/livez", {"GET": meta.livez}),
                 Route("/metrics", {"GET": Metrics(self.store.redis, self.request_metrics.flush).metrics}),
+                Route("/ui", {"GET": ui.index}),
+                Route("/ui/{file}", {"GET": ui.file}),
             ]
         )
 

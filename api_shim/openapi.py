@@ -80,7 +80,7 @@ BEARER = {
     "server runs with POOLQ_AUTH=tokens (the default on any address but loopback): each operation's security "
     "also lists `{}`, no authentication, which is how a server with POOLQ_AUTH=none answers.",
 }
-OPEN_PATHS = {"/healthz", "/livez"}
+OPEN_PATHS = {"/healthz", "/livez", "/ui", "/ui/{file}"}
 RATE_LIMITED = ("/api/jobs", "/api/packages")
 RETRY_AFTER = {
     "Retry-After": {
@@ -244,6 +244,12 @@ def _answer(description: str, schema: Any = None, headers: dict[str, Any] | None
         answer["content"] = {JSON: {"schema": schema}}
     if headers:
         answer["headers"] = headers
+    return answer
+
+
+def _with_stream(answer: dict[str, Any], media_type: str) -> dict[str, Any]:
+    """An answer that is also sent as a stream of ``media_type``, when asked for."""
+    answer["content"][media_type] = {"schema": {"type": "string"}}
     return answer
 
 
@@ -414,7 +420,10 @@ def document() -> dict[str, Any]:
                     "now (take it, list the jobs, then follow from it). With `wait`, the answer is held until "
                     "there is a change or the wait ends; an API process holds a bounded number of waits "
                     "(POOLQ_MAX_WAITERS, shared with `Prefer: wait`), beyond which it answers at once with "
-                    "Retry-After: 1. The feed keeps a tenant's last 100,000 changes: an older cursor is 410."
+                    "Retry-After: 1. The feed keeps a tenant's last 100,000 changes: an older cursor is 410. "
+                    "With `Accept: text/event-stream`, the changes are sent as Server-Sent Events as they "
+                    "happen (event `change`, its id the change's cursor; `Last-Event-ID` resumes after it); "
+                    "beyond POOLQ_MAX_WAITERS such a stream is 503 with Retry-After: 1."
                 ),
                 "parameters": [
                     TENANT,
@@ -427,10 +436,13 @@ def document() -> dict[str, Any]:
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
                 ],
                 "responses": {
-                    "200": _answer(
-                        "the changes after the cursor and the cursor to follow from",
-                        _obj({"changes": {"type": "array", "items": change}, "cursor": {"type": "string"}}),
-                        {"Retry-After": {"schema": {"type": "integer"}, "description": "the wait was not held"}},
+                    "200": _with_stream(
+                        _answer(
+                            "the changes after the cursor and the cursor to follow from",
+                            _obj({"changes": {"type": "array", "items": change}, "cursor": {"type": "string"}}),
+                            {"Retry-After": {"schema": {"type": "integer"}, "description": "the wait was not held"}},
+                        ),
+                        "text/event-stream",
                     ),
                     **_errors(400, 410, 503),
                 },
@@ -487,12 +499,26 @@ def document() -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": 10**18 - 1},
                     },
+                    {
+                        "name": "follow",
+                        "in": "query",
+                        "description": "1: the output itself (text/plain, chunked) as it is written, to the job's end",
+                        "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+                    },
                 ],
                 "responses": {
-                    "200": _answer(
-                        "output kept so far",
-                        _obj({"logs": {"type": "string"}}),
-                        {"X-Log-Offset": {"schema": {"type": "integer"}, "description": "offset after this output"}},
+                    "200": _with_stream(
+                        _answer(
+                            "output kept so far; with follow=1, the output as it is written (X-Log-Start: its offset)",
+                            _obj({"logs": {"type": "string"}}),
+                            {
+                                "X-Log-Offset": {
+                                    "schema": {"type": "integer"},
+                                    "description": "offset after this output",
+                                }
+                            },
+                        ),
+                        "text/plain",
                     ),
                     **_errors(400, 404, 503),
                 },
@@ -619,6 +645,32 @@ def document() -> dict[str, Any]:
             }
         },
     )
+    for path, summary in (
+        ("/ui", "The dashboard (a redirect to /ui/, which is its page)"),
+        ("/ui/{file}", "The dashboard's files: index.html, ui.js, ui.css"),
+    ):
+        parameters = [{"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}]
+        spec.path(
+            path,
+            operations={
+                "get": {
+                    "summary": summary,
+                    "parameters": parameters if "{file}" in path else [],
+                    "responses": {
+                        "200": {
+                            "description": "the file",
+                            "content": {
+                                kind: {"schema": {"type": "string"}}
+                                for kind in ("text/html", "text/javascript", "text/css")
+                            },
+                        },
+                        "304": _answer("unchanged (If-None-Match)"),
+                        "308": {"description": "to /ui/", "headers": {"Location": {"schema": {"type": "string"}}}},
+                        **_errors(404),
+                    },
+                }
+            },
+        )
     spec.path(
         "/healthz",
         operations={

@@ -455,7 +455,8 @@ def _steer(case: Any, live: LiveAPI) -> None:
     for a seeded job's id, so that records, logs, stop and delete answer for real.
     A positive job body gets a working_dir the server can accept (see
     POSITIVE_ACCEPTANCE_INAPPLICABLE), so that submissions, duplicates and batch results
-    are exercised too. `Prefer: wait=N` and a wait for changes would hold the answer N s (no placement worker here).
+    are exercised too. `Prefer: wait=N` and a wait for changes would hold the answer N s (no placement worker
+    here), and a log follow until the job ends.
     """
     from schemathesis.core.parameters import ParameterLocation
 
@@ -476,6 +477,8 @@ def _steer(case: Any, live: LiveAPI) -> None:
         del case.headers["Prefer"]
     if case.query and "wait" in case.query and not meta.is_negative_at(ParameterLocation.QUERY):
         case.query["wait"] = 0  # a wait for changes would hold the answer as long (tests/test_changes.py waits)
+    if case.query and "follow" in case.query and not meta.is_negative_at(ParameterLocation.QUERY):
+        case.query["follow"] = "0"  # a follow of a job that never ends never ends (tests/test_streams.py follows)
     tenant = (case.headers or {}).get("X-Tenant-Id")
     if isinstance(tenant, str) and not tenant.isascii():
         # granian hands a header value with non-ASCII bytes to the app as "", which the

@@ -31,7 +31,9 @@ TOO_MANY_STREAMS = (
     "this server process holds as many waiting requests and streams as it may (POOLQ_MAX_WAITERS); retry, "
     "or poll: GET /api/jobs/changes?since=C, GET /api/jobs/{id}/logs?offset=N"
 )
-FEED_LEFT_BEHIND = "this stream fell behind the oldest change the feed keeps: list the jobs again, then follow from cursor"
+FEED_LEFT_BEHIND = (
+    "this stream fell behind the oldest change the feed keeps: list the jobs again, then follow from cursor"
+)
 TAIL_OFF = (
     "this server does not serve log tails over WebSocket (POOLQ_API_WEBSOCKETS=0, or not run by `poolq api`): "
     "follow a job with GET /api/jobs/{id}/logs?offset=N"

@@ -13,6 +13,7 @@ process it starts is stopped when it ends, also on an error or Ctrl-C):
 | list | the first page of GET /api/jobs with 10,000 to 1,000,000 records |
 | memory | Redis bytes per finished record; RSS of an API process and of a node agent |
 | arrays | tasks a second accepted in arrays of 1,000 and 100,000, against Slurm's sbatch --array when installed |
+| feed | following 10,000 jobs with 100 changes/s: the change feed against polling; the long polls a process holds |
 
 Exit status: 0 when every scenario ran (whether or not it met its targets, which the
 report says), 1 when a scenario could not run, 2 for an unknown scenario, 130 on Ctrl-C.
@@ -33,7 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import scenarios, scenarios_arrays, scenarios_workers
+from bench import scenarios, scenarios_arrays, scenarios_feed, scenarios_workers
 from bench.figures import Figure, ScenarioResult, number
 from bench.notes import not_met_section
 from bench.scenarios import Context
@@ -49,6 +50,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "memory": scenarios_workers.memory,
     "fair_share": scenarios_workers.fair_share,
     "arrays": scenarios_arrays.arrays,
+    "feed": scenarios_feed.feed,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

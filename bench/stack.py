@@ -318,3 +318,11 @@ def children_of(pid: int) -> list[int]:
         if int(stat.rpartition(")")[2].split()[1]) == pid:
             found.append(int(entry.name))
     return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc)."""
+    found = [pid]
+    for child in children_of(pid):
+        found += process_tree(child)
+    return found

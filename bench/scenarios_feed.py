@@ -84,6 +84,7 @@ def feed(ctx: Context) -> None:
             to_stop = ids[:]
             random.Random(run).shuffle(to_stop)
             order = MODES[run % len(MODES) :] + MODES[: run % len(MODES)]
+            cpu: dict[str, float] = {}
             for mode in order:
                 window_s = alone_s if mode == "none" else seconds
                 count = int(rate * window_s)
@@ -91,12 +92,39 @@ def feed(ctx: Context) -> None:
                 settle(stack)
                 measured = measure_window(stack, api, api_pids, redis_pid, mode, tenant, ids, batch, rate, window_s)
                 record_window(result, mode, measured)
+                cpu[mode] = measured["api_cpu"] + measured["redis_cpu"]
                 made_rates.append(len(measured["changer"]["answered"]) / window_s)
                 if measured["changer"]["late_p99_ms"] is not None:
                     late.append(measured["changer"]["late_p99_ms"])
                 if mode in sweeps:
                     sweeps[mode] += measured["follower"]["sweep_seconds"]
+            for mode in MODES[1:]:  # windows of one run, next to each other: their difference
+                result.add(f"{mode}.cpu_added", cpu[mode] - cpu["none"], label=added_label(mode), unit="s/s")
+        note_setup(result, jobs, rate, seconds, alone_s, made_rates, late, len(api_pids))
+        for mode, times in sweeps.items():
+            if times:
+                result.note(
+                    f"{mode}: one sweep of the {jobs:,} jobs took {percentile(times, 50):.2f} s (median, "
+                    f"{min(times):.2f}–{max(times):.2f})",
+                    key=f"sweep.{mode}",
+                )
         held_waits(stack, result, ctx.runs)
+
+
+def added_label(mode: str) -> str:
+    return f"{WHAT[mode]}: API + redis-server CPU, less the changes' own (same run)"
+
+
+def note_setup(
+    result: ScenarioResult,
+    jobs: int,
+    rate: float,
+    seconds: float,
+    alone_s: float,
+    made_rates: list[float],
+    late: list[float],
+    api_processes: int,
+) -> None:
     result.note(
         f"each run: {jobs:,} jobs of the seed's body submitted through the batch route to {POOL_LABEL} "
         "(no node has it, and no placement worker runs), so they stay PENDING; one tenant a run"
@@ -110,20 +138,13 @@ def feed(ctx: Context) -> None:
     result.note(
         f"windows of {seconds:g} s with a follower and {alone_s:g} s for the changer alone, in turns, a "
         "different first each run; CPU is /proc utime + stime over the window of the API's process tree "
-        f"({len(api_pids)} processes: granian main, 2 workers, helpers) and of redis-server, in seconds a second"
+        f"({api_processes} processes: granian main, 2 workers, helpers) and of redis-server, in seconds a second"
     )
     result.note(
         f"followers: the feed on one connection (wait={FEED_WAIT_S}, limit 1000), a poller over {CONNECTIONS} "
         f"keep-alive connections, a sweep every {INTERVAL_S:g} s (at once after one that took longer); the "
         "ETag poller reads every job once before the window to learn its ETag"
     )
-    for mode, times in sweeps.items():
-        if times:
-            result.note(
-                f"{mode}: one sweep of the {jobs:,} jobs took {percentile(times, 50):.2f} s (median, "
-                f"{min(times):.2f}–{max(times):.2f})",
-                key=f"sweep.{mode}",
-            )
     result.note(
         f"seen: of the stops answered inside the window, those the follower saw by its end, and by {GRACE_S:g} s "
         "later (a follower goes on that long, a sweep more; its requests and CPU count inside the window only); "
@@ -221,6 +242,7 @@ def record_window(result: ScenarioResult, mode: str, measured: dict[str, Any]) -
     result.add(f"{mode}.redis_cpu", measured["redis_cpu"], label=f"{what}: redis-server CPU", unit="s/s")
     if mode == "none":
         return
+    result.add(f"{mode}.cpu_added", None, label=added_label(mode), unit="s/s")  # its row here; values per run
     follower, answered = measured["follower"], measured["changer"]["answered"]
     bad = {s: n for s, n in follower["statuses"].items() if s not in ("200", "304")}
     if bad or follower["errors"]:

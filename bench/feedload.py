@@ -4,8 +4,9 @@
 must know before the window: the feed's position, the jobs' ETags), prints ``ready``,
 reads the window's start (a wall-clock time, seconds) from stdin, runs until the window
 ends, and a follower ``grace`` seconds more (it still learns of the window's last changes,
-as a dashboard left open would), then prints one JSON result. Times are wall-clock milliseconds (``time.time()``),
-which the changer, the follower and Redis (the feed's ``time``) share on one machine.
+as a dashboard left open would), then prints one JSON result. Times are wall-clock
+milliseconds (``time.time()``), which the changer, the follower and Redis (the feed's
+``time``) share on one machine.
 
 | role | what it does in the window |
 |---|---|

@@ -16,6 +16,7 @@ from api_shim.routes.jobs import Jobs
 from api_shim.routes.meta import Meta
 from api_shim.routes.metrics import Metrics
 from api_shim.routes.nodes import Nodes
+from api_shim.routes.overview import Overview
 from api_shim.routes.packages import Packages
 from api_shim.routes.ui import Ui
 from poolq import tokens
@@ -35,7 +36,7 @@ OPEN_ROUTES = {
     "/ui",
     "/ui/{file}",
 }  # answered without a token (the dashboard's files hold no data)
-TENANT_ROUTES = ("/api/jobs", "/api/packages")  # scoped to the caller's tenant, and rate-limited
+TENANT_ROUTES = ("/api/jobs", "/api/packages", "/api/overview")  # scoped to the caller's tenant, and rate-limited
 TAIL_ROUTE = "/api/jobs/{submission_id}/logs/tail"  # a WebSocket (api_shim/tail.py)
 BAD_TICKET = (
     "this log tail's ticket is missing, altered or expired: open the tail at the API, "
@@ -100,6 +101,7 @@ class App:
                 Route("/api/packages/{protocol}/{name}", {"GET": packages.head, "PUT": packages.put}),
                 Route("/api/nodes", {"GET": nodes.list_nodes}),
                 Route("/api/pools", {"GET": nodes.list_pools}),
+                Route("/api/overview", {"GET": Overview(self.store).overview}),
                 Route("/api/version", {"GET": meta.version}),
                 Route("/api/openapi.json", {"GET": meta.openapi}),
                 Route("/healthz", {"GET": meta.healthz}),

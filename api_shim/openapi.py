@@ -81,7 +81,7 @@ BEARER = {
     "also lists `{}`, no authentication, which is how a server with POOLQ_AUTH=none answers.",
 }
 OPEN_PATHS = {"/healthz", "/livez", "/ui", "/ui/{file}"}
-RATE_LIMITED = ("/api/jobs", "/api/packages")
+RATE_LIMITED = ("/api/jobs", "/api/packages", "/api/overview")
 RETRY_AFTER = {
     "Retry-After": {
         "schema": {"type": "integer", "minimum": 1},
@@ -641,6 +641,44 @@ def document() -> dict[str, Any]:
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     },
                     **_errors(503),
+                },
+            }
+        },
+    )
+    sample = _obj(
+        {
+            "time": {"type": "integer", "description": "the end of the interval, ms since the epoch"},
+            "waiting": {"type": "integer", "description": "jobs waiting for placement then (whole service)"},
+            "placed": {"type": "integer", "description": "jobs placed in the interval"},
+            "latency_p50_ms": {"type": "integer", "nullable": True},
+            "latency_p99_ms": {"type": "integer", "nullable": True},
+        }
+    )
+    amounts = {"type": "object", "additionalProperties": {"type": "number"}}
+    spec.path(
+        "/api/overview",
+        operations={
+            "get": {
+                "summary": "The tenant at a glance: its jobs by status, its quota and use; the last hour's queue",
+                "description": (
+                    "`history` holds one sample per 10 s of the last hour, oldest first, for the whole "
+                    "service: jobs waiting for placement, jobs placed in the interval and the p50 and p99 of "
+                    "their placement latency (the upper bound of its histogram bucket, ms; null without any)."
+                ),
+                "parameters": [TENANT],
+                "responses": {
+                    "200": _answer(
+                        "the overview",
+                        _obj(
+                            {
+                                "tenant": {"type": "string"},
+                                "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                                "quota": _obj({"limits": amounts, "use": amounts}),
+                                "history": {"type": "array", "items": sample},
+                            }
+                        ),
+                    ),
+                    **_errors(400, 503),
                 },
             }
         },

@@ -11,7 +11,8 @@ the lock:
 - re-sends a placement wake-up when jobs wait and none is on its way (lost messages);
 - removes terminal jobs past their retention, oldest first, and packages no job uses;
 - puts back on the queue the messages of poolq.submit consumers that stopped;
-- forgets tenants left with no job, and recounts the others' status counts.
+- forgets tenants left with no job, and recounts the others' status counts;
+- keeps a sample of the queue and the placement counters every 10 s, for an hour (poolq/history.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections import Counter, defaultdict
 
 import redis
 
-from poolq import keys, packages, queues
+from poolq import history, keys, packages, queues
 from poolq.model import ARRAY, TERMINAL_STATUSES, ErrorType, JobFields, JobStatus, scheduling_progress
 from poolq.redis_io import now_ms
 from poolq.store import WAKE_TTL_MS, Ending, JobStore, Submitted
@@ -58,6 +59,7 @@ class Duties:
         self._next_tenant_check = 0
         self._tenant_cursor = 0
         self._intake_silent = False
+        self._sampled_slot = -1
 
     def tick(self) -> bool:
         """Run every duty once if no other worker is; True if this one did."""
@@ -81,6 +83,7 @@ class Duties:
                 self.recover_intake,
                 self.forget_idle_shapes,
                 self.forget_idle_tenants,
+                self.sample_history,
             ):
                 duty(now)
                 try:
@@ -360,6 +363,13 @@ class Duties:
                     ],
                     args=[tenant, *(outcome.value for outcome in Submitted)],
                 )
+
+    def sample_history(self, now: int) -> None:
+        """Offer this slot's sample once; the first worker to offer one keeps it."""
+        slot = history.slot_of(now)
+        if slot != self._sampled_slot:
+            history.sample(self.redis, now)
+            self._sampled_slot = slot
 
     def rewake(self) -> None:
         """Jobs wait and no wake-up is on its way (a message was lost): send one."""

@@ -345,6 +345,9 @@ async function showPools(view) {
 // -- the queue over the last hour and the tenant's quota -------------------------------------
 
 function chart(id, samples, series, unit) {
+  if (samples.length < 2) {
+    return el("p", { id }, "Not enough samples yet: the placement workers keep one every 10 s.");
+  }
   const width = 600, height = 140, pad = 24;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("class", "chart");
@@ -410,6 +413,7 @@ async function route() {
   const fresh = view.cloneNode(false); // drops the old page's listeners with it
   view.replaceWith(fresh);
   feed.listener = null;
+  notice("");
   const hash = location.hash || "#/jobs";
   for (const link of document.querySelectorAll("nav a")) {
     link.toggleAttribute("aria-current", hash.startsWith(link.getAttribute("href")));

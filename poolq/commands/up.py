@@ -172,7 +172,11 @@ class Supervisor:
         if status == 200 or (
             no_node and parts and all(part.get("status") == "ok" for name, part in parts.items() if name != "nodes")
         ):
-            self.say("up", f"poolq is up: API on {self.api_url} (Ctrl-C stops it; data in {self.settings.data_dir})")
+            self.say(
+                "up",
+                f"poolq is up: API on {self.api_url}, dashboard on {self.api_url}/ui/ "
+                f"(Ctrl-C stops it; data in {self.settings.data_dir})",
+            )
             poolq = _poolq_command()
             hint = f"{poolq} node (on a machine that runs jobs)" if no_node else f"{poolq} submit --wait -- echo hello"
             self.say("up", f"try: {hint}")

@@ -24,8 +24,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from poolq.errors import NotFound, Unavailable
-from poolq.store import JobStore, LogRead
+from api_shim.follow import FIRST_POLL_S, LogFollow
+from poolq.errors import Unavailable
 
 if TYPE_CHECKING:
     from api_shim.app import App
@@ -37,9 +37,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 FRAME_CHARS = 64 * 1024  # the most output one text frame carries, in characters
-FIRST_POLL_S = 0.05  # the wait after new output; it doubles while none comes, up to POOLQ_LOG_TAIL_POLL_S
 SEND_TIMEOUT_S = 30.0  # a client that takes no frame for this long is dropped
-REDIS_GRACE_S = 30.0  # Redis unavailable this long ends the tail (1011); shorter outages only delay it
 NORMAL_CLOSE = 1000
 SERVER_ERROR = 1011
 TOO_MANY = "too many log tails are open on this server process; retry, or follow with GET /api/jobs/{id}/logs?offset=N"
@@ -107,38 +105,6 @@ class LogTails:
             return NORMAL_CLOSE
         finally:
             gone.cancel()  # also lets go of the socket's reading side, which the close needs
-
-
-class LogFollow:
-    """One follower's place in a job's output, and its pace: what the WebSocket tail and
-    ``GET /api/jobs/{id}/logs?follow=1`` share. Each ``read`` is one look at Redis; then
-    wait ``wait`` seconds: FIRST_POLL_S after new output, doubling while none comes, up
-    to ``max_poll_s``."""
-
-    def __init__(self, store: JobStore, tenant: str, submission_id: str, offset: int, max_poll_s: float):
-        self.store, self.tenant, self.submission_id = store, tenant, submission_id
-        self.offset, self.max_poll_s = offset, max_poll_s
-        self.wait = FIRST_POLL_S
-        self._unavailable_since: float | None = None
-
-    def read(self, now: float) -> LogRead:
-        """The output after the last read (``ended``: nothing more will come; a job deleted
-        meanwhile has ended too). Redis unavailable is an empty read, until it has been
-        so for REDIS_GRACE_S: then Unavailable."""
-        try:
-            read = self.store.log_since(self.tenant, self.submission_id, self.offset)
-        except NotFound:
-            return LogRead(b"", self.offset, True)
-        except Unavailable:
-            self._unavailable_since = self._unavailable_since or now
-            if now - self._unavailable_since > REDIS_GRACE_S:
-                raise
-            read = LogRead(b"", self.offset, False)
-        else:
-            self._unavailable_since = None
-        self.wait = FIRST_POLL_S if read.data else min(self.wait * 2, self.max_poll_s)
-        self.offset = read.offset
-        return read
 
 
 async def _client_gone(receive: Receive) -> None:

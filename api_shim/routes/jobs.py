@@ -11,8 +11,8 @@ import time
 from typing import Any, Iterator
 from urllib.parse import quote, urlencode
 
+from api_shim.follow import LogFollow
 from api_shim.http import JSON, WEBSOCKET, HTTPError, Request, Response, Stream, is_digits
-from api_shim.tail import LogFollow
 from poolq import tokens
 from poolq.changes import CURSOR, MAX_CHANGES, Change, Page
 from poolq.errors import InvalidRequest, PoolqError, Unavailable

@@ -673,7 +673,14 @@ def document() -> dict[str, Any]:
                             {
                                 "tenant": {"type": "string"},
                                 "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
-                                "quota": _obj({"limits": amounts, "use": amounts}),
+                                "quota": _obj(
+                                    {
+                                        "limits": amounts,
+                                        "use": amounts,
+                                        "max_pending": {"type": "integer", "nullable": True},
+                                        "pending": {"type": "integer"},
+                                    }
+                                ),
                                 "history": {"type": "array", "items": sample},
                             }
                         ),

@@ -29,8 +29,8 @@ def test_the_overview_counts_the_tenants_jobs_and_its_quota_use_only(app: App, s
                                                                       admin: NodeAdmin, redis_client: redis.Redis) -> None:
     set_quota(redis_client, "team-a", cpus=Decimal(4), memory=8 * GiB, max_pending=10)
     before = overview(app, "team-a")
-    assert before["counts"]["PENDING"] == 0 and before["quota"]["use"] == {"max_pending": 0}
-    assert before["quota"]["limits"] == {"CPU": 4, "memory": 8 * GiB, "max_pending": 10}
+    assert before["counts"]["PENDING"] == 0 and before["quota"]["use"] == {}
+    assert before["quota"] == {"limits": {"CPU": 4, "memory": 8 * GiB}, "use": {}, "max_pending": 10, "pending": 0}
 
     add_node(admin, "n1", pool="default")
     for _ in range(3):
@@ -39,9 +39,11 @@ def test_the_overview_counts_the_tenants_jobs_and_its_quota_use_only(app: App, s
     Scheduler(store).place_waiting()
     after = overview(app, "team-a")
     assert after["tenant"] == "team-a" and after["counts"]["PENDING"] == 3
-    assert after["quota"]["use"]["CPU"] == 3 and after["quota"]["use"]["memory"] == 3 * kit.JOB["entrypoint_memory"]
+    assert after["quota"]["use"] == {"CPU": 3, "memory": 3 * kit.JOB["entrypoint_memory"]}
+    assert after["quota"]["pending"] == 3
     other = overview(app, "team-b")
-    assert other["counts"]["PENDING"] == 1 and other["quota"] == {"limits": {}, "use": {"CPU": 1, "memory": kit.JOB["entrypoint_memory"]}}
+    assert other["counts"]["PENDING"] == 1 and other["quota"] == {
+        "limits": {}, "use": {"CPU": 1, "memory": kit.JOB["entrypoint_memory"]}, "max_pending": None, "pending": 1}
 
 
 def test_one_sample_is_kept_per_slot_however_often_it_is_offered(redis_client: redis.Redis) -> None:

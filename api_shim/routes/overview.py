@@ -30,14 +30,17 @@ class Overview:
         pipe.hget(keys.limits(tenant), "max_pending")
         counts, quota, usage, max_pending = pipe.execute()
         counts = {status.value: int(counts.get(status.value) or 0) for status in JobStatus}
-        limits: dict[str, Any] = show_amounts({name: int(amount) for name, amount in quota.items()})
-        use: dict[str, Any] = show_amounts({name: int(float(amount)) for name, amount in usage.items()})
-        if max_pending is not None:
-            limits["max_pending"] = int(max_pending)
-            use["max_pending"] = counts[JobStatus.PENDING.value]
+        pending_limit = int(max_pending) if max_pending is not None else None
+        quota_answer = {
+            "limits": show_amounts({name: int(amount) for name, amount in quota.items()}),
+            "use": show_amounts({name: int(float(amount)) for name, amount in usage.items()}),
+            # Apart from the amounts: a custom resource may be called anything, max_pending too.
+            "max_pending": pending_limit,
+            "pending": counts[JobStatus.PENDING.value],
+        }
         return {
             "tenant": tenant,
             "counts": counts,
-            "quota": {"limits": limits, "use": use},
+            "quota": quota_answer,
             "history": history.last_hour(client, now_ms(client)),
         }

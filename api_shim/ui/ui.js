@@ -394,8 +394,11 @@ async function showOverview(view) {
     limits.length
       ? el("table", { id: "quota" }, el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Limit"), el("th", { scope: "col" }, "In use"),
         el("th", { scope: "col" }, "Allowed"))), el("tbody", {}, limits.map(([name, limit]) =>
-        el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, use[name] ?? 0), el("td", {}, limit)))))
-      : el("p", { id: "quota" }, "No quota is set for this tenant. In use: " + (JSON.stringify(use) || "{}")),
+        el("tr", {}, el("th", { scope: "row" }, name), el("td", {}, amount(name, use[name] ?? 0)), el("td", {}, amount(name, limit))))))
+      : el("p", { id: "quota" }, "No resource quota is set for this tenant. In use: " +
+        (Object.entries(use).map(([name, value]) => `${name} ${amount(name, value)}`).join(", ") || "nothing")),
+    el("p", { id: "pending" }, `Pending jobs: ${o.quota.pending}` +
+      (o.quota.max_pending === null ? " (no limit)" : ` of at most ${o.quota.max_pending}`)),
     el("h2", {}, "Waiting for placement, last hour (whole service)"),
     chart("queue-chart", history, [["waiting", "waiting", "a"]], ""),
     el("h2", {}, "Placement latency, last hour"),

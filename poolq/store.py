@@ -24,6 +24,7 @@ from marshmallow import ValidationError
 from poolq import keys, packages, queues
 from poolq.arrays import Arrays
 from poolq.changes import ChangeFeed
+from poolq.commit import GroupCommit
 from poolq.errors import Conflict, InvalidRequest, NotFound, PoolqError, TooMany, Unavailable
 from poolq.model import (
     ARRAY,
@@ -148,6 +149,8 @@ class JobStore:
         self._raw: redis.Redis | None = None
         self.arrays = Arrays(self)
         self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
+        # Submissions of this process that arrive together share a round trip.
+        self._grouped = GroupCommit(self._commit_group)
 
     @property
     def raw(self) -> redis.Redis:
@@ -277,11 +280,21 @@ class JobStore:
             if isinstance(formed, PoolqError):
                 raise formed
             job = formed
+        outcome = self._grouped(job)
+        if isinstance(outcome, PoolqError):
+            raise outcome
+        return outcome
+
+    def _commit_group(self, jobs: list[NewJob]) -> list[bool | PoolqError]:
+        """The submissions that came together (poolq/commit.py): one round trip for all,
+        an outcome for each. A failed round trip is each job's unknown outcome: read back,
+        it could take the rest of the 2 s a 503 must come within, and sending the same
+        request again is always safe."""
         try:
-            answer = self._submit_script(job)
+            answers = self._submit_pipeline(jobs) if len(jobs) > 1 else [self._submit_script(jobs[0])]
         except Unavailable as exc:
-            raise create_failed(job.submission_id, exc) from exc
-        return self._outcome(job, *answer)
+            return [create_failed(job.submission_id, exc) for job in jobs]
+        return self._outcomes(jobs, answers)
 
     @redis_errors("the submission")
     def _submit_script(self, job: NewJob) -> list[Any]:
@@ -301,13 +314,17 @@ class JobStore:
             answers = self._submit_pipeline(jobs)
         except Unavailable as exc:
             return self._read_back(jobs, exc)
+        outcomes = self._outcomes(jobs, answers)
+        self._unform_gangs(jobs, outcomes)
+        return outcomes
+
+    def _outcomes(self, jobs: list[NewJob], answers: list[Any]) -> list[bool | PoolqError]:
         outcomes: list[bool | PoolqError] = []
         for job, answer in zip(jobs, answers):
             try:
                 outcomes.append(self._outcome(job, *answer))
             except (Conflict, InvalidRequest, TooMany) as exc:
                 outcomes.append(exc)
-        self._unform_gangs(jobs, outcomes)
         return outcomes
 
     def _unform_gangs(self, jobs: list[NewJob], outcomes: list[bool | PoolqError]) -> None:

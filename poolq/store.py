@@ -149,7 +149,7 @@ class JobStore:
         self._raw: redis.Redis | None = None
         self.arrays = Arrays(self)
         self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
-        # Submissions of this process that arrive together share a round trip.
+        # Submissions that arrive together in this process share a round trip.
         self._grouped = GroupCommit(self._commit_group)
 
     @property
@@ -601,31 +601,35 @@ class JobStore:
 
     # -- reading ---------------------------------------------------------------
 
-    @redis_errors("the read")
     def read(self, tenant: str, submission_id: str) -> tuple[dict[str, str], dict[str, str] | None]:
         """The job hash and, while it waits for placement, its shape's hash (attempts, reasons)."""
-        fields = self.redis.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        if not fields:
-            fields = self.arrays.read_task(tenant, submission_id) or {}
-        if JobFields.SPEC not in fields:
+        (found,) = self._read_jobs([(tenant, submission_id)])
+        if found is None:
             raise NotFound(f"not found app, submissionId: {submission_id}")
-        shapes = self._shapes_of([fields])
-        return fields, shapes.get(fields.get(JobFields.SHAPE, ""))
+        return found
 
-    @redis_errors("the read")
     def read_many(
         self, tenant: str, submission_ids: Iterable[str]
     ) -> dict[str, tuple[dict[str, str], dict[str, str] | None]]:
         """``read`` for many jobs, those that exist, by id in the order asked; one round trip
         (two while some wait for placement)."""
         ids = list(dict.fromkeys(submission_ids))
-        pipe = self.redis.pipeline(transaction=False)
-        for submission_id in ids:
-            pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-        hashes = [f or self.arrays.read_task(tenant, i) or {} for i, f in zip(ids, pipe.execute())]
-        found = {i: f for i, f in zip(ids, hashes) if JobFields.SPEC in f}
-        shapes = self._shapes_of(list(found.values()))
-        return {i: (f, shapes.get(f.get(JobFields.SHAPE, ""))) for i, f in found.items()}
+        found = self._read_jobs([(tenant, submission_id) for submission_id in ids])
+        return {i: job for i, job in zip(ids, found) if job is not None}
+
+    @redis_errors("the read")
+    def _read_jobs(self, wanted: list[tuple[str, str]]) -> list[tuple[dict[str, str], dict[str, str] | None] | None]:
+        """Each (tenant, id)'s hash and shape, or None where there is no such job."""
+        if len(wanted) == 1:
+            read = [self.redis.hgetall(keys.job(keys.ref(*wanted[0])))]
+        else:
+            pipe = self.redis.pipeline(transaction=False)
+            for tenant, submission_id in wanted:
+                pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
+            read = pipe.execute()
+        hashes = [f or self.arrays.read_task(t, i) or {} for (t, i), f in zip(wanted, read)]
+        shapes = self._shapes_of([f for f in hashes if JobFields.SPEC in f])
+        return [(f, shapes.get(f.get(JobFields.SHAPE, ""))) if JobFields.SPEC in f else None for f in hashes]
 
     def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:
         """Records of the ids that exist in the tenant, in the order asked (``read_many``)."""

@@ -323,7 +323,7 @@ class JobStore:
         for job, answer in zip(jobs, answers):
             try:
                 outcomes.append(self._outcome(job, *answer))
-            except (Conflict, InvalidRequest, TooMany) as exc:
+            except PoolqError as exc:  # this job's refusal, never its neighbours'
                 outcomes.append(exc)
         return outcomes
 

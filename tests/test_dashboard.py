@@ -99,7 +99,7 @@ class Page:
         field = self.find("#token")
         field.clear()
         field.send_keys(token)
-        self.find("#identity button").click()
+        self.click("#identity button")
         self.wait(lambda: self.text("#whoami").startswith("tenant "), "the page to know its tenant")
 
     def find(self, css: str) -> Any:
@@ -109,8 +109,22 @@ class Page:
         return self.driver.find_elements(self.by.CSS_SELECTOR, css)
 
     def text(self, css: str) -> str:
-        found = self.all(css)
-        return found[0].text if found else ""
+        """The rendered text of the first match, read in one step: the page replaces a row
+        when its job changes, so an element found a moment ago may be gone."""
+        script = "const found = document.querySelector(arguments[0]); return found ? found.innerText : '';"
+        return str(self.driver.execute_script(script, css))
+
+    def click(self, css: str) -> None:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        def clicked() -> bool:
+            try:
+                self.find(css).click()
+                return True
+            except StaleElementReferenceException:  # replaced between finding and clicking: find it again
+                return False
+
+        self.wait(clicked, f"{css} to click")
 
     def wait(self, predicate: Callable[[], Any], what: str) -> None:
         wait_for(lambda: bool(predicate()), STEP_S, 0.2, what=f"the dashboard to show {what}")
@@ -148,7 +162,7 @@ def test_the_dashboard_follows_jobs_live_stops_one_escapes_everything_and_keeps_
     page.shot("jobs")
 
     # Its page: the record and the log, which grows as the job writes it.
-    page.find(f'#jobs tr[data-id="{talker}"] a').click()
+    page.click(f'#jobs tr[data-id="{talker}"] a')
     page.wait(lambda: "line 3" in page.text("#log"), "the running job's output")
     first = len(page.text("#log"))
     page.wait(lambda: len(page.text("#log")) > first and "line 12" in page.text("#log"), "the output growing")
@@ -156,21 +170,21 @@ def test_the_dashboard_follows_jobs_live_stops_one_escapes_everything_and_keeps_
     page.shot("job")
 
     # A stop from the page stops the job.
-    page.find("#stop").click()
+    page.click("#stop")
     page.wait(lambda: "STOPPED" in page.text("#record"), "the job stopped")
     assert kit.record(app, talker, tenant="alice")["status"] == "STOPPED"
     assert browser.execute_script("return window.stillTheSamePage") is True
 
-    page.find("#nav-pools").click()
+    page.click("#nav-pools")
     page.wait(lambda: page.all('#nodes tr[data-node="n1"] meter'), "node n1 with its resources")
     assert "live" in page.text('#nodes tr[data-node="n1"]')
     page.shot("pools")
-    page.find("#nav-overview").click()
+    page.click("#nav-overview")
     page.wait(lambda: page.all("#queue-chart") and "alice" in page.text("h2"), "the queue and quota page")
     page.shot("overview")
 
     # Another tenant's token sees none of it: not in the list, and its page is a 404.
-    page.find("#nav-jobs").click()
+    page.click("#nav-jobs")
     page.sign_in(mallory)
     page.wait(lambda: page.text("#whoami") == "tenant mallory" and page.all("#jobs"), "mallory's empty list")
     page.wait(lambda: not page.all("#jobs tbody tr"), "no rows for mallory")

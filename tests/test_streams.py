@@ -13,6 +13,7 @@ import dataclasses
 import http.client
 import json
 import socket
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -20,7 +21,7 @@ import pytest
 from api_shim.app import App
 from api_shim.routes import jobs as job_routes
 from poolq import keys
-from poolq.embedded import free_port
+from poolq.embedded import EmbeddedRedis, free_port
 from poolq.model import JobStatus
 from poolq.nodes import NodeAdmin
 from poolq.settings import Settings
@@ -260,3 +261,18 @@ def test_a_real_server_streams_events_and_frees_the_slot_of_a_client_that_hung_u
         assert follow.response.read() == b""  # ends with the job
     finally:
         follow.hang_up()
+
+
+def test_an_event_stream_says_why_it_ends_when_redis_stops_answering(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False)
+    server.start()
+    try:
+        app = App(Settings(redis_url=server.url, data_dir=tmp_path / "data"), waker=lambda queue: None)
+        _, _, stream = open_stream(app, "GET", "/api/jobs/changes", headers=EVENTS)
+        next(stream)
+        server.stop()
+        (ended,) = parse_events(next(stream))  # within the heartbeat: the wait's next slice fails
+        assert ended["event"] == "error" and ended["data"]["error"]
+        assert list(stream) == []  # and the stream ends, giving back its slot
+    finally:
+        server.stop()

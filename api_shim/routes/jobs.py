@@ -245,13 +245,14 @@ class Jobs:
             start = since or page.cursor  # where a client that resumes from the first event starts
             chunk = b"retry: 1000\n" + _event("cursor", start, {"cursor": start})
             while True:
-                if page.changes:
-                    chunk += b"".join(_event("change", c["cursor"], c) for c in self._render(tenant, page.changes))
-                yield chunk or b": nothing new\n\n"
-                chunk = b""
                 try:
+                    if page.changes:
+                        rendered = self._render(tenant, page.changes)
+                        chunk += b"".join(_event("change", c["cursor"], c) for c in rendered)
+                    yield chunk or b": nothing new\n\n"
+                    chunk = b""
                     page = self.store.changes.read(tenant, page.cursor, limit, HEARTBEAT_S)
-                except Unavailable as exc:
+                except Unavailable as exc:  # the client's EventSource reconnects from its last id
                     yield _event("error", None, {"error": str(exc)})
                     return
                 if page.gone:

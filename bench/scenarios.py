@@ -106,6 +106,10 @@ def submit_batches(api: Api, bodies: list[dict[str, Any]], headers: dict[str, st
 
 # -- the baseline ----------------------------------------------------------------
 
+FLOORS = {  # bench/floor.py's endpoints: what one request costs with no work, and with one durable write
+    "/floor/body": "body read and answered",
+    "/floor/evalsha": "JSON parsed and one EVALSHA",
+}
 BASELINE_SERVERS: dict[str, tuple[str, Callable[[Stack], Api]]] = {
     "gunicorn": ("gunicorn, sync worker class, 2 workers", Stack.gunicorn_baseline),
     "granian": ("granian WSGI, 2 workers", Stack.granian_baseline),
@@ -184,11 +188,16 @@ def submit(ctx: Context) -> None:
         stack.start_redis()
         api = stack.api()
         servers = start_baselines(stack, baseline_result)
+        floor = stack.granian_floor()
         paced_on: list[str] = []
         for _ in range(ctx.runs):
             spec = submit_spec(ctx, api.port)
             load = run_load(stack, spec)
             check_statuses(result, "submit", load)
+            for path, what in FLOORS.items():
+                ends = run_load(stack, submit_spec(ctx, floor.port, path=path))
+                check_statuses(result, f"floor {path}", ends)
+                result.add(path, ends["counted_rate"], label=f"floor, {what}: requests/s", unit="req/s")
             result.add(
                 "rate",
                 load["counted_rate"],
@@ -241,6 +250,19 @@ def submit(ctx: Context) -> None:
             )
         servers_used = ", ".join(servers)
         baseline_result.note(f"servers measured: {servers_used}; the faster one (median jobs/s) is the denominator")
+    result.note(
+        "floor: bench/floor.py under the baseline's server and settings (granian WSGI, 2 workers), "
+        "the same load as the closed-loop runs",
+        key="floor",
+    )
+    cheapest = result.figures["/floor/evalsha"].median
+    result.add(
+        "floor.ratio",
+        result.figures["rate"].median / cheapest if cheapest else None,
+        label="accepted jobs/s ÷ the JSON + one EVALSHA floor (medians)",
+        unit="×",
+        target=Target(">=", 1),
+    )
     denominator = baseline_denominator(ctx)
     if denominator is not None:
         name, rate = denominator

@@ -213,9 +213,16 @@ class Stack:
         return self._ready_baseline(Api(child, port))
 
     def granian_baseline(self) -> Api:
+        return self.granian_app("baseline-granian", "bench.baseline:application")
+
+    def granian_floor(self) -> Api:
+        """The floor endpoints (bench/floor.py), under the baseline's server and settings."""
+        return self.granian_app("floor-granian", "bench.floor:application")
+
+    def granian_app(self, name: str, app: str) -> Api:
         port = free_port()
         child = self.spawn(
-            "baseline-granian",
+            name,
             [
                 PYTHON,
                 "-m",
@@ -228,9 +235,9 @@ class Stack:
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "bench.baseline:application",
+                app,
             ],
-            self.env(BASELINE_REDIS_URL=self.url),
+            self.env(BASELINE_REDIS_URL=self.url, FLOOR_REDIS_URL=self.url),
         )
         return self._ready_baseline(Api(child, port))
 

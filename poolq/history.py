@@ -2,11 +2,11 @@
 for the dashboard's charts (``GET /api/overview``).
 
 Every placement worker's duties offer a sample each tick (worker/duties.py); the first for
-a slot of SAMPLE_S seconds is kept (SET NX on the slot's key), so several workers, or a
-worker whose tick ran twice, keep one. Each key expires after the hour it is kept for:
-nothing to trim, and the whole is bounded by the slots of an hour. A sample holds the
-cumulative counters as they were; a reader takes the difference of neighbours, so that a
-sample lost (no worker ran) widens an interval and loses nothing.
+a slot of SAMPLE_S seconds is kept (HSETNX of the slot in one hash), so several workers, or
+a worker whose tick ran twice, keep one. The hash holds the slots of the last hour: a
+sample that lands drops whatever has fallen out of it. A sample holds the cumulative
+counters as they were; a reader takes the difference of neighbours, so that a sample lost
+(no worker ran) widens an interval and loses nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,13 @@ def sample(client: redis.Redis, now_ms: int) -> bool:
     counters = [int(value or 0) for value in client.hmget(keys.STATS, COUNTERS)]
     slot = slot_of(now_ms)
     value = json.dumps({"time": slot * SLOT_MS, "waiting": waiting(client), "counters": counters})
-    return bool(client.set(keys.history(slot), value, nx=True, ex=KEPT_S + 2 * SAMPLE_S))
+    if not client.hsetnx(keys.HISTORY, str(slot), value):
+        return False
+    if client.hlen(keys.HISTORY) > SLOTS + 1:  # about once a slot, once the hour is full
+        old = [field for field in client.hkeys(keys.HISTORY) if int(field) < slot - SLOTS]
+        if old:
+            client.hdel(keys.HISTORY, *old)
+    return True
 
 
 @redis_errors("the history read")
@@ -56,8 +62,8 @@ def last_hour(client: redis.Redis, now_ms: int) -> list[dict[str, Any]]:
     placements in it and their latency's p50 and p99 (the upper bound of the bucket it falls
     in, ms; None without placements, or beyond the largest bucket)."""
     last = slot_of(now_ms)
-    kept = client.mget([keys.history(slot) for slot in range(last - SLOTS, last + 1)])
-    samples = [json.loads(value) for value in kept if value]
+    kept = sorted((int(slot), value) for slot, value in client.hgetall(keys.HISTORY).items())
+    samples = [json.loads(value) for slot, value in kept if last - SLOTS <= slot <= last]
     answer = []
     for before, after in itertools.pairwise(samples):
         deltas = [max(0, b - a) for a, b in zip(before["counters"], after["counters"])]

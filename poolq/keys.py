@@ -47,7 +47,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:wake:<queue> | string | a wake-up message for that Celery queue is on its way |
 | poolq:lock:<duty> | string | a periodic duty's lock (holder token, with expiry) |
 | poolq:stats | hash | counters for /metrics: submissions:<tenant>:<outcome>, invalid_messages, placement_le:<ms> (cumulative), placement_count, placement_sum_ms, schedule_failures:<reason>, run_le:<status>:<ms or inf> (one bucket per run), run_sum_ms:<status>, completed:<status>:<error_type>, retried:<error_type> |
-| poolq:history:<slot> | string | one sample of the last hour (poolq/history.py): JSON of time, jobs waiting and the placement counters at the start of 10 s slot <slot>; expires after the hour |
+| poolq:history | hash | the last hour's samples (poolq/history.py): 10 s slot number -> JSON of its time, jobs waiting and the placement counters then; slots older than the hour are dropped as new ones land |
 | poolq:stats:http | hash | API requests, added to by every API process about once a second: n;<method>;<route>;<status>, sum_us;<method>;<route>, le;<method>;<route>;<ms> (<route> the route template) (one bucket per request) |
 | poolq:pkg:<tenant>:<name> | string | a tenant's uploaded working_dir package (zip bytes) |
 | poolq:packages | zset | "<tenant>:<name>" -> ms of last use: removed after retention unless a live job uses it |
@@ -87,6 +87,7 @@ NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"
 STATS = PREFIX + "stats"
+HISTORY = PREFIX + "history"
 HTTP_STATS = PREFIX + "stats:http"
 TOKENS = PREFIX + "tokens"
 TENANTS = PREFIX + "tenants"
@@ -215,10 +216,6 @@ def tenant_package_sizes(tenant: str) -> str:
 
 def token(token_id: str) -> str:
     return PREFIX + "token:" + token_id
-
-
-def history(slot: int) -> str:
-    return f"{PREFIX}history:{slot}"
 
 
 def lock(duty: str) -> str:

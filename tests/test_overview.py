@@ -46,11 +46,15 @@ def test_the_overview_counts_the_tenants_jobs_and_its_quota_use_only(app: App, s
         "limits": {}, "use": {"CPU": 1, "memory": kit.JOB["entrypoint_memory"]}, "max_pending": None, "pending": 1}
 
 
-def test_one_sample_is_kept_per_slot_however_often_it_is_offered(redis_client: redis.Redis) -> None:
+def test_one_sample_is_kept_per_slot_however_often_it_is_offered_and_an_hour_of_them(redis_client: redis.Redis) -> None:
     now = now_ms(redis_client)
     assert history.sample(redis_client, now) is True
     assert history.sample(redis_client, now + 1) is False  # the same slot: another worker's, or a second tick
-    assert 0 < redis_client.ttl(keys.history(history.slot_of(now))) <= history.KEPT_S + 2 * history.SAMPLE_S
+    assert redis_client.hlen(keys.HISTORY) == 1
+    for n in range(1, history.SLOTS + 20):  # 20 slots more than an hour holds
+        assert history.sample(redis_client, now + n * history.SLOT_MS) is True
+    assert redis_client.hlen(keys.HISTORY) <= history.SLOTS + 2  # the oldest were dropped
+    assert len(history.last_hour(redis_client, now + (history.SLOTS + 19) * history.SLOT_MS)) == history.SLOTS
 
 
 def test_the_history_gives_each_intervals_placements_and_latency(app: App, store: JobStore, admin: NodeAdmin,

@@ -237,8 +237,6 @@ class Jobs:
         none comes (which is how a client that left is noticed), and a last event saying
         why the stream ended, if it ends: ``gone`` (as the 410) or ``error`` (as the 503)."""
         page = self._first_page(tenant, since, limit, 0.0)  # a 410 or 503 is an answer, before any event
-        if not self.waiters.acquire(blocking=False):
-            raise HTTPError(503, TOO_MANY_STREAMS, [("Retry-After", "1")])
 
         def events() -> Iterator[bytes]:
             nonlocal page
@@ -259,8 +257,7 @@ class Jobs:
                     yield _event("gone", None, {"error": FEED_LEFT_BEHIND, "cursor": page.cursor})
                     return
 
-        headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
-        return Response(200, headers=headers, stream=Stream(events(), self.waiters.release))
+        return self._stream(events(), [("Content-Type", "text/event-stream")])
 
     def _list_tasks(
         self, tenant: str, array_id: str, status: JobStatus | None, pool_label: str | None, limit: int, start: int
@@ -307,8 +304,6 @@ class Jobs:
         with ``offset``: X-Log-Start plus the bytes received)."""
         first = self.store.log_since(tenant, submission_id, offset)  # a 404 or 503 is an answer, before any output
         follow = LogFollow(self.store, tenant, submission_id, first.offset, self.settings.log_tail_poll_s)
-        if not self.waiters.acquire(blocking=False):
-            raise HTTPError(503, TOO_MANY_STREAMS, [("Retry-After", "1")])
         start = first.offset - len(first.data)
 
         def output() -> Iterator[bytes]:
@@ -328,12 +323,18 @@ class Jobs:
 
         headers = [
             ("Content-Type", "text/plain; charset=utf-8"),
-            ("Cache-Control", "no-store"),
-            ("X-Accel-Buffering", "no"),
             ("X-Content-Type-Options", "nosniff"),
             ("X-Log-Start", str(start)),
         ]
-        return Response(200, headers=headers, stream=Stream(output(), self.waiters.release))
+        return self._stream(output(), headers)
+
+    def _stream(self, chunks: Iterator[bytes], headers: list[tuple[str, str]]) -> Response:
+        """An answer sent as it is made, holding one of the waiters' slots until it ends
+        (none free: 503). Nothing of ``chunks`` has run yet: it starts with the first write."""
+        if not self.waiters.acquire(blocking=False):
+            raise HTTPError(503, TOO_MANY_STREAMS, [("Retry-After", "1")])
+        headers = [*headers, ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")]
+        return Response(200, headers=headers, stream=Stream(chunks, self.waiters.release))
 
     def tail(self, request: Request) -> Response:
         """The log tail's handshake, for a job the tenant can see (api_shim/tail.py): here a

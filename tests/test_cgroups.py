@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,11 +35,6 @@ def parent_name() -> str:
     return f"poolq-test-{os.getpid()}-{next(_serial)}"
 
 
-def remove_parents(found: Cgroups) -> None:
-    for d in set(found.dirs.values()):
-        d.rmdir()
-
-
 @pytest.fixture
 def cgroups() -> Iterator[Cgroups]:
     found = Cgroups.detect(parent_name=parent_name())
@@ -48,16 +44,17 @@ def cgroups() -> Iterator[Cgroups]:
         pytest.skip(reason)
     yield found
     found.remove_stale()
-    remove_parents(found)
+    found.remove_parent()
 
 
 @pytest.fixture
 def spawn(cgroups: Cgroups) -> Iterator[Spawn]:
-    """Start ``argv`` in a job's cgroup the way the agent does, in a session of its own."""
+    """Start ``argv`` in a job's cgroup the way the agent does, as a shell command in a session of
+    its own; the shell execs it, so the process is ``argv``'s."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(job: JobCgroup, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        process = job.popen(argv, start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
+        process = job.shell(f"exec {shlex.join(argv)}", start_new_session=True, stdin=subprocess.DEVNULL, **kwargs)
         started.append(process)
         return process
 
@@ -160,7 +157,7 @@ def test_detects_what_the_machine_offers() -> None:
             assert parent.is_dir() and subdirs(parent) == []
             assert parent.parent != CGROUP_ROOT / controller or own_cgroup(controller) == "/"
     finally:
-        remove_parents(found)
+        found.remove_parent()
 
 
 def test_no_cgroups_where_there_are_none(tmp_path: Path) -> None:
@@ -203,7 +200,7 @@ def test_operator_opt_out_gives_a_job_cgroup_that_does_nothing() -> None:
     found = Cgroups.detect(enabled=False, parent_name=parent_name())
     assert found.describe() == {"mode": "none", "reason": "turned off by the operator"}
     job = found.create("job-1", memory_bytes=1 << 20, cpu_milli=100, pids_max=5)
-    hello = job.popen(["/bin/sh", "-c", "echo hi; cat /proc/self/cgroup"], stdout=subprocess.PIPE)
+    hello = job.shell("echo hi; cat /proc/self/cgroup", stdout=subprocess.PIPE)
     out, _ = hello.communicate(timeout=10)
     assert hello.returncode == 0 and out.decode().splitlines()[0] == "hi"
     assert out.decode().splitlines()[1:] == Path("/proc/self/cgroup").read_text().splitlines()  # where the caller is
@@ -229,9 +226,7 @@ def test_limits_are_written(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("limited", memory_bytes=128 << 20, cpu_milli=500, pids_max=20)
     assert control(job, "memory", "memory.limit_in_bytes", "memory.max") == str(128 << 20)
     assert control(job, "pids", "pids.max", "pids.max") == "20"
-    if job.mode == "v1":  # the quota once the job has started (popen), not while the agent's thread is in
-        assert control(job, "cpu", "cpu.cfs_quota_us", "") == "-1"
-        spawn(job, ["sleep", "1000"])
+    if job.mode == "v1":
         assert control(job, "cpu", "cpu.cfs_quota_us", "") == "50000"
         assert control(job, "cpu", "cpu.cfs_period_us", "") == str(CFS_PERIOD_US)
         if (job.dirs["memory"] / "memory.memsw.limit_in_bytes").exists():  # memory + swap = memory: no swap
@@ -243,9 +238,15 @@ def test_limits_are_written(cgroups: Cgroups, spawn: Spawn) -> None:
     # Half a core weighs half a busy process (1024 shares, weight 100), and the parent as many as
     # the node offers jobs: under contention, all jobs together are not one process among many.
     assert control(job, "cpu", "cpu.shares", "cpu.weight") == ("512" if job.mode == "v1" else "50")
-    cgroups.weigh(4000)
     parent = JobCgroup("parent", job.mode, dict(cgroups.dirs))
-    assert control(parent, "cpu", "cpu.shares", "cpu.weight") == ("4096" if job.mode == "v1" else "400")
+    cores = len(os.sched_getaffinity(0))
+    assert cgroups.weigh(cores * 1000 - 500) == cores * 1000 - 500
+    assert control(parent, "cpu", "cpu.shares", "cpu.weight") == str(
+        (cores * 1000 - 500) * (1024 if job.mode == "v1" else 100) // 1000
+    )
+    # Never more than the cores the agent may run on: a node offering 64 would starve its agent.
+    assert cgroups.weigh(64_000) == cores * 1000
+    assert control(parent, "cpu", "cpu.shares", "cpu.weight") == str(cores * (1024 if job.mode == "v1" else 100))
     with pytest.raises(CgroupError, match="exists"):  # and the cgroup that was there stays as it was
         cgroups.create("limited", memory_bytes=None, cpu_milli=None, pids_max=None)
     assert all(d.is_dir() for d in job.dirs.values())
@@ -256,7 +257,7 @@ def test_limits_are_written(cgroups: Cgroups, spawn: Spawn) -> None:
     assert control(tiny, "pids", "pids.max", "pids.max") == "max"
 
 
-def test_popen_starts_the_process_inside_and_passes_argv_verbatim(cgroups: Cgroups, spawn: Spawn) -> None:
+def test_shell_starts_the_process_inside_and_runs_the_command_as_sh_c_would(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("join", memory_bytes=None, cpu_milli=None, pids_max=None)
     args = ["a b", "$(touch /tmp/poolq-injected)", "--", "'\"", "", "*", "x\ny", "; exit 3"]
     probe = "import json, sys; print(json.dumps([open('/proc/self/cgroup').read(), sys.argv[1:]]))"
@@ -273,29 +274,33 @@ def test_popen_starts_the_process_inside_and_passes_argv_verbatim(cgroups: Cgrou
     for controller, d in job.dirs.items():  # in the job's cgroup of every hierarchy, from its first exec
         mount = CGROUP_ROOT / controller if job.mode == "v1" else CGROUP_ROOT
         assert joined[controller if job.mode == "v1" else ""] == "/" + d.relative_to(mount).as_posix()
+    # The joining shell runs the command itself: what the command sees is what `sh -c` shows it.
+    command = """echo "$0|$#|$*|${f-unset}|$(cat /proc/$$/comm)"; trap 'echo bye' EXIT; read -r x </dev/null; exit 7"""
+    bare = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=10)
+    joined_shell = job.shell(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = joined_shell.communicate(timeout=10)
+    assert (joined_shell.returncode, out, err) == (bare.returncode, bare.stdout, bare.stderr) == (7, bare.stdout, b"")
+    assert out.decode().startswith("/bin/sh|0||unset|") and out.endswith(b"bye\n")
 
 
 def test_a_cgroup_that_cannot_be_joined_runs_nothing(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("gone", memory_bytes=None, cpu_milli=None, pids_max=None)
     job.remove()
     before = Path("/proc/thread-self/cgroup").read_text()
-    if job.mode == "v1":  # the calling thread could not join: nothing is started
-        with pytest.raises(CgroupError, match="could not join"):
-            spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE)
-    else:  # the first process could not: it exits before exec
-        process = spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = process.communicate(timeout=10)
-        assert process.returncode == JOIN_FAILED and out == b""
-        assert b"poolq-join" in err
+    process = spawn(job, ["/bin/echo", "must not run"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=10)  # the first process could not join: it exits before running it
+    assert process.returncode == JOIN_FAILED and out == b""
+    assert b"poolq-join: could not join the job's cgroup" in err
     assert Path("/proc/thread-self/cgroup").read_text() == before
 
 
-def test_the_starting_thread_is_back_in_its_own_cgroup_and_never_killed(cgroups: Cgroups, spawn: Spawn) -> None:
+def test_the_starting_thread_never_enters_the_job_cgroup(cgroups: Cgroups, spawn: Spawn) -> None:
     job = cgroups.create("starter", memory_bytes=None, cpu_milli=None, pids_max=None)
     before = Path("/proc/thread-self/cgroup").read_text()
     process = spawn(job, ["sleep", "1000"])
     assert Path("/proc/thread-self/cgroup").read_text() == before
-    assert job.pids() == [process.pid] and job.pids(spare=process.pid) == []
+    wait_for(lambda: job.pids() == [process.pid])  # the job's first process joins, then runs the command
+    assert Path("/proc/thread-self/cgroup").read_text() == before
     job.kill()
     assert process.wait(10) == -signal.SIGKILL
 
@@ -425,7 +430,7 @@ def test_a_pooled_cgroup_is_emptied_then_reused_with_the_next_jobs_limits(cgroup
     left = first.pids()
     pool.give_back(first)
     assert all(dead(pid) for pid in left) and first.pids() == []
-    assert first.mode == "v2" or control(first, "cpu", "cpu.cfs_quota_us", "") == "-1"  # v1: lifted when kept
+    assert control(first, "cpu", "cpu.cfs_quota_us", "cpu.max").split()[0] == "50000"  # kept with its limits
     # Taken again, unlimited: every limit of the first job is written over.
     second = pool.take(memory_bytes=None, cpu_milli=None, pids_max=None)
     assert second.name == first.name
@@ -449,8 +454,14 @@ def test_a_pooled_cgroup_is_emptied_then_reused_with_the_next_jobs_limits(cgroup
     assert ran.returncode == 0 and f"/{third.name}\n" in out.decode()
     pool.give_back(third)
     pool.give_back(second)
+    kept = pool.take(memory_bytes=None, cpu_milli=None, pids_max=None)
+    cgroups.remove_parent()  # a parent that holds a job cgroup stays
+    assert all(parent.is_dir() for parent in cgroups.dirs.values())
+    pool.give_back(kept)
     pool.close()
     assert all(subdirs(parent) == [] for parent in cgroups.dirs.values())
+    cgroups.remove_parent()  # the agent shuts down: nothing of it is left
+    assert not any(parent.exists() for parent in cgroups.dirs.values())
 
 
 def test_the_pool_removes_a_cgroup_the_oom_killer_acted_in_and_keeps_at_most_its_size(
@@ -476,4 +487,4 @@ def test_a_node_without_cgroups_keeps_none() -> None:
     assert pool.size == 0
     job = pool.take(memory_bytes=1 << 20, cpu_milli=100, pids_max=5)
     pool.give_back(job)
-    assert job.mode == "none" and job.dirs == {} and job.popen(["true"]).wait(10) == 0
+    assert job.mode == "none" and job.dirs == {} and job.shell("true").wait(10) == 0

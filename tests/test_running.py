@@ -93,7 +93,7 @@ OWN_MEMORY_CGROUP = (
 def test_the_next_job_runs_in_the_cgroup_the_last_left_with_its_own_limits(
     app: Any, placement: Any, node: Any, tmp_path: Path
 ) -> None:
-    node("n1", "--cpus", "2", "--memory", "4Gi")
+    agent = node("n1", "--cpus", "2", "--memory", "4Gi")
     seen = []
     for memory in (128 * kit.MiB, 256 * kit.MiB, 128 * kit.MiB):  # one at a time: each gets the kept cgroup
         submission_id = kit.submit(app, job(tmp_path, OWN_MEMORY_CGROUP, entrypoint_memory=memory), timeout_ms=0)
@@ -102,6 +102,11 @@ def test_the_next_job_runs_in_the_cgroup_the_last_left_with_its_own_limits(
         seen.append((path, int(limit)))
     assert [limit for _, limit in seen] == [128 * kit.MiB, 256 * kit.MiB, 128 * kit.MiB]
     assert seen[0][0] == seen[1][0] == seen[2][0], seen  # one kept cgroup, its limits written over
+    # An agent that shuts down leaves no cgroup behind: neither its kept ones nor their parent.
+    parent = Path(seen[0][0]).parent
+    assert parent.is_dir()
+    assert agent.stop() == 0
+    assert not parent.exists()
 
 
 def test_without_usable_cgroups_the_job_runs_unenforced_and_the_node_says_why(

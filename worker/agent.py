@@ -253,8 +253,8 @@ class JobRun(threading.Thread):
             not_started = ""
             if not lost:
                 try:
-                    self.process = cgroup.popen(
-                        ["/bin/sh", "-c", spec["entrypoint"]],
+                    self.process = cgroup.shell(
+                        spec["entrypoint"],
                         cwd=workdir,
                         env=job_environment(
                             spec, venv, agent.node_id, agent.job_devices(fields.get(JobFields.DEVICES) or "")
@@ -264,7 +264,7 @@ class JobRun(threading.Thread):
                         stderr=subprocess.PIPE,
                         start_new_session=True,  # its own process group, signalled as one
                     )
-                except (OSError, CgroupError) as exc:
+                except OSError as exc:
                     not_started = f"the entrypoint could not be started: {exc}"
         # Ended outside the lock: ending may wait for Redis, and a fence must not wait on it.
         if lost or self.process is None:
@@ -579,7 +579,11 @@ class Agent:
             if stale:
                 log.warning("killed what was left in %d job cgroups of an earlier agent", len(stale))
             try:
-                self.cgroups.weigh(capacity.get(CPU, 0))
+                offered = capacity.get(CPU, 0)
+                if (weighed := self.cgroups.weigh(offered)) < offered:
+                    log.info(
+                        "node %s weighs its jobs' CPU as %g cores, the cores it may run on", node_id, weighed / 1000
+                    )
             except OSError as exc:
                 log.warning("node %s could not weigh its jobs' CPU share: %s", node_id, exc)
         self.cgroup_pool = CgroupPool(self.cgroups)
@@ -858,6 +862,7 @@ class Agent:
         self.admin.remove(self.node_id, incarnation=self.incarnation)
         try:
             self.cgroup_pool.close()
+            self.cgroups.remove_parent()
         except CgroupError as exc:
             log.error("%s", exc)
         self.guardian.close()

@@ -2,9 +2,9 @@
 
 The node agent detects once, at start, what the machine offers (``Cgroups.detect``), then per job
 takes a cgroup from its ``CgroupPool`` with the job's limits written into it, starts the entrypoint
-with ``JobCgroup.popen`` (the job's first process is born in it), and in the end kills what is
-left and gives the emptied cgroup back for the next job. Creating and removing a cgroup costs the
-kernel far more than rewriting an empty one's limits (docs/running.md).
+with ``JobCgroup.shell`` (the job's first process joins the cgroup before it runs anything), and in
+the end kills what is left and gives the emptied cgroup back for the next job. Creating and
+removing a cgroup costs the kernel far more than rewriting an empty one's limits (docs/running.md).
 
 Layout, always beneath the agent's own cgroup, never directly at a hierarchy's root:
 
@@ -12,14 +12,13 @@ Layout, always beneath the agent's own cgroup, never directly at a hierarchy's r
     v1    <mount>/<hierarchy>/<agent's cgroup>/<parent_name>/<job>
           for hierarchy in memory, cpu, pids (required) and freezer (when mounted)
 
-Mode "none" (no usable cgroups, or turned off) gives a ``JobCgroup`` without directories: ``popen``
-starts the argv as it is and every other method does nothing, so the agent needs no branch.
+Mode "none" (no usable cgroups, or turned off) gives a ``JobCgroup`` without directories: ``shell``
+starts a bare ``/bin/sh -c`` and every other method does nothing, so the agent needs no branch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import itertools
 import os
@@ -47,10 +46,13 @@ V1_OPTIONAL = ("freezer",)  # a kill that no fork escapes
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
-# A v2 job's first process: write its own pid into each cgroup.procs file given before "--",
-# then exec the argv after it. Paths and argv arrive as arguments, never inside the script.
+# A job's first process: a shell that writes its own pid into each cgroup.procs file given
+# before "--", then evaluates the command after it, once, with no positional parameters, as
+# `sh -c` would (but that dash prefixes its error messages with "eval: "). Paths and the command
+# arrive as arguments, never inside the script.
 _JOIN_SCRIPT = (
-    f'for f do shift; [ "$f" = -- ] && exec "$@"; echo $$ > "$f" || exit {JOIN_FAILED}; done; exit {JOIN_FAILED}'
+    'for f do shift; if [ "$f" = -- ]; then unset f; eval "set --; $1"; exit; fi; echo $$ > "$f" || '
+    f'{{ echo "poolq-join: could not join the job\'s cgroup $f" >&2; exit {JOIN_FAILED}; }}; done; exit {JOIN_FAILED}'
 )
 POOL_SIZE = 64  # emptied cgroups an agent keeps for its next jobs
 
@@ -61,103 +63,70 @@ class CgroupError(Exception):
 
 @dataclass(frozen=True)
 class JobCgroup:
-    """One job's cgroup: ``dirs`` maps each controller (v1: hierarchy) to its directory.
-
-    ``cpu_milli`` is its CPU limit. On v1 the quota is written only once ``popen`` has started
-    the job and its thread has left (see there), and lifted again when the cgroup is given back."""
+    """One job's cgroup: ``dirs`` maps each controller (v1: hierarchy) to its directory."""
 
     name: str
     mode: Mode
     dirs: Mapping[str, Path] = field(default_factory=dict)
-    cpu_milli: int | None = None
 
-    def popen(self, argv: list[str], **options: Any) -> subprocess.Popen[bytes]:
-        """``subprocess.Popen(argv, **options)`` with the process born in this cgroup, so that
-        nothing it forks is ever outside; raises CgroupError if it could not join, OSError if
-        ``argv`` could not be started.
+    def shell(self, command: str, **options: Any) -> subprocess.Popen[bytes]:
+        """``subprocess.Popen`` of ``/bin/sh -c command``, the shell born in this cgroup, so that
+        nothing the command forks is ever outside; raises OSError if the shell could not be started.
 
-        v1 lets a single thread change cgroups: the calling thread joins this cgroup, forks the
-        process there, and goes back; then the CPU quota is written, so that the agent's thread,
-        which holds the interpreter's lock at times, is never throttled by a job's quota (one a
-        job that ended this period may have used up). v2 moves whole processes only: there the
-        first process is a shell that joins, then execs ``argv`` (one exec more; it exits 125 if
-        it could not join). Neither needs ``preexec_fn``, which is unsafe in a threaded agent."""
-        if not argv:
-            raise ValueError("argv must not be empty")
-        if self.mode != "v1":
-            return subprocess.Popen(self._wrap(argv), **options)
-        tid = str(threading.get_native_id())
-        joined: list[Path] = []
-        try:
-            for d in self._unique_dirs():
-                _write(d / "tasks", tid)
-                joined.append(d)
-            process = subprocess.Popen(argv, **options)
-        except OSError as exc:
-            if len(joined) < len(self._unique_dirs()):
-                raise CgroupError(f"cgroup {self.name}: could not join it: {exc}") from exc
-            raise
-        finally:
-            # Back where detection found the agent: <own cgroup>/<parent>/<job>. Should this fail,
-            # the thread stays until it ends (a job's thread ends with its job); pids() never
-            # names the agent, so no kill of this cgroup reaches it meanwhile.
-            for d in joined:
-                with contextlib.suppress(OSError):
-                    _write(d.parent.parent / "tasks", tid)
-        if self.cpu_milli is not None:
-            try:
-                _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(_quota(self.cpu_milli)))
-            except OSError as exc:  # a job does not run without its CPU limit
-                process.kill()
-                process.wait()
-                for pipe in (process.stdin, process.stdout, process.stderr):
-                    if pipe is not None:
-                        pipe.close()
-                raise CgroupError(f"cgroup {self.name}: could not set its CPU quota: {exc}") from exc
-        return process
-
-    def _wrap(self, argv: list[str]) -> list[str]:
-        procs = [str(d / "cgroup.procs") for d in self._unique_dirs()]
+        The shell first writes its own pid into the cgroup's ``cgroup.procs`` files (v1: one a
+        hierarchy), then runs the command itself (``eval``): no exec more than a bare
+        ``/bin/sh -c``. If it cannot join, it exits 125 (JOIN_FAILED) before running anything and
+        says why on stderr. The agent's own threads never enter a job cgroup: one that forks
+        from inside a v1 cpu cgroup waits for the scheduler up to a millisecond, every job
+        (docs/running.md). Nor is ``preexec_fn`` used, unsafe in a threaded agent."""
+        # The pids hierarchy first: a process in any of the job's cgroups is in that one (``empty``).
+        first = [self.dirs["pids"]] if "pids" in self.dirs else []
+        procs = [str(d / "cgroup.procs") for d in dict.fromkeys(first + self._unique_dirs())]
         if not procs:
-            return list(argv)
-        return ["/bin/sh", "-c", _JOIN_SCRIPT, "poolq-join", *procs, "--", *argv]
+            return subprocess.Popen(["/bin/sh", "-c", command], **options)
+        return subprocess.Popen(["/bin/sh", "-c", _JOIN_SCRIPT, "/bin/sh", *procs, "--", command], **options)
 
-    def pids(self, spare: int | None = None) -> list[int]:
-        """Every process in the cgroup, however far it has left the job's process group or
-        session; never this process (a v1 agent's thread is in it while it starts a job), nor
-        ``spare``."""
+    def pids(self) -> list[int]:
+        """Every process in the cgroup, however far it has left the job's process group or session."""
         found: set[int] = set()
         for d in self._unique_dirs():
             try:
                 found.update(int(pid) for pid in _read(d / "cgroup.procs").split())
             except FileNotFoundError:
                 pass
-        found.discard(os.getpid())
-        if spare is not None:
-            found.discard(spare)
         return sorted(found)
 
-    def kill(self, spare: int | None = None) -> None:
-        """SIGKILL every process in the cgroup (but ``spare``, see ``pids``) and wait until none is
-        left (at most KILL_TIMEOUT_S)."""
+    def empty(self) -> bool:
+        """Whether no process is left, from one file: the pids hierarchy's, which a job's first
+        process joins before the others (``shell``). Most jobs leave nothing behind, and every
+        job's end asks."""
+        try:
+            return not _read(self.dirs["pids"] / "cgroup.procs").split()
+        except (KeyError, FileNotFoundError):  # no cgroup ("none"), or removed
+            return True
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup and wait until none is left (at most KILL_TIMEOUT_S)."""
+        if self.empty():
+            return
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while left := self.pids(spare):
+        while left := self.pids():
             if time.monotonic() >= deadline:
                 raise CgroupError(f"cgroup {self.name}: {len(left)} processes survived SIGKILL: {left[:10]}")
-            self._kill_once(spare)
-            _until(lambda: not self.pids(spare), 0.2)
+            self._kill_once()
+            _until(lambda: not self.pids(), 0.2)
 
-    def _kill_once(self, spare: int | None) -> None:
+    def _kill_once(self) -> None:
         if self.mode == "v2" and (self.dirs["memory"] / "cgroup.kill").exists():
             _write(self.dirs["memory"] / "cgroup.kill", "1")  # the kernel kills them all, forks included
-            return  # (no agent thread is ever in a v2 job cgroup: see popen)
+            return
         # Frozen processes can neither fork nor exit, so the list read is complete and no pid in it
         # is reused by an unrelated process before the signal lands. Without a freezer (v1 with no
         # freezer hierarchy), a fork may slip through (the next round catches it) and the reuse race
         # remains, as with any kill by pid.
         frozen = self._freeze(True)
         try:
-            for pid in self.pids(spare):
+            for pid in self.pids():
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -212,17 +181,7 @@ class JobCgroup:
         _check_limits(memory_bytes, cpu_milli, pids_max)
         for path, setting in _limits(self, memory_bytes, cpu_milli, pids_max):
             _write(path, setting)
-        return dataclasses.replace(self, cpu_milli=cpu_milli)
-
-    def emptied(self) -> None:
-        """Kill what is left in it, so that it can be kept for another job (v1: its quota lifted,
-        see ``popen``); raises CgroupError."""
-        self.kill()
-        if self.mode == "v1" and self.cpu_milli is not None:
-            try:
-                _write(self.dirs["cpu"] / "cpu.cfs_quota_us", "-1")
-            except OSError as exc:
-                raise CgroupError(f"cgroup {self.name}: could not lift its CPU quota: {exc}") from exc
+        return self
 
     def remove(self) -> None:
         """Kill what is left, then delete the cgroup in every hierarchy. Already removed is fine."""
@@ -271,12 +230,17 @@ class Cgroups:
             hint = "" if os.geteuid() == 0 else f" (the agent runs as uid {os.geteuid()}, not root)"
             return cls("none", f"cgroups unusable: {exc}{hint}")
 
-    def weigh(self, cpu_milli: int) -> None:
+    def weigh(self, cpu_milli: int) -> int:
         """Give the parent of the job cgroups the CPU weight of the cores the node offers jobs
-        (``_weight``); raises OSError."""
+        (``_weight``), but never of more cores than this process may run on: all jobs together
+        can use no more, and a node that offers more (``--cpus 64`` on two cores) would starve
+        its agent, which must start, reap and report their jobs. Returns the cores weighed, in
+        thousandths; raises OSError."""
+        weighed = min(cpu_milli, len(os.sched_getaffinity(0)) * 1000)
         if self.mode != "none":
             name = "cpu.shares" if self.mode == "v1" else "cpu.weight"
-            _write(self.dirs["cpu"] / name, _weight(self.mode, cpu_milli))
+            _write(self.dirs["cpu"] / name, _weight(self.mode, weighed))
+        return weighed
 
     def describe(self) -> dict[str, str | None]:
         """For the node record."""
@@ -319,6 +283,13 @@ class Cgroups:
             dirs = {controller: parent / name for controller, parent in self.dirs.items()}
             found.append(JobCgroup(name, self.mode, {c: d for c, d in dirs.items() if d.is_dir()}))
         return found
+
+    def remove_parent(self) -> None:
+        """Remove poolq's parent cgroup, the agent shutting down with its job cgroups removed; one
+        that still holds any stays, for the next agent of this node to empty (``remove_stale``)."""
+        for d in set(self.dirs.values()):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def remove_stale(self) -> list[str]:
         """Kill and remove the job cgroups an earlier run of this agent left behind; their names."""
@@ -378,7 +349,7 @@ class CgroupPool:
         Give ``reusable=False`` when the job was killed for memory (``oom_killed``)."""
         with self._lock:
             limits = self._carrying.pop(job.name, None)
-        job.emptied()
+        job.kill()
         if reusable and limits is not None and self._oom_kills_counted(job):
             with self._lock:
                 if sum(map(len, self._kept.values())) < self.size:
@@ -453,7 +424,7 @@ def _limits(
         if swap_accounted and memory_bytes is not None:
             writes.append((memsw, limit))
         writes.append((d["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD_US)))
-        writes.append((d["cpu"] / "cpu.cfs_quota_us", "-1"))  # until popen has started the job
+        writes.append((d["cpu"] / "cpu.cfs_quota_us", str(quota)))
         writes.append((d["cpu"] / "cpu.shares", _weight("v1", cpu_milli)))
     if job.mode != "none":
         writes.append((d["pids"] / "pids.max", "max" if pids_max is None else str(pids_max)))

@@ -32,7 +32,7 @@ def boottime() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def kill_jobs(groups: set[int], cgroups: Cgroups, agent: int) -> None:
+def kill_jobs(groups: set[int], cgroups: Cgroups) -> None:
     for group in groups:
         try:
             os.killpg(group, signal.SIGKILL)
@@ -40,7 +40,7 @@ def kill_jobs(groups: set[int], cgroups: Cgroups, agent: int) -> None:
             pass
     for job in cgroups.jobs():
         try:
-            job.kill(spare=agent)  # a v1 agent's thread is in a job's cgroup while it starts the job
+            job.kill()
         except (CgroupError, OSError) as exc:
             print(f"poolq guardian: {exc}", file=sys.stderr)
 
@@ -57,7 +57,6 @@ def main(argv: list[str]) -> int:
     fence_s = float(argv[1]) if len(argv) > 1 else float("inf")
     cgroups = cgroups_of(argv[2]) if len(argv) > 2 else Cgroups("none")
     groups: set[int] = set()
-    agent = os.getppid()
     last_beat = float(argv[3]) if len(argv) > 3 else boottime()  # a guardian started again: the old deadline
     armed = True  # a fence is due unless a heartbeat comes; disarmed once it fired, until the next
     buffer = b""
@@ -66,13 +65,13 @@ def main(argv: list[str]) -> int:
         ready, _, _ = select.select([0], [], [], wait)
         if not ready:  # fenced: the agent's lease ran out while its jobs may run
             print(f"poolq guardian: no heartbeat for {fence_s:g} s; killing the agent's jobs", file=sys.stderr)
-            kill_jobs(groups, cgroups, agent)
+            kill_jobs(groups, cgroups)
             groups.clear()
             armed = False
             continue
         data = os.read(0, 65536)
         if not data:
-            kill_jobs(groups, cgroups, agent)
+            kill_jobs(groups, cgroups)
             return 0
         buffer += data
         *lines, buffer = buffer.split(b"\n")

@@ -430,6 +430,28 @@ def test_weights_three_to_one_share_the_cpu_seconds_three_to_one(settings: Setti
     assert admin.check() == []
 
 
+def test_a_round_fills_from_many_shapes_and_a_tenant_behind_them_gets_its_turn(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    add_node(admin, "n1", cpus=1000, memory=1 << 40, pool="default")
+    # 300 jobs of "many", each of its own shape (its memory), all older than "late"'s one job.
+    bodies = [body(f"app-m{i}", entrypoint_memory=(128 << 20) + i * (1 << 20)) for i in range(300)]
+    answer = call(app, "POST", "/api/jobs/batch", {"jobs": bodies},
+                  headers={"X-Tenant-Id": "many", "X-Schedule-Timeout-Ms": "0"})
+    assert answer.status == 200 and [r for r in answer.json["results"] if "submission_id" not in r] == []
+    assert redis_client.zcard(keys.SHAPES_READY) == 300
+    submit(app, "app-late", tenant="late")
+    scheduler = Scheduler(store)
+    claimed = scheduler.round()  # one round: a round's worth of jobs, not a few shapes' (placement.md)
+    assert claimed == store.settings.placement_batch == 256
+    assert node_of(redis_client, "app-late", "late") == "n1", "the tenant behind 300 shapes waits no round"
+    many = [f"app-m{i}" for i in range(300)]
+    placed_many = [i for i in many if node_of(redis_client, i, "many")]
+    assert placed_many == many[:255], "the oldest shapes first"
+    scheduler.place_waiting()
+    assert all(node_of(redis_client, i, "many") for i in many) and admin.check() == []
+
+
 def test_a_tenant_that_used_less_lately_goes_first(app: App, store: JobStore, admin: NodeAdmin,
                                                    redis_client: redis.Redis) -> None:
     add_node(admin, "n1", cpus=1, pool="default")

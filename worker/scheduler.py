@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import json
 import logging
 import secrets
@@ -39,8 +40,7 @@ from worker.placement import Inventory, Node, Shape, now_ms, quota_reason
 log = logging.getLogger("poolq.placement")
 T = TypeVar("T")
 
-SHAPES_PER_ROUND = 32
-SHAPES_PER_TENANT = 4
+TENANTS_PER_ROUND = 32  # tenants whose oldest shape a round always reads (claim.lua: fair share among them)
 MAX_CACHED_SHAPES = 10_000
 MAX_TERM_INDEXES = 1_000
 READY_SCAN = 512
@@ -76,6 +76,7 @@ class Scheduler:
         self._taken_ms = int(2000 * self.settings.stop_grace_s) + self._hold_ms
         self._preempting: set[str] = set()  # tenants whose jobs may preempt (poolq quota set --preempt on)
         self._claim_id = ""
+        self._tenants_first = 0  # of the shapes _ready_shapes returned, those claim.lua always reads
 
     # -- the inventory view ----------------------------------------------------
 
@@ -180,7 +181,9 @@ class Scheduler:
         lease_ms = int(self.settings.claim_lease_s * 1000)
         half_life_ms = int(self.settings.fair_share_half_life_s * 1000)
         batch = self.settings.placement_batch
-        flat = self._until_answered(lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms))
+        flat = self._until_answered(
+            lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms, self._tenants_first)
+        )
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
             return 0
@@ -243,24 +246,23 @@ class Scheduler:
         self._requeue(claim_id, unplaced + pending, failed_shapes)
 
     def _ready_shapes(self) -> list[str]:
-        """The oldest ready shapes, at most SHAPES_PER_TENANT of one tenant, so that the
-        tenants behind a tenant with many shapes still get their turn this round."""
+        """The oldest ready shapes, the tenants taking turns: each tenant's oldest, then each
+        one's next, and so on. claim.lua reads the first of up to TENANTS_PER_ROUND tenants
+        (``_tenants_first``), so that fair share chooses among them, then the next shapes in
+        this order until it has read a round's jobs: many shapes of a few jobs each fill a
+        round (10,000 distinct shapes place about as fast as one), and a tenant with many
+        shapes cannot crowd out the others."""
         candidates = self.redis.zrange(keys.SHAPES_READY, 0, READY_SCAN - 1)
         if len(self._shapes) > MAX_CACHED_SHAPES:  # shapes come and go: keep the cache bounded
             self._shapes.clear()
         self.inventory.trim_indexes(MAX_TERM_INDEXES)
         self._load_shapes(set(candidates))
-        chosen: list[str] = []
-        per_tenant: dict[str, int] = defaultdict(int)
+        by_tenant: dict[str, list[str]] = defaultdict(list)
         for sig in candidates:
-            shape = self._shapes.get(sig)
-            if shape is None or per_tenant[shape.tenant] >= SHAPES_PER_TENANT:
-                continue
-            per_tenant[shape.tenant] += 1
-            chosen.append(sig)
-            if len(chosen) == SHAPES_PER_ROUND:
-                break
-        return chosen
+            if (shape := self._shapes.get(sig)) is not None:
+                by_tenant[shape.tenant].append(sig)
+        self._tenants_first = min(len(by_tenant), TENANTS_PER_ROUND)
+        return [sig for turn in itertools.zip_longest(*by_tenant.values()) for sig in turn if sig is not None]
 
     def _load_quotas(self, tenants: set[str]) -> None:
         """The round's view of each tenant's limits and usage (reserve.lua re-checks)."""
@@ -612,9 +614,18 @@ def reserve(scripts: Scripts, claim_id: str, decisions: list[Decision], settings
 
 
 def claim(
-    scripts: Scripts, claim_id: str, sigs: list[str], tenants: list[str], batch: int, lease_ms: int, half_life_ms: int
+    scripts: Scripts,
+    claim_id: str,
+    sigs: list[str],
+    tenants: list[str],
+    batch: int,
+    lease_ms: int,
+    half_life_ms: int,
+    read_first: int | None = None,
 ) -> Any:
-    """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id."""
+    """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id.
+    It reads the queues of the first `read_first` shapes (default: all), then the next ones
+    in order until it has read `batch` waiting jobs."""
     return scripts.claim(
         keys=[
             keys.SHAPES_READY,
@@ -638,6 +649,7 @@ def claim(
             half_life_ms,
             keys.JOB_PREFIX,
             keys.shape(""),
+            len(sigs) if read_first is None else read_first,
             *sigs,
             *tenants,
         ],

@@ -28,8 +28,11 @@
 --       11.. the queues of the shapes named in ARGV
 -- ARGV: 1 max jobs, 2 lease ms, 3 claim id, 4 the key prefix of tenants' limits,
 --       5 of their usage ("poolq:tenant:"), 6 the fair-share half-life ms, 7 the job key
---       prefix, 8 the shape key prefix, then the m shapes' sigs (in the order of their
---       queues), then the m shapes' tenants (same order)
+--       prefix, 8 the shape key prefix, 9 how many of the shapes to read in any case (the
+--       caller lists each tenant's oldest first); the queues after those are read in order
+--       until `max jobs` waiting jobs are read, and the shapes after that are left as they
+--       are for a later round; then the m shapes' sigs (in the order of their queues), then
+--       the m shapes' tenants (same order)
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 --! include lib/fair_share.lua
 --! include lib/counts.lua
@@ -39,13 +42,16 @@ local done = redis.call('GET', KEYS[7])
 if done then return cjson.decode(done) end
 local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
 local first = 11
-local a0 = 9  -- the first sig in ARGV
+local a0 = 10  -- the first sig in ARGV
 local m = #KEYS - first + 1
+local read_first, read, last = tonumber(ARGV[9]), 0, first - 1  -- last: the key of the last queue read
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
+  if i - first >= read_first and read >= limit then break end
+  last = i
   local sig, tenant = ARGV[i - first + a0], ARGV[m + i - first + a0]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
@@ -56,6 +62,7 @@ for i = first, #KEYS do
   for j = 1, #head, 2 do
     list[#list + 1] = {head[j], sig, tonumber(head[j + 1]), KEYS[i], tenant}
   end
+  read = read + #head / 2
 end
 local served, oldest, share, weight = {}, {}, {}, {}
 for _, tenant in ipairs(tenants) do
@@ -174,7 +181,7 @@ each_slice(holders, function(...) redis.call('HSET', KEYS[6], ...) end)
 for _, st in pairs(arrays) do
   if st.dirty then redis.call('HSET', st.k.array, 'anext', st.a.anext, 'askip', st.a.askip) end
 end
-for i = first, #KEYS do
+for i = first, last do
   local sig = ARGV[i - first + a0]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then

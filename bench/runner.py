@@ -34,7 +34,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import scenarios, scenarios_arrays, scenarios_feed, scenarios_workers
+from bench import scenarios, scenarios_arrays, scenarios_curves, scenarios_feed, scenarios_workers
 from bench.figures import Figure, ScenarioResult, number
 from bench.notes import not_met_section
 from bench.scenarios import Context
@@ -51,6 +51,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "fair_share": scenarios_workers.fair_share,
     "arrays": scenarios_arrays.arrays,
     "feed": scenarios_feed.feed,
+    "curves": scenarios_curves.curves,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

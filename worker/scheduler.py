@@ -76,7 +76,6 @@ class Scheduler:
         self._taken_ms = int(2000 * self.settings.stop_grace_s) + self._hold_ms
         self._preempting: set[str] = set()  # tenants whose jobs may preempt (poolq quota set --preempt on)
         self._claim_id = ""
-        self._tenants_first = 0  # of the shapes _ready_shapes returned, those claim.lua always reads
 
     # -- the inventory view ----------------------------------------------------
 
@@ -170,7 +169,7 @@ class Scheduler:
 
     def round(self) -> int:
         """One claim-choose-reserve round; returns how many jobs it claimed."""
-        sigs = self._ready_shapes()
+        sigs, read_first = self._ready_shapes()
         if not sigs:
             return 0
         claim_id = self._new_claim_id()
@@ -182,7 +181,7 @@ class Scheduler:
         half_life_ms = int(self.settings.fair_share_half_life_s * 1000)
         batch = self.settings.placement_batch
         flat = self._until_answered(
-            lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms, self._tenants_first)
+            lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms, read_first)
         )
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
@@ -245,13 +244,13 @@ class Scheduler:
             self.refresh()
         self._requeue(claim_id, unplaced + pending, failed_shapes)
 
-    def _ready_shapes(self) -> list[str]:
-        """The oldest ready shapes, the tenants taking turns: each tenant's oldest, then each
-        one's next, and so on. claim.lua reads the first of up to TENANTS_PER_ROUND tenants
-        (``_tenants_first``), so that fair share chooses among them, then the next shapes in
-        this order until it has read a round's jobs: many shapes of a few jobs each fill a
-        round (10,000 distinct shapes place about as fast as one), and a tenant with many
-        shapes cannot crowd out the others."""
+    def _ready_shapes(self) -> tuple[list[str], int]:
+        """The oldest ready shapes, the tenants taking turns (each tenant's oldest, then each
+        one's next, and so on), and how many of them claim.lua reads in any case: the oldest
+        of up to TENANTS_PER_ROUND tenants, so that fair share chooses among them. It reads
+        the next ones in this order until it has read a round's jobs: many shapes of a few
+        jobs each fill a round (10,000 distinct shapes place about as fast as one), and a
+        tenant with many shapes cannot crowd out the others."""
         candidates = self.redis.zrange(keys.SHAPES_READY, 0, READY_SCAN - 1)
         if len(self._shapes) > MAX_CACHED_SHAPES:  # shapes come and go: keep the cache bounded
             self._shapes.clear()
@@ -261,8 +260,8 @@ class Scheduler:
         for sig in candidates:
             if (shape := self._shapes.get(sig)) is not None:
                 by_tenant[shape.tenant].append(sig)
-        self._tenants_first = min(len(by_tenant), TENANTS_PER_ROUND)
-        return [sig for turn in itertools.zip_longest(*by_tenant.values()) for sig in turn if sig is not None]
+        turns = [sig for turn in itertools.zip_longest(*by_tenant.values()) for sig in turn if sig is not None]
+        return turns, min(len(by_tenant), TENANTS_PER_ROUND)
 
     def _load_quotas(self, tenants: set[str]) -> None:
         """The round's view of each tenant's limits and usage (reserve.lua re-checks)."""

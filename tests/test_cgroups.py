@@ -50,7 +50,7 @@ def cgroups() -> Iterator[Cgroups]:
 @pytest.fixture
 def spawn(cgroups: Cgroups) -> Iterator[Spawn]:
     """Start ``argv`` in a job's cgroup the way the agent does, as a shell command in a session of
-    its own; the shell execs it, so the process is ``argv``'s."""
+    its own; the command execs it, so that the process is ``argv``'s."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start(job: JobCgroup, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -274,13 +274,21 @@ def test_shell_starts_the_process_inside_and_runs_the_command_as_sh_c_would(cgro
     for controller, d in job.dirs.items():  # in the job's cgroup of every hierarchy, from its first exec
         mount = CGROUP_ROOT / controller if job.mode == "v1" else CGROUP_ROOT
         assert joined[controller if job.mode == "v1" else ""] == "/" + d.relative_to(mount).as_posix()
-    # The joining shell runs the command itself: what the command sees is what `sh -c` shows it.
-    command = """echo "$0|$#|$*|${f-unset}|$(cat /proc/$$/comm)"; trap 'echo bye' EXIT; read -r x </dev/null; exit 7"""
-    bare = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=10)
-    joined_shell = job.shell(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = joined_shell.communicate(timeout=10)
-    assert (joined_shell.returncode, out, err) == (bare.returncode, bare.stdout, bare.stderr) == (7, bare.stdout, b"")
-    assert out.decode().startswith("/bin/sh|0||unset|") and out.endswith(b"bye\n")
+    # The joining shell runs the command itself: what the command sees, and how it ends, are
+    # what they are under a bare `sh -c` (dash's error messages but say "eval:").
+    for command, code in (
+        ("""echo "$0|$#|$*|${f-unset}"; trap 'echo bye' EXIT; read -r x </dev/null; exit 7""", 7),
+        ("nosuchcommand-poolq", 127),
+        ("if then", 2),
+        ("kill -9 $$", -9),
+    ):
+        bare = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=10)
+        joined_shell = job.shell(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = joined_shell.communicate(timeout=10)
+        assert (joined_shell.returncode, out) == (bare.returncode, bare.stdout) and bool(err) == bool(bare.stderr)
+        assert joined_shell.returncode == code, command
+        if command.startswith("echo"):
+            assert out == b"/bin/sh|0||unset\nbye\n"
 
 
 def test_a_cgroup_that_cannot_be_joined_runs_nothing(cgroups: Cgroups, spawn: Spawn) -> None:

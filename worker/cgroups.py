@@ -74,8 +74,9 @@ class JobCgroup:
         nothing the command forks is ever outside; raises OSError if the shell could not be started.
 
         The shell first writes its own pid into the cgroup's ``cgroup.procs`` files (v1: one a
-        hierarchy), then runs the command itself (``eval``): no exec more than a bare
-        ``/bin/sh -c``. If it cannot join, it exits 125 (JOIN_FAILED) before running anything and
+        hierarchy, pids first), then runs the command itself (``eval``): no exec more than a
+        bare ``/bin/sh -c``, and dash, which execs no command of a ``-c`` string, stays the
+        job's first process either way. If it cannot join, it exits 125 (JOIN_FAILED) before running anything and
         says why on stderr. The agent's own threads never enter a job cgroup: one that forks
         from inside a v1 cpu cgroup waits for the scheduler up to a millisecond, every job
         (docs/running.md). Nor is ``preexec_fn`` used, unsafe in a threaded agent."""

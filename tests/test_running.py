@@ -210,6 +210,30 @@ def test_a_job_that_fails_twice_then_succeeds_on_its_third_attempt(app: Any, pla
     assert text.index("try 2") > text.index("[poolq] attempt 2 starts"), text
 
 
+GRACEFUL = (
+    "python3 -c \"import pathlib, signal, sys, time\n"
+    "def done(*_):\n"
+    "    time.sleep(1.5); pathlib.Path('saved').write_text('saved'); sys.exit(0)\n"
+    "signal.signal(signal.SIGTERM, done); print('ready', flush=True); time.sleep(60)\""
+)
+
+
+def test_a_stopped_job_has_its_grace_though_its_shell_dies_of_the_sigterm(
+    app: Any, placement: Any, node: Any, tmp_path: Path
+) -> None:
+    # The entrypoint's shell waits for the python child and dies of the group's SIGTERM at
+    # once; the child, saving its work, must still get the grace (here 5 s), not be cut off.
+    node("n1", "--cpus", "2", "--memory", "4Gi", env={"POOLQ_STOP_GRACE_S": "5"})
+    submission_id = kit.submit(app, job(tmp_path, GRACEFUL), timeout_ms=0)
+    kit.wait_status(app, submission_id, "RUNNING")
+    wait_for(lambda: "ready" in call(app, "GET", f"/api/jobs/{submission_id}/logs").json["logs"], 30, 0.1,
+             what="the job to install its handler")
+    kit.stop(app, submission_id)
+    ended = kit.wait_status(app, submission_id, "STOPPED")
+    assert (tmp_path / "saved").read_text() == "saved", "the job was killed before the end of its grace"
+    assert ended["end_time"] - ended["start_time"] < 30_000
+
+
 def test_retries_end_at_max_attempts_and_on_a_stop(app: Any, placement: Any, node: Any, tmp_path: Path) -> None:
     node("n1", "--cpus", "2", "--memory", "4Gi")
     always = kit.submit(app, job(tmp_path, "exit 7", retry_policy={"max_attempts": 2, "backoff_s": 0}), timeout_ms=0)

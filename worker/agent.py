@@ -370,10 +370,21 @@ class JobRun(threading.Thread):
         term_sent_at: float | None = None
         exited_at: float | None = None
         log_file = JobLog(log_path, agent.settings.max_log_file_bytes)
+
+        def in_grace() -> bool:
+            # A stop's SIGTERM went to the job's group, and something of the job lives on: the
+            # entrypoint's shell dies of it at once, while the command it waits for may be
+            # saving its work. The job has its whole grace, not the shell's last moment.
+            return (
+                term_sent_at is not None
+                and time.monotonic() - term_sent_at <= agent.settings.stop_grace_s
+                and self._lingering()
+            )
+
         try:
             # Until the entrypoint has exited and its output is read: a job that closed its
             # stdout and stderr (exec >/dev/null) must still be stoppable and time-limited.
-            while selector.get_map() or self.process.poll() is None:
+            while selector.get_map() or self.process.poll() is None or in_grace():
                 if not selector.get_map():
                     time.sleep(0.1)
                 for key, _ in selector.select(timeout=0.1) if selector.get_map() else ():
@@ -401,7 +412,7 @@ class JobRun(threading.Thread):
                     self._kill(signal.SIGKILL)
                 if exited_at is None and self.process.poll() is not None:
                     exited_at = now
-                if exited_at is not None and now - exited_at > STRAGGLER_WAIT_S:
+                if exited_at is not None and now - exited_at > STRAGGLER_WAIT_S and not in_grace():
                     break  # a background child holds the pipes open; it is killed next
             self.process.wait()
             self.ship_log(final=True)
@@ -414,6 +425,18 @@ class JobRun(threading.Thread):
             fileobj.close()
         begin, _ = utf8_bounds(bytes(stderr_tail), whole_end=False)
         return bytes(stderr_tail[begin:]).decode("utf-8", "replace")[-STDERR_TAIL:]
+
+    def _lingering(self) -> bool:
+        """Whether a process of the job's group, or of its cgroup, is alive."""
+        assert self.process is not None
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except ProcessLookupError:
+            cgroup = self.cgroup
+            return cgroup is not None and not cgroup.empty()
+        except PermissionError:  # a process of the group that is not ours any more (setuid)
+            return True
 
     def _keep(self, log_file: JobLog, data: bytes) -> None:
         """Write output to the node's log file; a full disk stops the job (and only it)."""

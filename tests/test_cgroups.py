@@ -281,14 +281,20 @@ def test_shell_starts_the_process_inside_and_runs_the_command_as_sh_c_would(cgro
         ("nosuchcommand-poolq", 127),
         ("if then", 2),
         ("kill -9 $$", -9),
+        ("echo a; break; echo b", 0),  # a loop of the command's own: the joining shell has none around it
+        ("set -- x; continue", 0),
+        ('[ "$f" = kept ] && echo "$f"', 0),  # nor does it set a variable: the job's environment is the command's
     ):
-        bare = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=10)
-        joined_shell = job.shell(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env = {**os.environ, "f": "kept"}
+        bare = subprocess.run(["/bin/sh", "-c", command], capture_output=True, timeout=10, env=env)
+        joined_shell = job.shell(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         out, err = joined_shell.communicate(timeout=10)
         assert (joined_shell.returncode, out) == (bare.returncode, bare.stdout) and bool(err) == bool(bare.stderr)
         assert joined_shell.returncode == code, command
-        if command.startswith("echo"):
-            assert out == b"/bin/sh|0||unset\nbye\n"
+        if command.startswith('echo "$0'):
+            assert out == b"/bin/sh|0||kept\nbye\n"
+        if command.startswith("[ "):
+            assert out == b"kept\n"
 
 
 def test_a_cgroup_that_cannot_be_joined_runs_nothing(cgroups: Cgroups, spawn: Spawn) -> None:

@@ -36,7 +36,7 @@ Mode = Literal["v1", "v2", "none"]
 
 CFS_PERIOD_US = 100_000
 MIN_CFS_QUOTA_US = 1_000  # the kernel refuses less
-JOIN_FAILED = 125  # exit status of a v2 job whose first process could not join its cgroup
+JOIN_FAILED = 125  # exit status of a job whose first process could not join its cgroup
 KILL_TIMEOUT_S = 5.0  # a process stuck in uninterruptible sleep outlives SIGKILL; give up after this
 RMDIR_TIMEOUT_S = 1.0  # rmdir is EBUSY until the kernel has finished the killed processes' exit
 
@@ -49,10 +49,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 # A job's first process: a shell that writes its own pid into each cgroup.procs file given
 # before "--", then evaluates the command after it, once, with no positional parameters, as
 # `sh -c` would (but that dash prefixes its error messages with "eval: "). Paths and the command
-# arrive as arguments, never inside the script.
+# arrive as arguments, never inside the script; it sets no variable (the job's environment is
+# the command's), and the command runs outside any loop of its own (a `break` is the command's).
 _JOIN_SCRIPT = (
-    'for f do shift; if [ "$f" = -- ]; then unset f; eval "set --; $1"; exit; fi; echo $$ > "$f" || '
-    f'{{ echo "poolq-join: could not join the job\'s cgroup $f" >&2; exit {JOIN_FAILED}; }}; done; exit {JOIN_FAILED}'
+    f'while [ $# -gt 1 ] && [ "$1" != -- ]; do echo $$ > "$1" || {{ echo "poolq-join: could not join the '
+    f'job\'s cgroup $1" >&2; exit {JOIN_FAILED}; }}; shift; done; [ "$1" = -- ] || exit {JOIN_FAILED}; shift; '
+    'eval "set --; $1"'
 )
 POOL_SIZE = 64  # emptied cgroups an agent keeps for its next jobs
 
@@ -70,13 +72,15 @@ class JobCgroup:
     dirs: Mapping[str, Path] = field(default_factory=dict)
 
     def shell(self, command: str, **options: Any) -> subprocess.Popen[bytes]:
-        """``subprocess.Popen`` of ``/bin/sh -c command``, the shell born in this cgroup, so that
-        nothing the command forks is ever outside; raises OSError if the shell could not be started.
+        """``subprocess.Popen`` of ``/bin/sh -c command``, the shell in this cgroup before the
+        command runs, so that nothing the command forks is ever outside; raises OSError if the
+        shell could not be started.
 
         The shell first writes its own pid into the cgroup's ``cgroup.procs`` files (v1: one a
         hierarchy, pids first), then runs the command itself (``eval``): no exec more than a
-        bare ``/bin/sh -c``, and dash, which execs no command of a ``-c`` string, stays the
-        job's first process either way. If it cannot join, it exits 125 (JOIN_FAILED) before running anything and
+        bare ``/bin/sh -c``. Dash, which execs no command of a ``-c`` string, stays the job's
+        first process either way; where ``/bin/sh`` is bash, which execs a lone simple command,
+        the shell now stays too. If it cannot join, it exits 125 (JOIN_FAILED) before running anything and
         says why on stderr. The agent's own threads never enter a job cgroup: one that forks
         from inside a v1 cpu cgroup waits for the scheduler up to a millisecond, every job
         (docs/running.md). Nor is ``preexec_fn`` used, unsafe in a threaded agent."""
@@ -105,6 +109,13 @@ class JobCgroup:
             return not _read(self.dirs["pids"] / "cgroup.procs").split()
         except (KeyError, FileNotFoundError):  # no cgroup ("none"), or removed
             return True
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to every process in the cgroup (a stop's SIGTERM: those that left the
+        job's process group get their grace too)."""
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def kill(self) -> None:
         """SIGKILL every process in the cgroup and wait until none is left (at most KILL_TIMEOUT_S)."""

@@ -337,12 +337,20 @@ class JobRun(threading.Thread):
         self._kill(signal.SIGKILL)
 
     def _kill(self, sig: int) -> None:
-        """Signal the job's process group; a SIGKILL also reaches everything in its cgroup."""
+        """Signal the job's process group and everything in its cgroup (SIGKILL: and wait until
+        nothing is left there)."""
         if self.process is None:
             return
         _kill_group(self.process.pid, sig)
         if sig == signal.SIGKILL:
             self._kill_cgroup()
+        else:
+            with self._cgroup_lock:
+                if self.cgroup is not None:
+                    try:
+                        self.cgroup.signal(sig)
+                    except OSError as exc:  # the group has it; SIGKILL follows after the grace
+                        log.warning("job %s: could not signal its cgroup: %s", self.job_ref, exc)
 
     def _kill_cgroup(self) -> None:
         with self._cgroup_lock:
@@ -427,14 +435,17 @@ class JobRun(threading.Thread):
         return bytes(stderr_tail[begin:]).decode("utf-8", "replace")[-STDERR_TAIL:]
 
     def _lingering(self) -> bool:
-        """Whether a process of the job's group, or of its cgroup, is alive."""
+        """Whether a process of the job is alive: one in its cgroup, where it has one (which
+        lists no zombie), else one of its process group."""
         assert self.process is not None
+        cgroup = self.cgroup
+        if cgroup is not None and cgroup.mode != "none":
+            return not cgroup.empty()
         try:
             os.killpg(self.process.pid, 0)
             return True
         except ProcessLookupError:
-            cgroup = self.cgroup
-            return cgroup is not None and not cgroup.empty()
+            return False
         except PermissionError:  # a process of the group that is not ours any more (setuid)
             return True
 

@@ -452,6 +452,37 @@ def test_a_round_fills_from_many_shapes_and_a_tenant_behind_them_gets_its_turn(
     assert all(node_of(redis_client, i, "many") for i in many) and admin.check() == []
 
 
+def batch(app: App, tenant: str, bodies: list[dict[str, Any]]) -> None:
+    answer = call(app, "POST", "/api/jobs/batch", {"jobs": bodies},
+                  headers={"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": "0"})
+    assert answer.status == 200 and [r for r in answer.json["results"] if "submission_id" not in r] == []
+
+
+def test_a_round_keeps_priorities_across_a_tenants_shapes(app: App, store: JobStore, admin: NodeAdmin,
+                                                            redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=1000, memory=1 << 40, pool="default")
+    # Shape X is the oldest ready (its head is priority 10), but 300 jobs of priority 0 follow
+    # its head; shape Y holds 300 of priority 5. The round's 256: X's head and 255 of Y.
+    wide = 129 << 20
+    batch(app, "p", [body("app-x-high", priority=10)] + [body(f"app-x{i}") for i in range(300)])
+    batch(app, "p", [body(f"app-y{i}", priority=5, entrypoint_memory=wide) for i in range(300)])
+    assert Scheduler(store).round() == 256
+    assert node_of(redis_client, "app-x-high", "p") == "n1"
+    assert sum(1 for i in range(300) if node_of(redis_client, f"app-y{i}", "p")) == 255
+    assert not any(node_of(redis_client, f"app-x{i}", "p") for i in range(300))
+
+
+def test_a_tenant_of_many_small_shapes_has_its_share_beside_a_deep_one(app: App, store: JobStore, admin: NodeAdmin,
+                                                                       redis_client: redis.Redis) -> None:
+    add_node(admin, "n1", cpus=1000, memory=1 << 40, pool="default")
+    batch(app, "deep", [body(f"app-d{i}") for i in range(300)])  # one shape, oldest
+    batch(app, "thin", [body(f"app-t{i}", entrypoint_memory=(130 << 20) + (i << 12)) for i in range(300)])
+    assert Scheduler(store).round() == 256
+    deep = sum(1 for i in range(300) if node_of(redis_client, f"app-d{i}", "deep"))
+    thin = sum(1 for i in range(300) if node_of(redis_client, f"app-t{i}", "thin"))
+    assert deep + thin == 256 and abs(deep - thin) <= 2, (deep, thin)  # equal weights: turns go round
+
+
 def test_a_tenant_that_used_less_lately_goes_first(app: App, store: JobStore, admin: NodeAdmin,
                                                    redis_client: redis.Redis) -> None:
     add_node(admin, "n1", cpus=1, pool="default")

@@ -28,11 +28,15 @@
 --       11.. the queues of the shapes named in ARGV
 -- ARGV: 1 max jobs, 2 lease ms, 3 claim id, 4 the key prefix of tenants' limits,
 --       5 of their usage ("poolq:tenant:"), 6 the fair-share half-life ms, 7 the job key
---       prefix, 8 the shape key prefix, 9 how many of the shapes to read in any case (the
---       caller lists each tenant's oldest first); the queues after those are read in order
---       until `max jobs` waiting jobs are read, and the shapes after that are left as they
---       are for a later round; then the m shapes' sigs (in the order of their queues), then
---       the m shapes' tenants (same order)
+--       prefix, 8 the shape key prefix, 9 how many waiting jobs to read at most, then the m
+--       shapes' sigs (in the order of their queues), then the m shapes' tenants (same order)
+--
+-- The queues are read in the order given (the caller lists each tenant's oldest shape, then
+-- each one's next, ...). Each tenant keeps its best `max jobs` read so far, in line order;
+-- once it has that many, a further shape of its is read only for the jobs that go before
+-- the last of them, and not at all once its head does not (its later shapes are later
+-- still). So a round's jobs come from as many shapes as it takes, and a tenant's priorities
+-- and line order hold across its shapes. Shapes not read are left as they are.
 -- Returns a flat list: ref, sig, seq, ref, sig, seq, ... in the order to place them.
 --! include lib/fair_share.lua
 --! include lib/counts.lua
@@ -44,25 +48,58 @@ local limit, claim_id = tonumber(ARGV[1]), ARGV[3]
 local first = 11
 local a0 = 10  -- the first sig in ARGV
 local m = #KEYS - first + 1
-local read_first, read, last = tonumber(ARGV[9]), 0, first - 1  -- last: the key of the last queue read
+local max_read, read, reads, full = tonumber(ARGV[9]), 0, {}, {}  -- reads: the KEYS of the queues read
+-- The best `limit` of a tenant's list and of a shape's jobs (a flat answer), both in line order.
+local function best(list, jobs, sig, key, tenant)
+  local out, a, b, n = {}, 1, 1, #jobs / 2
+  while #out < limit and (a <= #list or b <= n) do
+    if b > n or (a <= #list and list[a][3] <= tonumber(jobs[2 * b])) then
+      out[#out + 1] = list[a]
+      a = a + 1
+    else
+      out[#out + 1] = {jobs[2 * b - 1], sig, tonumber(jobs[2 * b]), key, tenant}
+      b = b + 1
+    end
+  end
+  return out
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local expires = now + tonumber(ARGV[2])
 local per_tenant, tenants = {}, {}
 for i = first, #KEYS do
-  if i - first >= read_first and read >= limit then break end
-  last = i
+  if read >= max_read then break end
   local sig, tenant = ARGV[i - first + a0], ARGV[m + i - first + a0]
   if not per_tenant[tenant] then
     per_tenant[tenant] = {}
     tenants[#tenants + 1] = tenant
   end
-  local list = per_tenant[tenant]
-  local head = redis.call('ZRANGE', KEYS[i], 0, limit - 1, 'WITHSCORES')
-  for j = 1, #head, 2 do
-    list[#list + 1] = {head[j], sig, tonumber(head[j + 1]), KEYS[i], tenant}
+  local list, jobs = per_tenant[tenant], nil
+  if #list < limit then  -- not a round's worth yet: all of it, put in order once it is
+    jobs = redis.call('ZRANGE', KEYS[i], 0, limit - 1, 'WITHSCORES')
+    for j = 1, #jobs, 2 do
+      list[#list + 1] = {jobs[j], sig, tonumber(jobs[j + 1]), KEYS[i], tenant}
+    end
+    if #list >= limit then
+      table.sort(list, function(x, y) return x[3] < y[3] end)
+      for j = #list, limit + 1, -1 do list[j] = nil end
+    end
+  elseif not full[tenant] then  -- only what goes before the last of its best
+    local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+    if #head == 0 then
+      jobs = head  -- an empty queue: read, so that it goes idle below
+    elseif tonumber(head[2]) >= list[limit][3] then
+      full[tenant] = true  -- and its later shapes are later still
+    else
+      jobs = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', string.format('(%.0f', list[limit][3]),
+        'WITHSCORES', 'LIMIT', 0, limit)
+      per_tenant[tenant] = best(list, jobs, sig, KEYS[i], tenant)
+    end
   end
-  read = read + #head / 2
+  if jobs and not full[tenant] then
+    read = read + #jobs / 2
+    reads[#reads + 1] = i
+  end
 end
 local served, oldest, share, weight = {}, {}, {}, {}
 for _, tenant in ipairs(tenants) do
@@ -181,7 +218,7 @@ each_slice(holders, function(...) redis.call('HSET', KEYS[6], ...) end)
 for _, st in pairs(arrays) do
   if st.dirty then redis.call('HSET', st.k.array, 'anext', st.a.anext, 'askip', st.a.askip) end
 end
-for i = first, last do
+for _, i in ipairs(reads) do
   local sig = ARGV[i - first + a0]
   local head = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
   if #head == 0 then

@@ -234,6 +234,21 @@ def test_a_stopped_job_has_its_grace_though_its_shell_dies_of_the_sigterm(
     assert ended["end_time"] - ended["start_time"] < 30_000
 
 
+def test_a_stop_reaches_a_child_that_left_the_jobs_process_group_and_gives_it_the_grace(
+    app: Any, placement: Any, node: Any, tmp_path: Path
+) -> None:
+    # A setsid child is out of the group the SIGTERM goes to, but in the job's cgroup: it gets
+    # the SIGTERM too, and the grace to save, before the SIGKILL that ends the job.
+    node("n1", "--cpus", "2", "--memory", "4Gi", env={"POOLQ_STOP_GRACE_S": "5"})
+    submission_id = kit.submit(app, job(tmp_path, f"setsid {GRACEFUL} & sleep 60"), timeout_ms=0)
+    kit.wait_status(app, submission_id, "RUNNING")
+    wait_for(lambda: "ready" in call(app, "GET", f"/api/jobs/{submission_id}/logs").json["logs"], 30, 0.1,
+             what="the job to install its handler")
+    kit.stop(app, submission_id)
+    kit.wait_status(app, submission_id, "STOPPED")
+    assert (tmp_path / "saved").read_text() == "saved", "the setsid child did not get the SIGTERM and its grace"
+
+
 def test_retries_end_at_max_attempts_and_on_a_stop(app: Any, placement: Any, node: Any, tmp_path: Path) -> None:
     node("n1", "--cpus", "2", "--memory", "4Gi")
     always = kit.submit(app, job(tmp_path, "exit 7", retry_policy={"max_attempts": 2, "backoff_s": 0}), timeout_ms=0)

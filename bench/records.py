@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import redis
 
-from bench.stack import BenchError
+from bench.stack import BenchError, Stack
 from poolq import keys
 from poolq.model import JobFields, JobStatus
 from poolq.nodes import capacity_of
@@ -59,6 +59,29 @@ def make_template(
     fields = {str(k): str(v) for k, v in client.hgetall(keys.job(job.ref)).items()}
     fields.setdefault(JobFields.START_TIME, fields.get("placed_time") or fields[JobFields.END_TIME])
     return fields
+
+
+class Clones:
+    """Finished records of one tenant in a stack's Redis, cloned from one real job of ``body``
+    (``make_template``) and grown as asked; a context manager (it holds a raw connection)."""
+
+    def __init__(self, stack: Stack, tenant: str, body: dict[str, Any]) -> None:
+        assert stack.redis_server is not None
+        self.stack, self.tenant, self.count = stack, tenant, 0
+        self.template = make_template(stack.redis, stack.url, body)
+        self.raw = RawRedis("127.0.0.1", stack.redis_server.port, stack.redis_server.password)
+
+    def grow_to(self, size: int) -> list[str]:
+        """Write records until there are ``size``; the ids of those written."""
+        ids = write_clones(self.stack.redis, self.raw, self.template, self.tenant, size - self.count, self.count)
+        self.count = size
+        return ids
+
+    def __enter__(self) -> Clones:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.raw.close()
 
 
 class RawRedis:

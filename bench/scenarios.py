@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bench.figures import ScenarioResult, Target, number
-from bench.records import RawRedis, make_template, write_clones
+from bench.records import Clones
 from bench.stack import PYTHON, Api, BenchError, Stack, wait_for
 from poolq.procs import die_with_parent
 from poolq.schemas import SEED_EXAMPLE
@@ -407,15 +407,10 @@ def list_jobs(ctx: Context) -> None:
     tenant = "bench-list"
     with Stack("list") as stack:
         stack.start_redis()
-        assert stack.redis_server is not None
-        template = make_template(stack.redis, stack.url, SEED_BODY)
-        raw = RawRedis("127.0.0.1", stack.redis_server.port, stack.redis_server.password)
-        api = stack.api()
-        written = 0
-        try:
+        with Clones(stack, tenant, SEED_BODY) as records:
+            api = stack.api()
             for size in sizes:
-                write_clones(stack.redis, raw, template, tenant, size - written, first_number=written)
-                written = size
+                records.grow_to(size)
                 settle(stack)
                 spec = {
                     "port": api.port,
@@ -439,8 +434,6 @@ def list_jobs(ctx: Context) -> None:
                     result.add(f"{size}.p99", load["p99_ms"], label=f"{label}: p99 latency", unit="ms")
                     result.add(f"{size}.rate", load["rate"], label=f"{label}: requests/s", unit="req/s")
                 result.note(f"{describe(spec)} per size")
-        finally:
-            raw.close()
         result.note(
             "records: finished SUCCEEDED jobs of the seed's body, cloned from one job made by poolq's own "
             "scripts (bench/records.py), with their tenant-index and retention-index entries"

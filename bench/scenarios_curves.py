@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 
 from bench.figures import ScenarioResult
-from bench.records import RawRedis, make_template, write_clones
+from bench.records import Clones
 from bench.scenarios import SEED_BODY, Context, check_statuses, describe, run_load, settle, submit_batches, submit_spec
-from bench.scenarios_workers import add_static_nodes, statuses, wait_terminal
+from bench.scenarios_workers import add_static_nodes, finished_rate, placement_rate, statuses, wait_terminal
 from bench.stack import BenchError, Stack, wait_for
 from poolq.model import JobStatus
 
@@ -36,15 +36,12 @@ def stored(ctx: Context, result: ScenarioResult) -> None:
     tenant = "bench-curves"
     with Stack("curves-stored") as stack:
         stack.start_redis()
-        assert stack.redis_server is not None
-        template = make_template(stack.redis, stack.url, SEED_BODY)
-        raw = RawRedis("127.0.0.1", stack.redis_server.port, stack.redis_server.password)
-        api = stack.api()
-        written, ids = 0, []
-        try:
+        with Clones(stack, tenant, SEED_BODY) as records:
+            api = stack.api()
+            ids: list[str] = []
             for size in sizes:
-                before = used_memory(stack)
-                ids += write_clones(stack.redis, raw, template, tenant, size - written, first_number=written)
+                before, written = used_memory(stack), records.count
+                ids += records.grow_to(size)
                 if size > written:
                     settle(stack)
                     result.add(
@@ -53,7 +50,6 @@ def stored(ctx: Context, result: ScenarioResult) -> None:
                         label=f"Redis bytes a finished job, records {written:,} → {size:,}",
                         unit="bytes",
                     )
-                written = size
                 submit = submit_spec(ctx, api.port, headers={"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": "0"})
                 reads = [
                     {"path": "/api/jobs?ids=" + ",".join(ids[i : i + 100])}
@@ -88,8 +84,6 @@ def stored(ctx: Context, result: ScenarioResult) -> None:
                 f"the seed's body to that tenant, {describe(submit)}, no placement worker; ?ids= of 100 stored "
                 "ids, 8 connections; bytes: used_memory before and after the records were written (AOF rewrite settled)"
             )
-        finally:
-            raw.close()
 
 
 def backlog(ctx: Context, result: ScenarioResult) -> None:
@@ -143,8 +137,7 @@ def place_all(stack: Stack, tenant: str, ids: list[str]) -> float:
     finally:
         for child in workers:
             stack.stop(child)
-    times = sorted(int(str(row[0])) for row in statuses(stack, tenant, ids, "placed_time"))
-    return (len(ids) - 1) * 1000 / max(times[-1] - times[0], 1)
+    return placement_rate(stack, tenant, ids)
 
 
 def agents(ctx: Context, result: ScenarioResult) -> None:
@@ -167,11 +160,9 @@ def agents(ctx: Context, result: ScenarioResult) -> None:
                 rows = wait_terminal(stack, tenant, ids, 30 + jobs / 20)
                 if any(row[0] != JobStatus.SUCCEEDED for row in rows):
                     raise BenchError(f"agents {count}: not every job succeeded")
-                first = min(int(row[1] or 0) for row in rows)
-                last = max(int(row[2] or 0) for row in rows)
                 result.add(
                     f"agents.{count}",
-                    jobs * 1000 / max(last - first, 1),
+                    finished_rate(rows),
                     label=f"jobs finished/s (SUCCEEDED) with {count} node agent{'s' if count > 1 else ''}",
                     unit="jobs/s",
                 )

@@ -145,15 +145,27 @@ def place_run(stack: Stack, api: Api, tenant: str, jobs: int) -> float:
     finally:
         for child in workers:
             stack.stop(child)
+    return placement_rate(stack, tenant, ids)
+
+
+def placement_rate(stack: Stack, tenant: str, ids: list[str]) -> float:
+    """Jobs placed ÷ time from the first placement to the last, read from the ``placed_time``
+    reserve.lua writes (Redis's clock); raises BenchError unless every job is placed."""
     rows = statuses(stack, tenant, ids, "node", "placed_time")
     unplaced = [row for row in rows if not row[0]]
     if unplaced:
-        raise BenchError(f"{len(unplaced)} of {jobs} jobs are not placed")
+        raise BenchError(f"{len(unplaced)} of {len(ids)} jobs are not placed")
     if any(not row[1] for row in rows):
         raise BenchError("placed jobs carry no placed_time field: this harness needs reserve.lua to write it")
     times = sorted(int(str(row[1])) for row in rows)
-    span_ms = max(times[-1] - times[0], 1)
-    return (jobs - 1) * 1000 / span_ms
+    return (len(ids) - 1) * 1000 / max(times[-1] - times[0], 1)
+
+
+def finished_rate(rows: list[list[str | None]]) -> float:
+    """SUCCEEDED jobs ÷ time from the first submission to the last end, of ``wait_terminal``'s rows."""
+    first = min(int(row[1] or 0) for row in rows)
+    last = max(int(row[2] or 0) for row in rows)
+    return sum(1 for row in rows if row[0] == JobStatus.SUCCEEDED) * 1000 / max(last - first, 1)
 
 
 # -- e2e -------------------------------------------------------------------------
@@ -200,10 +212,7 @@ def e2e(ctx: Context) -> None:
                     unit="ms",
                 )
                 note_failures(result, "throughput", rows)
-                first = min(int(row[1] or 0) for row in rows)
-                last = max(int(row[2] or 0) for row in rows)
-                finished = sum(1 for row in rows if row[0] == JobStatus.SUCCEEDED)
-                rates[key] = finished * 1000 / max(last - first, 1)
+                rates[key] = finished_rate(rows)
                 result.add(
                     key, rates[key], label=label, unit="jobs/s", target=Target(">=", 100) if key == "rate" else None
                 )

@@ -618,11 +618,9 @@ def claim(
     batch: int,
     lease_ms: int,
     half_life_ms: int,
-    max_read: int | None = None,
 ) -> Any:
-    """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id.
-    It reads at most `max_read` waiting jobs (default: `batch` for each of TENANTS_PER_ROUND
-    tenants, what 32 deep shapes were)."""
+    """claim.lua: up to `batch` jobs from the shapes `sigs` (of `tenants`), leased to claim_id;
+    it reads at most `batch` waiting jobs for each of TENANTS_PER_ROUND tenants."""
     return scripts.claim(
         keys=[
             keys.SHAPES_READY,
@@ -646,7 +644,7 @@ def claim(
             half_life_ms,
             keys.JOB_PREFIX,
             keys.shape(""),
-            batch * TENANTS_PER_ROUND if max_read is None else max_read,
+            batch * TENANTS_PER_ROUND,
             *sigs,
             *tenants,
         ],

@@ -83,8 +83,9 @@ def app(settings: Settings) -> App:
 
 
 @pytest.fixture
-def service_env(redis_server: EmbeddedRedis, tmp_path: Path) -> dict[str, str]:
-    """Environment for poolq subprocesses: this test's Redis and data dir, fast duties."""
+def service_env(redis_server: EmbeddedRedis, tmp_path: Path, redis_client: redis.Redis) -> dict[str, str]:
+    """Environment for poolq subprocesses: this test's Redis (emptied of poolq's keys,
+    as ``redis_client`` leaves it) and data dir, fast duties."""
     return {
         "POOLQ_REDIS_URL": redis_server.url,
         "POOLQ_DATA_DIR": str(tmp_path / "data"),

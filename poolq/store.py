@@ -151,6 +151,7 @@ class JobStore:
         self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
         # Submissions that arrive together in this process share a round trip.
         self._grouped = GroupCommit(self._commit_group)
+        self._grouped_reads = GroupCommit(self._read_group)  # and so do polls
 
     @property
     def raw(self) -> redis.Redis:
@@ -617,19 +618,35 @@ class JobStore:
         found = self._read_jobs([(tenant, submission_id) for submission_id in ids])
         return {i: job for i, job in zip(ids, found) if job is not None}
 
-    @redis_errors("the read")
     def _read_jobs(self, wanted: list[tuple[str, str]]) -> list[tuple[dict[str, str], dict[str, str] | None] | None]:
-        """Each (tenant, id)'s hash and shape, or None where there is no such job."""
-        if len(wanted) == 1:
-            read = [self.redis.hgetall(keys.job(keys.ref(*wanted[0])))]
-        else:
-            pipe = self.redis.pipeline(transaction=False)
-            for tenant, submission_id in wanted:
-                pipe.hgetall(keys.job(keys.ref(tenant, submission_id)))
-            read = pipe.execute()
-        hashes = [f or self.arrays.read_task(t, i) or {} for (t, i), f in zip(wanted, read)]
-        shapes = self._shapes_of([f for f in hashes if JobFields.SPEC in f])
-        return [(f, shapes.get(f.get(JobFields.SHAPE, ""))) if JobFields.SPEC in f else None for f in hashes]
+        """Each (tenant, id)'s hash and shape, or None where there is no such job. Polls
+        that arrive together in this process share one round trip (``_read_group``)."""
+        found: list[tuple[dict[str, str], dict[str, str] | None] | None] = []
+        for (tenant, submission_id), (job, shapes) in zip(wanted, self._grouped_reads(wanted)):
+            if not job:  # perhaps an array's task that placement has not created yet
+                job = self.arrays.read_task(tenant, submission_id) or {}
+                shapes = self._shapes_of([job])
+            waiting = _waiting(job)
+            found.append(
+                (job, shapes.get(job[JobFields.SHAPE], {}) if waiting else None) if JobFields.SPEC in job else None
+            )
+        return found
+
+    @redis_errors("the read")
+    def _read_group(
+        self, groups: list[list[tuple[str, str]]]
+    ) -> list[list[tuple[dict[str, str], dict[str, dict[str, str]]]]]:
+        """The reads that came together (poolq/commit.py): read.lua over all their jobs;
+        per job, its hash and the shapes read with it."""
+        flat = [keys.job(keys.ref(tenant, submission_id)) for group in groups for tenant, submission_id in group]
+        *jobs, shapes = self.scripts.read(keys=flat, args=[keys.shape("")]) if flat else [[]]
+        by_sig = {sig: _fields(fields) for sig, fields in zip(shapes[::2], shapes[1::2])}
+        hashes = [_fields(job) for job in jobs]
+        out, start = [], 0
+        for group in groups:
+            out.append([(job, by_sig) for job in hashes[start : start + len(group)]])
+            start += len(group)
+        return out
 
     def get_many(self, tenant: str, submission_ids: Iterable[str]) -> list[dict[str, Any]]:
         """Records of the ids that exist in the tenant, in the order asked (``read_many``)."""
@@ -952,6 +969,11 @@ def create_failed(submission_id: str, cause: Exception) -> Unavailable:
         f"create app failed, submissionId:[{submission_id}], err: {cause}; {UNKNOWN_OUTCOME}",
         submission_id=submission_id,
     )
+
+
+def _fields(flat: list[str]) -> dict[str, str]:
+    """A hash from a script's flat HGETALL answer."""
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def _waiting(fields: dict[str, str]) -> bool:

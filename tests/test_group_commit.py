@@ -164,3 +164,32 @@ def test_a_redis_pause_during_grouped_submissions_loses_none_and_stores_none_twi
     client = redis.Redis.from_url(paused_redis.url, decode_responses=True)
     assert int(client.hgetall(keys.tenant_counts("grouped"))["PENDING"]) == len(bodies)  # none twice, none lost
     assert client.zcard(keys.tenant_jobs("grouped")) == len(bodies)
+
+
+# -- polls through the API ---------------------------------------------------------------------
+
+
+def test_concurrent_polls_each_get_the_answer_they_would_get_alone(app: App, redis_client: redis.Redis) -> None:
+    # Pending jobs of two shapes, an array whose tasks placement has not created, another
+    # tenant's job (a 404 here), a missing id; read by GET and by ?ids=, all at once.
+    for n in range(40):
+        assert _submit(app, {**kit.JOB, "submission_id": f"app-poll-{n}", "entrypoint_num_cpus": 1 + n % 2},
+                       "polls").status == 200
+    assert _submit(app, {**kit.JOB, "submission_id": "app-arr", "array": {"count": 5}}, "polls").status == 200
+    assert _submit(app, {**kit.JOB, "submission_id": "app-theirs"}, "others").status == 200
+    ids = [f"app-poll-{n}" for n in range(40)] + [f"app-arr-{i}" for i in range(5)] + ["app-theirs", "app-none"]
+    paths = [f"/api/jobs/{i}" for i in ids] + ["/api/jobs?ids=" + ",".join(ids[n : n + 7]) for n in range(0, 47, 7)]
+
+    def poll(path: str) -> Result:
+        return call(app, "GET", path, headers={"X-Tenant-Id": "polls"})
+
+    alone = [poll(path) for path in paths]
+    before = app.store._grouped_reads.largest
+    with ThreadPoolExecutor(THREADS) as pool:
+        together = list(pool.map(poll, paths * 4))
+    assert app.store._grouped_reads.largest > max(before, 1), "no two polls shared a round trip: tested nothing"
+    assert [(a.status, a.body) for a in together] == [(a.status, a.body) for a in alone] * 4
+    statuses = {path: a.status for path, a in zip(paths, alone)}
+    assert statuses["/api/jobs/app-theirs"] == statuses["/api/jobs/app-none"] == 404
+    assert statuses["/api/jobs/app-arr-3"] == 200
+    assert alone[0].json["scheduling"]["attempts"] == 0 and alone[0].json["status"] == "PENDING"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from bench.figures import ScenarioResult
+from bench.figures import ScenarioResult, Target
 from bench.records import Clones
 from bench.scenarios import SEED_BODY, Context, check_statuses, describe, run_load, settle, submit_batches, submit_spec
 from bench.scenarios_workers import add_static_nodes, finished_rate, placement_rate, statuses, wait_terminal
@@ -107,12 +107,14 @@ def backlog(ctx: Context, result: ScenarioResult) -> None:
                     (used_memory(stack) - before) / jobs,
                     label=f"Redis bytes a pending job, {label}",
                     unit="bytes",
+                    target=Target("<=", 1500),
                 )
                 result.add(
                     f"backlog.{jobs}.{shapes}.rate",
                     place_all(stack, tenant, ids),
                     label=f"placements/s, {label}",
                     unit="placements/s",
+                    target=Target(">=", 10_000) if (jobs, shapes) == (10_000, 10_000) else None,
                 )
     result.note(
         "backlog: the seed's body with 4 KiB more memory a shape, submitted through the batch route with no "

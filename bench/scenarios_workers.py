@@ -214,7 +214,7 @@ def e2e(ctx: Context) -> None:
                 note_failures(result, "throughput", rows)
                 rates[key] = finished_rate(rows)
                 result.add(
-                    key, rates[key], label=label, unit="jobs/s", target=Target(">=", 100) if key == "rate" else None
+                    key, rates[key], label=label, unit="jobs/s", target=Target(">=", 800) if key == "rate" else None
                 )
             result.add(
                 "rate.ratio",
@@ -247,7 +247,7 @@ def e2e(ctx: Context) -> None:
                 percentile(latencies, 50),
                 label="submit → SUCCEEDED p50 at 20 jobs/s",
                 unit="ms",
-                target=Target("<=", 100),
+                target=Target("<=", 10),
             )
             result.add("paced.p99", percentile(latencies, 99), label="submit → SUCCEEDED p99 at 20 jobs/s", unit="ms")
         result.note(
@@ -346,7 +346,7 @@ def memory(ctx: Context) -> None:
                     (after - before) / records,
                     label="Redis bytes per finished job record",
                     unit="bytes",
-                    target=Target("<=", 1500),
+                    target=Target("<=", 1000),
                 )
             sample = keys.job(keys.ref(f"bench-mem-{ctx.runs - 1}", ids[0]))
             result.note(

@@ -7,6 +7,7 @@ persists with an append-only file (``appendfsync everysec``) and never evicts.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -58,8 +59,10 @@ class EmbeddedRedis:
         appendonly: bool = True,
         maxmemory: str | None = None,
         pass_fds: tuple[int, ...] = (),
+        replica_of: int | None = None,
     ):
         self.directory = directory
+        self.replica_of = replica_of  # the port of the master on 127.0.0.1 it replicates, if any
         self.pass_fds = pass_fds  # kept open in redis-server for its life (poolq up's lock)
         self.port = port or free_port()
         self.password = password if password is not None else secrets.token_urlsafe(24)
@@ -92,6 +95,11 @@ class EmbeddedRedis:
         ]
         if self.maxmemory:
             lines.append(f"maxmemory {self.maxmemory}")
+        # Any member of a replicated set may become a replica (after a failover): it
+        # authenticates to its master with the password the whole set shares.
+        lines.append(f"masterauth {self.password}")
+        if self.replica_of:
+            lines.append(f"replicaof 127.0.0.1 {self.replica_of}")
         return "\n".join(lines) + "\n"
 
     def start(self, timeout_s: float = 10.0) -> str:
@@ -151,4 +159,173 @@ def write_url_file(path: Path, url: str) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(url + "\n")
+    os.replace(tmp, path)
+
+
+MASTER_NAME = "poolq"  # the name the sentinels of `poolq up --replicas` monitor
+
+
+class EmbeddedSentinel:
+    """A redis-server in Sentinel mode watching a master on 127.0.0.1 (``ReplicatedRedis``)."""
+
+    def __init__(self, directory: Path, *, master_port: int, password: str, sentinel_password: str, quorum: int):
+        self.directory, self.port = directory, free_port()
+        self.master_port, self.password, self.sentinel_password = master_port, password, sentinel_password
+        self.quorum = quorum
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> str:
+        return (
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {self.port}",
+                    f'dir "{self.directory}"',
+                    "daemonize no",
+                    "loglevel warning",
+                    f'logfile "{self.directory / "sentinel.log"}"',
+                    f"requirepass {self.sentinel_password}",
+                    f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {self.quorum}",
+                    f"sentinel auth-pass {MASTER_NAME} {self.password}",
+                    # A master that does not answer for 1 s is down; on one machine nothing
+                    # slower than a pause or a kill makes it so (docs/operations.md).
+                    f"sentinel down-after-milliseconds {MASTER_NAME} 1000",
+                    f"sentinel failover-timeout {MASTER_NAME} 10000",
+                    f"sentinel parallel-syncs {MASTER_NAME} 1",
+                ]
+            )
+            + "\n"
+        )
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path = self.directory / "sentinel.conf"  # Sentinel rewrites it as it learns
+        config_path.write_text(self.config())
+        os.chmod(config_path, 0o600)
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config_path), "--sentinel"],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
+        client = redis.Redis(port=self.port, password=self.sentinel_password, socket_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server --sentinel exited with status {self.process.returncode}")
+            try:
+                client.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EmbeddedRedisError(f"the sentinel did not answer on port {self.port}") from None
+            time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class ReplicatedRedis:
+    """A master, ``replicas`` replicas and three sentinels on this machine, all from the
+    same redis-server binary: for trying failover (``poolq up --replicas N``). ``start()``
+    returns the ``redis+sentinel://`` URL every poolq process then uses.
+
+    The member that was master when the set last stopped (or last seen master while it
+    ran, written to ``master.json``) starts as master again, so a restart after a failover
+    does not make a stale member the master.
+    """
+
+    def __init__(self, directory: Path, *, replicas: int, pass_fds: tuple[int, ...] = ()):
+        if replicas < 1:
+            raise EmbeddedRedisError("a replicated set needs at least one replica")
+        self.directory = directory
+        self.state_file = directory / "master.json"
+        password, self.sentinel_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        names = ["redis", *(f"replica-{i}" for i in range(1, replicas + 1))]
+        first = self._last_master(names)
+        names.remove(first)
+        master = EmbeddedRedis(directory / first, password=password, pass_fds=pass_fds)
+        self.members = {first: master} | {
+            name: EmbeddedRedis(directory / name, password=password, replica_of=master.port) for name in names
+        }
+        self.sentinels = [
+            EmbeddedSentinel(
+                directory / f"sentinel-{i}",
+                master_port=master.port,
+                password=password,
+                sentinel_password=self.sentinel_password,
+                quorum=2,
+            )
+            for i in range(1, 4)
+        ]
+        self.password = password
+
+    def _last_master(self, names: list[str]) -> str:
+        try:
+            name = json.loads(self.state_file.read_text())["master"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return names[0]
+        return name if name in names else names[0]
+
+    @property
+    def url(self) -> str:
+        from poolq.sentinel import SentinelUrl, format_url
+
+        return format_url(
+            SentinelUrl(
+                sentinels=tuple(("127.0.0.1", s.port) for s in self.sentinels),
+                master=MASTER_NAME,
+                password=self.password,
+                sentinel_password=self.sentinel_password,
+            )
+        )
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        try:
+            for member in self.members.values():
+                member.start(timeout_s)
+            for sentinel in self.sentinels:
+                sentinel.start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def master(self) -> str | None:
+        """The member the sentinels name master now (None if none answers); remembered."""
+        for sentinel in self.sentinels:
+            try:
+                host, port = redis.Redis(
+                    port=sentinel.port, password=self.sentinel_password, socket_timeout=0.5
+                ).sentinel_get_master_addr_by_name(MASTER_NAME)
+            except (redis.RedisError, TypeError, ValueError):
+                continue
+            for name, member in self.members.items():
+                if member.port == int(port):
+                    write_json_file(self.state_file, {"master": name})
+                    return name
+        return None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Remember the master, stop the sentinels (so that stopping it starts no
+        failover), then every member; each shutdown flushes its append-only file."""
+        self.master()
+        for sentinel in self.sentinels:
+            sentinel.stop(timeout_s)
+        for member in self.members.values():
+            member.stop(timeout_s)
+
+
+def write_json_file(path: Path, value: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
     os.replace(tmp, path)

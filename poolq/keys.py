@@ -83,6 +83,7 @@ TENANTS_SERVED = PREFIX + "tenants:served"
 FAIR_SHARE = PREFIX + "fairshare"
 TAIL_KEY = PREFIX + "tailkey"
 KICK = PREFIX + "kick"
+WAIT_MARK = PREFIX + "waitmark"  # written before WAIT, so that WAIT covers every earlier write
 NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"

@@ -9,12 +9,12 @@ tools (``celery -A poolq.celery_app …``, Flower) use one built the same way.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from celery import Celery
 from kombu import Exchange, Queue
 
-from poolq import queues
+from poolq import queues, sentinel
 from poolq.settings import Settings
 
 # kombu's Redis transport re-delivers an unacknowledged message once it is older than
@@ -32,6 +32,10 @@ Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
 def create_celery(settings: Settings) -> Celery:
     """The Celery app of every poolq process, without tasks."""
     url = settings.resolved_redis_url()
+    transport: dict[str, Any] = {}
+    use_ssl = None
+    if sentinel.is_sentinel_url(url):  # kombu's Sentinel transport follows the master too
+        url, transport, use_ssl = sentinel.celery_broker(sentinel.parse(url), settings.redis_timeout_s)
     app = Celery("poolq", broker=url, set_as_current=False)
     app.conf.update(
         task_acks_late=True,  # a message is acknowledged only after its task ran
@@ -49,6 +53,7 @@ def create_celery(settings: Settings) -> Celery:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
+            **transport,
         },
         broker_connection_timeout=settings.redis_timeout_s,
         broker_connection_retry_on_startup=True,
@@ -61,6 +66,8 @@ def create_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         broker_pool_limit=4,
     )
+    if use_ssl is not None:
+        app.conf.broker_use_ssl = use_ssl
     return app
 
 

@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from poolq import sentinel
 from poolq.errors import Unavailable
 from poolq.settings import Settings
 
@@ -33,11 +34,11 @@ def connect(
 
     The pool blocks (for at most the timeout) rather than failing when every
     connection is in use: a node agent runs a thread per job. ``decode=False`` gives
-    bytes, for binary values (logs, packages).
+    bytes, for binary values (logs, packages). A ``redis+sentinel://`` URL gives a pool
+    that follows the master the sentinels name (poolq/sentinel.py).
     """
     timeout = settings.redis_timeout_s if timeout_s is None else timeout_s
-    pool = redis.BlockingConnectionPool.from_url(
-        settings.resolved_redis_url(),
+    options: dict[str, Any] = dict(
         max_connections=MAX_CONNECTIONS,
         timeout=timeout,
         socket_timeout=timeout,
@@ -49,6 +50,11 @@ def connect(
         decode_responses=decode,
         health_check_interval=0,
     )
+    url = settings.resolved_redis_url()
+    if sentinel.is_sentinel_url(url):
+        pool = sentinel.master_pool(sentinel.parse(url), **options)
+    else:
+        pool = redis.BlockingConnectionPool.from_url(url, **options)
     return redis.Redis(connection_pool=pool)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +38,10 @@ class Settings:
     data_dir: Path = dataclasses.field(default_factory=lambda: default_data_dir(os.environ))
     redis_url: str | None = None  # None: read $data_dir/redis.url (written by `poolq up`)
     redis_timeout_s: float = 0.5  # socket connect/read timeout, two tries: a dead Redis is a 503 within ~1 s
+    # Durability across a failover: an acceptance waits until this many replicas have the
+    # job (WAIT), else answers 503 "outcome unknown". 0: answer once the master has it.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 250  # how long an acceptance waits for them (within the 2 s of a 503)
 
     # The HTTP API.
     host: str = "127.0.0.1"
@@ -181,13 +186,18 @@ class Settings:
             raise ConfigError("POOLQ_FAIR_SHARE_HALF_LIFE_S must be positive")
         if not 0 <= self.schedule_timeout_ms <= 604_800_000:
             raise ConfigError("POOLQ_SCHEDULE_TIMEOUT_MS must be between 0 and 604800000")
+        if self.redis_wait_replicas < 0:
+            raise ConfigError("POOLQ_REDIS_WAIT_REPLICAS must be 0 or more")
+        if not 1 <= self.redis_wait_timeout_ms <= 1000:
+            raise ConfigError("POOLQ_REDIS_WAIT_TIMEOUT_MS must be between 1 and 1000 (a 503 comes within 2 s)")
         for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes", "max_tenant_package_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"POOLQ_{name.upper()} must be positive")
 
 
 def redact(url: str) -> str:
-    """A Redis URL without its password: fit for messages and logs."""
+    """A Redis URL without its passwords (a Sentinel URL's too): fit for messages and logs."""
+    url = re.sub(r"(sentinel_password=)[^&]*", r"\1***", url)
     scheme, sep, rest = url.partition("://")
     credentials, at, where = rest.rpartition("@")
     if not (sep and at and ":" in credentials):

@@ -151,6 +151,13 @@ class JobStore:
         self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
         # Submissions that arrive together in this process share a round trip.
         self._grouped = GroupCommit(self._commit_group)
+        self._submitter = client  # waiting for replicas (WAIT) needs a longer socket timeout
+        if settings.redis_wait_replicas:
+            from poolq.redis_io import connect
+
+            self._submitter = connect(
+                settings, timeout_s=settings.redis_timeout_s + settings.redis_wait_timeout_ms / 1000
+            )
         self._grouped_reads = GroupCommit(self._read_group)  # and so do polls
 
     @property
@@ -292,10 +299,13 @@ class JobStore:
         it could take the rest of the 2 s a 503 must come within, and sending the same
         request again is always safe."""
         try:
-            answers = self._submit_pipeline(jobs) if len(jobs) > 1 else [self._submit_script(jobs[0])]
+            if len(jobs) > 1 or self.settings.redis_wait_replicas:
+                answers, confirmed = self._submit_pipeline(jobs)
+            else:
+                answers, confirmed = [self._submit_script(jobs[0])], None
         except Unavailable as exc:
             return [create_failed(job.submission_id, exc) for job in jobs]
-        return self._outcomes(jobs, answers)
+        return self._unconfirmed(jobs, self._outcomes(jobs, answers), confirmed)
 
     @redis_errors("the submission")
     def _submit_script(self, job: NewJob) -> list[Any]:
@@ -312,12 +322,12 @@ class JobStore:
         """
         jobs = list(jobs)
         try:
-            answers = self._submit_pipeline(jobs)
+            answers, confirmed = self._submit_pipeline(jobs)
         except Unavailable as exc:
             return self._read_back(jobs, exc)
         outcomes = self._outcomes(jobs, answers)
         self._unform_gangs(jobs, outcomes)
-        return outcomes
+        return self._unconfirmed(jobs, outcomes, confirmed)
 
     def _outcomes(self, jobs: list[NewJob], answers: list[Any]) -> list[bool | PoolqError]:
         outcomes: list[bool | PoolqError] = []
@@ -363,13 +373,42 @@ class JobStore:
                 log.warning("could not remove %s, a member of gang %s that was not formed", job.ref, job.gang_id)
 
     @redis_errors("the submissions")
-    def _submit_pipeline(self, jobs: list[NewJob]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=False)
+    def _submit_pipeline(self, jobs: list[NewJob]) -> tuple[list[Any], int | None]:
+        """submit.lua for each job, in one round trip; and how many replicas confirmed the
+        writes when POOLQ_REDIS_WAIT_REPLICAS asks for some (None when it does not)."""
+        pipe = self._submitter.pipeline(transaction=False)
         for job in jobs:
             self.scripts.submit(
                 keys=_submit_keys(job), args=_submit_args(job, self.settings.schedule_timeout_ms), client=pipe
             )
-        return list(pipe.execute())
+        wanted = self.settings.redis_wait_replicas
+        if not wanted:
+            return list(pipe.execute()), None
+        # WAIT counts the replicas that have this connection's last write. This write
+        # comes after every job's, and after any earlier request's that a duplicate found
+        # stored (replication is one ordered stream), so its confirmation covers them all.
+        pipe.incr(keys.WAIT_MARK)
+        pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+        *answers, _, confirmed = pipe.execute()
+        return answers, int(confirmed)
+
+    def _unconfirmed(
+        self, jobs: list[NewJob], outcomes: list[bool | PoolqError], confirmed: int | None
+    ) -> list[bool | PoolqError]:
+        """Acceptances fewer replicas confirmed than POOLQ_REDIS_WAIT_REPLICAS asks for become
+        503s: the job is on the master, but a failover now could lose it, so its outcome is
+        unknown (docs/operations.md, "Durability across a failover")."""
+        wanted = self.settings.redis_wait_replicas
+        if confirmed is None or confirmed >= wanted:
+            return outcomes
+        why = (
+            f"stored on the Redis master, but {confirmed} of the {wanted} replicas POOLQ_REDIS_WAIT_REPLICAS asks for "
+            f"confirmed it within {self.settings.redis_wait_timeout_ms} ms"
+        )
+        return [
+            create_failed(job.submission_id, Unavailable(why)) if isinstance(outcome, bool) else outcome
+            for job, outcome in zip(jobs, outcomes)
+        ]
 
     def _read_back(self, jobs: list[NewJob], cause: Unavailable) -> list[bool | PoolqError]:
         try:

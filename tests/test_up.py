@@ -36,7 +36,7 @@ class Up:
     """One `poolq up` on a port; its data directory by POOLQ_DATA_DIR, or ``env`` and ``cwd``."""
 
     def __init__(self, data_dir: Path | None, port: int, log_path: Path, *, env: dict[str, str] | None = None,
-                 cwd: Path | None = None, stdout: str | None = None):
+                 cwd: Path | None = None, stdout: str | None = None, args: tuple[str, ...] = ()):
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}
         child_env.update(POOLQ_DRAIN_S="5", PYTHONUNBUFFERED="1", **(env or {}))
         if data_dir is not None:
@@ -44,7 +44,7 @@ class Up:
         self.log_path = log_path
         self.log = open(stdout or log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "poolq", "up", "--port", str(port), "--cpus", "2", "--memory", "2Gi"],
+            [sys.executable, "-m", "poolq", "up", "--port", str(port), "--cpus", "2", "--memory", "2Gi", *args],
             env=child_env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             cwd=cwd,
         )

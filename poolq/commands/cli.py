@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir(up)
     up.add_argument("--no-node", action="store_true", help="start no local node agent")
     up.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback bind without authentication")
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="embedded Redis as a master, N replicas and three sentinels, for trying failover (default 0: one Redis)",
+    )
     _add_capacity(up)
     up.set_defaults(func=cmd_up)
 
@@ -128,7 +135,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     for flag in ("cpus", "memory", "gpus", "resources"):
         if getattr(args, flag):
             node_args += [f"--{flag}", getattr(args, flag)]
-    return run_up(settings, with_node=not args.no_node, node_args=node_args, insecure=args.insecure_no_auth)
+    if args.replicas < 0:
+        raise ConfigError("--replicas must be 0 or more")
+    if args.replicas and settings.redis_url:
+        raise ConfigError("--replicas starts an embedded Redis set: it cannot be used with POOLQ_REDIS_URL")
+    return run_up(
+        settings,
+        with_node=not args.no_node,
+        node_args=node_args,
+        insecure=args.insecure_no_auth,
+        replicas=args.replicas,
+    )
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -27,12 +27,13 @@ import urllib.request
 from typing import IO, Any
 
 from poolq.commands.relay import Relay
-from poolq.embedded import EmbeddedRedis, write_url_file
+from poolq.embedded import EmbeddedRedis, ReplicatedRedis, write_url_file
 from poolq.procs import die_with_parent
 from poolq.settings import ConfigError, Settings
 
 STARTUP_S = 10.0  # a child that exits sooner failed to start: stop, rather than restart it forever
 READY_S = 120.0  # how long to wait for /healthz before saying what is still missing
+MASTER_CHECK_S = 2.0  # with --replicas: how often to ask the sentinels which member is master
 
 
 class StackRunning(ConfigError):
@@ -103,14 +104,19 @@ def stack_lock_holder(settings: Settings) -> dict[str, Any] | None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, commands: dict[str, list[str]], *, relay: Relay | None = None):
+    def __init__(
+        self, settings: Settings, commands: dict[str, list[str]], *, relay: Relay | None = None, replicas: int = 0
+    ):
         self.settings = settings
+        self.replicas = replicas  # >0: a master, this many replicas and three sentinels instead of one Redis
+        self._master: str | None = None  # the member last seen master
+        self._next_master_check = 0.0
         self.commands = commands
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.started: dict[str, float] = {}
         self.stop_requested = False  # set by the signal handler: a plain flag, no lock to deadlock on
         self.relay = relay or Relay(sys.stdout.fileno())
-        self.redis: EmbeddedRedis | None = None
+        self.redis: EmbeddedRedis | ReplicatedRedis | None = None
         self.api_url = f"http://{_url_host(settings.host)}:{settings.port}"
 
     def say(self, name: str, line: str) -> None:
@@ -131,11 +137,16 @@ class Supervisor:
         if not self.settings.redis_url:
             # redis-server holds the lock too: were `poolq up` killed, no second stack could
             # start a second redis-server on this append-only file until this one is gone.
-            self.redis = EmbeddedRedis(self.settings.data_dir / "redis", pass_fds=(lock.fileno(),))
+            if self.replicas:
+                self.redis = ReplicatedRedis(
+                    self.settings.data_dir / "redis", replicas=self.replicas, pass_fds=(lock.fileno(),)
+                )
+            else:
+                self.redis = EmbeddedRedis(self.settings.data_dir / "redis", pass_fds=(lock.fileno(),))
             url = self.redis.start()
             write_url_file(self.settings.redis_url_file, url)
             env["POOLQ_REDIS_URL"] = url
-            self.say("redis", f"embedded redis-server on 127.0.0.1:{self.redis.port}, data in {self.redis.directory}")
+            self.say("redis", self._describe_redis())
         else:
             self.say("redis", "using POOLQ_REDIS_URL")
         env["POOLQ_DATA_DIR"] = str(self.settings.data_dir)
@@ -150,6 +161,7 @@ class Supervisor:
                 time.sleep(0.2)
                 if ready_by is not None:
                     ready_by = self._announce_when_ready(ready_by)
+                self._watch_master()
                 for name, child in list(self.children.items()):
                     if child.poll() is None:
                         continue
@@ -186,6 +198,28 @@ class Supervisor:
             self.say("up", f"still not ready after {READY_S:g}s: {'; '.join(missing) or 'the API does not answer'}")
             return None
         return ready_by
+
+    def _describe_redis(self) -> str:
+        if isinstance(self.redis, ReplicatedRedis):
+            members = ", ".join(f"{name} on :{m.port}" for name, m in self.redis.members.items())
+            sentinels = ", ".join(f":{s.port}" for s in self.redis.sentinels)
+            return (
+                f"embedded redis-servers: {members} (the first is master), sentinels on {sentinels}, "
+                f"data in {self.redis.directory}"
+            )
+        assert self.redis is not None
+        return f"embedded redis-server on 127.0.0.1:{self.redis.port}, data in {self.redis.directory}"
+
+    def _watch_master(self) -> None:
+        """Say when the sentinels move the master (and remember it for the next start)."""
+        if not isinstance(self.redis, ReplicatedRedis) or time.monotonic() < self._next_master_check:
+            return
+        self._next_master_check = time.monotonic() + MASTER_CHECK_S
+        master = self.redis.master()
+        if master and master != self._master:
+            if self._master is not None:
+                self.say("redis", f"failover: {master} is the master now (was {self._master})")
+            self._master = master
 
     def _request_stop(self, signum: int, frame: object) -> None:
         self.stop_requested = True
@@ -255,7 +289,9 @@ def _get_json(url: str) -> tuple[int, Any]:
         return 0, None
 
 
-def run_up(settings: Settings, *, with_node: bool, node_args: list[str], insecure: bool = False) -> int:
+def run_up(
+    settings: Settings, *, with_node: bool, node_args: list[str], insecure: bool = False, replicas: int = 0
+) -> int:
     python = [sys.executable, "-m", "poolq"]
     commands = {
         "api": [
@@ -271,4 +307,4 @@ def run_up(settings: Settings, *, with_node: bool, node_args: list[str], insecur
     }
     if with_node:
         commands["node"] = [*python, "node", "--quiet", *node_args]
-    return Supervisor(settings, commands).run()
+    return Supervisor(settings, commands, replicas=replicas).run()

@@ -1,0 +1,145 @@
+"""Redis through Sentinel: the URL that names it, the redis-py pool that follows its
+master, and the same for Celery's broker (docs/operations.md, "Redis Sentinel").
+
+    POOLQ_REDIS_URL=redis+sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT...]/MASTER[/DB][?OPTIONS]
+
+HOST:PORT are the sentinels; MASTER is the name they monitor; PASSWORD is the master's
+(and its replicas'). ``rediss+sentinel://`` speaks TLS to the master and the sentinels.
+OPTIONS: ``sentinel_password`` (when the sentinels require one), and the TLS options
+redis-py takes in a ``rediss://`` URL (``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_cert_reqs``).
+
+Every new connection asks the sentinels where the master is, so a client follows a
+failover without a restart: a connection to the old master fails (or answers READONLY,
+which redis-py turns into a connection error), the request that used it answers 503,
+and the next connection goes to the new master. Lua scripts are loaded there again on
+their first NOSCRIPT (redis-py's ``Script``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+from urllib.parse import parse_qsl, quote, unquote
+
+import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from poolq.settings import ConfigError
+
+SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+SENTINEL_TIMEOUT_S = 0.3  # asking one sentinel; a request that finds none answers 503 within 2 s
+
+
+@dataclasses.dataclass(frozen=True)
+class SentinelUrl:
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+    tls: bool = False
+    tls_options: tuple[tuple[str, str], ...] = ()
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.partition("://")[0] in SCHEMES
+
+
+def parse(url: str) -> SentinelUrl:
+    """The parts of a ``redis+sentinel://`` URL; ConfigError naming what is wrong."""
+    scheme, _, rest = url.partition("://")
+    if scheme not in SCHEMES:
+        raise ConfigError(f"not a Sentinel URL (redis+sentinel:// or rediss+sentinel://): {scheme}://…")
+    rest, _, query = rest.partition("?")
+    where, _, path = rest.partition("/")
+    credentials, at, hosts = where.rpartition("@")
+    username = password = None
+    if at:
+        user, _, secret = credentials.partition(":")
+        username, password = unquote(user) or None, unquote(secret) or None
+    sentinels = tuple(_address(host) for host in hosts.split(","))
+    parts = [unquote(p) for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ConfigError("POOLQ_REDIS_URL: a Sentinel URL names the master after the sentinels: …/MASTER[/DB]")
+    try:
+        db = int(parts[1]) if len(parts) == 2 else 0
+    except ValueError:
+        raise ConfigError(f"POOLQ_REDIS_URL: the database must be a number, not {parts[1]!r}") from None
+    options = dict(parse_qsl(query))
+    unknown = sorted(set(options) - {"sentinel_password", *TLS_OPTIONS})
+    if unknown:
+        raise ConfigError(f"POOLQ_REDIS_URL: unknown Sentinel URL option {', '.join(unknown)}")
+    return SentinelUrl(
+        sentinels=sentinels,
+        master=parts[0],
+        db=db,
+        username=username,
+        password=password,
+        sentinel_password=options.pop("sentinel_password", None),
+        tls=SCHEMES[scheme],
+        tls_options=tuple(sorted(options.items())),
+    )
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ConfigError(f"POOLQ_REDIS_URL: a sentinel is HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def format_url(target: SentinelUrl) -> str:
+    """The URL of ``target`` (``parse``'s inverse), as `poolq up --replicas` writes it."""
+    scheme = "rediss+sentinel" if target.tls else "redis+sentinel"
+    user = quote(target.username or "", safe="")
+    auth = f"{user}:{quote(target.password, safe='')}@" if target.password else ""
+    hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+    options = dict(target.tls_options)
+    if target.sentinel_password:
+        options["sentinel_password"] = target.sentinel_password
+    query = "?" + "&".join(f"{k}={quote(v, safe='')}" for k, v in options.items()) if options else ""
+    return f"{scheme}://{auth}{hosts}/{quote(target.master, safe='')}/{target.db}{query}"
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """A Sentinel pool that waits for a free connection (as the plain one does,
+    poolq/redis_io.py) rather than failing when all are in use."""
+
+
+def _sentinel_kwargs(target: SentinelUrl, timeout_s: float) -> dict[str, Any]:
+    timeout = min(timeout_s, SENTINEL_TIMEOUT_S)
+    kwargs: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if target.sentinel_password:
+        kwargs["password"] = target.sentinel_password
+    if target.tls:
+        kwargs.update(ssl=True, **dict(target.tls_options))
+    return kwargs
+
+
+def master_pool(target: SentinelUrl, **pool_kwargs: Any) -> redis.ConnectionPool:
+    """A blocking connection pool to the master the sentinels name, whichever it is now."""
+    manager = Sentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs(target, pool_kwargs["timeout"]))
+    tls: dict[str, Any] = {"ssl": True, **dict(target.tls_options)} if target.tls else {}
+    return _BlockingSentinelPool(
+        target.master,
+        manager,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        **tls,
+        **pool_kwargs,
+    )
+
+
+def celery_broker(target: SentinelUrl, timeout_s: float) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """kombu's form of ``target``: the broker URL (one ``sentinel://`` per sentinel), the
+    transport options to add, and ``broker_use_ssl`` (None without TLS)."""
+    auth = ""
+    if target.password:
+        auth = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"
+    url = ";".join(f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels)
+    options = {"master_name": target.master, "sentinel_kwargs": _sentinel_kwargs(target, timeout_s)}
+    return url, options, (dict(target.tls_options) if target.tls else None)

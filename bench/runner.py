@@ -14,6 +14,9 @@ process it starts is stopped when it ends, also on an error or Ctrl-C):
 | memory | Redis bytes per finished record; RSS of an API process and of a node agent |
 | arrays | tasks a second accepted in arrays of 1,000 and 100,000, against Slurm's sbatch --array when installed |
 | feed | following 10,000 jobs with 100 changes/s: the change feed against polling; the long polls a process holds |
+| curves | how submissions, reads, placement, memory and agents' rates change as the work grows |
+| ceiling | Redis's CPU for an accepted job, a placement and a job run: where one Redis core saturates |
+| failover | through Redis Sentinel: submissions with and without waiting for a replica; the master killed under load |
 
 Exit status: 0 when every scenario ran (whether or not it met its targets, which the
 report says), 1 when a scenario could not run, 2 for an unknown scenario, 130 on Ctrl-C.
@@ -34,7 +37,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import scenarios, scenarios_arrays, scenarios_curves, scenarios_feed, scenarios_workers
+from bench import (
+    scenarios,
+    scenarios_arrays,
+    scenarios_ceiling,
+    scenarios_curves,
+    scenarios_feed,
+    scenarios_sentinel,
+    scenarios_workers,
+)
 from bench.figures import Figure, ScenarioResult, number
 from bench.notes import not_met_section
 from bench.scenarios import Context
@@ -52,6 +63,8 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "arrays": scenarios_arrays.arrays,
     "feed": scenarios_feed.feed,
     "curves": scenarios_curves.curves,
+    "failover": scenarios_sentinel.failover,
+    "ceiling": scenarios_ceiling.ceiling,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

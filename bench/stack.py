@@ -25,7 +25,9 @@ from typing import Any, Callable
 import redis
 
 from poolq import keys
-from poolq.embedded import EmbeddedRedis, free_port
+from poolq.embedded import EmbeddedRedis, ReplicatedRedis, free_port
+from poolq.redis_io import connect
+from poolq.settings import Settings
 from tests import procs
 
 PYTHON = sys.executable
@@ -98,6 +100,7 @@ class Stack:
     def __init__(self, name: str):
         self.root = Path(tempfile.mkdtemp(prefix=f"poolq-bench-{name}-"))
         self.redis_server: EmbeddedRedis | None = None
+        self.replicated: ReplicatedRedis | None = None  # instead of redis_server: a master, replicas, sentinels
         self.children: list[Child] = []
         self._client: redis.Redis | None = None
         self._counter = 0
@@ -122,16 +125,27 @@ class Stack:
         self.redis_server = EmbeddedRedis(self.root / "redis", appendonly=True)
         return self.redis_server.start()
 
+    def start_replicated(self, replicas: int) -> str:
+        """A master, ``replicas`` replicas and three sentinels (``poolq up --replicas``)."""
+        self.replicated = ReplicatedRedis(self.root / "redis", replicas=replicas)
+        return self.replicated.start()
+
     @property
     def url(self) -> str:
+        if self.replicated is not None:
+            return self.replicated.url
         assert self.redis_server is not None, "start_redis() first"
         return self.redis_server.url
 
     @property
     def redis(self) -> redis.Redis:
-        """A decoding client with generous timeouts (big pipelines, INFO on a big dataset)."""
+        """A decoding client with generous timeouts (big pipelines, INFO on a big dataset);
+        through the sentinels, when there are some."""
         if self._client is None:
-            self._client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=120)
+            if self.replicated is not None:
+                self._client = connect(Settings(redis_url=self.url), timeout_s=120, retries=3)
+            else:
+                self._client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=120)
         return self._client
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -158,11 +172,12 @@ class Stack:
         self.children.append(child)
         return child
 
-    def api(self, workers: int | None = None) -> Api:
-        """``python -m poolq api --port P`` (granian; POOLQ_API_WORKERS processes), ready."""
+    def api(self, workers: int | None = None, **env: str) -> Api:
+        """``python -m poolq api --port P`` (granian; POOLQ_API_WORKERS processes), ready;
+        ``env``: more POOLQ_* settings for it."""
         port = free_port()
         extra = {"POOLQ_API_WORKERS": str(workers)} if workers else {}
-        child = self.spawn("api", [PYTHON, "-m", "poolq", "api", "--port", str(port)], self.env(**extra))
+        child = self.spawn("api", [PYTHON, "-m", "poolq", "api", "--port", str(port)], self.env(**extra, **env))
         api = Api(child, port)
         wait_for(api.ready, 60, "the API to answer /livez")
         return api
@@ -285,6 +300,11 @@ class Stack:
                 print(f"bench: could not stop redis-server: {exc}", file=sys.stderr)
                 if self.redis_server.process is not None and self.redis_server.process.poll() is None:
                     self.redis_server.process.kill()
+        if self.replicated is not None:
+            try:
+                self.replicated.stop()
+            except Exception as exc:
+                print(f"bench: could not stop the replicated Redis: {exc}", file=sys.stderr)
         shutil.rmtree(self.root, ignore_errors=True)
 
 

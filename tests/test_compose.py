@@ -76,3 +76,47 @@ def test_image_builds_from_this_tree():
     for part in ("poolq", "api_shim", "worker", "pyproject.toml"):
         assert f"COPY {part}" in dockerfile
     assert "USER poolq" in dockerfile
+
+
+# -- the Sentinel variant: docker compose -f docker-compose.yml -f docker-compose.sentinel.yml ------
+
+OVERRIDE = yaml.safe_load((ROOT / "docker-compose.sentinel.yml").read_text())
+
+
+def merged() -> dict[str, dict]:
+    """Compose's merge of the two files, for what these tests read: a service's keys from
+    the override replace the base's, its environment is merged name by name."""
+    services = {name: dict(s) for name, s in SERVICES.items()}
+    for name, override in OVERRIDE["services"].items():
+        service = services.setdefault(name, {})
+        environment = {**service.get("environment", {}), **override.get("environment", {})}
+        service.update(override)
+        if environment:
+            service["environment"] = environment
+    return services
+
+
+def test_the_sentinel_variant_points_every_poolq_service_at_three_sentinels_that_watch_the_master():
+    from poolq.sentinel import parse
+
+    services = merged()
+    sentinels = {name: s for name, s in services.items() if name.startswith("sentinel-")}
+    assert len(sentinels) == 3
+    for name in ("api", "worker", "node", "flower"):
+        env = services[name]["environment"]
+        target = parse(env["POOLQ_REDIS_URL"].replace("${POOLQ_REDIS_PASSWORD:-change-me}", "change-me"))
+        assert {host for host, _ in target.sentinels} == set(sentinels) and {p for _, p in target.sentinels} == {26379}
+        assert target.master == "poolq" and target.password == "change-me"
+        assert env["POOLQ_REDIS_WAIT_REPLICAS"] == "1", name  # acknowledged jobs survive a failover
+        assert set(sentinels) <= set(services[name]["depends_on"])
+    script = " ".join(sentinels["sentinel-1"]["command"])
+    assert "sentinel monitor poolq redis 6379 2" in script and "auth-pass poolq" in script
+    assert script.index("resolve-hostnames yes") < script.index("sentinel monitor")  # names need it first
+    replica = services["redis-replica"]["command"]
+    assert "--replicaof redis 6379" in replica and "--masterauth" in replica and "--appendonly yes" in replica
+    assert "--masterauth" in services["redis"]["command"]  # a demoted master must reach the new one
+
+
+def test_the_sentinel_variant_keeps_the_api_on_loopback():
+    ports = merged()["api"]["ports"]
+    assert ports and all(str(p).startswith("127.0.0.1:") for p in ports)

@@ -106,6 +106,10 @@ def test_every_process_reaches_the_master_through_the_sentinels(replicated: Repl
     replica = next(m for name, m in replicated.members.items() if name != "redis")
     copy = redis.Redis(port=replica.port, password=replicated.password, decode_responses=True)
     wait_for(lambda: copy.exists(keys.job(keys.ref("default", submission_id))), 10, what="the replica to have the job")
+    # A master without poolq's scripts (a new one, or one restarted without them) gets them
+    # loaded again on the first NOSCRIPT.
+    direct.script_flush()
+    assert kit.record(app, kit.submit(app, timeout_ms=0))["status"] == "PENDING"
     # Celery's broker goes through the sentinels too: a wake-up lands on the master.
     create_celery(settings).send_task("poolq.place", queue="poolq-placement-probe")
     assert direct.llen("poolq-placement-probe") == 1

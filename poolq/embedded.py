@@ -72,7 +72,8 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@{self.host}:{self.port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"redis://:{self.password}@{host}:{self.port}/0"
 
     def config(self) -> str:
         lines = [

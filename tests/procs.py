@@ -33,9 +33,13 @@ class Process:
             self.process = subprocess.Popen(
                 self.argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, cwd=self.cwd,
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=die_with_parent if self.tied else None,
+                preexec_fn=self.preexec(),
             )
         return self
+
+    def preexec(self) -> Callable[[], None] | None:
+        """What the child runs between fork and exec (a subclass may enter a namespace there)."""
+        return die_with_parent if self.tied else None
 
     @property
     def pid(self) -> int:

@@ -23,8 +23,8 @@ from poolq.sentinel import SentinelUrl, celery_broker, format_url, is_sentinel_u
 from poolq.settings import ConfigError, Settings, redact
 from tests import kit
 from tests.procs import wait_for
-from tests.wsgi import call
 from tests.test_up import Up, http
+from tests.wsgi import call
 
 # -- the URL ---------------------------------------------------------------------------------
 

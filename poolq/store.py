@@ -91,6 +91,7 @@ class Ending(enum.IntEnum):
     RETRIED = 3  # the attempt ended; its retry policy runs the job again
 
 
+READ_GROUP = 16  # polls that share one read.lua call at most
 RECOUNT_MOST = 5000  # a recount reads this many job records at most, in one script (a few ms)
 
 
@@ -158,7 +159,9 @@ class JobStore:
             self._submitter = connect(
                 settings, timeout_s=settings.redis_timeout_s + settings.redis_wait_timeout_ms / 1000
             )
-        self._grouped_reads = GroupCommit(self._read_group)  # and so do polls
+        # And so do polls: at most READ_GROUP callers (each up to 100 ids), so that one
+        # read.lua call stays a few ms of Redis's time.
+        self._grouped_reads = GroupCommit(self._read_group, max_group=READ_GROUP)
 
     @property
     def raw(self) -> redis.Redis:
@@ -657,6 +660,7 @@ class JobStore:
         found = self._read_jobs([(tenant, submission_id) for submission_id in ids])
         return {i: job for i, job in zip(ids, found) if job is not None}
 
+    @redis_errors("the read")
     def _read_jobs(self, wanted: list[tuple[str, str]]) -> list[tuple[dict[str, str], dict[str, str] | None] | None]:
         """Each (tenant, id)'s hash and shape, or None where there is no such job. Polls
         that arrive together in this process share one round trip (``_read_group``)."""

@@ -52,6 +52,7 @@ def failover(ctx: Context) -> None:
                 "wait.ratio", rates["wait"] / rates["plain"], label="with WAIT ÷ without (the same run)", unit="×"
             )
             measure_failover(stack, durable, result)
+    spec = submit_spec(ctx, 0)
     result.note(
         f"durable: {describe(spec)}; one master, two replicas and three sentinels on this machine "
         "(poolq.embedded.ReplicatedRedis, `poolq up --replicas 2`); three APIs (2 processes each) on it, "

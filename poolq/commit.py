@@ -32,10 +32,15 @@ class _Slot(Generic[T, R]):
 
 
 class GroupCommit(Generic[T, R]):
-    """``commit(items) -> results`` (one per item, in order), shared by concurrent callers."""
+    """``commit(items) -> results`` (one per item, in order), shared by concurrent callers.
 
-    def __init__(self, commit: Callable[[list[T]], list[R]], max_group: int = 256):
-        self._commit, self._max_group = commit, max_group
+    A group holds items of ``size`` (1 each, by default) up to ``max_group`` in all; an
+    item larger than that goes alone."""
+
+    def __init__(
+        self, commit: Callable[[list[T]], list[R]], max_group: int = 256, size: Callable[[T], int] = lambda _: 1
+    ):
+        self._commit, self._max_group, self._size = commit, max_group, size
         self._lock = threading.Lock()
         self._queue: deque[_Slot[T, R]] = deque()
         self._in_flight = False
@@ -57,7 +62,11 @@ class GroupCommit(Generic[T, R]):
 
     def _lead(self) -> None:
         with self._lock:
-            group = [self._queue.popleft() for _ in range(min(self._max_group, len(self._queue)))]
+            group = [self._queue.popleft()]
+            total = self._size(group[0].item)
+            while self._queue and total + self._size(self._queue[0].item) <= self._max_group:
+                total += self._size(self._queue[0].item)
+                group.append(self._queue.popleft())
             self.largest = max(self.largest, len(group))
         try:
             results = self._commit([slot.item for slot in group])

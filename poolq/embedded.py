@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from poolq.procs import die_with_parent
 
@@ -271,13 +273,17 @@ class ReplicatedRedis:
             for i in range(1, 4)
         ]
         self.password = password
+        self._clients: list[redis.Redis] = []
 
     def _last_master(self, names: list[str]) -> str:
+        remembered = self._remembered()
+        return remembered if remembered in names else names[0]
+
+    def _remembered(self) -> str | None:
         try:
-            name = json.loads(self.state_file.read_text())["master"]
+            return str(json.loads(self.state_file.read_text())["master"])
         except (OSError, ValueError, KeyError, TypeError):
-            return names[0]
-        return name if name in names else names[0]
+            return None
 
     @property
     def url(self) -> str:
@@ -304,19 +310,29 @@ class ReplicatedRedis:
         return self.url
 
     def master(self) -> str | None:
-        """The member the sentinels name master now (None if none answers); remembered."""
-        for sentinel in self.sentinels:
+        """The member the sentinels name master now (None if none answers); remembered in
+        ``master.json`` when it changes."""
+        for client in self._sentinel_clients():
             try:
-                host, port = redis.Redis(
-                    port=sentinel.port, password=self.sentinel_password, socket_timeout=0.5
-                ).sentinel_get_master_addr_by_name(MASTER_NAME)
+                _, port = client.sentinel_get_master_addr_by_name(MASTER_NAME)
             except (redis.RedisError, TypeError, ValueError):
                 continue
             for name, member in self.members.items():
                 if member.port == int(port):
-                    write_json_file(self.state_file, {"master": name})
+                    if name != self._remembered():
+                        write_json_file(self.state_file, {"master": name})
                     return name
         return None
+
+    def _sentinel_clients(self) -> list[redis.Redis]:
+        if not self._clients:
+            self._clients = [
+                redis.Redis(
+                    port=s.port, password=self.sentinel_password, socket_timeout=0.5, retry=Retry(NoBackoff(), 0)
+                )
+                for s in self.sentinels
+            ]
+        return self._clients
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Remember the master, stop the sentinels (so that stopping it starts no

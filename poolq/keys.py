@@ -38,6 +38,7 @@ the job key is ``poolq:job:<ref>``. Sets and queues store refs.
 | poolq:tenants:served | zset | tenant -> ms of its last placement: who goes first in a round |
 | poolq:fairshare | hash | tenant -> its decayed use of CPU (milli-CPU-seconds, half-life POOLQ_FAIR_SHARE_HALF_LIFE_S) as of "<tenant>@" (ms) |
 | poolq:kick | string | set when capacity was freed or added: retry blocked shapes |
+| poolq:waitmark | string | a counter each group commit writes before WAIT when POOLQ_REDIS_WAIT_REPLICAS is set: WAIT then covers every earlier write |
 | poolq:nodes | set | node ids |
 | poolq:node:<id> | hash | node: pool, labels, kind, state, drained, cap:<R>, res:<R>, hold, taken (capacity kept for a preempting job) |
 | poolq:node:<id>:jobs | set | refs of jobs holding a reservation on the node |
@@ -83,7 +84,7 @@ TENANTS_SERVED = PREFIX + "tenants:served"
 FAIR_SHARE = PREFIX + "fairshare"
 TAIL_KEY = PREFIX + "tailkey"
 KICK = PREFIX + "kick"
-WAIT_MARK = PREFIX + "waitmark"  # written before WAIT, so that WAIT covers every earlier write
+WAIT_MARK = PREFIX + "waitmark"
 NODES = PREFIX + "nodes"
 HEARTBEATS = PREFIX + "heartbeats"
 INVENTORY_LOG = PREFIX + "inventory:log"

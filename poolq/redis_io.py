@@ -28,20 +28,26 @@ MAX_CONNECTIONS = 256  # per process and client; a thread beyond waits for one t
 
 
 def connect(
-    settings: Settings, *, timeout_s: float | None = None, decode: bool = True, retries: int = 1
+    settings: Settings,
+    *,
+    timeout_s: float | None = None,
+    read_timeout_s: float | None = None,
+    decode: bool = True,
+    retries: int = 1,
 ) -> redis.Redis:
     """A client with a connection pool.
 
     The pool blocks (for at most the timeout) rather than failing when every
     connection is in use: a node agent runs a thread per job. ``decode=False`` gives
-    bytes, for binary values (logs, packages). A ``redis+sentinel://`` URL gives a pool
+    bytes, for binary values (logs, packages). ``read_timeout_s``: a longer wait for a
+    reply only (a command that blocks, WAIT). A ``redis+sentinel://`` URL gives a pool
     that follows the master the sentinels name (poolq/sentinel.py).
     """
     timeout = settings.redis_timeout_s if timeout_s is None else timeout_s
     options: dict[str, Any] = dict(
         max_connections=MAX_CONNECTIONS,
         timeout=timeout,
-        socket_timeout=timeout,
+        socket_timeout=read_timeout_s or timeout,
         socket_connect_timeout=timeout,
         # A command whose connection broke or timed out may have run: it is sent once
         # more, which is safe because every Lua step is safe to run twice and answers

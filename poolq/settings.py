@@ -188,8 +188,8 @@ class Settings:
             raise ConfigError("POOLQ_SCHEDULE_TIMEOUT_MS must be between 0 and 604800000")
         if self.redis_wait_replicas < 0:
             raise ConfigError("POOLQ_REDIS_WAIT_REPLICAS must be 0 or more")
-        if not 1 <= self.redis_wait_timeout_ms <= 1000:
-            raise ConfigError("POOLQ_REDIS_WAIT_TIMEOUT_MS must be between 1 and 1000 (a 503 comes within 2 s)")
+        if not 1 <= self.redis_wait_timeout_ms <= 450:
+            raise ConfigError("POOLQ_REDIS_WAIT_TIMEOUT_MS must be between 1 and 450 (a 503 comes within 2 s)")
         for name in ("max_body", "max_batch_body", "max_log_bytes", "max_package_bytes", "max_tenant_package_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"POOLQ_{name.upper()} must be positive")

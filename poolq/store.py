@@ -91,7 +91,7 @@ class Ending(enum.IntEnum):
     RETRIED = 3  # the attempt ended; its retry policy runs the job again
 
 
-READ_GROUP = 16  # polls that share one read.lua call at most
+READ_GROUP = 1000  # jobs that polls share one read.lua call for, at most
 RECOUNT_MOST = 5000  # a recount reads this many job records at most, in one script (a few ms)
 
 
@@ -157,11 +157,11 @@ class JobStore:
             from poolq.redis_io import connect
 
             self._submitter = connect(
-                settings, timeout_s=settings.redis_timeout_s + settings.redis_wait_timeout_ms / 1000
+                settings, read_timeout_s=settings.redis_timeout_s + settings.redis_wait_timeout_ms / 1000
             )
-        # And so do polls: at most READ_GROUP callers (each up to 100 ids), so that one
-        # read.lua call stays a few ms of Redis's time.
-        self._grouped_reads = GroupCommit(self._read_group, max_group=READ_GROUP)
+        # And so do polls, up to READ_GROUP jobs a read.lua call (a few ms of Redis's time);
+        # a larger read goes alone.
+        self._grouped_reads = GroupCommit(self._read_group, max_group=READ_GROUP, size=len)
 
     @property
     def raw(self) -> redis.Redis:
@@ -420,7 +420,10 @@ class JobStore:
             return [create_failed(job.submission_id, exc) for job in jobs]
         outcomes: list[bool | PoolqError] = []
         for job, fingerprint in zip(jobs, stored):
-            if fingerprint == job.fingerprint:
+            if fingerprint == job.fingerprint and self.settings.redis_wait_replicas:
+                # Stored, but whether replicas have it is unknown: the round trip's WAIT failed.
+                outcomes.append(create_failed(job.submission_id, cause))
+            elif fingerprint == job.fingerprint:
                 outcomes.append(False)  # stored: by this request or an earlier identical one
             elif fingerprint is None:  # certainly not stored, and certainly safe to send again
                 outcomes.append(

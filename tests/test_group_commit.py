@@ -55,6 +55,29 @@ def test_a_lone_caller_goes_at_once_and_callers_that_come_meanwhile_share_the_ne
     assert len(groups) == 2, groups  # the 19 that came during the first round trip went in one
 
 
+def test_a_group_holds_items_up_to_their_size_and_a_larger_one_goes_alone() -> None:
+    groups: list[list[list[int]]] = []
+    started = threading.Event()
+
+    def commit(items: list[list[int]]) -> list[int]:
+        groups.append(items)
+        started.set()
+        time.sleep(0.2)
+        return [len(item) for item in items]
+
+    group = GroupCommit(commit, max_group=10, size=len)
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group, [0])
+        started.wait(5)
+        sizes = [4, 4, 4, 30, 1]
+        rest = []
+        for size in sizes:  # queued in this order while the first round trip is in flight
+            rest.append(pool.submit(group, list(range(size))))
+            time.sleep(0.02)
+        assert [f.result(10) for f in rest] == sizes and first.result(10) == 1
+    assert [[len(item) for item in g] for g in groups] == [[1], [4, 4], [4], [30], [1]]
+
+
 def test_a_failing_commit_fails_each_caller_of_its_group_and_the_next_group_goes_on() -> None:
     calls = []
 

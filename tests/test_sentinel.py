@@ -73,6 +73,37 @@ def test_celery_gets_kombus_form_of_the_same_url() -> None:
     assert app.conf.broker_transport_options["master_name"] == "m"
 
 
+def test_tls_ipv6_and_bad_ports_in_the_url() -> None:
+    from kombu.utils.url import url_to_parts
+
+    target = parse("rediss+sentinel://:pw@[fd00::5]:26379,h2:26380/m/0")
+    broker, _, use_ssl = celery_broker(target, 0.5)
+    assert use_ssl  # kombu speaks TLS to the master only for a non-empty dict
+    first = broker.split(";")[0]
+    assert first == "sentinel://:pw@[fd00::5]:26379/0" and url_to_parts(first).hostname == "fd00::5"
+    assert parse(format_url(target)) == target and "[fd00::5]:26379" in format_url(target)
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        parse("redis+sentinel://h:99999/m")
+    with pytest.raises(ConfigError, match="rediss"):
+        parse("redis+sentinel://h:1/m?ssl_ca_certs=/ca.pem")
+
+
+def test_sentinels_that_do_not_answer_are_a_503_within_2_s_and_leak_no_connections(tmp_path: Path) -> None:
+    ports = [free_port() for _ in range(3)]  # nothing listens there
+    url = "redis+sentinel://:pw@" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/poolq/0"
+    app = App(Settings(redis_url=url, data_dir=tmp_path / "data"), waker=lambda queue: None)
+    for method, path, body in (("POST", "/api/jobs", kit.JOB), ("GET", "/api/jobs/app-x", None)):
+        began = time.monotonic()
+        answer = call(app, method, path, body, headers=kit.job_headers(timeout_ms=0))
+        took = time.monotonic() - began
+        assert answer.status == 503, answer.body
+        assert took < 2.0, f"{method} {path}: a 503 must come within 2 s, came after {took:.1f} s"
+    pool = app.store.redis.connection_pool
+    for _ in range(20):
+        call(app, "GET", "/api/jobs/app-x")
+    assert len(pool._connections) <= 2, "every failed connection stayed in the pool's list"
+
+
 # -- a real replicated set ---------------------------------------------------------------------
 
 
@@ -150,9 +181,26 @@ def test_durable_acceptance_waits_for_a_replica_and_says_unknown_when_none_confi
     assert kit.record(app, "app-durable-2")["status"] == "PENDING"
 
 
+def test_a_batch_whose_reply_is_lost_is_no_200_for_a_job_no_replica_confirmed(
+    replicated: ReplicatedRedis, tmp_path: Path
+) -> None:
+    from poolq.errors import Unavailable
+
+    settings = Settings(redis_url=replicated.url, data_dir=tmp_path / "data", redis_wait_replicas=1)
+    app = App(settings, waker=lambda queue: None)
+    job = app.store.prepare({**kit.JOB, "submission_id": "app-lost-reply"}, schedule_timeout_ms=0)
+    assert app.store.submit_many([job]) == [True]
+    # What submit_many does when the round trip's reply is lost (a timeout, a broken
+    # connection): it reads the job back. Found stored, it is still not confirmed.
+    (outcome,) = app.store._read_back([job], Unavailable("the reply was lost"))
+    assert isinstance(outcome, Unavailable) and "send the same request" in str(outcome)
+    plain = App(Settings(redis_url=replicated.url, data_dir=tmp_path / "data"), waker=lambda queue: None)
+    assert plain.store._read_back([job], Unavailable("the reply was lost")) == [False]  # without WAIT: stored is a 200
+
+
 def test_the_durability_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="POOLQ_REDIS_WAIT_TIMEOUT_MS"):
-        Settings.from_env({"POOLQ_REDIS_WAIT_REPLICAS": "1", "POOLQ_REDIS_WAIT_TIMEOUT_MS": "5000"})
+        Settings.from_env({"POOLQ_REDIS_WAIT_REPLICAS": "1", "POOLQ_REDIS_WAIT_TIMEOUT_MS": "1000"})
     with pytest.raises(ConfigError, match="POOLQ_REDIS_WAIT_REPLICAS"):
         Settings.from_env({"POOLQ_REDIS_WAIT_REPLICAS": "-1"})
 

@@ -103,6 +103,28 @@ class Scripts:
     def __getattr__(self, name: str) -> Script:  # for type checkers; real ones are set above
         raise AttributeError(f"no Lua script {name}.lua in {LUA_DIR}")
 
+    def pipelined(self, client: redis.Redis, build: Callable[[Any], None]) -> list[Any]:
+        """``build(pipe)`` queues commands (``Scripts.queue``, among others) and the pipeline
+        runs them in one round trip. redis-py's own way (``script(client=pipe)``) asks
+        ``SCRIPT EXISTS`` first, a second round trip each time; here a NOSCRIPT reply
+        (a new or restarted Redis) loads every script and runs the pipeline again, which
+        is safe because each step is safe to run twice (docs/faults.md)."""
+        for attempt in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                for script in vars(self).values():
+                    client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Queue script ``name`` on ``pipe`` by its SHA (see ``pipelined``)."""
+        pipe.evalsha(getattr(self, name).sha, len(keys), *keys, *args)
+
 
 @functools.cache
 def _source(path: Path) -> str:

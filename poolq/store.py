@@ -379,20 +379,24 @@ class JobStore:
     def _submit_pipeline(self, jobs: list[NewJob]) -> tuple[list[Any], int | None]:
         """submit.lua for each job, in one round trip; and how many replicas confirmed the
         writes when POOLQ_REDIS_WAIT_REPLICAS asks for some (None when it does not)."""
-        pipe = self._submitter.pipeline(transaction=False)
-        for job in jobs:
-            self.scripts.submit(
-                keys=_submit_keys(job), args=_submit_args(job, self.settings.schedule_timeout_ms), client=pipe
-            )
         wanted = self.settings.redis_wait_replicas
+
+        def build(pipe: Any) -> None:
+            for job in jobs:
+                self.scripts.queue(
+                    pipe, "submit", _submit_keys(job), _submit_args(job, self.settings.schedule_timeout_ms)
+                )
+            if wanted:
+                # WAIT counts the replicas that have this connection's last write. This write
+                # comes after every job's, and after any earlier request's that a duplicate
+                # found stored (replication is one ordered stream): its confirmation covers all.
+                pipe.incr(keys.WAIT_MARK)
+                pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+
+        answers = self.scripts.pipelined(self._submitter, build)
         if not wanted:
-            return list(pipe.execute()), None
-        # WAIT counts the replicas that have this connection's last write. This write
-        # comes after every job's, and after any earlier request's that a duplicate found
-        # stored (replication is one ordered stream), so its confirmation covers them all.
-        pipe.incr(keys.WAIT_MARK)
-        pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
-        *answers, _, confirmed = pipe.execute()
+            return answers, None
+        *answers, _, confirmed = answers
         return answers, int(confirmed)
 
     def _unconfirmed(

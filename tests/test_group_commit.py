@@ -216,3 +216,13 @@ def test_concurrent_polls_each_get_the_answer_they_would_get_alone(app: App, red
     assert statuses["/api/jobs/app-theirs"] == statuses["/api/jobs/app-none"] == 404
     assert statuses["/api/jobs/app-arr-3"] == 200
     assert alone[0].json["scheduling"]["attempts"] == 0 and alone[0].json["status"] == "PENDING"
+
+
+def test_a_redis_without_the_scripts_loads_them_and_the_group_goes_on(app: App, redis_client: redis.Redis) -> None:
+    # A group commit sends each script by its SHA without asking SCRIPT EXISTS first; a
+    # Redis that lost them (restarted, flushed, a new master) answers NOSCRIPT once.
+    redis_client.script_flush()
+    results = kit.submit_batch(app, [{**kit.JOB, "submission_id": f"app-noscript-{n}"} for n in range(3)],
+                               timeout_ms=0)
+    assert [r.get("submission_id") for r in results] == [f"app-noscript-{n}" for n in range(3)], results
+    assert int(redis_client.hget(keys.tenant_counts("default"), "PENDING")) == 3  # each stored once

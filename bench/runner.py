@@ -14,6 +14,7 @@ process it starts is stopped when it ends, also on an error or Ctrl-C):
 | memory | Redis bytes per finished record; RSS of an API process and of a node agent |
 | arrays | tasks a second accepted in arrays of 1,000 and 100,000, against Slurm's sbatch --array when installed |
 | feed | following 10,000 jobs with 100 changes/s: the change feed against polling; the long polls a process holds |
+| fleet | 100 and 1,000 node agents on one Redis: what idle agents cost it, placement and latency among them |
 
 Exit status: 0 when every scenario ran (whether or not it met its targets, which the
 report says), 1 when a scenario could not run, 2 for an unknown scenario, 130 on Ctrl-C.
@@ -34,7 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import scenarios, scenarios_arrays, scenarios_curves, scenarios_feed, scenarios_workers
+from bench import scenarios, scenarios_arrays, scenarios_curves, scenarios_feed, scenarios_fleet, scenarios_workers
 from bench.figures import Figure, ScenarioResult, number
 from bench.notes import not_met_section
 from bench.scenarios import Context
@@ -52,6 +53,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "arrays": scenarios_arrays.arrays,
     "feed": scenarios_feed.feed,
     "curves": scenarios_curves.curves,
+    "fleet": scenarios_fleet.fleet,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

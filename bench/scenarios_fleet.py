@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from bench.figures import ScenarioResult
 from bench.fleet import POOL
 from bench.loadgen import percentile
-from bench.scenarios import Context, check_statuses, run_load, submit_batches
+from bench.scenarios import Context, check_statuses, run_load, settle, submit_batches
 from bench.scenarios_curves import used_memory
 from bench.scenarios_workers import finished_rate, note_failures, placement_rate, statuses, wait_terminal
 from bench.stack import PYTHON, Api, BenchError, Child, Stack, cpu_seconds, wait_for
@@ -200,6 +200,7 @@ def fleet(ctx: Context) -> None:
             # Each placement worker's first round after the fleet came reads its 1,000 registrations.
             paced(stack, api, result, "fleet-warmup", job, 1.0, label)
             for run in range(ctx.runs):
+                settle(stack)  # no append-only file rewrite in the windows
                 with paused(workers):
                     idle = measure(stack, window_s, pids)
                 cpu, commands = idle.less(empty)
@@ -227,6 +228,7 @@ def fleet(ctx: Context) -> None:
                 result.add(f"{size}.paced.p99", percentile(latencies, 99), label=f"{what}: p99", unit="ms")
 
                 tenant = f"fleet-place-{run}"
+                settle(stack)
                 ids = place_on_fleet(stack, api, workers, children, tenant, [job] * jobs)
                 rows = wait_terminal(stack, tenant, ids, 60 + jobs / 20)
                 note_failures(result, f"placement, {label}", rows)

@@ -10,7 +10,9 @@ import sys
 from bench.runner import main
 
 parser = argparse.ArgumentParser(prog="python -m bench", description="measure poolq on this machine (BENCHMARKS.md)")
-parser.add_argument("scenario", help="submit, batch, place, poll, e2e, list, memory, fair_share, arrays, feed, or all")
+parser.add_argument(
+    "scenario", help="submit, batch, place, poll, e2e, list, memory, fair_share, arrays, feed, curves, fleet, or all"
+)
 parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported with min and max")
 parser.add_argument("--quick", action="store_true", help="short runs, to check the harness (figures not meaningful)")
 parser.add_argument("--write", metavar="PATH", help="also write the report (markdown) to PATH")

@@ -17,6 +17,7 @@ process it starts is stopped when it ends, also on an error or Ctrl-C):
 | curves | how submissions, reads, placement, memory and agents' rates change as the work grows |
 | ceiling | Redis's CPU for an accepted job, a placement and a job run: where one Redis core saturates |
 | failover | through Redis Sentinel: submissions with and without waiting for a replica; the master killed under load |
+| fleet | 100 and 1,000 node agents on one Redis: what idle agents cost it, placement and latency among them |
 
 Exit status: 0 when every scenario ran (whether or not it met its targets, which the
 report says), 1 when a scenario could not run, 2 for an unknown scenario, 130 on Ctrl-C.
@@ -43,6 +44,7 @@ from bench import (
     scenarios_ceiling,
     scenarios_curves,
     scenarios_feed,
+    scenarios_fleet,
     scenarios_sentinel,
     scenarios_workers,
 )
@@ -65,6 +67,7 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "curves": scenarios_curves.curves,
     "failover": scenarios_sentinel.failover,
     "ceiling": scenarios_ceiling.ceiling,
+    "fleet": scenarios_fleet.fleet,
 }
 PACKAGES = ("poolq", "celery", "kombu", "marshmallow", "granian", "gunicorn", "redis")
 

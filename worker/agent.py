@@ -66,6 +66,7 @@ LOG_FLUSH_S = 0.2
 LOG_FLUSH_BYTES = 64 * 1024
 STDERR_TAIL = 2000  # characters of stderr quoted in a failed job's message
 STRAGGLER_WAIT_S = 0.5  # after the entrypoint exits, how long to read output its children still write
+LOOP_S = 0.5  # how often the loop turns when nothing wakes it: the inbox is read at least this often
 RECONCILE_S = 5.0  # how often the agent compares the jobs Redis says it runs with those it runs
 ATTEMPT_LOG = ".attempt-"  # <id>.attempt-2.log: the log file of a job's second attempt on a node
 T = TypeVar("T")
@@ -578,7 +579,11 @@ class Agent:
         labels: dict[str, str | None],
         capacity: dict[str, int],
         devices: dict[str, list[str]] | None = None,
+        guardian: Guardian | None = None,
     ):
+        """``guardian``: one shared with other agents of this process that run their jobs
+        without cgroups (the fleet benchmark, bench/fleet.py: a guardian process per agent
+        would be a thousand processes); by default the agent starts its own."""
         self.store = store
         self.settings: Settings = store.settings
         self.admin = NodeAdmin(store)
@@ -621,7 +626,9 @@ class Agent:
             except OSError as exc:
                 log.warning("node %s could not weigh its jobs' CPU share: %s", node_id, exc)
         self.cgroup_pool = CgroupPool(self.cgroups)
-        self.guardian = Guardian(self.settings.fence_s, self.cgroups)
+        self._own_guardian = guardian is None
+        self.guardian = guardian or Guardian(self.settings.fence_s, self.cgroups)
+        self._next_heartbeat = 0.0
         self._next_reconcile = 0.0
 
     # -- registration, heartbeat and fencing -----------------------------------------
@@ -713,32 +720,39 @@ class Agent:
     # -- the loop --------------------------------------------------------------------
 
     def loop(self) -> None:
-        next_heartbeat = 0.0
         while not self.stopping.is_set():
-            self.wake.wait(0.5)
+            self.wake.wait(LOOP_S)
             self.wake.clear()
-            try:
-                lost = None if self.fenced else self.lease_lost()
-                if lost:
-                    self.fence(lost)
-                if self.fenced:
-                    self.recover_from_fence()
-                    continue
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    self.heartbeat()
-                    next_heartbeat = now + self.settings.heartbeat_s
-                if self.accepting and not self.fenced:
-                    self.start_inbox()
-                self.watch_stops()
-                if now >= self._next_reconcile:
-                    self.reconcile()
-                    self._next_reconcile = now + RECONCILE_S
-            except (Unavailable, redis.RedisError) as exc:
-                log.warning("node agent loop: Redis unavailable (%s)", exc)
-            except Exception:
-                log.exception("node agent loop")
+            if not self.tick():
                 time.sleep(0.5)
+
+    def tick(self) -> bool:
+        """One turn of the loop, when woken or LOOP_S after the last: fence or recover, heartbeat
+        when due, start the inbox, watch for stops, reconcile when due. False after an
+        unexpected error (logged); Redis being away is only a warning."""
+        try:
+            lost = None if self.fenced else self.lease_lost()
+            if lost:
+                self.fence(lost)
+            if self.fenced:
+                self.recover_from_fence()
+                return True
+            now = time.monotonic()
+            if now >= self._next_heartbeat:
+                self.heartbeat()
+                self._next_heartbeat = now + self.settings.heartbeat_s
+            if self.accepting and not self.fenced:
+                self.start_inbox()
+            self.watch_stops()
+            if now >= self._next_reconcile:
+                self.reconcile()
+                self._next_reconcile = now + RECONCILE_S
+        except (Unavailable, redis.RedisError) as exc:
+            log.warning("node agent loop: Redis unavailable (%s)", exc)
+        except Exception:
+            log.exception("node agent loop")
+            return False
+        return True
 
     def start_inbox(self) -> None:
         # Clear the wake-up flag before reading the inbox, as placement does: a job
@@ -899,4 +913,5 @@ class Agent:
             self.cgroups.remove_parent()
         except CgroupError as exc:
             log.error("%s", exc)
-        self.guardian.close()
+        if self._own_guardian:  # a shared one watches other agents' jobs too
+            self.guardian.close()

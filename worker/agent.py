@@ -394,8 +394,13 @@ class JobRun(threading.Thread):
             # Until the entrypoint has exited and its output is read: a job that closed its
             # stdout and stderr (exec >/dev/null) must still be stoppable and time-limited.
             while selector.get_map() or self.process.poll() is None or in_grace():
-                if not selector.get_map():
-                    time.sleep(0.1)
+                if not selector.get_map() and self.process.poll() is None:
+                    try:  # the pipes closed first: the exit comes any moment, take it then
+                        self.process.wait(0.1)
+                    except subprocess.TimeoutExpired:
+                        pass
+                elif not selector.get_map():
+                    time.sleep(0.1)  # in its grace: the job's other processes may still run
                 for key, _ in selector.select(timeout=0.1) if selector.get_map() else ():
                     data = os.read(key.fd, 65536)
                     if not data:

@@ -12,6 +12,7 @@ process it starts is stopped when it ends, also on an error or Ctrl-C):
 | e2e | `true` jobs through a node agent: throughput, and latency at 20 jobs/s |
 | list | the first page of GET /api/jobs with 10,000 to 1,000,000 records |
 | memory | Redis bytes per finished record; RSS of an API process and of a node agent |
+| fair_share | two tenants of weights 3 and 1 sharing one node: each one's share of its CPU-seconds |
 | arrays | tasks a second accepted in arrays of 1,000 and 100,000, against Slurm's sbatch --array when installed |
 | feed | following 10,000 jobs with 100 changes/s: the change feed against polling; the long polls a process holds |
 | curves | how submissions, reads, placement, memory and agents' rates change as the work grows |

@@ -10,9 +10,9 @@ the master (and its sentinel) stay up, and every packet to them vanishes, so con
 to it time out rather than fail. The other two sentinels promote a replica; the same
 processes go on with it within RECOVERY_S, answering only 200s and 503s meanwhile, each
 within ANSWER_S (no request waits on the cut link: poolq/sentinel.py asks each sentinel
-once), and
-the fault suite's checker finds every acknowledged job SUCCEEDED, once, with no
-reservation left. Plugged back, the old master is made a replica of the new one, and a
+once); the worker's and the agent's Celery consumers leave the cut master within
+CONSUMER_S (TCP keepalive, poolq/messaging.py); and the fault suite's checker finds every
+acknowledged job SUCCEEDED, once, with no reservation left. Plugged back, the old master is made a replica of the new one, and a
 new job still runs.
 
 Needs root and ``ip`` (iproute2); elsewhere it is skipped, saying why.
@@ -57,6 +57,7 @@ REDIS_PORT = 6379
 SENTINEL_PORT = 26379
 API_PORT = 8000
 RECOVERY_S = 30.0  # the bound held: 1 s down-after, the election, a replica for WAIT; measured: about 4 s
+CONSUMER_S = 15.0  # the Celery consumers leave the cut master (TCP keepalive, poolq/messaging.py); measured: ~4 s
 ANSWER_S = 5.0  # no request waits on the cut link much past its 2 s budget (measured: 2.1 s at most)
 BEFORE = 30  # acceptances before the cut
 AFTER = 30  # and after the failover
@@ -223,6 +224,13 @@ def test_the_master_partitioned_under_load_fails_over_and_loses_no_acknowledged_
         raise AssertionError(f"{exc}; answers since the cut: {since.most_common(8)}\n{cluster.logs()}") from None
     recovered_after = min(accepted_since(cut_at)) - cut_at
     wait_for(lambda: len(accepted_since(cut_at)) >= AFTER, SETTLE_S, 0.1, what="submissions accepted after the failover")
+    # The worker's and the agent's Celery consumers, waiting in BRPOP on the cut master,
+    # notice and follow the sentinels to the new one while r1 is still cut off.
+    def consumers_left() -> bool:
+        return all("Connection to broker lost" in cluster.procs[name].output() for name in ("worker", "agent"))
+
+    wait_for(consumers_left, max(0.0, CONSUMER_S - (time.monotonic() - cut_at)), 0.1,
+             what=f"the worker's and the agent's Celery consumers to leave the cut master within {CONSUMER_S:g} s")
     answers = load.finish()
     slowest = max(a.received - a.sent for a in answers if a.sent > cut_at)
     print(f"partition failover: first acceptance {recovered_after:.2f} s after r1's link was cut; "

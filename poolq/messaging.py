@@ -9,6 +9,7 @@ tools (``celery -A poolq.celery_app …``, Flower) use one built the same way.
 
 from __future__ import annotations
 
+import socket
 from typing import Any, Callable
 
 from celery import Celery
@@ -24,6 +25,17 @@ from poolq.settings import Settings
 # short timeout costs at most a harmless duplicate wake-up. Nothing waits on a lost
 # message: the periodic sweep re-wakes placement, and agents poll their inbox.
 VISIBILITY_TIMEOUT_S = 60
+
+
+# A consumer waits in BRPOP, on a connection no socket timeout guards: when its Redis
+# is cut off (a partition, not a crash) nothing says so, and kombu drops the connection
+# only after ~48 s of silence. TCP notices in a few seconds instead: keepalive probes
+# while the BRPOP waits, a user timeout while a request goes unacknowledged (Linux).
+DEAD_PEER_OPTIONS = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 1), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 2), ("TCP_USER_TIMEOUT", 3000))
+    if (option := getattr(socket, name, None)) is not None
+}
 
 
 Waker = Callable[[str], None]  # sends a wake-up task to a Celery queue
@@ -53,6 +65,8 @@ def create_celery(settings: Settings) -> Celery:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "socket_timeout": settings.redis_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
+            "socket_keepalive": True,
+            "socket_keepalive_options": DEAD_PEER_OPTIONS,
             **transport,
         },
         broker_connection_timeout=settings.redis_timeout_s,

@@ -137,10 +137,13 @@ class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool
 
 def _sentinel_kwargs(target: SentinelUrl, timeout_s: float) -> dict[str, Any]:
     timeout = min(timeout_s, SENTINEL_TIMEOUT_S)
+    # Each sentinel is asked once: one that does not answer is skipped for the next.
+    # (redis-py's default retries a client 10 times with a backoff: ~7 s on a sentinel
+    # cut off by a partition, for every new connection, far past a request's 2 s.)
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),  # redis-py's default would try one sentinel 10 times
+        "retry": Retry(NoBackoff(), 0),
     }
     if target.sentinel_password:
         kwargs["password"] = target.sentinel_password

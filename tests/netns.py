@@ -367,12 +367,12 @@ class HostRedis:
 
 
 def start_redis(net: Network, host: str, *, port: int = 6379, name: str = "redis", password: str | None = None,
-                extra_config: tuple[str, ...] = (), timeout: float = 20.0) -> HostRedis:
+                appendonly: bool = False, extra_config: tuple[str, ...] = (), timeout: float = 20.0) -> HostRedis:
     """A redis-server on ``host``, bound to its address (not loopback) with a password,
-    configured as ``poolq up``'s embedded one (poolq/embedded.py) without persistence, plus
-    ``extra_config`` lines (``replicaof …``, ``masterauth …``). Returns once it answers there."""
+    configured as ``poolq up``'s embedded one (poolq/embedded.py), without persistence unless
+    ``appendonly``, plus ``extra_config`` lines (``replicaof …``). Returns once it answers there."""
     server = EmbeddedRedis(net.dir(host) / name, host=net.address(host), port=port, password=password,
-                           appendonly=False)
+                           appendonly=appendonly)
     server.directory.mkdir(parents=True, exist_ok=True)
     config = server.directory / "redis.conf"
     config.write_text(server.config() + "".join(f"{line}\n" for line in extra_config))

@@ -5,8 +5,10 @@ tests/faults/test_failover.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Iterator
@@ -145,6 +147,21 @@ def test_every_process_reaches_the_master_through_the_sentinels(replicated: Repl
     create_celery(settings).send_task("poolq.place", queue="poolq-placement-probe")
     assert direct.llen("poolq-placement-probe") == 1
     assert replicated.master() == "redis"
+
+
+def test_a_sentinel_that_does_not_answer_is_asked_once_then_skipped(replicated: ReplicatedRedis) -> None:
+    """A sentinel cut off by a partition (here: a socket that accepts and never answers)
+    first in the URL costs one timeout per new connection, not redis-py's ten retries
+    with a backoff (~7 s), which held every request to a cut master past its 2 s."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        target = parse(replicated.url)
+        url = format_url(dataclasses.replace(target, sentinels=(silent.getsockname(), *target.sentinels)))
+        settings = Settings(redis_url=url)
+        started = time.monotonic()
+        assert connect(settings).ping()
+        create_celery(settings).send_task("poolq.place", queue="poolq-placement-probe")
+        took = time.monotonic() - started
+        assert took < 2.0, f"a connection and a wake-up took {took:.1f} s past a silent sentinel"
 
 
 def test_durable_acceptance_waits_for_a_replica_and_says_unknown_when_none_confirms(

@@ -4,7 +4,7 @@ agent running the jobs.
 
 The test takes the screenshots in docs/screenshots/ as it goes, so they show the
 dashboard as it is. Without chromium and chromedriver (``make test`` installs them as
-root, tools/ensure_browser.sh) it does not run, and says so.
+root, tools/ensure_packages.sh) it does not run, and says so.
 """
 
 from __future__ import annotations

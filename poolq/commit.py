@@ -35,12 +35,19 @@ class GroupCommit(Generic[T, R]):
     """``commit(items) -> results`` (one per item, in order), shared by concurrent callers.
 
     A group holds items of ``size`` (1 each, by default) up to ``max_group`` in all; an
-    item larger than that goes alone."""
+    item larger than that goes alone. When the commit raises one of ``shared_failures``
+    (Redis does not answer), the callers that queued meanwhile get it too, at once: each
+    waiting for a round trip of its own would take them past their deadline."""
 
     def __init__(
-        self, commit: Callable[[list[T]], list[R]], max_group: int = 256, size: Callable[[T], int] = lambda _: 1
+        self,
+        commit: Callable[[list[T]], list[R]],
+        max_group: int = 256,
+        size: Callable[[T], int] = lambda _: 1,
+        shared_failures: tuple[type[BaseException], ...] = (),
     ):
         self._commit, self._max_group, self._size = commit, max_group, size
+        self._shared_failures = shared_failures
         self._lock = threading.Lock()
         self._queue: deque[_Slot[T, R]] = deque()
         self._in_flight = False
@@ -73,6 +80,10 @@ class GroupCommit(Generic[T, R]):
             if len(results) != len(group):
                 raise RuntimeError(f"a group commit answered {len(results)} results for {len(group)} items")
         except BaseException as exc:  # a bug, or an interrupt: every caller of the group sees it
+            if isinstance(exc, self._shared_failures):
+                with self._lock:
+                    group += self._queue
+                    self._queue.clear()
             for slot in group:
                 slot.error = exc
         else:

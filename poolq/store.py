@@ -151,7 +151,7 @@ class JobStore:
         self.arrays = Arrays(self)
         self.changes = ChangeFeed(client, self.scripts, settings.redis_timeout_s)
         # Submissions that arrive together in this process share a round trip.
-        self._grouped = GroupCommit(self._commit_group)
+        self._grouped = GroupCommit(self._commit_group, shared_failures=(Unavailable,))
         self._submitter = client  # waiting for replicas (WAIT) needs a longer socket timeout
         if settings.redis_wait_replicas:
             from poolq.redis_io import connect
@@ -161,7 +161,9 @@ class JobStore:
             )
         # And so do polls, up to READ_GROUP jobs a read.lua call (a few ms of Redis's time);
         # a larger read goes alone.
-        self._grouped_reads = GroupCommit(self._read_group, max_group=READ_GROUP, size=len)
+        self._grouped_reads = GroupCommit(
+            self._read_group, max_group=READ_GROUP, size=len, shared_failures=(Unavailable,)
+        )
 
     @property
     def raw(self) -> redis.Redis:
@@ -291,23 +293,24 @@ class JobStore:
             if isinstance(formed, PoolqError):
                 raise formed
             job = formed
-        outcome = self._grouped(job)
+        try:
+            outcome = self._grouped(job)
+        except Unavailable as exc:  # the round trip of its group failed (or the one it queued behind)
+            raise create_failed(job.submission_id, exc) from exc
         if isinstance(outcome, PoolqError):
             raise outcome
         return outcome
 
     def _commit_group(self, jobs: list[NewJob]) -> list[bool | PoolqError]:
         """The submissions that came together (poolq/commit.py): one round trip for all,
-        an outcome for each. A failed round trip is each job's unknown outcome: read back,
-        it could take the rest of the 2 s a 503 must come within, and sending the same
-        request again is always safe."""
-        try:
-            if len(jobs) > 1 or self.settings.redis_wait_replicas:
-                answers, confirmed = self._submit_pipeline(jobs)
-            else:
-                answers, confirmed = [self._submit_script(jobs[0])], None
-        except Unavailable as exc:
-            return [create_failed(job.submission_id, exc) for job in jobs]
+        an outcome for each. A failed round trip raises Unavailable, for each of them and
+        for those queued meanwhile (``submit``: each job's unknown outcome; read back, it
+        could take the rest of the 2 s a 503 must come within, and sending the same
+        request again is always safe)."""
+        if len(jobs) > 1 or self.settings.redis_wait_replicas:
+            answers, confirmed = self._submit_pipeline(jobs)
+        else:
+            answers, confirmed = [self._submit_script(jobs[0])], None
         return self._unconfirmed(jobs, self._outcomes(jobs, answers), confirmed)
 
     @redis_errors("the submission")

@@ -78,6 +78,30 @@ def test_a_group_holds_items_up_to_their_size_and_a_larger_one_goes_alone() -> N
     assert [[len(item) for item in g] for g in groups] == [[1], [4, 4], [4], [30], [1]]
 
 
+def test_callers_queued_behind_a_round_trip_redis_did_not_answer_fail_with_it_at_once() -> None:
+    from poolq.errors import Unavailable
+
+    calls: list[list[int]] = []
+    started = threading.Event()
+
+    def commit(items: list[int]) -> list[int]:
+        calls.append(items)
+        started.set()
+        time.sleep(0.3)  # Redis not answering, until the socket timeout
+        raise Unavailable("redis unavailable: timeout")
+
+    group = GroupCommit(commit, shared_failures=(Unavailable,))
+    with ThreadPoolExecutor(8) as pool:
+        first = pool.submit(group, 0)
+        started.wait(5)
+        rest = [pool.submit(group, n) for n in range(1, 8)]
+        for future in [first, *rest]:
+            with pytest.raises(Unavailable):
+                future.result(10)
+    assert calls == [[0]], "the callers queued meanwhile waited for a round trip of their own"
+    assert group.largest == 1
+
+
 def test_a_failing_commit_fails_each_caller_of_its_group_and_the_next_group_goes_on() -> None:
     calls = []
 

@@ -149,6 +149,20 @@ def test_every_process_reaches_the_master_through_the_sentinels(replicated: Repl
     assert replicated.master() == "redis"
 
 
+def test_a_queue_publisher_reaches_the_master_through_the_sentinels_as_docs_api_says(
+    replicated: ReplicatedRedis,
+) -> None:
+    from celery import Celery
+
+    target = parse(replicated.url)
+    broker = ";".join(f"sentinel://:{replicated.password}@127.0.0.1:{port}/0" for _, port in target.sentinels)
+    app = Celery(broker=broker, broker_transport_options={
+        "master_name": MASTER_NAME, "sentinel_kwargs": {"password": replicated.sentinel_password}})
+    app.send_task("poolq.submit", queue="poolq.submit", kwargs={"body": {**kit.JOB, "submission_id": "app-pub"}})
+    direct = redis.Redis(port=replicated.members["redis"].port, password=replicated.password)
+    assert direct.llen("poolq.submit") == 1  # on the master, where poolq's queue consumer takes it
+
+
 def test_a_sentinel_that_does_not_answer_is_asked_once_then_skipped(replicated: ReplicatedRedis) -> None:
     """A sentinel cut off by a partition (here: a socket that accepts and never answers)
     first in the URL costs one timeout per new connection, not redis-py's ten retries

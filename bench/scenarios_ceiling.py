@@ -21,11 +21,6 @@ from poolq import keys
 from poolq.model import JobStatus
 
 
-def redis_cpu_s(stack: Stack) -> float:
-    info = stack.redis.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
 def ceiling(ctx: Context) -> None:
     result = ctx.result("ceiling")
     jobs = 4_000 if ctx.quick else 20_000
@@ -35,18 +30,18 @@ def ceiling(ctx: Context) -> None:
             stack.start_redis()
             api = stack.api()
             tenant = f"ceiling-{run}"
-            before = redis_cpu_s(stack)
+            before = stack.redis_cpu_s()
             ids = submit_batches(api, [body] * jobs, {"X-Tenant-Id": tenant, "X-Schedule-Timeout-Ms": "0"})
-            add(result, "batch", "an accepted job, batch route", (redis_cpu_s(stack) - before) / jobs)
+            add(result, "batch", "an accepted job, batch route", (stack.redis_cpu_s() - before) / jobs)
 
             add_static_nodes(stack, 100, max(64, 2 * 3 * jobs // 100))
-            before = redis_cpu_s(stack)
+            before = stack.redis_cpu_s()
             workers = [stack.worker(0), stack.worker(1)]
             stack.wait_ready(workers)
             wait_for(lambda: placed(stack, tenant, ids), 300, "every job placed", 0.2)  # noqa: B023 (called here)
             for child in workers:
                 stack.stop(child)
-            add(result, "place", "a placement (2 workers, 100 nodes)", (redis_cpu_s(stack) - before) / jobs)
+            add(result, "place", "a placement (2 workers, 100 nodes)", (stack.redis_cpu_s() - before) / jobs)
 
             spec = {
                 "port": api.port,
@@ -58,13 +53,13 @@ def ceiling(ctx: Context) -> None:
                 "count": '"submission_id"',
                 **ctx.window(),
             }
-            before = redis_cpu_s(stack)
+            before = stack.redis_cpu_s()
             load = run_load(stack, spec)
             check_statuses(result, "single submissions", load)
             accepted = int(stack.redis.hget(keys.tenant_counts(f"{tenant}-single"), "PENDING") or 0)
             if not accepted:
                 raise BenchError("no single submission was stored")
-            add(result, "single", "an accepted job, single POST", (redis_cpu_s(stack) - before) / accepted)
+            add(result, "single", "an accepted job, single POST", (stack.redis_cpu_s() - before) / accepted)
         run_jobs(ctx, result, run)
     result.note(
         f"each a phase of its own, on a fresh Redis: {jobs:,} jobs of the seed's body through the batch route; "
@@ -85,7 +80,7 @@ def run_jobs(ctx: Context, result: ScenarioResult, run: int) -> None:
         stack.wait_ready([worker])
         stack.node("ceiling-node", "--pool", "default", "--cpus", "64", "--memory", "1Ti")
         tenant = f"ceiling-run-{run}"
-        before, commands = redis_cpu_s(stack), command_usec(stack)
+        before, commands = stack.redis_cpu_s(), command_usec(stack)
         body = {"entrypoint": "true", "entrypoint_num_cpus": 1, "runtime_env": {"working_dir": str(stack.root)}}
         ids = submit_batches(api, [body] * jobs, {"X-Tenant-Id": tenant})
         # One HGET a poll (the tenant's status counts), so that the harness costs Redis little.
@@ -93,7 +88,7 @@ def run_jobs(ctx: Context, result: ScenarioResult, run: int) -> None:
         wait_for(
             lambda: int(stack.redis.hget(counts, "SUCCEEDED") or 0) >= jobs, 30 + jobs / 20, "every job to succeed"
         )
-        cpu, spent = redis_cpu_s(stack), command_usec(stack)
+        cpu, spent = stack.redis_cpu_s(), command_usec(stack)
         if any(row[0] != JobStatus.SUCCEEDED for row in wait_terminal(stack, tenant, ids, 10)):
             raise BenchError("not every job succeeded")
         add(result, "run", "a job submitted, placed, run and finished", (cpu - before) / jobs)
@@ -105,9 +100,7 @@ def run_jobs(ctx: Context, result: ScenarioResult, run: int) -> None:
 
 def command_usec(stack: Stack) -> dict[str, int]:
     """Redis's time in each command so far (INFO commandstats), in microseconds."""
-    return {
-        name.removeprefix("cmdstat_"): int(stats["usec"]) for name, stats in stack.redis.info("commandstats").items()
-    }
+    return {name: usec for name, (_, usec) in stack.command_stats().items()}
 
 
 def placed(stack: Stack, tenant: str, ids: list[str]) -> bool:

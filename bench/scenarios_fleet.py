@@ -73,10 +73,7 @@ class Usage:
 
 
 def redis_counters(stack: Stack) -> tuple[float, dict[str, int]]:
-    cpu = stack.redis.info("cpu")
-    stats = stack.redis.info("commandstats")
-    calls = {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
-    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), calls
+    return stack.redis_cpu_s(), {name: calls for name, (calls, _) in stack.command_stats().items()}
 
 
 def measure(stack: Stack, seconds: float, pids: list[int] | None = None) -> Usage:

@@ -148,6 +148,16 @@ class Stack:
                 self._client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=120)
         return self._client
 
+    def redis_cpu_s(self) -> float:
+        """redis-server's CPU time so far (INFO cpu: system + user), in seconds."""
+        info = self.redis.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    def command_stats(self) -> dict[str, tuple[int, int]]:
+        """Per command so far (INFO commandstats): its calls and Redis's microseconds in it."""
+        stats = self.redis.info("commandstats")
+        return {name.removeprefix("cmdstat_"): (int(s["calls"]), int(s["usec"])) for name, s in stats.items()}
+
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of poolq children: this stack's Redis and data dir, quick shutdowns."""
         return {

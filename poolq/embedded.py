@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import redis
 from redis.backoff import NoBackoff
@@ -123,25 +124,16 @@ class EmbeddedRedis:
             preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise EmbeddedRedisError(
-                    f"redis-server exited with status {self.process.returncode} (see {self.directory})"
-                )
-            try:
-                client.ping()
-                # A restart replays the append-only file before answering with data.
-                while client.info("persistence").get("loading"):
-                    time.sleep(0.05)
-                return self.url
-            except redis.BusyLoadingError:
-                pass
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}") from None
-            time.sleep(0.05)
+        # A restart replays the append-only file before answering with data.
+        _wait_answering(
+            self.process,
+            client,
+            timeout_s,
+            f"redis-server on port {self.port} ({self.directory})",
+            self.stop,
+            loads=True,
+        )
+        return self.url
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Shut down cleanly (the append-only file is flushed), then make sure it is gone."""
@@ -166,6 +158,35 @@ def write_url_file(path: Path, url: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(url + "\n")
     os.replace(tmp, path)
+
+
+def _wait_answering(
+    process: subprocess.Popen[bytes],
+    client: redis.Redis,
+    timeout_s: float,
+    what: str,
+    stop: Callable[[], None],
+    *,
+    loads: bool,
+) -> None:
+    """Until the server answers PING (and, ``loads``, has loaded its data); EmbeddedRedisError,
+    naming ``what``, if it exits or does not answer within ``timeout_s`` (it is stopped then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise EmbeddedRedisError(f"{what} exited with status {process.returncode}")
+        try:
+            client.ping()
+            while loads and client.info("persistence").get("loading"):
+                time.sleep(0.05)
+            return
+        except redis.BusyLoadingError:
+            pass
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() > deadline:
+                stop()
+                raise EmbeddedRedisError(f"{what} did not answer") from None
+        time.sleep(0.05)
 
 
 MASTER_NAME = "poolq"  # the name the sentinels of `poolq up --replicas` monitor
@@ -215,18 +236,7 @@ class EmbeddedSentinel:
             preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
         client = redis.Redis(port=self.port, password=self.sentinel_password, socket_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None:
-                raise EmbeddedRedisError(f"redis-server --sentinel exited with status {self.process.returncode}")
-            try:
-                client.ping()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise EmbeddedRedisError(f"the sentinel did not answer on port {self.port}") from None
-            time.sleep(0.05)
+        _wait_answering(self.process, client, timeout_s, f"the sentinel on port {self.port}", self.stop, loads=False)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

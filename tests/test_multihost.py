@@ -32,6 +32,7 @@ import pytest
 import requests
 
 from tests import netns
+from tests.faults.conftest import healthy
 from tests.kit import START_S, TERMINAL_STATUSES, wait_ready
 from tests.netns import HostProcess, HostRedis, Network
 from tests.procs import wait_for
@@ -144,13 +145,6 @@ def _alive(cluster: Cluster, host: str) -> bool:
     return bool(cluster.node(host)["alive"])
 
 
-def _livez(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/livez", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = netns.unavailable()
@@ -194,7 +188,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         url = f"http://{api_host}:{API_PORT}"
         cluster = Cluster(net, server, url, token, index, agents, _project(base / "project"))
         try:
-            wait_for(lambda: net.call("client", _livez, url), START_S, 0.1, what="the API to answer from the client host")
+            wait_for(lambda: net.call("client", healthy, url), START_S, 0.1, what="the API to answer from the client host")
             wait_ready(worker, "the placement worker")
             for host, agent in agents.items():
                 wait_ready(agent, f"the agent of {host}")

@@ -32,7 +32,6 @@ from typing import Iterator
 
 import pytest
 import redis
-import requests
 
 from poolq.client import Client
 from poolq.embedded import MASTER_NAME, redis_server_binary
@@ -43,7 +42,7 @@ from poolq.settings import Settings
 from poolq.store import JobStore
 from tests import netns
 from tests.faults.checker import Outcome, check
-from tests.faults.conftest import FAULT_ENV, PLACEMENT_DEADLINE_MS, Jobs
+from tests.faults.conftest import FAULT_ENV, PLACEMENT_DEADLINE_MS, Jobs, healthy
 from tests.faults.test_redis_restart import Load
 from tests.kit import START_S, wait_ready
 from tests.netns import HostProcess, Network
@@ -140,13 +139,6 @@ def _settled(cluster: Cluster) -> bool:
         return False
 
 
-def _livez(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/livez", timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = netns.unavailable()
@@ -182,7 +174,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             cluster.procs["agent"] = net.run("n1", [PYTHON, "-m", "poolq", "node", "--id", "n1", "--cpus", "32",
                                                     "--memory", "64Gi"],
                                              {**common, "POOLQ_DATA_DIR": str(net.dir("n1") / "data")}, name="node")
-            wait_for(lambda: net.call("client", _livez, cluster.api), START_S, 0.1, what="the API to answer")
+            wait_for(lambda: net.call("client", healthy, cluster.api), START_S, 0.1, what="the API to answer")
             wait_ready(cluster.procs["worker"], "the placement worker")
             wait_ready(cluster.procs["agent"], "the agent of n1")
         except AssertionError as exc:

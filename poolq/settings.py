@@ -76,7 +76,7 @@ class Settings:
 
     # Placement.
     placement_strategy: str = "binpack"  # or "spread"
-    placement_batch: int = 256  # jobs claimed per placement round
+    placement_batch: int = 256  # jobs claimed per placement round, at most (Scheduler.claim_size)
     claim_lease_s: float = 30.0  # a claimed job not placed within this returns to its queue
     intake_lease_s: float = 10.0  # a poolq.submit consumer silent this long has its messages put back
     max_backoff_s: float = 2.0  # longest wait before a job that did not fit is tried again

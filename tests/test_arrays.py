@@ -25,7 +25,7 @@ from tests.kit import add_node
 from tests.test_agent import PLACEMENT_DEADLINE_MS, start_node  # noqa: F401 (a fixture)
 from tests.wsgi import call
 from worker.duties import Duties
-from worker.scheduler import Scheduler
+from worker.scheduler import CLAIM_FLOOR, Scheduler
 
 
 def array_body(submission_id: str, count: int, **fields: Any) -> dict[str, Any]:
@@ -85,7 +85,9 @@ def test_placement_creates_tasks_as_it_reaches_them(app: App, store: JobStore, a
     Scheduler(store).place_waiting()
     placed = [i for i in range(300) if kit.record(app, f"app-arr-{i}")["driver_node_id"]]
     assert placed == [0, 1, 2], "three fit, in index order"
-    batch = store.settings.placement_batch
+    # A round claims what the node's free CPU could take, and at least CLAIM_FLOOR (scheduler.claim_size):
+    # of 600 tasks, only those are created.
+    batch = max(3, CLAIM_FLOOR)
     assert records(redis_client) == 1 + batch, "the array, and the tasks of the round that reached it"
     assert kit.record(app, "app-arr-3")["status"] == "PENDING"
     assert kit.record(app, "app-arr")["array"]["created"] == batch
@@ -130,7 +132,7 @@ def test_stopping_an_array_stops_its_tasks_and_creates_no_more(app: App, store: 
     Scheduler(store).place_waiting()
     whole = kit.record(app, "app-s")
     assert whole["status"] == "STOPPED"
-    batch = store.settings.placement_batch
+    batch = max(2, CLAIM_FLOOR)  # what the first round claimed (scheduler.claim_size)
     assert whole["array"]["tasks"]["STOPPED"] == 1000 and whole["array"]["created"] == batch
     assert kit.record(app, "app-s-0")["status"] == "STOPPED"
     late = kit.record(app, "app-s-999")

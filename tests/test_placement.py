@@ -425,18 +425,28 @@ def test_kill_9_of_a_placement_worker_mid_burst(
             return redis_client.zcard(keys.CLAIMED) > 0 and not redis_client.exists(lock_key)
         return bool(redis_client.exists(lock_key))
 
-    refs = [keys.ref("default", submit(app, timeout_ms=4000)) for _ in range(300)]
-    frozen, give_up, more_at = False, time.monotonic() + 60, time.monotonic() + 1
-    while not frozen and time.monotonic() < give_up:
-        os.kill(victim.pid, signal.SIGSTOP)
-        frozen = holds()
-        if not frozen:
+    # Caught while the burst fills the nodes: a round claims no more than the free CPU takes
+    # (scheduler.claim_size), so once they are full its claims are few and brief.
+    caught, give_up = threading.Event(), time.monotonic() + 60
+
+    def catch() -> None:
+        while time.monotonic() < give_up:
+            os.kill(victim.pid, signal.SIGSTOP)
+            if holds():
+                caught.set()
+                return
             os.kill(victim.pid, signal.SIGCONT)
             time.sleep(0.002)
-            if time.monotonic() > more_at:  # keep the burst going until the moment comes
-                refs += [keys.ref("default", submit(app, timeout_ms=4000)) for _ in range(50)]
-                more_at = time.monotonic() + 0.5
-    assert frozen, f"never caught the worker holding {held}"
+
+    catcher = threading.Thread(target=catch, daemon=True)
+    catcher.start()
+    refs: list[str] = []
+    while not caught.is_set() and time.monotonic() < give_up:  # keep the burst going until the moment comes
+        refs += [keys.ref("default", submit(app, timeout_ms=4000)) for _ in range(50)]
+        if len(refs) >= 300:
+            caught.wait(0.5)
+    catcher.join()
+    assert caught.is_set(), f"never caught the worker holding {held}"
     victim.signal(signal.SIGKILL)
     killed_at = redis_now_ms(redis_client)
     if held == "claims":

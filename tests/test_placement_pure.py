@@ -234,6 +234,24 @@ def test_local_reservations_steer_the_next_choice(strategy: str) -> None:
     assert a.reserved["CPU"] == 4000 and b.reserved["CPU"] == 6000
 
 
+def test_the_view_knows_the_free_cpu_of_its_schedulable_nodes() -> None:
+    """What bounds a round's claim (scheduler.claim_size): reservations, undoing them,
+    replacing and removing nodes move it; a drained node's CPU is not in it."""
+    a, b = node("a", cpus=4), node("b", cpus=6, used={"cpus": 1})
+    inv = inventory(a, b, node("drained", cpus=16, schedulable=False))
+    assert inv.free_cpu == 9000
+    shape = job_shape(entrypoint_num_cpus=1)
+    devices = inv.reserve(a, shape.req)
+    assert inv.free_cpu == 8000
+    inv.unreserve(a, shape.req, devices)
+    assert inv.free_cpu == 9000
+    inv.upsert(node("b", cpus=2))
+    assert inv.free_cpu == 6000
+    inv.remove("a")
+    inv.remove("gone")
+    assert inv.free_cpu == 2000
+
+
 # -- the scheduling-failure message -------------------------------------------------
 
 

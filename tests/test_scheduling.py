@@ -513,3 +513,26 @@ def test_use_is_charged_exactly_when_what_a_tenant_holds_changes(app: App, store
 def test_a_weight_must_be_positive(redis_client: redis.Redis) -> None:
     with pytest.raises(ValueError, match="--weight"):
         set_quota(redis_client, "team-a", weight=0)
+
+
+def test_a_full_pool_is_not_claimed_and_given_back_a_round_at_a_time(
+    app: App, store: JobStore, admin: NodeAdmin, redis_client: redis.Redis
+) -> None:
+    """400 jobs wait for 8 CPUs. Each time some finish, a round claims about as many as
+    fit (scheduler.claim_size), not placement_batch to give nearly all of them back: the
+    claims a job goes through, placed or given back, stay near one."""
+    add_node(admin, "n1", cpus=8, memory=1 << 40, pool="default")
+    ids = [f"app-f{i}" for i in range(400)]
+    answer = call(app, "POST", "/api/jobs/batch", {"jobs": [body(i) for i in ids]},
+                  headers={"X-Schedule-Timeout-Ms": "0"})
+    assert answer.status == 200
+    scheduler, claimed, done = Scheduler(store), 0, 0
+    while done < len(ids):
+        claimed += scheduler.place_waiting()
+        running = placed(redis_client, ids[done:])
+        assert len(running) == 8 or done + len(running) == len(ids), "the node is kept full"
+        for submission_id in running:
+            finish(store, submission_id)
+        done += len(running)
+    assert claimed <= 3 * len(ids), f"{claimed} claims for {len(ids)} jobs"
+    assert admin.check() == []

@@ -176,6 +176,7 @@ class Inventory:
         self.nodes: dict[str, Node] = {}
         self._indexes: dict[str, _Index] = {ALL: _Index()}
         self._indexed_cpu: dict[str, int] = {}  # node id -> free CPU it is indexed under
+        self.free_cpu = 0  # of the schedulable nodes, together: what a round can place at most
 
     # -- keeping the view current ----------------------------------------------
 
@@ -242,6 +243,7 @@ class Inventory:
             return
         free_cpu = node.free(CPU)
         self._indexed_cpu[node.id] = free_cpu
+        self.free_cpu += free_cpu
         for key in node.term_keys():
             index = self._indexes.get(key)
             if index is not None:
@@ -251,6 +253,7 @@ class Inventory:
         free_cpu = self._indexed_cpu.pop(node.id, None)
         if free_cpu is None:
             return
+        self.free_cpu -= free_cpu
         for key in node.term_keys():
             index = self._indexes.get(key)
             if index is not None:

@@ -4,9 +4,10 @@ Jobs wait in line by *shape* (what they ask for, and where): jobs of one shape
 place alike, so when the oldest job of a shape does not fit, its other jobs are
 not tried again until capacity is freed or added, or a backoff passes. A round:
 
-1. claim up to ``placement_batch`` of the oldest waiting jobs across ready shapes
-   (``claim.lua``), under a lease;
-2. bring the in-memory ``Inventory`` up to date from ``poolq:inventory:log``;
+1. bring the in-memory ``Inventory`` up to date from ``poolq:inventory:log``;
+2. claim up to ``placement_batch`` of the oldest waiting jobs across ready shapes
+   (``claim.lua``), under a lease, but no more than the view's free CPU could take
+   (``claim_size``): a full pool is not claimed and given back a round's worth at a time;
 3. choose a node for each job (``placement.Inventory.choose``), applying each choice
    to the local view so the batch does not over-fill a node;
 4. reserve them all in one atomic step (``reserve.lua``), which re-checks each;
@@ -30,7 +31,7 @@ from typing import Any, Callable, TypeVar
 import redis
 
 from poolq import keys, queues
-from poolq.model import PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, Hold, JobStatus, Taken, priority_of
+from poolq.model import CPU, PLACEMENT_LATENCY_BUCKETS_MS, ErrorType, Hold, JobStatus, Taken, priority_of
 from poolq.nodes import NodeAdmin, node_amounts, node_devices
 from poolq.redis_io import Scripts
 from poolq.settings import Settings
@@ -45,6 +46,7 @@ MAX_CACHED_SHAPES = 10_000
 MAX_TERM_INDEXES = 1_000
 READY_SCAN = 512
 RESERVE_RETRIES = 3
+CLAIM_FLOOR = 8  # jobs a round claims though the view has no room: holds, preemption and reasons act on them
 CLAIM_TRIES_S = 5.0  # how long a round keeps asking for its claim while Redis does not answer
 MAX_LOST_CLAIMS = 3  # claims holding a job alone that were lost before it is given up
 PREEMPT_NODES = 16  # nodes a preempting job looks at, those nearest to fitting it first
@@ -179,7 +181,8 @@ class Scheduler:
         tenants = [self._shapes[s].tenant for s in sigs]
         lease_ms = int(self.settings.claim_lease_s * 1000)
         half_life_ms = int(self.settings.fair_share_half_life_s * 1000)
-        batch = self.settings.placement_batch
+        self.refresh()
+        batch = self.claim_size(sigs)
         flat = self._until_answered(lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms))
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
@@ -213,6 +216,22 @@ class Scheduler:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
+    def claim_size(self, sigs: list[str]) -> int:
+        """How many jobs a round claims: ``placement_batch``, but no more than the free CPU of
+        the schedulable nodes could take of the ready shapes (an upper bound: it ignores where
+        each may go), and at least CLAIM_FLOOR. Jobs that ask for no CPU, gangs and tenants that
+        preempt are not bounded by free capacity: they get the whole batch."""
+        batch, room = self.settings.placement_batch, 0
+        for sig in sigs:
+            shape = self._shapes[sig]
+            cpu = shape.req.get(CPU, 0)
+            if cpu <= 0 or shape.gang or shape.tenant in self._preempting:
+                return batch
+            room += self.inventory.free_cpu // cpu
+            if room >= batch:
+                return batch
+        return max(room, min(CLAIM_FLOOR, batch))
+
     def _return_suspects(self, claim_id: str, claimed: list[tuple[str, str, int]], exc: BaseException) -> None:
         # A Redis error is not the jobs' fault: they come back, but no claim counts against them.
         lone = len(claimed) == 1 and not isinstance(exc, redis.RedisError)
@@ -230,7 +249,6 @@ class Scheduler:
         self._holds.clear()
         self._claim_id = claim_id
         self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed if sig in self._shapes})
-        self.refresh()
         pending, unplaced = claimed, []
         failed_shapes: dict[str, list[dict[str, Any]]] = {}
         for _ in range(RESERVE_RETRIES):

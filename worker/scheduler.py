@@ -181,14 +181,19 @@ class Scheduler:
         tenants = [self._shapes[s].tenant for s in sigs]
         lease_ms = int(self.settings.claim_lease_s * 1000)
         half_life_ms = int(self.settings.fair_share_half_life_s * 1000)
-        self.refresh()
-        batch = self.claim_size(sigs)
+        try:
+            self.refresh()
+            fresh, batch = True, self.claim_size(sigs)
+        except Exception:
+            # A view that cannot be built (Redis, or a node hash it cannot read) is built
+            # again with the claim in hand, where what fails counts against the jobs.
+            fresh, batch = False, self.settings.placement_batch
         flat = self._until_answered(lambda: claim(self.scripts, claim_id, sigs, tenants, batch, lease_ms, half_life_ms))
         claimed = [(flat[i], flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)]
         if not claimed:
             return 0
         try:
-            self._place(claim_id, claimed)
+            self._place(claim_id, claimed, fresh)
             self.redis.delete(keys.claim(claim_id))  # it served the claim's retry, if there was one
         except Exception as exc:
             # Put the claim back rather than leave it to the lease, which may outlast the
@@ -245,10 +250,12 @@ class Scheduler:
         self._claims += 1
         return f"{self._claim_prefix}.{self._claims:x}"
 
-    def _place(self, claim_id: str, claimed: list[tuple[str, str, int]]) -> None:
+    def _place(self, claim_id: str, claimed: list[tuple[str, str, int]], fresh: bool = True) -> None:
         self._holds.clear()
         self._claim_id = claim_id
         self._load_quotas({self._shapes[sig].tenant for _, sig, _ in claimed if sig in self._shapes})
+        if not fresh:
+            self.refresh()
         pending, unplaced = claimed, []
         failed_shapes: dict[str, list[dict[str, Any]]] = {}
         for _ in range(RESERVE_RETRIES):

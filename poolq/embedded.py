@@ -51,8 +51,71 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedRedis:
+class _Server:
+    """A redis-server child process on a port of this machine, started from the config
+    it writes. A port it chose itself can be taken by another process between choosing
+    and binding; a server that exits for that reason is started again on a new port."""
+
+    directory: Path
+    host = "127.0.0.1"
+    port: int
+    port_chosen = False  # the port came from free_port(), not from the caller
+    pass_fds: tuple[int, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+    log_name: str  # its files in its directory: <log_name>.conf and <log_name>.log
+    kind: str  # what errors call it
+    mode: tuple[str, ...] = ()  # extra redis-server arguments
+    loads = True  # wait for its data to load before it counts as answering
+
+    def config(self) -> str:
+        raise NotImplementedError
+
+    def client(self) -> redis.Redis:
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        raise NotImplementedError
+
+    def _spawn(self, timeout_s: float) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path = self.directory / f"{self.log_name}.conf"  # Sentinel rewrites its own as it learns
+        config_path.write_text(self.config())
+        os.chmod(config_path, 0o600)
+        self.process = subprocess.Popen(
+            [redis_server_binary(), str(config_path), *self.mode],
+            stdin=subprocess.DEVNULL,
+            pass_fds=self.pass_fds,
+            start_new_session=True,  # Ctrl-C reaches `poolq up`, which stops Redis last
+            # If its owner dies without stopping it, Redis gets SIGTERM: a clean shutdown
+            # that flushes the append-only file, never an orphan server.
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+        )
+        what = f"{self.kind} on port {self.port} ({self.directory})"
+        _wait_answering(self.process, self.client(), timeout_s, what, self.stop, loads=self.loads)
+
+    def _lost_the_port(self) -> bool:
+        if not self.port_chosen or self.process is None or self.process.poll() is None:
+            return False
+        try:
+            log = (self.directory / f"{self.log_name}.log").read_text(errors="replace")
+        except OSError:
+            return False
+        return f":{self.port}: bind: Address already in use" in log
+
+    def _start(self, timeout_s: float) -> None:
+        for attempt in range(3):
+            try:
+                return self._spawn(timeout_s)
+            except EmbeddedRedisError:
+                if attempt == 2 or not self._lost_the_port():
+                    raise
+                self.port = free_port(self.host)
+
+
+class EmbeddedRedis(_Server):
     """A redis-server child process. ``start()`` returns its URL; ``stop()`` shuts it down."""
+
+    log_name, kind = "redis", "redis-server"
 
     def __init__(
         self,
@@ -70,7 +133,7 @@ class EmbeddedRedis:
         self.replica_of = replica_of  # the port of the master on 127.0.0.1 it replicates, if any
         self.pass_fds = pass_fds  # kept open in redis-server for its life (poolq up's lock)
         self.host = host  # the address it binds: another machine's clients reach it there
-        self.port = port or free_port(host)
+        self.port, self.port_chosen = port or free_port(host), not port
         self.password = password if password is not None else secrets.token_urlsafe(24)
         self.appendonly = appendonly
         self.maxmemory = maxmemory
@@ -109,30 +172,11 @@ class EmbeddedRedis:
             lines.append(f"replicaof 127.0.0.1 {self.replica_of}")
         return "\n".join(lines) + "\n"
 
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
+
     def start(self, timeout_s: float = 10.0) -> str:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config_path = self.directory / "redis.conf"
-        config_path.write_text(self.config())
-        os.chmod(config_path, 0o600)
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(config_path)],
-            stdin=subprocess.DEVNULL,
-            pass_fds=self.pass_fds,
-            start_new_session=True,  # Ctrl-C reaches `poolq up`, which stops Redis last
-            # If its owner dies without stopping it, Redis gets SIGTERM: a clean shutdown
-            # that flushes the append-only file, never an orphan server.
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, socket_timeout=2)
-        # A restart replays the append-only file before answering with data.
-        _wait_answering(
-            self.process,
-            client,
-            timeout_s,
-            f"redis-server on port {self.port} ({self.directory})",
-            self.stop,
-            loads=True,
-        )
+        self._start(timeout_s)  # a restart replays the append-only file before answering
         return self.url
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -192,14 +236,15 @@ def _wait_answering(
 MASTER_NAME = "poolq"  # the name the sentinels of `poolq up --replicas` monitor
 
 
-class EmbeddedSentinel:
+class EmbeddedSentinel(_Server):
     """A redis-server in Sentinel mode watching a master on 127.0.0.1 (``ReplicatedRedis``)."""
 
+    log_name, kind, mode, loads = "sentinel", "the sentinel", ("--sentinel",), False
+
     def __init__(self, directory: Path, *, master_port: int, password: str, sentinel_password: str, quorum: int):
-        self.directory, self.port = directory, free_port()
+        self.directory, self.port, self.port_chosen = directory, free_port(), True
         self.master_port, self.password, self.sentinel_password = master_port, password, sentinel_password
         self.quorum = quorum
-        self.process: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
         return (
@@ -224,19 +269,11 @@ class EmbeddedSentinel:
             + "\n"
         )
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.sentinel_password, socket_timeout=1)
+
     def start(self, timeout_s: float = 10.0) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        config_path = self.directory / "sentinel.conf"  # Sentinel rewrites it as it learns
-        config_path.write_text(self.config())
-        os.chmod(config_path, 0o600)
-        self.process = subprocess.Popen(
-            [redis_server_binary(), str(config_path), "--sentinel"],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
-        )
-        client = redis.Redis(port=self.port, password=self.sentinel_password, socket_timeout=1)
-        _wait_answering(self.process, client, timeout_s, f"the sentinel on port {self.port}", self.stop, loads=False)
+        self._start(timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -309,10 +346,15 @@ class ReplicatedRedis:
         )
 
     def start(self, timeout_s: float = 10.0) -> str:
+        master = next(iter(self.members.values()))
         try:
+            master.start(timeout_s)  # on another port than planned if it lost its port
             for member in self.members.values():
-                member.start(timeout_s)
+                if member is not master:
+                    member.replica_of = master.port
+                    member.start(timeout_s)
             for sentinel in self.sentinels:
+                sentinel.master_port = master.port
                 sentinel.start(timeout_s)
         except BaseException:
             self.stop()

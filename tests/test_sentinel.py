@@ -284,3 +284,22 @@ def test_a_restart_after_a_failover_starts_the_last_master_as_master(tmp_path: P
     again = ReplicatedRedis(tmp_path / "redis", replicas=1)
     assert list(again.members) == ["replica-1", "redis"]
     assert again.members["redis"].replica_of == again.members["replica-1"].port
+
+
+def test_a_port_taken_between_choosing_and_binding_is_chosen_again(tmp_path: Path) -> None:
+    """free_port() lets the port go before redis-server binds it; another process (a
+    parallel test, say) can take it in between. The server, its replicas and its
+    sentinels then start on a new port instead of failing."""
+    servers = ReplicatedRedis(tmp_path / "redis", replicas=1)
+    master, sentinel = servers.members["redis"], servers.sentinels[0]
+    planned = master.port, sentinel.port
+    with socket.create_server(("127.0.0.1", master.port)), socket.create_server(("127.0.0.1", sentinel.port)):
+        servers.start()
+    try:
+        assert (master.port, sentinel.port) != planned and planned[0] != master.port
+        assert "Address already in use" in (master.directory / "redis.log").read_text()
+        assert servers.members["replica-1"].replica_of == master.port
+        wait_for(lambda: replicas_in_sync(servers), 10, what="the replica to follow the master on its new port")
+        assert servers.master() == "redis"  # the sentinels watch it there too
+    finally:
+        servers.stop()

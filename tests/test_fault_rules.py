@@ -322,3 +322,27 @@ def test_a_stop_sent_twice_answers_as_the_first(app: App, store: JobStore) -> No
     assert store.scripts.finish(keys=finish_keys, args=other)[0] == 0  # another request: already ended
     assert store.redis.hget(keys.tenant_counts("default"), "STOPPED") == "1"
     assert store.redis.hget(keys.STATS, "completed:STOPPED:STOPPED_BY_USER") == "1"  # counted once, for three runs
+
+
+def test_a_start_sent_twice_answers_the_same_runtime_limit(app: App, store: JobStore, admin: NodeAdmin) -> None:
+    """start.lua's repeat (its reply was lost) tells the agent the limit in force and how
+    much of it is left, from the deadline the first run recorded."""
+    add_node(admin, "n1", pool="default")
+    set_quota(store.redis, "default", runtime_limit_s=60)
+    submit(app, body("app-lim1", runtime_limit_s=5))
+    submit(app, body("app-lim2"))
+    Scheduler(store).place_waiting()
+
+    def start(job_ref: str) -> list[Any]:
+        return list(store.scripts.start(
+            keys=[keys.job(job_ref), keys.node_inbox("n1"), keys.tenant_counts("default"), keys.limits("default")],
+            args=[job_ref, "n1", "running on node n1", "inc-1", 30_000],
+        ))
+
+    first = start("default:app-lim1")
+    assert first == [1, 5000, 1, 5000, "runtime_limit_s"]
+    time.sleep(0.05)
+    again = start("default:app-lim1")
+    assert again[0] == 1 and 0 < again[1] < 5000 and again[3:] == [5000, "runtime_limit_s"], again
+    assert start("default:app-lim2")[3:] == [60_000, "its tenant's"]  # the tenant's before the node's
+    assert start("default:app-lim2")[3:] == [60_000, "its tenant's"]

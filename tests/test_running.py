@@ -172,7 +172,7 @@ def test_a_job_over_its_runtime_limit_is_stopped(app: Any, placement: Any, node:
     node("n1", "--cpus", "2", "--memory", "4Gi")
     submission_id = kit.submit(app, job(tmp_path, "sleep 30", runtime_limit_s=2), timeout_ms=0)
     ended = kit.wait_status(app, submission_id, "FAILED")
-    assert ended["error_type"] == "RUNTIME_LIMIT" and "2 s" in ended["message"], ended
+    assert ended["error_type"] == "RUNTIME_LIMIT" and "limit of 2 s (runtime_limit_s)" in ended["message"], ended
     ran_s = (ended["end_time"] - ended["start_time"]) / 1000
     assert 1.5 <= ran_s <= 2 + 1 + 5, f"a 2 s limit (1 s grace) stopped the job after {ran_s:.1f} s"
     assert ended["run_deadline"] - ended["start_time"] == 2000
@@ -187,7 +187,9 @@ def test_a_tenant_runtime_limit_applies_to_its_jobs(app: Any, placement: Any, no
                    env={**os.environ, **service_env}, check=True, capture_output=True)
     node("n1", "--cpus", "2", "--memory", "4Gi")
     submission_id = kit.submit(app, job(tmp_path, "sleep 30"), tenant="team-t", timeout_ms=0)
-    assert kit.wait_status(app, submission_id, "FAILED", tenant="team-t")["error_type"] == "RUNTIME_LIMIT"
+    ended = kit.wait_status(app, submission_id, "FAILED", tenant="team-t")
+    assert ended["error_type"] == "RUNTIME_LIMIT", ended
+    assert "its runtime limit of 1 s (its tenant's)" in ended["message"], ended
 
 
 # -- retries ---------------------------------------------------------------------------------

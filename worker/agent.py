@@ -156,6 +156,7 @@ class JobRun(threading.Thread):
         self._cgroup_lock = threading.Lock()  # a kill through the cgroup, and giving it back: one, then the other
         self.disk_full: str | None = None  # the job's log could not be written: why
         self.limit_at: float | None = None  # monotonic time its runtime limit ends
+        self.limit = ""  # its runtime limit, for the message that ends it: "its runtime limit of 2 s (…)"
         self.timed_out = False
         self.attempt = 1
         self.log_sent = 0  # the offset in the job's whole output up to which Redis has it
@@ -203,7 +204,7 @@ class JobRun(threading.Thread):
             return
         # start.lua is safe to run again: a lost reply is answered by the next try.
         tenant = keys.split_ref(self.job_ref)[0]
-        code, left_ms, _ = agent.until_answered(
+        code, left_ms, _, limit_ms, whose = agent.until_answered(
             lambda: store.scripts.start(
                 keys=[
                     keys.job(self.job_ref),
@@ -231,6 +232,7 @@ class JobRun(threading.Thread):
             return
         # The runtime limit runs on this machine's clock from here: Redis said how much is left.
         self.limit_at = time.monotonic() + int(left_ms) / 1000 if int(left_ms) > 0 else None
+        self.limit = f"its runtime limit of {int(limit_ms) / 1000:g} s ({whose})" if self.limit_at else ""
         self.log_sent = int(fields.get(JobFields.LOG_BASE) or 0) + int(fields.get(JobFields.LOG_LEN) or 0)
         if self.attempt > 1:  # one log for all attempts: say where this one begins
             self.unsent += f"[poolq] attempt {self.attempt} starts on node {agent.node_id}\n".encode()
@@ -304,12 +306,10 @@ class JobRun(threading.Thread):
         elif self.fenced:
             self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced, exit_code=code)
         elif self.timed_out:
-            limit = spec.get("runtime_limit_s")
-            what = f"its runtime limit of {limit:g} s (runtime_limit_s)" if limit else "its runtime limit"
             self._finish(
                 JobStatus.FAILED,
                 ErrorType.RUNTIME_LIMIT,
-                f"the job ran longer than {what} and was stopped",
+                f"the job ran longer than {self.limit} and was stopped",
                 exit_code=code,
             )
         elif self.disk_full:

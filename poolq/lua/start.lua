@@ -10,8 +10,9 @@
 -- KEYS: 1 job, 2 node inbox, 3 the tenant's status counts, 4 the tenant's limits
 -- ARGV: 1 ref, 2 node id, 3 message, 4 the agent's incarnation, 5 the node's runtime
 --       limit ms ('' none)
--- Returns {code, ms left of its runtime limit (0: no limit), attempt}: code 1 started,
--- 0 skip, 2 a stop was requested (the agent ends it STOPPED). (worker.agent.Started)
+-- Returns {code, ms left of its runtime limit (0: no limit), attempt, the limit (ms), whose
+-- limit it is}: code 1 started, 0 skip, 2 a stop was requested (the agent ends it STOPPED).
+-- (worker.agent.Started)
 --! include lib/counts.lua
 --! include lib/changes.lua
 --! include lib/array.lua
@@ -20,19 +21,27 @@ local j = redis.call('HMGET', KEYS[1], 'status', 'node', 'stop', 'runner', 'run_
 local attempt = tonumber(j[6] or '1')
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if j[1] == 'RUNNING' and j[2] == ARGV[2] and j[4] == ARGV[4] then
-  local left = j[5] and math.max(tonumber(j[5]) - now, 1) or 0
-  return {1, left, attempt}
+local function limit_in_force()
+  if j[7] then return tonumber(j[7]), 'runtime_limit_s' end
+  local tenant_limit = tonumber(redis.call('HGET', KEYS[4], 'runtime_limit_ms') or '0')
+  if tenant_limit > 0 then return tenant_limit, "its tenant's" end
+  if ARGV[5] ~= '' then return tonumber(ARGV[5]), "its node's" end
+  return 0, ''
 end
-if j[1] ~= 'PENDING' or j[2] ~= ARGV[2] then return {0, 0, attempt} end
-if j[3] and j[3] ~= '' then return {2, 0, attempt} end
+if j[1] == 'RUNNING' and j[2] == ARGV[2] and j[4] == ARGV[4] then
+  if not j[5] then return {1, 0, attempt, 0, ''} end
+  local _, whose = limit_in_force()
+  local limit = tonumber(j[5]) - tonumber(redis.call('HGET', KEYS[1], 'start_time'))
+  return {1, math.max(tonumber(j[5]) - now, 1), attempt, limit, whose}
+end
+if j[1] ~= 'PENDING' or j[2] ~= ARGV[2] then return {0, 0, attempt, 0, ''} end
+if j[3] and j[3] ~= '' then return {2, 0, attempt, 0, ''} end
 redis.call('HSET', KEYS[1], 'status', 'RUNNING', 'start_time', now, 'message', ARGV[3], 'runner', ARGV[4])
-local tenant_limit = tonumber(redis.call('HGET', KEYS[4], 'runtime_limit_ms') or '0')
-local limit = tonumber(j[7] or (tenant_limit > 0 and tenant_limit) or (ARGV[5] ~= '' and ARGV[5]) or '0')
+local limit, whose = limit_in_force()
 if limit > 0 then redis.call('HSET', KEYS[1], 'run_deadline', now + limit) end
 count(KEYS[3], 'PENDING', -1)
 count(KEYS[3], 'RUNNING', 1)
 job_changed(KEYS[3], ARGV[1], 'RUNNING', ARGV[2])
 count_in_array(KEYS[1], j[8], 'PENDING', -1)
 count_in_array(KEYS[1], j[8], 'RUNNING', 1)
-return {1, limit, attempt}
+return {1, limit, attempt, limit, whose}

@@ -58,6 +58,21 @@ def test_a_job_over_its_memory_is_killed_and_its_neighbour_goes_on(app: Any, pla
     assert kit.wait_status(app, neighbour, "SUCCEEDED")["driver_exit_code"] == 0
 
 
+def test_a_job_whose_child_is_killed_for_memory_ends_by_its_own_exit(app: Any, placement: Any, node: Any,
+                                                                     tmp_path: Path) -> None:
+    """The kernel kills the process over the limit, which may be a child the job can do
+    without: a job that then exits 0 succeeded; one that fails failed for memory."""
+    node("n1", "--cpus", "4", "--memory", "4Gi")
+    hog = "python3 -c 'b = bytearray(400 * 1024 * 1024)'"
+    survives = kit.submit(app, job(tmp_path, f"{hog}; echo survived"), timeout_ms=0)
+    gives_up = kit.submit(app, job(tmp_path, f"{hog} || exit 3"), timeout_ms=0)
+    assert kit.wait_status(app, survives, "SUCCEEDED")["driver_exit_code"] == 0
+    assert "survived" in call(app, "GET", f"/api/jobs/{survives}/logs").json["logs"]
+    ended = kit.wait_status(app, gives_up, "FAILED")
+    assert ended["error_type"] == "OUT_OF_MEMORY" and ended["driver_exit_code"] == 3, ended
+    assert "128 MiB" in ended["message"] and "exited with code 3" in ended["message"], ended
+
+
 @pytest.mark.serial
 def test_half_a_cpu_is_about_half_a_core(app: Any, placement: Any, node: Any, tmp_path: Path) -> None:
     node("n1", "--cpus", "2", "--memory", "4Gi")

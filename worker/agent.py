@@ -294,13 +294,18 @@ class JobRun(threading.Thread):
             self.fenced = agent.lease_lost()
         out_of_memory = cgroup.oom_killed(code)
         self._give_back_cgroup(reusable=not out_of_memory)
-        if out_of_memory and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):
+        # A job that exits 0 succeeded, whatever the kernel killed on the way (a child it
+        # could do without); one that fails after a kill for memory failed for memory.
+        ended_by_oom = out_of_memory and code != 0
+        if ended_by_oom and not (self.fenced or self.shutdown or self.timed_out or self.stop_requested.is_set()):
             limit = spec["entrypoint_memory"]
+            over = f"more memory than its limit of {mebibytes(limit)} MiB ({limit} bytes, entrypoint_memory)"
             self._finish(
                 JobStatus.FAILED,
                 ErrorType.OUT_OF_MEMORY,
-                f"the job used more memory than its limit of {mebibytes(limit)} MiB ({limit} bytes, "
-                "entrypoint_memory) and was killed by the kernel",
+                f"the job used {over} and was killed by the kernel"
+                if code in (-signal.SIGKILL, 128 + signal.SIGKILL)
+                else f"the job used {over}: the kernel killed a process of it, and it then exited with code {code}",
                 exit_code=code,
             )
         elif self.fenced:

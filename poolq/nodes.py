@@ -24,6 +24,7 @@ from poolq.redis_io import Scripts, redis_errors
 from poolq.schemas import LABEL_PART, RESERVED_RESOURCE_NAMES, RESOURCE_NAME
 from poolq.store import WAKE_TTL_MS, Ending, JobStore
 
+MAX_CAPACITY = 1_000_000_000  # of CPUs, GPUs or a custom resource on one node, as a request's amounts
 DEVICE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SIZE = re.compile(r"^\s*(\d+)\s*(Ki|Mi|Gi|Ti|K|M|G|T)?i?B?\s*$")
 UNITS = {
@@ -94,11 +95,22 @@ def parse_resources(text: str | None) -> dict[str, Decimal]:
 def capacity_of(
     cpus: Decimal | int | str, memory: int, gpus: Decimal | int | str = 0, resources: dict[str, Decimal] | None = None
 ) -> dict[str, int]:
-    """Integer capacity (milli-units, bytes) from human amounts."""
-    capacity = {CPU: to_milli(Decimal(str(cpus))), MEMORY: int(memory), GPU: to_milli(Decimal(str(gpus)))}
+    """Integer capacity (milli-units, bytes) from human amounts; ValueError for an amount
+    that is not a number from 0 to MAX_CAPACITY."""
+    capacity = {CPU: _capacity_milli(CPU, cpus), MEMORY: int(memory), GPU: _capacity_milli(GPU, gpus)}
     for name, amount in (resources or {}).items():
-        capacity[name] = to_milli(amount)
+        capacity[name] = _capacity_milli(name, amount)
     return capacity
+
+
+def _capacity_milli(name: str, amount: Decimal | int | str) -> int:
+    try:
+        value = Decimal(str(amount))
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not (value.is_finite() and 0 <= value <= MAX_CAPACITY):
+        raise ValueError(f"a node's {name} must be a number from 0 to {MAX_CAPACITY:,}, not {amount}")
+    return to_milli(value)
 
 
 def node_devices(fields: dict[str, str]) -> dict[str, dict[str, int]]:

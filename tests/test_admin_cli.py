@@ -105,6 +105,16 @@ def test_text_output_shows_sizes_as_people_write_them(service_env: dict[str, str
 
 
 @pytest.mark.processes
+@pytest.mark.parametrize("amount", ["-1", "1e30", "nan", "inf", "two"])
+def test_a_node_of_an_impossible_size_is_refused_naming_the_amount(service_env: dict[str, str], amount: str,
+                                                                   redis_client: Any) -> None:
+    done = poolq(service_env, "nodes", "add", "--id", "adm-bad", "--cpus", amount, "--memory", "1Gi")
+    assert done.returncode != 0 and done.stderr.count("\n") == 1, done.stderr
+    assert f"CPU must be a number from 0 to 1,000,000,000, not {amount}" in done.stderr, done.stderr
+    assert "adm-bad" not in poolq(service_env, "nodes", "list").stdout
+
+
+@pytest.mark.processes
 def test_data_dir_flag_beats_the_environment(redis_server: Any, tmp_path: Path, redis_client: Any) -> None:
     """--data-dir > POOLQ_DATA_DIR: the URL file of the named directory is the one used."""
     named = tmp_path / "named"

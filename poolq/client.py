@@ -35,6 +35,18 @@ class ApiError(Exception):
         self.status, self.body = status, body
 
 
+class Unreachable(OSError):
+    """The API did not answer: refused, timed out, or the connection broke (``cause``)."""
+
+    def __init__(self, server: str, cause: OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, f"no answer from the API at {server}: {reason}")
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class WaitTimeout(Exception):
     """The job was not finished within the wait (``record`` is what it was then)."""
 
@@ -52,6 +64,7 @@ class Client:
         tenant: str | None = None,
         timeout: float = 70.0,
     ):
+        self.server = server
         url = urlsplit(server if "://" in server else "http://" + server)
         connection = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         self._connect = lambda: connection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
@@ -76,16 +89,18 @@ class Client:
                 response = self._conn.getresponse()
                 raw = response.read()
                 break
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self._conn.close()
                 self._conn = self._connect()
                 if attempt == 2:
-                    raise
-            except BaseException:
+                    raise Unreachable(self.server, exc) from exc
+            except BaseException as exc:
                 # Refused, timed out, interrupted: http.client keeps the half-made request's
                 # state and would refuse the next one (CannotSendRequest); start clean.
                 self._conn.close()
                 self._conn = self._connect()
+                if isinstance(exc, OSError):
+                    raise Unreachable(self.server, exc) from exc
                 raise
         answer = json.loads(raw) if raw else None
         if response.status >= 400:

@@ -57,6 +57,15 @@ class ErrorType(str, enum.Enum):
     PREEMPTED = "PREEMPTED"
 
 
+ID_PREFIX = "app-"  # every job's id begins with it (openYuanrong's)
+
+
+def with_prefix(submission_id: str) -> str:
+    """The id as stored: ``1234`` is submitted as ``app-1234``."""
+    return submission_id if submission_id.startswith(ID_PREFIX) else ID_PREFIX + submission_id
+
+
+MAX_ATTEMPTS = 100  # of a retry policy
 # What a retry policy may retry on: outcomes of an attempt that running it again can change.
 RETRYABLE = (
     ErrorType.ENTRYPOINT_FAILED,

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validates_schema
 
-from poolq.model import RETRYABLE
+from poolq.model import MAX_ATTEMPTS, RETRYABLE, with_prefix
 
 LABEL_PART = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
 RESOURCE_NAME = LABEL_PART
@@ -58,7 +58,6 @@ MAX_SCHEDULE_TIMEOUT_MS = 604_800_000
 MAX_RUNTIME_LIMIT_S = 30 * 86_400
 MAX_DEPENDENCIES = 1000  # ids in one job's depends_on, afterok and afterany together
 MAX_PRIORITY = 1000  # priorities are integers in [-MAX_PRIORITY, MAX_PRIORITY]
-MAX_ATTEMPTS = 100
 MAX_BACKOFF_S = 3600
 
 # Ray's pip_version, e.g. "==22.0.2;python_version=='3.8.11'": before the ";", a version
@@ -604,7 +603,7 @@ def parse_tenant(header: str | None) -> str:
 
 def normalise_submission_id(value: str) -> str:
     """Prefix ``app-`` when missing and check the form; raise ValidationError."""
-    candidate = value if value.startswith("app-") else "app-" + value
+    candidate = with_prefix(value)
     if not SUBMISSION_ID.fullmatch(candidate):
         raise ValidationError("must match ^app-[a-z0-9-]{1,60}$ after the app- prefix is added")
     return candidate

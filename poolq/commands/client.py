@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import shlex
 import sys
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from poolq.client import ApiError, Client, WaitTimeout
+from poolq.model import MAX_ATTEMPTS, with_prefix
 
 BATCH = 1000
+MAX_RETRIES = MAX_ATTEMPTS - 1  # --retries N: N + 1 attempts
 LIST_PAGE = 1000  # jobs per request of `poolq list --all`
 
 # Exit codes of `poolq submit --wait` and `poolq wait` (beyond 0, the job's own code, and
@@ -62,11 +65,11 @@ def add_commands(commands: Any) -> None:
     )
     submit.add_argument("--label", help="X-Pool-Label: ordered pool-label terms")
     submit.add_argument("--working-dir", help="working directory on the node (default: the current directory)")
-    submit.add_argument("--env", action="append", default=[], metavar="K=V")
+    submit.add_argument("--env", action="append", default=[], metavar="K=V", type=_env_pair)
     submit.add_argument("--pip", action="append", default=[], metavar="REQ")
-    submit.add_argument("--cpus", type=float)
+    submit.add_argument("--cpus", type=_finite)
     submit.add_argument("--memory", help="bytes, or with Ki/Mi/Gi/Ti")
-    submit.add_argument("--gpus", type=float)
+    submit.add_argument("--gpus", type=_finite)
     submit.add_argument("--resources", help="NAME=amount,…")
     submit.add_argument("--id", help="submission id (app- is prefixed when missing)")
     submit.add_argument(
@@ -80,7 +83,7 @@ def add_commands(commands: Any) -> None:
     submit.add_argument(
         "--timeout",
         "--runtime-limit",
-        type=float,
+        type=_finite,
         metavar="S",
         help="runtime_limit_s: stop it once it has run S seconds",
     )
@@ -101,7 +104,10 @@ def add_commands(commands: Any) -> None:
         "stop, delete, list --array and wait act on them all by the array's id",
     )
     submit.add_argument(
-        "--retries", type=int, metavar="N", help="run it up to N more times if it fails or its node is lost"
+        "--retries",
+        type=_retries,
+        metavar="N",
+        help=f"run it up to N (0..{MAX_RETRIES}) more times if it fails or its node is lost",
     )
     submit.add_argument(
         "--wait",
@@ -124,7 +130,7 @@ def add_commands(commands: Any) -> None:
         ("delete", cmd_delete, "delete a finished job"),
     ):
         action = commands.add_parser(name, parents=[common], help=text)
-        action.add_argument("submission_id")
+        action.add_argument("submission_id", type=with_prefix)
         action.set_defaults(func=func)
     wait = commands.add_parser(
         "wait",
@@ -133,7 +139,7 @@ def add_commands(commands: Any) -> None:
         epilog=exit_codes("exit status:", with_timeout=True),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    wait.add_argument("submission_id")
+    wait.add_argument("submission_id", type=with_prefix)
     wait.add_argument(
         "--timeout",
         type=float,
@@ -142,7 +148,7 @@ def add_commands(commands: Any) -> None:
     )
     wait.set_defaults(func=cmd_wait)
     logs = commands.add_parser("logs", parents=[common], help="print a job's output")
-    logs.add_argument("submission_id")
+    logs.add_argument("submission_id", type=with_prefix)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(func=cmd_logs)
     watch = commands.add_parser("watch", parents=[common], help="print each change of the tenant's jobs as it comes")
@@ -152,8 +158,31 @@ def add_commands(commands: Any) -> None:
     listing.add_argument("--status", choices=["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"])
     listing.add_argument("--limit", type=int, help="jobs to show (default 50, at most 1000); with --all, per request")
     listing.add_argument("--all", action="store_true", help="every job, following the pages")
-    listing.add_argument("--array", metavar="ID", help="the tasks of array ID, in index order")
+    listing.add_argument("--array", metavar="ID", type=with_prefix, help="the tasks of array ID, in index order")
     listing.set_defaults(func=cmd_list)
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
+def _retries(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) <= MAX_RETRIES):
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_RETRIES}, not {text}")
+    return int(text)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"takes NAME=VALUE, not {text}")
+    return name, value
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -161,10 +190,10 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _fail(exc: Exception) -> int:
-    print(f"poolq: {exc}", file=sys.stderr)
-    if isinstance(exc, ApiError) and isinstance(exc.body, dict) and exc.body.get("fields"):
-        for path, messages in exc.body["fields"].items():
-            print(f"  {path}: {'; '.join(messages)}", file=sys.stderr)
+    """One line on stderr: the error, and each field a 400 names with what is wrong with it."""
+    fields = exc.body.get("fields") if isinstance(exc, ApiError) and isinstance(exc.body, dict) else None
+    named = "".join(f"; {path}: {', '.join(messages)}" for path, messages in (fields or {}).items())
+    print(f"poolq: {exc}{named}", file=sys.stderr)
     return 1
 
 
@@ -176,7 +205,7 @@ def job_body(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("give the command after --, e.g. poolq submit -- python train.py")
     runtime_env: dict[str, Any] = {"working_dir": str(Path(args.working_dir or os.getcwd()).resolve())}
     if args.env:
-        runtime_env["env_vars"] = dict(item.split("=", 1) for item in args.env)
+        runtime_env["env_vars"] = dict(args.env)
     if args.pip:
         runtime_env["pip"] = args.pip
     body: dict[str, Any] = {

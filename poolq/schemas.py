@@ -347,22 +347,25 @@ class RuntimeEnvSchema(_NullIsAbsent):
         return data
 
 
-def check_retry_on(value: Any) -> list[str]:
-    allowed = [error.value for error in RETRYABLE]
-    if not isinstance(value, list) or not value:
-        raise ValidationError("must be a non-empty list of outcomes: " + ", ".join(allowed))
-    unknown = [item for item in value if item not in allowed]
-    if unknown:
-        raise ValidationError(f"{unknown[0]!r} cannot be retried; give any of {', '.join(allowed)}")
-    return list(dict.fromkeys(value))
+class Outcomes(fields.Field):
+    """A non-empty set of retryable outcomes, given as a list; kept in RETRYABLE's order,
+    each once, so that two ways of writing the same set are the same request."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+        allowed = [error.value for error in RETRYABLE]
+        if not isinstance(value, list) or not value:
+            raise ValidationError("must be a non-empty list of outcomes: " + ", ".join(allowed))
+        unknown = [item for item in value if item not in allowed]
+        if unknown:
+            raise ValidationError(f"{unknown[0]!r} cannot be retried; give any of {', '.join(allowed)}")
+        return [outcome for outcome in allowed if outcome in value]
 
 
 class RetryPolicySchema(_NullIsAbsent):
     """How often to run a job again when an attempt ends in one of ``retry_on``."""
 
     max_attempts = Amount(1, MAX_ATTEMPTS, integer=True, required=True)
-    retry_on = fields.Raw(
-        validate=check_retry_on,
+    retry_on = Outcomes(
         metadata={
             "type": "array",
             "items": {"type": "string", "enum": [e.value for e in RETRYABLE]},

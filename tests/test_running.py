@@ -353,3 +353,29 @@ def test_the_seed_request_still_behaves_as_before(app: Any) -> None:
     record = kit.record(app, "app-1234")
     assert record["runtime_limit_s"] is None and record["retry_policy"] is None
     assert record["attempt_number"] == 1 and record["previous_attempts"] == [] and record["devices"] == {}
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"retry_policy": {"retry_on": ["NODE_LOST"]}}, "retry_policy.max_attempts"),
+    ({"retry_policy": {"max_attempts": 101}}, "retry_policy.max_attempts"),
+    ({"retry_policy": {"max_attempts": 2, "retry_on": ["STOPPED_BY_USER"]}}, "retry_policy.retry_on"),
+    ({"retry_policy": {"max_attempts": 2, "retry_on": []}}, "retry_policy.retry_on"),
+    ({"retry_policy": {"max_attempts": 2, "backoff_s": -1}}, "retry_policy.backoff_s"),
+    ({"retry_policy": {"max_attempts": 2, "tries": 3}}, "retry_policy.tries"),
+    ({"retry_policy": 3}, "retry_policy"),
+    ({"runtime_limit_s": 0}, "runtime_limit_s"),
+    ({"runtime_limit_s": "60"}, "runtime_limit_s"),
+])
+def test_the_new_fields_are_checked_and_a_400_names_the_field(app: Any, fields: dict[str, Any], named: str) -> None:
+    result = kit.post(app, {**kit.JOB, **fields}, timeout_ms=0)
+    assert result.status == 400 and named in result.json["fields"], result.json
+
+
+def test_retry_on_is_a_set_so_its_order_and_repeats_do_not_make_another_request(app: Any) -> None:
+    policy = {"max_attempts": 2, "retry_on": ["NODE_LOST", "RUNTIME_LIMIT", "NODE_LOST", "ENTRYPOINT_FAILED"]}
+    first = kit.post(app, {**kit.JOB, "submission_id": "app-set1", "retry_policy": policy}, timeout_ms=0)
+    assert first.status == 200, first.json
+    assert kit.record(app, "app-set1")["retry_policy"]["retry_on"] == ["ENTRYPOINT_FAILED", "NODE_LOST", "RUNTIME_LIMIT"]
+    reordered = {**policy, "retry_on": ["RUNTIME_LIMIT", "ENTRYPOINT_FAILED", "NODE_LOST"]}
+    again = kit.post(app, {**kit.JOB, "submission_id": "app-set1", "retry_policy": reordered}, timeout_ms=0)
+    assert again.status == 200, again.json  # the same request again, not a conflicting one

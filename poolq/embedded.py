@@ -66,6 +66,12 @@ class _Server:
     kind: str  # what errors call it
     mode: tuple[str, ...] = ()  # extra redis-server arguments
     loads = True  # wait for its data to load before it counts as answering
+    starts = 3  # tries, each on a new port when the last lost its port
+    _log_start = 0  # the size of its log when it was last started
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"{self.log_name}.log"
 
     def config(self) -> str:
         raise NotImplementedError
@@ -78,6 +84,7 @@ class _Server:
 
     def _spawn(self, timeout_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         config_path = self.directory / f"{self.log_name}.conf"  # Sentinel rewrites its own as it learns
         config_path.write_text(self.config())
         os.chmod(config_path, 0o600)
@@ -94,20 +101,24 @@ class _Server:
         _wait_answering(self.process, self.client(), timeout_s, what, self.stop, loads=self.loads)
 
     def _lost_the_port(self) -> bool:
+        """Whether the server that just exited said its port was taken (in what it wrote to
+        its log this time: the log goes on across restarts)."""
         if not self.port_chosen or self.process is None or self.process.poll() is None:
             return False
         try:
-            log = (self.directory / f"{self.log_name}.log").read_text(errors="replace")
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                written = log.read().decode(errors="replace")
         except OSError:
             return False
-        return f":{self.port}: bind: Address already in use" in log
+        return f":{self.port}: bind: Address already in use" in written
 
     def _start(self, timeout_s: float) -> None:
-        for attempt in range(3):
+        for attempt in range(1, self.starts + 1):
             try:
                 return self._spawn(timeout_s)
             except EmbeddedRedisError:
-                if attempt == 2 or not self._lost_the_port():
+                if attempt == self.starts or not self._lost_the_port():
                     raise
                 self.port = free_port(self.host)
 
@@ -115,7 +126,8 @@ class _Server:
 class EmbeddedRedis(_Server):
     """A redis-server child process. ``start()`` returns its URL; ``stop()`` shuts it down."""
 
-    log_name, kind = "redis", "redis-server"
+    log_name = "redis"
+    kind = "redis-server"
 
     def __init__(
         self,
@@ -160,7 +172,7 @@ class EmbeddedRedis(_Server):
             "hash-max-ziplist-value 4096",
             "hash-max-ziplist-entries 64",
             "loglevel warning",
-            f'logfile "{self.directory / "redis.log"}"',
+            f'logfile "{self.log_path}"',
             "protected-mode yes",
         ]
         if self.maxmemory:
@@ -214,22 +226,23 @@ def _wait_answering(
     loads: bool,
 ) -> None:
     """Until the server answers PING (and, ``loads``, has loaded its data); EmbeddedRedisError,
-    naming ``what``, if it exits or does not answer within ``timeout_s`` (it is stopped then)."""
+    naming ``what``, if it exits or does not answer within ``timeout_s`` (it is stopped then).
+    Only ``process`` counts: whatever else answers on its port (another server that took
+    it, one of the same replicated set) is waited out until ``process`` exits for it."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
             raise EmbeddedRedisError(f"{what} exited with status {process.returncode}")
         try:
-            client.ping()
-            while loads and client.info("persistence").get("loading"):
-                time.sleep(0.05)
-            return
-        except redis.BusyLoadingError:
+            if int(client.info("server")["process_id"]) == process.pid:
+                while loads and client.info("persistence").get("loading"):
+                    time.sleep(0.05)
+                return
+        except (redis.RedisError, KeyError, ValueError):  # not answering yet, or not as a Redis
             pass
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() > deadline:
-                stop()
-                raise EmbeddedRedisError(f"{what} did not answer") from None
+        if time.monotonic() > deadline:
+            stop()
+            raise EmbeddedRedisError(f"{what} did not answer")
         time.sleep(0.05)
 
 
@@ -239,7 +252,10 @@ MASTER_NAME = "poolq"  # the name the sentinels of `poolq up --replicas` monitor
 class EmbeddedSentinel(_Server):
     """A redis-server in Sentinel mode watching a master on 127.0.0.1 (``ReplicatedRedis``)."""
 
-    log_name, kind, mode, loads = "sentinel", "the sentinel", ("--sentinel",), False
+    log_name = "sentinel"
+    kind = "the sentinel"
+    mode = ("--sentinel",)
+    loads = False
 
     def __init__(self, directory: Path, *, master_port: int, password: str, sentinel_password: str, quorum: int):
         self.directory, self.port, self.port_chosen = directory, free_port(), True
@@ -255,7 +271,7 @@ class EmbeddedSentinel(_Server):
                     f'dir "{self.directory}"',
                     "daemonize no",
                     "loglevel warning",
-                    f'logfile "{self.directory / "sentinel.log"}"',
+                    f'logfile "{self.log_path}"',
                     f"requirepass {self.sentinel_password}",
                     f"sentinel monitor {MASTER_NAME} 127.0.0.1 {self.master_port} {self.quorum}",
                     f"sentinel auth-pass {MASTER_NAME} {self.password}",

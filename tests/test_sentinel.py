@@ -18,7 +18,7 @@ import redis
 
 from api_shim.app import App
 from poolq import keys
-from poolq.embedded import MASTER_NAME, ReplicatedRedis, free_port
+from poolq.embedded import MASTER_NAME, EmbeddedRedis, ReplicatedRedis, free_port
 from poolq.messaging import create_celery
 from poolq.redis_io import connect
 from poolq.sentinel import SentinelUrl, celery_broker, format_url, is_sentinel_url, parse
@@ -296,10 +296,30 @@ def test_a_port_taken_between_choosing_and_binding_is_chosen_again(tmp_path: Pat
     with socket.create_server(("127.0.0.1", master.port)), socket.create_server(("127.0.0.1", sentinel.port)):
         servers.start()
     try:
-        assert (master.port, sentinel.port) != planned and planned[0] != master.port
+        assert master.port != planned[0] and sentinel.port != planned[1]
         assert "Address already in use" in (master.directory / "redis.log").read_text()
         assert servers.members["replica-1"].replica_of == master.port
         wait_for(lambda: replicas_in_sync(servers), 10, what="the replica to follow the master on its new port")
         assert servers.master() == "redis"  # the sentinels watch it there too
     finally:
         servers.stop()
+
+
+def test_a_server_whose_port_another_of_its_set_answers_on_starts_on_its_own(tmp_path: Path) -> None:
+    """A replica planned on the port the master got answers PING with the set's password:
+    only its own process answering counts as started."""
+    first = EmbeddedRedis(tmp_path / "a", appendonly=False)
+    first.start()
+    try:
+        second = EmbeddedRedis(tmp_path / "b", password=first.password, appendonly=False)
+        second.port = first.port  # planned on a port that is no longer free
+        second.start()
+        try:
+            assert second.port != first.port
+            assert second.process is not None and second.process.poll() is None
+            answered = redis.Redis(port=second.port, password=first.password).info("server")["process_id"]
+            assert answered == second.process.pid
+        finally:
+            second.stop()
+    finally:
+        first.stop()

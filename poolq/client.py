@@ -36,15 +36,19 @@ class ApiError(Exception):
 
 
 class Unreachable(OSError):
-    """The API did not answer: refused, timed out, or the connection broke (``cause``)."""
+    """A request to the API failed before it answered: refused, timed out, TLS, or the
+    connection broke (``cause``)."""
 
     def __init__(self, server: str, cause: OSError):
         reason = cause.strerror or str(cause) or type(cause).__name__
-        super().__init__(cause.errno, f"no answer from the API at {server}: {reason}")
-        self.cause = cause
+        super().__init__(cause.errno, f"the API at {server} did not answer: {reason}")
+        self.server, self.cause = server, cause
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+    def __reduce__(self) -> tuple[type[Unreachable], tuple[str, OSError]]:
+        return type(self), (self.server, self.cause)
 
 
 class WaitTimeout(Exception):

@@ -175,6 +175,7 @@ class JobFields:
     PREVIOUS = "prev"  # JSON list: the outcomes of its earlier attempts
     RETRY = "retry"  # its retry policy, "max attempts|OUTCOME,…|backoff ms"
     RUN_DEADLINE = "run_deadline"  # ms, when its runtime limit ends (set when it starts)
+    RUN_LIMIT_BY = "run_limit_by"  # whose runtime limit that is: job, tenant or node
     GANG = "gang"  # the id of the gang it is a member of (absent: none)
     PREEMPTED_BY = "preempted_by"  # set with its stop flag when a job of higher priority preempts it: the message
     PREEMPT_UNTIL = "preempt_until"  # a waiting job's: ms until which the capacity it preempted is kept for it

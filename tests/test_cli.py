@@ -16,6 +16,7 @@ import http.client
 import http.server
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -734,7 +735,7 @@ def test_an_unreachable_server_is_a_one_line_error(stack: Stack, tmp_path: Path,
     server = f"http://127.0.0.1:{free_port()}"
     result = poolq(stack, *command, server=server, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr == f"poolq: no answer from the API at {server}: Connection refused\n", result.stderr
+    assert result.stderr == f"poolq: the API at {server} did not answer: Connection refused\n", result.stderr
 
 
 def test_submit_file_takes_no_command(stack: Stack, tenant: str, tmp_path: Path) -> None:
@@ -757,8 +758,10 @@ def test_the_client_recovers_from_a_server_that_was_not_listening_yet() -> None:
     """A refused first request must not spoil the next (http.client's CannotSendRequest)."""
     port = free_port()
     client = Client(f"http://127.0.0.1:{port}", timeout=5)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as refused:
         client.request("GET", "/livez")
+    assert f"the API at http://127.0.0.1:{port} did not answer" in str(refused.value)
+    assert str(pickle.loads(pickle.dumps(refused.value))) == str(refused.value)  # e.g. across processes
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

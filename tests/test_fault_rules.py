@@ -340,9 +340,13 @@ def test_a_start_sent_twice_answers_the_same_runtime_limit(app: App, store: JobS
         ))
 
     first = start("default:app-lim1")
-    assert first == [1, 5000, 1, 5000, "runtime_limit_s"]
+    assert first == [1, 5000, 1, 5000, "job"]
     time.sleep(0.05)
     again = start("default:app-lim1")
-    assert again[0] == 1 and 0 < again[1] < 5000 and again[3:] == [5000, "runtime_limit_s"], again
-    assert start("default:app-lim2")[3:] == [60_000, "its tenant's"]  # the tenant's before the node's
-    assert start("default:app-lim2")[3:] == [60_000, "its tenant's"]
+    assert again[0] == 1 and 0 < again[1] < 5000 and again[3:] == [5000, "job"], again
+    assert start("default:app-lim2")[3:] == [60_000, "tenant"]  # the tenant's before the node's
+    set_quota(store.redis, "default", runtime_limit_s=0)  # none from now on
+    assert start("default:app-lim2")[3:] == [60_000, "tenant"]  # as it was when it started
+    submit(app, body("app-lim3"))
+    Scheduler(store).place_waiting()
+    assert start("default:app-lim3")[3:] == [30_000, "node"]

@@ -63,14 +63,16 @@ def test_a_job_whose_child_is_killed_for_memory_ends_by_its_own_exit(app: Any, p
     """The kernel kills the process over the limit, which may be a child the job can do
     without: a job that then exits 0 succeeded; one that fails failed for memory."""
     node("n1", "--cpus", "4", "--memory", "4Gi")
+    assert node_record(app, "n1")["enforcement"]["mode"] in ("v1", "v2")
     hog = "python3 -c 'b = bytearray(400 * 1024 * 1024)'"
-    survives = kit.submit(app, job(tmp_path, f"{hog}; echo survived"), timeout_ms=0)
+    survives = kit.submit(app, job(tmp_path, f"{hog} || echo the child was killed: $?; echo survived"), timeout_ms=0)
     gives_up = kit.submit(app, job(tmp_path, f"{hog} || exit 3"), timeout_ms=0)
     assert kit.wait_status(app, survives, "SUCCEEDED")["driver_exit_code"] == 0
-    assert "survived" in call(app, "GET", f"/api/jobs/{survives}/logs").json["logs"]
+    text = call(app, "GET", f"/api/jobs/{survives}/logs").json["logs"]
+    assert "the child was killed: 137" in text and "survived" in text, text
     ended = kit.wait_status(app, gives_up, "FAILED")
     assert ended["error_type"] == "OUT_OF_MEMORY" and ended["driver_exit_code"] == 3, ended
-    assert "128 MiB" in ended["message"] and "exited with code 3" in ended["message"], ended
+    assert "128 MiB" in ended["message"] and "then ended (exit code 3)" in ended["message"], ended
 
 
 @pytest.mark.serial

@@ -72,6 +72,15 @@ ATTEMPT_LOG = ".attempt-"  # <id>.attempt-2.log: the log file of a job's second 
 T = TypeVar("T")
 
 
+# Whose runtime limit stopped a job (start.lua's answer), as its message says.
+LIMIT_OWNERS = {"job": "runtime_limit_s", "tenant": "its tenant's", "node": "its node's"}
+
+
+def _how(code: int) -> str:
+    """How a job's process ended, from its Popen return code."""
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
 class Started(enum.IntEnum):
     """start.lua's answer."""
 
@@ -156,7 +165,7 @@ class JobRun(threading.Thread):
         self._cgroup_lock = threading.Lock()  # a kill through the cgroup, and giving it back: one, then the other
         self.disk_full: str | None = None  # the job's log could not be written: why
         self.limit_at: float | None = None  # monotonic time its runtime limit ends
-        self.limit = ""  # its runtime limit, for the message that ends it: "its runtime limit of 2 s (…)"
+        self.limit_text = "its runtime limit"  # for the message that ends it: "its runtime limit of 2 s (…)"
         self.timed_out = False
         self.attempt = 1
         self.log_sent = 0  # the offset in the job's whole output up to which Redis has it
@@ -232,7 +241,10 @@ class JobRun(threading.Thread):
             return
         # The runtime limit runs on this machine's clock from here: Redis said how much is left.
         self.limit_at = time.monotonic() + int(left_ms) / 1000 if int(left_ms) > 0 else None
-        self.limit = f"its runtime limit of {int(limit_ms) / 1000:g} s ({whose})" if self.limit_at else ""
+        if self.limit_at is not None:
+            limit_s = canonical_number(Decimal(int(limit_ms)) / 1000)
+            owner = f" ({LIMIT_OWNERS[whose]})" if whose in LIMIT_OWNERS else ""
+            self.limit_text = f"its runtime limit of {limit_s} s{owner}"
         self.log_sent = int(fields.get(JobFields.LOG_BASE) or 0) + int(fields.get(JobFields.LOG_LEN) or 0)
         if self.attempt > 1:  # one log for all attempts: say where this one begins
             self.unsent += f"[poolq] attempt {self.attempt} starts on node {agent.node_id}\n".encode()
@@ -305,7 +317,7 @@ class JobRun(threading.Thread):
                 ErrorType.OUT_OF_MEMORY,
                 f"the job used {over} and was killed by the kernel"
                 if code in (-signal.SIGKILL, 128 + signal.SIGKILL)
-                else f"the job used {over}: the kernel killed a process of it, and it then exited with code {code}",
+                else f"the job used {over}: the kernel killed a process of it, and it then ended ({_how(code)})",
                 exit_code=code,
             )
         elif self.fenced:
@@ -314,7 +326,7 @@ class JobRun(threading.Thread):
             self._finish(
                 JobStatus.FAILED,
                 ErrorType.RUNTIME_LIMIT,
-                f"the job ran longer than {self.limit} and was stopped",
+                f"the job ran longer than {self.limit_text} and was stopped",
                 exit_code=code,
             )
         elif self.disk_full:
@@ -331,7 +343,7 @@ class JobRun(threading.Thread):
         elif code == 0:
             self._finish(JobStatus.SUCCEEDED, None, "finished: exit code 0", exit_code=0)
         else:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            how = _how(code)
             tail = stderr_tail.strip()
             message = f"entrypoint failed: {how}" + (f"; stderr: {tail}" if tail else "")
             self._finish(JobStatus.FAILED, ErrorType.ENTRYPOINT_FAILED, message, exit_code=code)

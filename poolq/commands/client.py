@@ -142,7 +142,7 @@ def add_commands(commands: Any) -> None:
     wait.add_argument("submission_id", type=with_prefix)
     wait.add_argument(
         "--timeout",
-        type=float,
+        type=_finite,
         metavar="S",
         help=f"give up after S seconds (exit {EXIT_WAIT_TIMEOUT}; the job goes on)",
     )

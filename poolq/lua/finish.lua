@@ -142,7 +142,7 @@ if again then
   local next_attempt = attempt + 1
   local due = now + backoff
   redis.call('HDEL', KEYS[1], 'node', 'pool', 'res', 'devs', 'start_time', 'runner', 'claim', 'exit_code',
-    'run_deadline', 'placed_time', 'attempts', 'reasons', 'error_type', 'stop', 'preempted_by')
+    'run_deadline', 'run_limit_by', 'placed_time', 'attempts', 'reasons', 'error_type', 'stop', 'preempted_by')
   redis.call('HSET', KEYS[1], 'status', 'PENDING', 'attempt', next_attempt, 'prev', cjson.encode(previous),
     'att_base', redis.call('HGET', KEYS[17], 'attempts') or '0',
     'message', 'attempt ' .. attempt .. ' ended ' .. error_type .. ' (' .. message .. '); attempt ' .. next_attempt

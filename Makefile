@@ -35,8 +35,8 @@ run: $(VENV)/.installed
 # worker), then the `serial` tests, which measure rates, latencies and CPU shares, alone.
 # 3 workers measured fastest on 2 cores (2: 423 s, 3: 350 s, 4: 369 s, 6: 443 s and
 # timing failures). Tests that did not run are named, with why. The browser test's
-# Chromium and the multi-host tests' `ip` come from Debian's packages
-# (tools/ensure_packages.sh installs them as root).
+# Chromium, the multi-host tests' `ip` and the TLS tests' redis-server come from Debian's
+# packages (tools/ensure_packages.sh installs them as root).
 test: $(VENV)/.installed-test
 	@sh tools/ensure_packages.sh
 	@status=0; \

@@ -225,7 +225,7 @@ def _wait_answering(
     *,
     loads: bool,
 ) -> None:
-    """Until the server answers PING (and, ``loads``, has loaded its data); EmbeddedRedisError,
+    """Until the server answers (INFO, naming its process id) and, ``loads``, has loaded its data; EmbeddedRedisError,
     naming ``what``, if it exits or does not answer within ``timeout_s`` (it is stopped then).
     Only ``process`` counts: whatever else answers on its port (another server that took
     it, one of the same replicated set) is waited out until ``process`` exits for it."""

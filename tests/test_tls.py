@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from api_shim.app import App
 from poolq import keys
 from poolq.embedded import MASTER_NAME, free_port
 from poolq.messaging import create_celery
+from poolq.procs import die_with_parent
 from poolq.redis_io import connect
 from poolq.sentinel import SentinelUrl, format_url
 from poolq.settings import Settings
@@ -88,7 +90,8 @@ def serve(authority: Authority, directory: Path, lines: list[str], *, password: 
     config = directory / "redis.conf"
     config.write_text("\n".join([*authority.config(port), f'dir "{directory}"', f'logfile "{directory / "log"}"',
                                  f"requirepass {password}", *lines]) + "\n")
-    process = subprocess.Popen([str(authority.binary), str(config), *mode], stdin=subprocess.DEVNULL)
+    process = subprocess.Popen([str(authority.binary), str(config), *mode], stdin=subprocess.DEVNULL,
+                               preexec_fn=lambda: die_with_parent(signal.SIGTERM))  # no orphan if pytest dies
     client = redis.Redis("127.0.0.1", port, password=password, ssl=True, ssl_ca_certs=str(authority.ca), socket_timeout=1)
 
     def answers() -> bool:

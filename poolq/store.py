@@ -402,6 +402,20 @@ class JobStore:
         *answers, _, confirmed = answers
         return answers, int(confirmed)
 
+    @redis_errors("the wait for replicas")
+    def replicated(self) -> bool:
+        """Whether the replicas POOLQ_REDIS_WAIT_REPLICAS asks for have every write made so
+        far, by any connection (True when it asks for none). A node agent asks before it
+        runs a job and before it forgets how one ended: a failover that lost either write
+        would run the job a second time (docs/faults.md)."""
+        wanted = self.settings.redis_wait_replicas
+        if not wanted:
+            return True
+        pipe = self._submitter.pipeline(transaction=False)
+        pipe.incr(keys.WAIT_MARK)  # after every earlier write: WAIT on it covers them all
+        pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+        return int(pipe.execute()[1]) >= wanted
+
     def _unconfirmed(
         self, jobs: list[NewJob], outcomes: list[bool | PoolqError], confirmed: int | None
     ) -> list[bool | PoolqError]:

@@ -211,10 +211,13 @@ class JobRun(threading.Thread):
         if self.fenced:
             self._finish(JobStatus.FAILED, ErrorType.NODE_LOST, self.fenced)
             return
-        # start.lua is safe to run again: a lost reply is answered by the next try.
+        # start.lua is safe to run again: a lost reply is answered by the next try. With
+        # POOLQ_REDIS_WAIT_REPLICAS, so is a start no replica confirmed: a failover that lost
+        # it would have the job started again, here or elsewhere, while it runs here.
         tenant = keys.split_ref(self.job_ref)[0]
-        code, left_ms, _, limit_ms, whose = agent.until_answered(
-            lambda: store.scripts.start(
+
+        def start() -> list[Any]:
+            answer = store.scripts.start(
                 keys=[
                     keys.job(self.job_ref),
                     keys.node_inbox(agent.node_id),
@@ -229,7 +232,11 @@ class JobRun(threading.Thread):
                     int(agent.settings.runtime_limit_s * 1000) or "",
                 ],
             )
-        )
+            if Started(answer[0]) == Started.STARTED and not store.replicated():
+                raise Unavailable("no replica confirmed the job's start (POOLQ_REDIS_WAIT_REPLICAS)")
+            return list(answer)
+
+        code, left_ms, _, limit_ms, whose = agent.until_answered(start)
         started = Started(code)
         if started == Started.STOP_FIRST:
             self._finish(JobStatus.STOPPED, ErrorType.STOPPED_BY_USER, "stopped by user request")
@@ -537,7 +544,12 @@ class JobRun(threading.Thread):
                     expected_node=self.agent.node_id,
                     attempt=self.attempt,
                 )
-                return
+                # With POOLQ_REDIS_WAIT_REPLICAS, the end is kept until a replica has it: a
+                # failover that lost it would leave the job RUNNING here, to be failed or run
+                # again. finish.lua, sent again, ends it on whichever master there is then.
+                if self.agent.stopping.is_set() or self.agent.store.replicated():
+                    return
+                raise Unavailable("no replica confirmed how the job ended (POOLQ_REDIS_WAIT_REPLICAS)")
             except Unavailable as exc:
                 if self.agent.stopping.is_set():
                     raise

@@ -93,3 +93,47 @@ def test_the_master_killed_under_load_fails_over_and_loses_no_acknowledged_job(
         if outcome.by_status() != {"SUCCEEDED": len(accepted)}:
             problems.append(f"acknowledged jobs not SUCCEEDED after the failover: {dict(outcome.by_error())}")
     assert not problems, "\n".join(problems)
+
+
+def test_with_wait_replicas_a_job_starts_and_its_end_is_kept_only_once_a_replica_has_it(
+    stack: Stack, jobs: Jobs, redis_client: redis.Redis, redis_server: ReplicatedRedis, fault_env: dict[str, str],
+) -> None:
+    """A start or an end no replica has would be lost by a failover, and the job would run
+    a second time (the kill test above saw it): the agent runs a job only once a replica
+    confirms its start, and sends its end again until one confirms it."""
+    from api_shim.app import App
+    from tests.faults.conftest import submit_batch
+
+    stack.env = {**fault_env, "POOLQ_REDIS_WAIT_REPLICAS": "1"}
+    wait_for(lambda: int(redis_client.info("replication")["connected_slaves"]) == 2, 30, what="both replicas")
+    app = App(Settings(redis_url=redis_server.url, redis_wait_replicas=1))
+    replicas = [m.process for name, m in redis_server.members.items() if name != "redis"]
+    ran = lambda: jobs.runs_file.read_text().split()  # noqa: E731
+
+    def pause(sig: int) -> None:
+        for process in replicas:
+            assert process is not None
+            os.kill(process.pid, sig)
+
+    (first,) = submit_batch(app, [jobs.body()])  # confirmed, and nowhere to run yet
+    stack.worker()
+    pause(signal.SIGSTOP)
+    try:
+        agent = stack.agent("n1")
+        wait_for(lambda: "no replica confirmed the job's start" in agent.output(), 30, what="the unconfirmed start")
+        time.sleep(1)
+        assert ran() == [], "a job ran whose start no replica had"
+    finally:
+        pause(signal.SIGCONT)
+    wait_for(lambda: ran() == [first], 30, what="the job to run once a replica confirms its start")
+
+    (second,) = submit_batch(app, [jobs.body(sleep_s=2)])
+    wait_for(lambda: second in ran(), 30, what="the second job to run")
+    pause(signal.SIGSTOP)
+    try:
+        wait_for(lambda: "no replica confirmed how the job ended" in agent.output(), 30, what="the unconfirmed end")
+    finally:
+        pause(signal.SIGCONT)
+    wait_for(lambda: redis_client.hget(f"poolq:job:default:{second}", "status") == "SUCCEEDED", 30,
+             what="the second job to be SUCCEEDED")
+    assert sorted(ran()) == sorted([first, second]) and agent.alive()

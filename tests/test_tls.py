@@ -101,7 +101,12 @@ def serve(authority: Authority, directory: Path, lines: list[str], *, password: 
         except redis.RedisError:
             return False
 
-    wait_for(answers, 20, what=f"the TLS server in {directory} to answer")
+    try:
+        wait_for(answers, 20, what=f"the TLS server in {directory} to answer")
+    except BaseException:
+        process.kill()  # one that never answered is nobody's to stop later
+        process.wait()
+        raise
     return port, process
 
 

@@ -95,3 +95,39 @@ def test_a_redis_that_never_answers_is_a_503_within_2_seconds(tmp_path: Path) ->
             assert answer.status == 503 and took < DEADLINE_S, (path, took, answer.body)
     finally:
         hole.close()
+
+
+@pytest.mark.processes
+def test_a_node_agent_started_before_its_redis_registers_once_redis_answers(tmp_path: Path) -> None:
+    """An agent (re)started while Redis is down or restarting waits for it rather than
+    exiting: it registers once Redis answers, within POOLQ's REGISTER_WAIT_S."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import redis
+
+    from poolq import keys
+    from tests.procs import wait_for
+
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendonly=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POOLQ_")}
+    env.update(POOLQ_REDIS_URL=server.url, POOLQ_DATA_DIR=str(tmp_path / "data"))
+    agent = subprocess.Popen([sys.executable, "-m", "poolq", "node", "--id", "late", "--cpus", "1", "--memory", "1Gi",
+                              "--no-enforce", "--quiet"], env=env, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)  # it tries, and finds nothing listening
+        assert agent.poll() is None, agent.stderr.read() if agent.stderr else ""
+        server.start()
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        wait_for(lambda: client.hget(keys.node("late"), "kind") == "agent", 30, what="the agent to register")
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        server.stop()

@@ -390,11 +390,7 @@ class JobStore:
                     pipe, "submit", _submit_keys(job), _submit_args(job, self.settings.schedule_timeout_ms)
                 )
             if wanted:
-                # WAIT counts the replicas that have this connection's last write. This write
-                # comes after every job's, and after any earlier request's that a duplicate
-                # found stored (replication is one ordered stream): its confirmation covers all.
-                pipe.incr(keys.WAIT_MARK)
-                pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+                self._queue_wait(pipe)
 
         answers = self.scripts.pipelined(self._submitter, build)
         if not wanted:
@@ -412,9 +408,15 @@ class JobStore:
         if not wanted:
             return True
         pipe = self._submitter.pipeline(transaction=False)
-        pipe.incr(keys.WAIT_MARK)  # after every earlier write: WAIT on it covers them all
-        pipe.execute_command("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+        self._queue_wait(pipe)
         return int(pipe.execute()[1]) >= wanted
+
+    def _queue_wait(self, pipe: Any) -> None:
+        """Queue a write and WAIT on it: WAIT counts the replicas that have this connection's
+        last write, and this one comes after every earlier write, of any connection
+        (replication is one ordered stream), so its confirmation covers them all."""
+        pipe.incr(keys.WAIT_MARK)
+        pipe.execute_command("WAIT", self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms)
 
     def _unconfirmed(
         self, jobs: list[NewJob], outcomes: list[bool | PoolqError], confirmed: int | None

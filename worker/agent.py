@@ -736,10 +736,12 @@ class Agent:
         log.info("node %s is back after fencing (%s)", self.node_id, self.fenced)
         self.fenced = None
 
-    def until_answered(self, call: Callable[[], T]) -> T:
+    def until_answered(self, call: Callable[[], T], *, give_up_s: float | None = None) -> T:
         """Call Redis until it answers; the steps given are safe to repeat. Gives up
         (Abandoned) once the agent is fenced or stopping: the next registration settles
-        what the step left (register, reconcile)."""
+        what the step left (register, reconcile); with ``give_up_s``, raises the last
+        error once that long has passed."""
+        deadline = None if give_up_s is None else time.monotonic() + give_up_s
         delay = 0.1
         while True:
             try:
@@ -747,6 +749,8 @@ class Agent:
             except (Unavailable, redis.RedisError) as exc:
                 if self.fenced or self.stopping.is_set():
                     raise Abandoned(str(exc)) from exc
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
                 log.warning("Redis unavailable (%s); trying again in %.1fs", exc, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)

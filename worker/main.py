@@ -10,14 +10,11 @@ import logging
 import os
 import socket
 import threading
-import time
 import warnings
 
-import redis
 from celery.signals import worker_shutting_down
 
 from poolq import queues
-from poolq.errors import Unavailable
 from poolq.messaging import celery_waker, create_celery
 from poolq.nodes import parse_labels
 from poolq.redis_io import connect
@@ -83,24 +80,6 @@ def run_placement_worker(settings: Settings, *, loglevel: str = "INFO", quiet: b
         intake.leave()
 
 
-def register(agent: Agent) -> None:
-    """Register the node, trying again while Redis does not answer (a restart while Redis
-    is slow or restarting itself), for up to REGISTER_WAIT_S; then the error goes up, and
-    the command says which Redis did not answer. Registering again is safe: nothing runs
-    under an incarnation whose reply was lost, and the next one supersedes it."""
-    deadline, delay = time.monotonic() + REGISTER_WAIT_S, 0.1
-    while True:
-        try:
-            agent.register()
-            return
-        except (Unavailable, redis.RedisError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("node %s: Redis did not answer its registration (%s); trying again", agent.node_id, exc)
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
 def run_node_agent(
     settings: Settings,
     *,
@@ -115,7 +94,10 @@ def run_node_agent(
     """A node agent: its loop and janitor in threads, a Celery worker on the node's own queue."""
     store = JobStore(connect(settings), settings, celery_waker(settings))
     agent = Agent(store, node_id=node_id, pool=pool, labels=parse_labels(labels), capacity=capacity, devices=devices)
-    register(agent)
+    # Started while Redis does not answer (restarting, slow), it keeps trying for a while;
+    # then the error goes up, and the command says which Redis did not answer. Registering
+    # again is safe: nothing runs under an incarnation whose reply was lost.
+    agent.until_answered(agent.register, give_up_s=REGISTER_WAIT_S)
     for name, target in (("poolq-agent", agent.loop), ("poolq-agent-janitor", agent.janitor)):
         threading.Thread(target=target, name=name, daemon=True).start()
     app = create_celery(settings)
